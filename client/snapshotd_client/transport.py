@@ -1,0 +1,165 @@
+"""Client side of the daemon API: a gRPC channel plus a cache of mapped segments.
+
+``DaemonClient`` turns gRPC errors back into :mod:`snapshotd.errors` exceptions (the
+same classes the daemon raised), so callers catch ``DaemonUnavailableError`` or
+``MemoryBudgetExceededError`` rather than status codes. Every call has a deadline:
+the client never hangs on a dead daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import grpc
+
+from snapshotd import errors, shm
+from snapshotd._proto import snapshotd_pb2 as pb
+from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
+from snapshotd.service import MAX_MESSAGE_BYTES, STREAM_CHUNK_BYTES, TOKEN_METADATA_KEY
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
+    grpc.StatusCode.DATA_LOSS: errors.ChecksumMismatchError,
+    grpc.StatusCode.NOT_FOUND: errors.UnknownJobError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.ConflictError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.MemoryBudgetExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
+    grpc.StatusCode.UNAVAILABLE: errors.DaemonUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DaemonUnavailableError,
+}
+
+
+class DaemonError(errors.SnapshotdError):
+    """Fallback for a status with no specific class."""
+
+
+def _translate(exc: grpc.RpcError, what: str) -> errors.SnapshotdError:
+    code = exc.code() if hasattr(exc, "code") else None
+    cls = _BY_CODE.get(code, DaemonError)
+    err = cls(f"{what}: {exc.details() if hasattr(exc, 'details') else exc}")
+    err.grpc_code = code
+    return err
+
+
+class DaemonClient:
+    def __init__(self, target: str, token: str | None = None, timeout_s: float = 30.0):
+        """``target``: "unix:/path/to.sock" or "host:port"."""
+        self.target = target
+        self.timeout_s = timeout_s
+        self._metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.enable_http_proxy", 0)]
+        self.channel = grpc.insecure_channel(target, options=opts)
+        self.stub = pb_grpc.SnapshotdStub(self.channel)
+
+    @classmethod
+    def for_socket(cls, socket_path: str, **kw) -> "DaemonClient":
+        return cls(f"unix:{socket_path}", **kw)
+
+    def _call(self, name: str, request, timeout_s: float | None = None):
+        try:
+            return getattr(self.stub, name)(request, timeout=timeout_s or self.timeout_s,
+                                            metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _translate(exc, name) from None
+
+    def register_job(self, job_id: str, world_size: int) -> int:
+        return self._call("RegisterJob", pb.RegisterJobRequest(
+            job_id=job_id, world_size=world_size)).latest_committed_version
+
+    def acquire_staging(self, job_id: str, rank: int, version: int, payload_bytes: int):
+        return self._call("AcquireStaging", pb.AcquireStagingRequest(
+            job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes))
+
+    def adopt(self, segment_name: str, manifest: pb.ShardManifest) -> pb.AdoptShardResponse:
+        return self._call("AdoptShard", pb.AdoptShardRequest(
+            segment_name=segment_name, manifest=manifest))
+
+    def commit(self, job_id: str, version: int) -> pb.CommitResponse:
+        return self._call("Commit", pb.CommitRequest(job_id=job_id, version=version))
+
+    def list_versions(self, job_id: str) -> pb.ListVersionsResponse:
+        return self._call("ListVersions", pb.ListVersionsRequest(job_id=job_id))
+
+    def open_shard(self, job_id: str, rank: int, version: int = 0) -> pb.OpenShardResponse:
+        return self._call("OpenShard", pb.FetchShardRequest(job_id=job_id, rank=rank, version=version))
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call("Stats", pb.StatsRequest())
+
+    def drop_job(self, job_id: str) -> int:
+        return self._call("DropJob", pb.DropJobRequest(job_id=job_id)).bytes_freed
+
+    def push_shard(self, manifest: pb.ShardManifest, payload) -> pb.AdoptShardResponse:
+        """Stream a shard to a (possibly remote) daemon. ``payload``: a buffer."""
+        mv = memoryview(payload).cast("B")
+
+        def chunks():
+            yield pb.PushShardChunk(manifest=manifest)
+            for off in range(0, manifest.payload_bytes, STREAM_CHUNK_BYTES):
+                yield pb.PushShardChunk(data=bytes(mv[off:off + STREAM_CHUNK_BYTES]))
+
+        try:
+            return self.stub.PushShard(chunks(), timeout=self.timeout_s * 10,
+                                       metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _translate(exc, "PushShard") from None
+
+    def fetch_shard(self, job_id: str, rank: int, version: int = 0, out=None):
+        """Stream a committed shard; returns (manifest, bytearray or ``out``)."""
+        try:
+            it = self.stub.FetchShard(pb.FetchShardRequest(job_id=job_id, rank=rank, version=version),
+                                      timeout=self.timeout_s * 10, metadata=self._metadata)
+            first = next(it)
+            m = first.manifest
+            buf = out if out is not None else bytearray(m.payload_bytes)
+            mv = memoryview(buf).cast("B")
+            off = 0
+            for chunk in it:
+                mv[off:off + len(chunk.data)] = chunk.data
+                off += len(chunk.data)
+        except grpc.RpcError as exc:
+            raise _translate(exc, "FetchShard") from None
+        if off != m.payload_bytes:
+            raise errors.ChecksumMismatchError(f"FetchShard: got {off} of {m.payload_bytes} bytes")
+        return m, buf
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class SegmentCache:
+    """Keeps staging segments mapped between snapshots, so copies hit warm pages.
+
+    A name is re-opened when the file behind it changed (a restarted daemon may
+    reuse a name for a new segment), detected by inode and size.
+    """
+
+    def __init__(self):
+        self._segs: dict[str, tuple[shm.Segment, tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, writable: bool = True) -> shm.Segment:
+        st = os.stat(shm.path_of(name))
+        key = (st.st_ino, st.st_size)
+        with self._lock:
+            cached = self._segs.get(name)
+            if cached is not None and cached[1] == key and cached[0].writable == writable:
+                return cached[0]
+            if cached is not None:
+                cached[0].close()
+            seg = shm.open_segment(name, writable=writable)
+            self._segs[name] = (seg, key)
+            # Forget mappings of segments that no longer exist.
+            for other in [n for n in self._segs if n != name]:
+                if not os.path.exists(shm.path_of(other)):
+                    self._segs.pop(other)[0].close()
+            return seg
+
+    def close(self) -> None:
+        with self._lock:
+            for seg, _ in self._segs.values():
+                seg.close()
+            self._segs.clear()

@@ -1,0 +1,112 @@
+"""``snapshotd`` command line: serve, stats, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from snapshotd import config as c
+
+
+def _env(name: str, default=None):
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapshotd", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the per-node daemon")
+    s.add_argument("--node-id", default=None,
+                   help=f"this node's id [env {c.ENV_NODE_ID}; default: the host name]")
+    s.add_argument("--state-dir", default=None,
+                   help=f"index and manifests [env {c.ENV_STATE_DIR}; default /tmp/snapshotd-UID/NODE]")
+    s.add_argument("--socket", default=None,
+                   help=f"Unix socket for clients, mode 0600 [env {c.ENV_SOCKET}; default STATE_DIR/snapshotd.sock]")
+    s.add_argument("--tcp", default=_env(c.ENV_TCP),
+                   help=f"also listen on HOST:PORT (port 0 = any); needs a token [env {c.ENV_TCP}; default off]")
+    s.add_argument("--token", default=_env(c.ENV_TOKEN),
+                   help=f"shared secret clients must send [env {c.ENV_TOKEN}; default none]")
+    s.add_argument("--token-file", default=None, help="read the token from this file")
+    s.add_argument("--memory-budget-bytes", default=_env(c.ENV_MEMORY_BUDGET),
+                   help=f"bytes of shared memory this daemon may hold, e.g. 8GiB "
+                        f"[env {c.ENV_MEMORY_BUDGET}; default {int(c.DEFAULT_BUDGET_FRACTION * 100)}% "
+                        "of available RAM]")
+    s.add_argument("--max-slots-per-rank", type=int, default=3,
+                   help="staging/committed segments kept per rank (default 3)")
+    s.add_argument("--no-verify-on-adopt", action="store_true",
+                   help="trust client checksums on adopt (they are still verified on fetch)")
+    s.add_argument("--ready-file", default=None,
+                   help="write {pid, socket, tcp_port} as JSON here once serving")
+    s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING [env SNAPSHOTD_LOG_LEVEL; default INFO]")
+
+    st = sub.add_parser("stats", help="print a daemon's holdings as JSON")
+    st.add_argument("--socket", default=None, help=f"daemon socket [env {c.ENV_SOCKET}]")
+    st.add_argument("--token", default=_env(c.ENV_TOKEN), help=f"[env {c.ENV_TOKEN}]")
+
+    d = sub.add_parser("demo", help="local daemon + real training run, killed and resumed")
+    d.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
+    d.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    d.add_argument("--kill-at", type=int, default=17, help="SIGKILL the trainer after this step")
+    return p
+
+
+def _serve(a) -> int:
+    from snapshotd.server import Daemon, DaemonConfig
+
+    logging.basicConfig(level=a.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = a.node_id or c.default_node_id()
+    state_dir = a.state_dir or c.default_state_dir(node)
+    token = a.token
+    if a.token_file:
+        with open(a.token_file) as f:
+            token = f.read().strip()
+    budget = c.parse_size(a.memory_budget_bytes) if a.memory_budget_bytes else c.default_memory_budget_bytes()
+    cfg = DaemonConfig(node_id=node, state_dir=state_dir,
+                       socket_path=a.socket or os.environ.get(c.ENV_SOCKET) or os.path.join(state_dir, "snapshotd.sock"),
+                       memory_budget_bytes=budget, tcp=a.tcp, token=token,
+                       max_slots_per_rank=a.max_slots_per_rank,
+                       verify_on_adopt=not a.no_verify_on_adopt, ready_file=a.ready_file)
+    try:
+        Daemon(cfg).serve_forever()
+    except ValueError as exc:
+        print(f"snapshotd: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stats(a) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from snapshotd.errors import SnapshotdError
+    from snapshotd_client.transport import DaemonClient
+
+    cl = DaemonClient.for_socket(a.socket or c.default_socket_path(), token=a.token, timeout_s=5)
+    try:
+        print(json.dumps(MessageToDict(cl.stats(), always_print_fields_with_no_presence=True), indent=2))
+    except SnapshotdError as exc:
+        print(f"snapshotd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.command == "serve":
+        return _serve(a)
+    if a.command == "stats":
+        return _stats(a)
+    if a.command == "demo":
+        from snapshotd.demo.single_node import run_demo
+
+        return run_demo(a.dir, steps=a.steps, kill_at=a.kill_at)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

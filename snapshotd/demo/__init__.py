@@ -1,0 +1,1 @@
+"""Runnable examples: a tiny deterministic trainer and the single-node demo."""

@@ -1,0 +1,214 @@
+"""Commit state of one job on one daemon: staging slots, deliveries, commits (pure).
+
+Each rank of a job owns a small ring of shared-memory *slots* (at most
+``max_slots_per_rank``, default 3). A slot is in one of four states:
+
+    FREE       holds nothing that matters; may be written
+    STAGING    handed to the trainer for version v; being written
+    PENDING    v delivered by this rank, not yet delivered by all ranks
+    COMMITTED  v delivered by every rank: the version restores come from
+
+Order of calls for one version v of one rank:
+    1) ``acquire(rank, v, nbytes)`` -> :class:`StagingPlan` (which slot, resize or not)
+    2) the caller (the store) sizes the segment and the trainer writes it
+    3) ``deliver(rank, v)`` -> :class:`Delivery` (did v commit, which slots were freed)
+
+A COMMITTED slot is never handed out for staging, so a crash in the middle of a copy
+can never damage the last committed version. When v commits, the previous committed
+slots and every PENDING slot of an older version become FREE (those versions can never
+commit any more). If a rank needs a slot and all of them are busy, its oldest PENDING
+version is dropped (it is "torn": that version will never commit).
+
+No I/O, no clocks, no threads: the store holds a lock around calls and carries out
+the plans (creating, resizing and unlinking segments, persisting the index).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from snapshotd.errors import ConflictError, InvalidRequestError, UnknownRankError
+
+
+class SlotState(str, enum.Enum):
+    FREE = "free"
+    STAGING = "staging"
+    PENDING = "pending"
+    COMMITTED = "committed"
+
+
+@dataclass
+class Slot:
+    index: int
+    size: int = 0  # bytes of the backing segment (0 = not created yet)
+    state: SlotState = SlotState.FREE
+    version: int = 0
+    generation: int = 0  # bumped whenever the segment is recreated with a new size
+
+
+@dataclass(frozen=True)
+class StagingPlan:
+    rank: int
+    slot: int
+    new_size: int | None  # None: reuse the segment as it is; else (re)create this size
+    old_size: int
+    dropped_version: int | None  # a PENDING version of this rank given up for space
+    generation: int
+
+
+@dataclass(frozen=True)
+class Delivery:
+    committed: bool
+    version: int
+    freed: tuple[tuple[int, int], ...] = ()  # (rank, slot) that became FREE
+
+
+@dataclass
+class JobLedger:
+    job_id: str
+    world_size: int
+    max_slots_per_rank: int = 3
+    committed_version: int = 0
+    slots: dict[int, list[Slot]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise InvalidRequestError(f"job {self.job_id!r}: world_size must be >= 1")
+        if self.max_slots_per_rank < 2:
+            raise InvalidRequestError("max_slots_per_rank must be >= 2")
+        for r in range(self.world_size):
+            self.slots.setdefault(r, [])
+
+    # -- queries -------------------------------------------------------------
+    def _rank_slots(self, rank: int) -> list[Slot]:
+        if not 0 <= rank < self.world_size:
+            raise UnknownRankError(
+                f"job {self.job_id!r} has ranks 0..{self.world_size - 1}, not {rank}"
+            )
+        return self.slots[rank]
+
+    def slot_of(self, rank: int, version: int, *states: SlotState) -> Slot | None:
+        for s in self._rank_slots(rank):
+            if s.version == version and s.state in states:
+                return s
+        return None
+
+    def committed_slot(self, rank: int) -> Slot | None:
+        for s in self._rank_slots(rank):
+            if s.state is SlotState.COMMITTED:
+                return s
+        return None
+
+    def delivered_ranks(self, version: int) -> list[int]:
+        return [
+            r
+            for r in range(self.world_size)
+            if self.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED)
+        ]
+
+    def missing_ranks(self, version: int) -> list[int]:
+        have = set(self.delivered_ranks(version))
+        return [r for r in range(self.world_size) if r not in have]
+
+    def versions(self) -> list[int]:
+        vs = {s.version for ss in self.slots.values() for s in ss
+              if s.state in (SlotState.PENDING, SlotState.COMMITTED)}
+        return sorted(vs)
+
+    def bytes_allocated(self) -> int:
+        return sum(s.size for ss in self.slots.values() for s in ss)
+
+    # -- transitions ---------------------------------------------------------
+    def acquire(self, rank: int, version: int, nbytes: int) -> StagingPlan:
+        slots = self._rank_slots(rank)
+        if version < 1:
+            raise InvalidRequestError(f"version must be >= 1, got {version}")
+        if nbytes < 0:
+            raise InvalidRequestError(f"payload size must be >= 0, got {nbytes}")
+        if version <= self.committed_version:
+            raise ConflictError(
+                f"job {self.job_id!r}: version {version} is not newer than the "
+                f"committed version {self.committed_version}"
+            )
+        if self.slot_of(rank, version, SlotState.PENDING):
+            raise ConflictError(
+                f"job {self.job_id!r} rank {rank} already delivered version {version}"
+            )
+        # A rank has one trainer: an earlier STAGING slot was abandoned (crash mid-copy).
+        reusable = [s for s in slots if s.state in (SlotState.FREE, SlotState.STAGING)]
+        dropped = None
+        if not reusable and len(slots) < self.max_slots_per_rank:
+            slots.append(Slot(index=len(slots)))
+            reusable = [slots[-1]]
+        if not reusable:
+            pending = sorted(
+                (s for s in slots if s.state is SlotState.PENDING), key=lambda s: s.version
+            )
+            if not pending:  # cannot happen with >= 2 slots and one committed slot
+                raise ConflictError(f"job {self.job_id!r} rank {rank}: no slot available")
+            reusable = [pending[0]]
+            dropped = pending[0].version
+        # Prefer a slot that already fits (warm pages), then the largest one.
+        fitting = [s for s in reusable if s.size >= nbytes and s.size > 0]
+        slot = min(fitting, key=lambda s: s.size) if fitting else max(reusable, key=lambda s: s.size)
+        new_size = None if (slot.size >= nbytes and slot.size > 0) else max(nbytes, 1)
+        return StagingPlan(
+            rank=rank, slot=slot.index, new_size=new_size, old_size=slot.size,
+            dropped_version=dropped,
+            generation=slot.generation + (1 if new_size is not None else 0),
+        )
+
+    def apply_staging(self, plan: StagingPlan, version: int) -> Slot:
+        """Record that the store carried out ``plan`` for ``version``."""
+        slot = self._rank_slots(plan.rank)[plan.slot]
+        if plan.new_size is not None:
+            slot.size = plan.new_size
+            slot.generation = plan.generation
+        slot.state = SlotState.STAGING
+        slot.version = version
+        return slot
+
+    def deliver(self, rank: int, version: int) -> Delivery:
+        slot = self.slot_of(rank, version, SlotState.STAGING)
+        if slot is None:
+            raise ConflictError(
+                f"job {self.job_id!r} rank {rank}: no staging slot for version {version} "
+                "(acquire one first, or it was superseded)"
+            )
+        if version <= self.committed_version:
+            slot.state = SlotState.FREE
+            raise ConflictError(
+                f"job {self.job_id!r}: version {version} is not newer than the "
+                f"committed version {self.committed_version}"
+            )
+        slot.state = SlotState.PENDING
+        if self.missing_ranks(version):
+            return Delivery(committed=False, version=version)
+        return self._commit(version)
+
+    def _commit(self, version: int) -> Delivery:
+        freed = []
+        for r, ss in self.slots.items():
+            for s in ss:
+                if s.version == version and s.state is SlotState.PENDING:
+                    s.state = SlotState.COMMITTED
+                elif s.state is SlotState.COMMITTED or (
+                    s.state is SlotState.PENDING and s.version < version
+                ):
+                    s.state = SlotState.FREE
+                    s.version = 0
+                    freed.append((r, s.index))
+        self.committed_version = version
+        return Delivery(committed=True, version=version, freed=tuple(freed))
+
+    def abandon_uncommitted(self) -> list[tuple[int, int]]:
+        """After a daemon restart: everything not committed is FREE again."""
+        freed = []
+        for r, ss in self.slots.items():
+            for s in ss:
+                if s.state is not SlotState.COMMITTED and s.state is not SlotState.FREE:
+                    s.state = SlotState.FREE
+                    s.version = 0
+                    freed.append((r, s.index))
+        return freed

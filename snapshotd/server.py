@@ -1,0 +1,109 @@
+"""Start and stop a daemon: store + gRPC server on a Unix socket (and optional TCP)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
+from snapshotd.service import MAX_MESSAGE_BYTES, SnapshotdServicer, TokenInterceptor
+from snapshotd.store import ShardStore
+
+log = logging.getLogger("snapshotd.server")
+
+
+@dataclass
+class DaemonConfig:
+    node_id: str
+    state_dir: str
+    socket_path: str
+    memory_budget_bytes: int
+    tcp: str | None = None  # "host:port"; port 0 picks a free one
+    token: str | None = None
+    max_slots_per_rank: int = 3
+    verify_on_adopt: bool = True
+    workers: int = 16
+    ready_file: str | None = None
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig):
+        if cfg.tcp and not cfg.token:
+            raise ValueError("a TCP listener needs a token (--token or SNAPSHOTD_TOKEN)")
+        if len(cfg.socket_path) > 100:
+            raise ValueError(f"socket path too long for AF_UNIX: {cfg.socket_path}")
+        self.cfg = cfg
+        os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        self.store = ShardStore(cfg.node_id, cfg.state_dir, cfg.memory_budget_bytes,
+                                cfg.max_slots_per_rank, cfg.verify_on_adopt)
+        interceptors = []
+        if cfg.token:
+            interceptors.append(TokenInterceptor(cfg.token, self._count_refused))
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(cfg.workers),
+                                  interceptors=interceptors, options=opts)
+        pb_grpc.add_SnapshotdServicer_to_server(SnapshotdServicer(self.store), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.tcp_port: int | None = None
+        self._stopped = threading.Event()
+
+    def _count_refused(self) -> None:
+        self.store.requests_refused += 1
+
+    def start(self) -> None:
+        sock = self.cfg.socket_path
+        os.makedirs(os.path.dirname(sock) or ".", mode=0o700, exist_ok=True)
+        if os.path.exists(sock):
+            os.unlink(sock)
+        old = os.umask(0o177)  # the socket file is created 0600
+        try:
+            self.server.add_insecure_port(f"unix:{sock}")
+            if self.cfg.tcp:
+                self.tcp_port = self.server.add_insecure_port(self.cfg.tcp)
+            self.server.start()
+        finally:
+            os.umask(old)
+        os.chmod(sock, 0o600)
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set("snapshotd.v1.Snapshotd", health_pb2.HealthCheckResponse.SERVING)
+        log.info("snapshotd %s serving on unix:%s%s (budget %d bytes, state %s)",
+                 self.cfg.node_id, sock,
+                 f" and tcp port {self.tcp_port}" if self.tcp_port else "",
+                 self.cfg.memory_budget_bytes, self.cfg.state_dir)
+        if self.cfg.ready_file:
+            tmp = self.cfg.ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"pid": os.getpid(), "socket": sock, "tcp_port": self.tcp_port,
+                           "node_id": self.cfg.node_id}, f)
+            os.replace(tmp, self.cfg.ready_file)
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.store.close()
+        try:
+            os.unlink(self.cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        self.start()
+
+        def on_signal(signum, frame):
+            log.info("signal %d: shutting down (segments are kept)", signum)
+            threading.Thread(target=self.stop, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self._stopped.wait()

@@ -1,0 +1,92 @@
+"""Named POSIX shared-memory segments under /dev/shm, without a resource tracker.
+
+``multiprocessing.shared_memory`` registers every segment with a tracker process that
+unlinks it when the creator exits, which is exactly what a sidecar must not allow (the
+bytes have to outlive the trainer that wrote them). Here a segment is a file in
+``SHM_DIR`` mapped with mmap; its lifetime is explicit: ``create`` ... ``unlink``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+
+SHM_DIR = os.environ.get("SNAPSHOTD_SHM_DIR", "/dev/shm")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"invalid shared-memory segment name {name!r}")
+    return name
+
+
+def path_of(name: str) -> str:
+    return os.path.join(SHM_DIR, check_name(name))
+
+
+class Segment:
+    """An open mapping of one segment. ``buf`` is the mmap (buffer protocol)."""
+
+    __slots__ = ("name", "size", "buf", "writable")
+
+    def __init__(self, name: str, size: int, buf: mmap.mmap | None, writable: bool):
+        self.name, self.size, self.buf, self.writable = name, size, buf, writable
+
+    def close(self) -> None:
+        if self.buf is not None:
+            try:
+                self.buf.close()
+            except BufferError:  # views still exported; the mapping dies with them
+                pass
+            self.buf = None
+
+    def __repr__(self) -> str:
+        return f"Segment({self.name!r}, {self.size} bytes)"
+
+
+def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
+    if size == 0:
+        return None
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+
+
+def create(name: str, size: int, *, mode: int = 0o600) -> Segment:
+    """Create (or truncate and resize) a segment of ``size`` bytes and map it."""
+    fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.ftruncate(fd, size)
+        return Segment(name, size, _map(fd, size, True), True)
+    finally:
+        os.close(fd)
+
+
+def open_segment(name: str, *, writable: bool = False) -> Segment:
+    fd = os.open(path_of(name), os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return Segment(name, size, _map(fd, size, writable), writable)
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> bool:
+    try:
+        os.unlink(path_of(name))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def list_segments(prefix: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,428 @@
+"""The daemon's shard store: shared-memory segments, memory budget, durable index.
+
+Carries out the plans of :class:`snapshotd.ledger.JobLedger`. Every shard lives in a
+named segment ``snapshotd.<node>.<job>.r<rank>.s<slot>.g<generation>`` under /dev/shm,
+so the bytes survive the trainer (the daemon owns them) and the daemon too: a small
+JSON index and one manifest file per held segment live in ``state_dir``; a restarted
+daemon re-adopts the committed segments, unlinks everything else with its prefix, and
+loses nothing that was committed.
+
+Thread-safety: every public method may be called from any gRPC worker thread. State
+changes happen under one lock; hashing of large payloads happens outside it.
+Budget: a segment's bytes are reserved (and, with posix_fallocate, really allocated)
+before a trainer may write a byte, and a request that would exceed the budget or the
+free space of /dev/shm is refused with MemoryBudgetExceededError. Nothing changes then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from snapshotd import manifest as mf
+from snapshotd import shm
+from snapshotd._proto import snapshotd_pb2 as pb
+from snapshotd.errors import (
+    ConflictError,
+    InvalidRequestError,
+    MemoryBudgetExceededError,
+    UnknownJobError,
+    VersionNotFoundError,
+)
+from snapshotd.ledger import JobLedger, Slot, SlotState
+
+log = logging.getLogger("snapshotd.store")
+INDEX_FORMAT = 1
+
+
+@dataclass
+class _Held:
+    """The daemon's view of one slot's segment."""
+
+    segment: shm.Segment | None = None
+    manifest: pb.ShardManifest | None = None
+
+
+class ShardStore:
+    def __init__(self, node_id: str, state_dir: str, memory_budget_bytes: int,
+                 max_slots_per_rank: int = 3, verify_on_adopt: bool = True):
+        if not node_id or "." in node_id or not shm._NAME_RE.match(node_id):
+            raise InvalidRequestError(f"invalid node id {node_id!r}: use [A-Za-z0-9_-]")
+        self.node_id = node_id
+        self.state_dir = state_dir
+        self.memory_budget_bytes = int(memory_budget_bytes)
+        self.max_slots_per_rank = max_slots_per_rank
+        self.verify_on_adopt = verify_on_adopt
+        self.prefix = f"snapshotd.{node_id}."
+        self._lock = threading.RLock()
+        self._jobs: dict[str, JobLedger] = {}
+        self._held: dict[str, _Held] = {}  # segment name -> held
+        self._by_slot: dict[tuple[str, int, int], str] = {}  # (job, rank, slot) -> name
+        self.requests_refused = 0
+        os.makedirs(os.path.join(state_dir, "manifests"), mode=0o700, exist_ok=True)
+        self._recover()
+
+    # -- naming and persistence ---------------------------------------------------
+    def _segment_name(self, job: str, rank: int, slot: Slot) -> str:
+        return f"{self.prefix}{job}.r{rank}.s{slot.index}.g{slot.generation}"
+
+    def _manifest_path(self, name: str) -> str:
+        return os.path.join(self.state_dir, "manifests", name + ".pb")
+
+    def _persist(self) -> None:
+        doc = {"format": INDEX_FORMAT, "node_id": self.node_id, "jobs": {}}
+        for job, led in self._jobs.items():
+            doc["jobs"][job] = {
+                "world_size": led.world_size,
+                "committed_version": led.committed_version,
+                "slots": {
+                    str(r): [[s.size, s.state.value, s.version, s.generation] for s in ss]
+                    for r, ss in led.slots.items()
+                },
+            }
+        path = os.path.join(self.state_dir, "index.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _recover(self) -> None:
+        """Re-adopt committed segments named in the index; clean up everything else."""
+        path = os.path.join(self.state_dir, "index.json")
+        doc = {"jobs": {}}
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    doc = json.load(f)
+            except (OSError, ValueError) as exc:
+                log.error("index %s unreadable (%s); starting empty", path, exc)
+        for job, j in doc.get("jobs", {}).items():
+            led = JobLedger(job, int(j["world_size"]), self.max_slots_per_rank,
+                            committed_version=int(j["committed_version"]))
+            for r, ss in j["slots"].items():
+                led.slots[int(r)] = [
+                    Slot(index=i, size=size, state=SlotState(st), version=v, generation=g)
+                    for i, (size, st, v, g) in enumerate(ss)
+                ]
+            led.abandon_uncommitted()
+            lost = []
+            for r, ss in led.slots.items():
+                for s in ss:
+                    name = self._segment_name(job, r, s)
+                    if s.state is SlotState.COMMITTED:
+                        try:
+                            seg = shm.open_segment(name, writable=True)
+                            with open(self._manifest_path(name), "rb") as f:
+                                m = pb.ShardManifest.FromString(f.read())
+                            if seg.size != s.size or m.version != s.version:
+                                raise ValueError("size or version differs from the index")
+                        except (OSError, ValueError) as exc:
+                            lost.append((r, name, str(exc)))
+                            continue
+                        self._held[name] = _Held(seg, m)
+                        self._by_slot[(job, r, s.index)] = name
+                    else:
+                        s.size = 0  # uncommitted segments are unlinked below
+            if lost:
+                log.error("job %s: committed version %d lost on this node (%s); "
+                          "dropping it", job, led.committed_version, lost)
+                for name in [n for (jj, _, _), n in self._by_slot.items() if jj == job]:
+                    self._held.pop(name).segment.close()
+                self._by_slot = {k: v for k, v in self._by_slot.items() if k[0] != job}
+                for ss in led.slots.values():
+                    for s in ss:
+                        s.state, s.version, s.size = SlotState.FREE, 0, 0
+                led.committed_version = 0
+            self._jobs[job] = led
+        keep = set(self._held)
+        for name in shm.list_segments(self.prefix):
+            if name not in keep:
+                shm.unlink(name)
+                log.info("unlinked stale segment %s", name)
+        for fn in os.listdir(os.path.join(self.state_dir, "manifests")):
+            if fn[:-3] not in keep:
+                os.unlink(os.path.join(self.state_dir, "manifests", fn))
+        self._persist()
+        if self._jobs:
+            log.info("recovered %d job(s): %s", len(self._jobs), {
+                j: led.committed_version for j, led in self._jobs.items()})
+
+    # -- accounting ---------------------------------------------------------------
+    def bytes_reserved(self) -> int:
+        with self._lock:
+            return sum(led.bytes_allocated() for led in self._jobs.values())
+
+    def bytes_committed(self) -> int:
+        with self._lock:
+            return sum(h.manifest.payload_bytes for h in self._held.values()
+                       if h.manifest is not None)
+
+    def _refuse(self, exc: Exception) -> Exception:
+        self.requests_refused += 1
+        return exc
+
+    def _make_room(self, needed: int) -> None:
+        """Ensure ``needed`` more bytes fit the budget, releasing FREE segments if needed."""
+        if self.bytes_reserved() + needed <= self.memory_budget_bytes:
+            return
+        for job, led in self._jobs.items():
+            for r, ss in led.slots.items():
+                for s in ss:
+                    if s.state is SlotState.FREE and s.size:
+                        self._release_segment(job, r, s)
+                        s.size = 0
+                        if self.bytes_reserved() + needed <= self.memory_budget_bytes:
+                            return
+        raise self._refuse(MemoryBudgetExceededError(
+            f"{needed} more bytes would exceed the memory budget of "
+            f"{self.memory_budget_bytes} bytes ({self.bytes_reserved()} reserved)"
+        ))
+
+    def _release_segment(self, job: str, rank: int, slot: Slot) -> None:
+        name = self._by_slot.pop((job, rank, slot.index), None)
+        if name is None:
+            return
+        held = self._held.pop(name, None)
+        if held is not None and held.segment is not None:
+            held.segment.close()
+        shm.unlink(name)
+        try:
+            os.unlink(self._manifest_path(name))
+        except FileNotFoundError:
+            pass
+
+    # -- jobs -----------------------------------------------------------------------
+    def register_job(self, job_id: str, world_size: int) -> int:
+        mf.validate_job_id(job_id)
+        if not 1 <= world_size <= 1 << 20:
+            raise self._refuse(InvalidRequestError(f"world_size must be in [1, 2^20], got {world_size}"))
+        with self._lock:
+            led = self._jobs.get(job_id)
+            if led is not None:
+                if led.world_size != world_size:
+                    raise self._refuse(ConflictError(
+                        f"job {job_id!r} is registered with world_size {led.world_size}, "
+                        f"not {world_size} (drop it first to change its size)"))
+                return led.committed_version
+            self._jobs[job_id] = JobLedger(job_id, world_size, self.max_slots_per_rank)
+            self._persist()
+            return 0
+
+    def _job(self, job_id: str) -> JobLedger:
+        led = self._jobs.get(job_id)
+        if led is None:
+            raise self._refuse(UnknownJobError(f"unknown job {job_id!r} (register it first)"))
+        return led
+
+    def drop_job(self, job_id: str) -> int:
+        with self._lock:
+            led = self._job(job_id)
+            freed = led.bytes_allocated()
+            for r, ss in led.slots.items():
+                for s in ss:
+                    self._release_segment(job_id, r, s)
+            del self._jobs[job_id]
+            self._persist()
+            return freed
+
+    # -- writing a shard --------------------------------------------------------------
+    def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int) -> tuple[str, int]:
+        with self._lock:
+            led = self._job(job_id)
+            try:
+                plan = led.acquire(rank, version, nbytes)
+            except Exception as exc:
+                raise self._refuse(exc)
+            slot = led.slots[rank][plan.slot]
+            if plan.new_size is not None:
+                delta = plan.new_size - plan.old_size
+                self._make_room(max(delta, 0))
+                if delta > shm.free_bytes():
+                    raise self._refuse(MemoryBudgetExceededError(
+                        f"{shm.SHM_DIR} has {shm.free_bytes()} bytes free, {delta} needed"))
+                self._release_segment(job_id, rank, slot)
+                slot.size = 0
+                name = f"{self.prefix}{job_id}.r{rank}.s{slot.index}.g{plan.generation}"
+                seg = shm.create(name, plan.new_size)
+                try:
+                    # Really allocate the pages now: a full tmpfs must be a clean
+                    # refusal here, not a SIGBUS in the trainer later.
+                    fd = os.open(shm.path_of(name), os.O_RDWR)
+                    try:
+                        os.posix_fallocate(fd, 0, plan.new_size)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    seg.close()
+                    shm.unlink(name)
+                    raise self._refuse(MemoryBudgetExceededError(
+                        f"cannot allocate {plan.new_size} bytes in {shm.SHM_DIR}: {exc}"))
+                self._held[name] = _Held(seg, None)
+                self._by_slot[(job_id, rank, slot.index)] = name
+            if plan.dropped_version is not None:
+                log.warning("job %s rank %d: dropped uncommitted version %d to make room",
+                            job_id, rank, plan.dropped_version)
+            slot = led.apply_staging(plan, version)
+            name = self._by_slot[(job_id, rank, slot.index)]
+            self._held[name].manifest = None
+            self._persist()
+            return name, slot.size
+
+    def adopt(self, segment_name: str, m: pb.ShardManifest) -> tuple[bool, int]:
+        """Take ownership of a staged segment as ``m.rank``'s shard of ``m.version``."""
+        with self._lock:
+            led = self._job(m.job_id)
+            slot = led.slot_of(m.rank, m.version, SlotState.STAGING)
+            name = self._by_slot.get((m.job_id, m.rank, slot.index)) if slot else None
+            if name != segment_name:
+                raise self._refuse(ConflictError(
+                    f"segment {segment_name!r} is not the staging segment of job "
+                    f"{m.job_id!r} rank {m.rank} version {m.version}"))
+            seg = self._held[name].segment
+            try:
+                mf.validate_manifest(m, segment_bytes=slot.size)
+            except Exception as exc:
+                raise self._refuse(exc)
+        m = _copy(m)
+        buf = seg.buf if seg.buf is not None else b""
+        try:
+            if m.block_checksums and self.verify_on_adopt:
+                mf.verify_checksums(buf, m, what=f"adopted segment {segment_name}")
+            elif not m.block_checksums:
+                m.block_checksums.extend(mf.block_checksums(buf, m.payload_bytes, m.block_size_bytes))
+        except Exception as exc:
+            raise self._refuse(exc)
+        return self._deliver(m, name)
+
+    def _deliver(self, m: pb.ShardManifest, name: str) -> tuple[bool, int]:
+        with self._lock:
+            led = self._job(m.job_id)
+            slot = led.slot_of(m.rank, m.version, SlotState.STAGING)
+            if slot is None or self._by_slot.get((m.job_id, m.rank, slot.index)) != name:
+                raise self._refuse(ConflictError(
+                    f"job {m.job_id!r} rank {m.rank} version {m.version}: the staging slot "
+                    "was taken over while the shard was verified"))
+            with open(self._manifest_path(name), "wb") as f:
+                f.write(m.SerializeToString())
+            self._held[name].manifest = m
+            d = led.deliver(m.rank, m.version)
+            for r, idx in d.freed:
+                n = self._by_slot.get((m.job_id, r, idx))
+                if n is not None:
+                    self._held[n].manifest = None
+                    try:
+                        os.unlink(self._manifest_path(n))
+                    except FileNotFoundError:
+                        pass
+            self._persist()
+            return d.committed, led.committed_version
+
+    def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
+        """Receive a shard over the network: ``chunks`` yields the payload in order."""
+        mf.validate_manifest(m, require_checksums=True)
+        name, size = self.acquire_staging(m.job_id, m.rank, m.version, m.payload_bytes)
+        seg = self._held[name].segment
+        off = 0
+        try:
+            for data in chunks:
+                if len(data) > m.payload_bytes - off:
+                    raise InvalidRequestError(
+                        f"push carries more than the {m.payload_bytes} bytes its manifest declares")
+                seg.buf[off:off + len(data)] = data
+                off += len(data)
+            if off != m.payload_bytes:
+                raise InvalidRequestError(
+                    f"push carried {off} bytes, its manifest declares {m.payload_bytes}")
+            mf.verify_checksums(seg.buf if seg.buf is not None else b"", m, what="pushed shard")
+        except Exception as exc:
+            self._abandon_staging(m.job_id, m.rank, m.version)
+            raise self._refuse(exc)
+        return self._deliver(_copy(m), name)
+
+    def _abandon_staging(self, job: str, rank: int, version: int) -> None:
+        with self._lock:
+            led = self._jobs.get(job)
+            slot = led.slot_of(rank, version, SlotState.STAGING) if led else None
+            if slot is not None:
+                slot.state, slot.version = SlotState.FREE, 0
+                self._persist()
+
+    # -- commit and reading ---------------------------------------------------------------
+    def commit(self, job_id: str, version: int) -> tuple[bool, list[int], int]:
+        with self._lock:
+            led = self._job(job_id)
+            if version and version == led.committed_version:
+                return True, [], version
+            missing = led.missing_ranks(version)
+            return False, missing, led.committed_version
+
+    def list_versions(self, job_id: str) -> tuple[int, list[tuple[int, bool, list[int], int]]]:
+        with self._lock:
+            led = self._job(job_id)
+            out = []
+            for v in led.versions():
+                ranks = led.delivered_ranks(v)
+                size = sum(led.slot_of(r, v, SlotState.PENDING, SlotState.COMMITTED).size
+                           for r in ranks)
+                out.append((v, v == led.committed_version, ranks, size))
+            return led.committed_version, out
+
+    def committed_shard(self, job_id: str, rank: int, version: int = 0,
+                        verify: bool = True) -> tuple[str, pb.ShardManifest, shm.Segment]:
+        """The committed shard of ``rank`` (``version`` 0 = latest), checksum-verified."""
+        with self._lock:
+            led = self._job(job_id)
+            led._rank_slots(rank)
+            if led.committed_version == 0:
+                raise self._refuse(VersionNotFoundError(f"job {job_id!r} has no committed version"))
+            if version not in (0, led.committed_version):
+                raise self._refuse(VersionNotFoundError(
+                    f"job {job_id!r}: version {version} is not held (latest committed: "
+                    f"{led.committed_version})"))
+            slot = led.committed_slot(rank)
+            name = self._by_slot[(job_id, rank, slot.index)]
+            held = self._held[name]
+        if verify:
+            try:
+                mf.verify_checksums(held.segment.buf if held.segment.buf is not None else b"",
+                                    held.manifest, what=f"segment {name}")
+            except Exception as exc:
+                log.error("%s", exc)
+                raise self._refuse(exc)
+        return name, held.manifest, held.segment
+
+    def stats(self) -> dict:
+        with self._lock:
+            jobs = []
+            for job, led in self._jobs.items():
+                held = [n for (j, _, _), n in self._by_slot.items() if j == job]
+                jobs.append({
+                    "job_id": job, "world_size": led.world_size,
+                    "latest_committed_version": led.committed_version,
+                    "bytes_held": led.bytes_allocated(), "segments": len(held),
+                })
+            return {
+                "node_id": self.node_id, "memory_budget_bytes": self.memory_budget_bytes,
+                "bytes_reserved": self.bytes_reserved(),
+                "bytes_committed": self.bytes_committed(), "jobs": jobs,
+                "requests_refused": self.requests_refused,
+            }
+
+    def close(self) -> None:
+        """Unmap (not unlink) everything: the segments stay for the next daemon."""
+        with self._lock:
+            for h in self._held.values():
+                if h.segment is not None:
+                    h.segment.close()
+            self._held.clear()
+
+
+def _copy(m: pb.ShardManifest) -> pb.ShardManifest:
+    out = pb.ShardManifest()
+    out.CopyFrom(m)
+    return out
