@@ -105,7 +105,8 @@ class Snapshotter:
         self._copy_done = None  # CUDA event the next optimizer step waits for
         self._side_stream = None
         self._pinned: set[str] = set()
-        self.last_stats: SaveStats | None = None
+        self.last_stats: SaveStats | None = None  # of the last completed hand-off
+        self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.restored_approximate = False
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             optimizer.register_step_pre_hook(lambda *a, **k: self._wait_device_copy())
@@ -179,6 +180,7 @@ class Snapshotter:
             self._unavailable(f"snapshot of step {step}", exc)
             return None
         blocking = time.perf_counter() - t0
+        self.last_blocking_s = blocking
         m = pb.ShardManifest()
         m.CopyFrom(tmpl)
         m.version = step

@@ -112,11 +112,8 @@ def main(argv=None) -> int:
         losses.append(loss.item())
         rec = {"event": "step", "step": step + 1, "loss": round(loss.item(), 6)}
         if snap is not None:
-            snap.save(step + 1)
-            st = snap.wait()
-            if st is not None:
-                rec["blocking_ms"] = round(st.blocking_s * 1e3, 3)
-                rec["committed"] = st.committed
+            if snap.save(step + 1) is not None:
+                rec["blocking_ms"] = round(snap.last_blocking_s * 1e3, 3)
         print(json.dumps(rec), flush=True)
         if a.step_delay_s:
             time.sleep(a.step_delay_s)
