@@ -1,0 +1,1 @@
+"""Benchmarks. Each module has ``main(argv)``; run e.g. ``python -m bench.bench_ingest``."""
