@@ -122,11 +122,16 @@ def verify_checksums(buf, m, *, what: str = "shard") -> None:
     """Raise ChecksumMismatchError naming the blocks whose bytes do not match."""
     got = block_checksums(buf, m.payload_bytes, m.block_size_bytes)
     bad = [i for i, (a, b) in enumerate(zip(got, m.block_checksums)) if a != b]
-    if len(got) != len(m.block_checksums):
-        raise ChecksumMismatchError(f"{what}: {len(got)} blocks but {len(m.block_checksums)} checksums")
+    if bad or len(got) != len(m.block_checksums):
+        raise_mismatch(m, bad, len(got), what)
+
+
+def raise_mismatch(m, bad: list[int], nblocks: int, what: str) -> None:
+    if nblocks != len(m.block_checksums):
+        raise ChecksumMismatchError(f"{what}: {nblocks} blocks but {len(m.block_checksums)} checksums")
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
         raise ChecksumMismatchError(
             f"{what} (job {m.job_id!r} rank {m.rank} version {m.version}): "
-            f"checksum mismatch in {len(bad)} of {len(got)} blocks: {shown}"
+            f"checksum mismatch in {len(bad)} of {nblocks} blocks: {shown}"
         )

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from snapshotd import manifest as mf
@@ -62,6 +63,9 @@ class ShardStore:
         self._held: dict[str, _Held] = {}  # segment name -> held
         self._by_slot: dict[tuple[str, int, int], str] = {}  # (job, rank, slot) -> name
         self.requests_refused = 0
+        # xxhash releases the GIL: large payloads are hashed on all cores at once.
+        self._hashers = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
+                                           thread_name_prefix="snapshotd-hash")
         os.makedirs(os.path.join(state_dir, "manifests"), mode=0o700, exist_ok=True)
         self._recover()
 
@@ -151,6 +155,26 @@ class ShardStore:
         if self._jobs:
             log.info("recovered %d job(s): %s", len(self._jobs), {
                 j: led.committed_version for j, led in self._jobs.items()})
+
+    # -- checksums ------------------------------------------------------------------
+    def _checksums(self, buf, m: pb.ShardManifest) -> list[int]:
+        bs, n = m.block_size_bytes, m.payload_bytes
+        nblocks = mf.num_blocks(n, bs)
+        workers = self._hashers._max_workers
+        if nblocks < 2 * workers:
+            return mf.block_checksums(buf, n, bs)
+        per = -(-nblocks // workers)
+        mv = memoryview(buf)
+        parts = [self._hashers.submit(mf.block_checksums, mv[i * per * bs:min((i + 1) * per * bs, n)],
+                                      min((i + 1) * per * bs, n) - i * per * bs, bs)
+                 for i in range(workers) if i * per * bs < n]
+        return [c for p in parts for c in p.result()]
+
+    def _verify(self, buf, m: pb.ShardManifest, what: str) -> None:
+        got = self._checksums(buf, m)
+        if got != list(m.block_checksums):
+            bad = [i for i, (a, b) in enumerate(zip(got, m.block_checksums)) if a != b]
+            mf.raise_mismatch(m, bad, len(got), what)
 
     # -- accounting ---------------------------------------------------------------
     def bytes_reserved(self) -> int:
@@ -292,9 +316,9 @@ class ShardStore:
         buf = seg.buf if seg.buf is not None else b""
         try:
             if m.block_checksums and self.verify_on_adopt:
-                mf.verify_checksums(buf, m, what=f"adopted segment {segment_name}")
+                self._verify(buf, m, f"adopted segment {segment_name}")
             elif not m.block_checksums:
-                m.block_checksums.extend(mf.block_checksums(buf, m.payload_bytes, m.block_size_bytes))
+                m.block_checksums.extend(self._checksums(buf, m))
         except Exception as exc:
             raise self._refuse(exc)
         return self._deliver(m, name)
@@ -338,7 +362,7 @@ class ShardStore:
             if off != m.payload_bytes:
                 raise InvalidRequestError(
                     f"push carried {off} bytes, its manifest declares {m.payload_bytes}")
-            mf.verify_checksums(seg.buf if seg.buf is not None else b"", m, what="pushed shard")
+            self._verify(seg.buf if seg.buf is not None else b"", m, "pushed shard")
         except Exception as exc:
             self._abandon_staging(m.job_id, m.rank, m.version)
             raise self._refuse(exc)
@@ -389,8 +413,8 @@ class ShardStore:
             held = self._held[name]
         if verify:
             try:
-                mf.verify_checksums(held.segment.buf if held.segment.buf is not None else b"",
-                                    held.manifest, what=f"segment {name}")
+                self._verify(held.segment.buf if held.segment.buf is not None else b"",
+                             held.manifest, f"segment {name}")
             except Exception as exc:
                 log.error("%s", exc)
                 raise self._refuse(exc)
@@ -420,6 +444,7 @@ class ShardStore:
                 if h.segment is not None:
                     h.segment.close()
             self._held.clear()
+        self._hashers.shutdown(wait=False)
 
 
 def _copy(m: pb.ShardManifest) -> pb.ShardManifest:
