@@ -183,21 +183,37 @@ class ShardStore:
 
     def bytes_committed(self) -> int:
         with self._lock:
-            return sum(h.manifest.payload_bytes for h in self._held.values()
-                       if h.manifest is not None)
+            total = 0
+            for (job, r, idx), name in self._by_slot.items():
+                m = self._held[name].manifest
+                if m is not None and self._jobs[job].slots[r][idx].state is SlotState.COMMITTED:
+                    total += m.payload_bytes
+            return total
 
     def _refuse(self, exc: Exception) -> Exception:
         self.requests_refused += 1
         return exc
 
-    def _make_room(self, needed: int) -> None:
-        """Ensure ``needed`` more bytes fit the budget, releasing FREE segments if needed."""
+    def _make_room(self, needed: int, keep: tuple[str, int, int] | None = None) -> None:
+        """Ensure ``needed`` more bytes fit the budget, releasing FREE segments if needed.
+
+        ``keep`` (job, rank, slot) is the slot being resized: it is not released (its
+        current size is already accounted for in ``needed``). If releasing every other
+        FREE segment would not be enough, nothing is released.
+        """
         if self.bytes_reserved() + needed <= self.memory_budget_bytes:
             return
+        releasable = sum(s.size for job, led in self._jobs.items() for r, ss in led.slots.items()
+                         for s in ss if s.state is SlotState.FREE and (job, r, s.index) != keep)
+        if self.bytes_reserved() - releasable + needed > self.memory_budget_bytes:
+            raise self._refuse(MemoryBudgetExceededError(
+                f"{needed} more bytes would exceed the memory budget of "
+                f"{self.memory_budget_bytes} bytes ({self.bytes_reserved()} reserved)"
+            ))
         for job, led in self._jobs.items():
             for r, ss in led.slots.items():
                 for s in ss:
-                    if s.state is SlotState.FREE and s.size:
+                    if s.state is SlotState.FREE and s.size and (job, r, s.index) != keep:
                         self._release_segment(job, r, s)
                         s.size = 0
                         if self.bytes_reserved() + needed <= self.memory_budget_bytes:
@@ -265,7 +281,7 @@ class ShardStore:
             slot = led.slots[rank][plan.slot]
             if plan.new_size is not None:
                 delta = plan.new_size - plan.old_size
-                self._make_room(max(delta, 0))
+                self._make_room(max(delta, 0), keep=(job_id, rank, slot.index))
                 if delta > shm.free_bytes():
                     raise self._refuse(MemoryBudgetExceededError(
                         f"{shm.SHM_DIR} has {shm.free_bytes()} bytes free, {delta} needed"))
@@ -299,6 +315,10 @@ class ShardStore:
 
     def adopt(self, segment_name: str, m: pb.ShardManifest) -> tuple[bool, int]:
         """Take ownership of a staged segment as ``m.rank``'s shard of ``m.version``."""
+        try:
+            mf.validate_manifest(m)
+        except Exception as exc:
+            raise self._refuse(exc)
         with self._lock:
             led = self._job(m.job_id)
             slot = led.slot_of(m.rank, m.version, SlotState.STAGING)
@@ -308,10 +328,9 @@ class ShardStore:
                     f"segment {segment_name!r} is not the staging segment of job "
                     f"{m.job_id!r} rank {m.rank} version {m.version}"))
             seg = self._held[name].segment
-            try:
-                mf.validate_manifest(m, segment_bytes=slot.size)
-            except Exception as exc:
-                raise self._refuse(exc)
+            if m.payload_bytes > slot.size:
+                raise self._refuse(InvalidRequestError(
+                    f"payload of {m.payload_bytes} bytes does not fit the {slot.size}-byte segment"))
         m = _copy(m)
         buf = seg.buf if seg.buf is not None else b""
         try:
@@ -334,7 +353,16 @@ class ShardStore:
             with open(self._manifest_path(name), "wb") as f:
                 f.write(m.SerializeToString())
             self._held[name].manifest = m
-            d = led.deliver(m.rank, m.version)
+            try:
+                d = led.deliver(m.rank, m.version)
+            except Exception as exc:
+                self._held[name].manifest = None
+                try:
+                    os.unlink(self._manifest_path(name))
+                except FileNotFoundError:
+                    pass
+                self._persist()
+                raise self._refuse(exc)
             for r, idx in d.freed:
                 n = self._by_slot.get((m.job_id, r, idx))
                 if n is not None:
@@ -349,7 +377,10 @@ class ShardStore:
     def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
         """Receive a shard over the network: ``chunks`` yields the payload in order."""
         mf.validate_manifest(m, require_checksums=True)
-        name, size = self.acquire_staging(m.job_id, m.rank, m.version, m.payload_bytes)
+        with self._lock:
+            existing = set(self._held)
+            name, size = self.acquire_staging(m.job_id, m.rank, m.version, m.payload_bytes)
+            created = name not in existing
         seg = self._held[name].segment
         off = 0
         try:
@@ -357,23 +388,38 @@ class ShardStore:
                 if len(data) > m.payload_bytes - off:
                     raise InvalidRequestError(
                         f"push carries more than the {m.payload_bytes} bytes its manifest declares")
-                seg.buf[off:off + len(data)] = data
+                with self._lock:  # the slot may have been taken over by a newer version
+                    if not self._owns_staging(m, name):
+                        raise ConflictError(
+                            f"job {m.job_id!r} rank {m.rank} version {m.version}: the staging "
+                            "slot was taken over while the shard was pushed")
+                    if data:
+                        seg.buf[off:off + len(data)] = data
                 off += len(data)
             if off != m.payload_bytes:
                 raise InvalidRequestError(
                     f"push carried {off} bytes, its manifest declares {m.payload_bytes}")
             self._verify(seg.buf if seg.buf is not None else b"", m, "pushed shard")
         except Exception as exc:
-            self._abandon_staging(m.job_id, m.rank, m.version)
+            self._abandon_staging(m.job_id, m.rank, m.version, name, release=created)
             raise self._refuse(exc)
         return self._deliver(_copy(m), name)
 
-    def _abandon_staging(self, job: str, rank: int, version: int) -> None:
+    def _owns_staging(self, m: pb.ShardManifest, name: str) -> bool:
+        led = self._jobs.get(m.job_id)
+        slot = led.slot_of(m.rank, m.version, SlotState.STAGING) if led else None
+        return slot is not None and self._by_slot.get((m.job_id, m.rank, slot.index)) == name
+
+    def _abandon_staging(self, job: str, rank: int, version: int, name: str,
+                         release: bool = False) -> None:
         with self._lock:
             led = self._jobs.get(job)
             slot = led.slot_of(rank, version, SlotState.STAGING) if led else None
-            if slot is not None:
+            if slot is not None and self._by_slot.get((job, rank, slot.index)) == name:
                 slot.state, slot.version = SlotState.FREE, 0
+                if release:
+                    self._release_segment(job, rank, slot)
+                    slot.size = 0
                 self._persist()
 
     # -- commit and reading ---------------------------------------------------------------

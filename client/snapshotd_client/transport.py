@@ -124,6 +124,11 @@ class DaemonClient:
             raise _translate(exc, "FetchShard") from None
         if off != m.payload_bytes:
             raise errors.ChecksumMismatchError(f"FetchShard: got {off} of {m.payload_bytes} bytes")
+        # The daemon verified before sending; verify what arrived too (a segment could be
+        # reused mid-stream if newer versions commit meanwhile).
+        from snapshotd.manifest import verify_checksums
+
+        verify_checksums(buf, m, what="fetched shard")
         return m, buf
 
     def close(self) -> None:
