@@ -62,19 +62,32 @@ class Delivery:
     committed: bool
     version: int
     freed: tuple[tuple[int, int], ...] = ()  # (rank, slot) that became FREE
+    local_complete: bool = False  # every local rank has delivered ``version``
 
 
 @dataclass
 class JobLedger:
+    """``world_size`` counts the job's ranks, ``local_world_size`` those on this node
+    (0 = all of them). With ``auto_commit`` (one node) a version commits as soon as
+    every local rank delivered it; in a cluster the caller commits it (``commit``)
+    once every node holds its data and parity."""
+
     job_id: str
     world_size: int
     max_slots_per_rank: int = 3
     committed_version: int = 0
     slots: dict[int, list[Slot]] = field(default_factory=dict)
+    local_world_size: int = 0
+    auto_commit: bool = True
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise InvalidRequestError(f"job {self.job_id!r}: world_size must be >= 1")
+        if self.local_world_size == 0:
+            self.local_world_size = self.world_size
+        if not 1 <= self.local_world_size <= self.world_size:
+            raise InvalidRequestError(
+                f"job {self.job_id!r}: local_world_size must be in [1, world_size]")
         if self.max_slots_per_rank < 2:
             raise InvalidRequestError("max_slots_per_rank must be >= 2")
         for r in range(self.world_size):
@@ -108,8 +121,15 @@ class JobLedger:
         ]
 
     def missing_ranks(self, version: int) -> list[int]:
+        """Ranks that have not delivered ``version`` (all ranks for one node; in a
+        cluster, empty once the node's ``local_world_size`` ranks delivered)."""
         have = set(self.delivered_ranks(version))
+        if len(have) >= self.local_world_size:
+            return []
         return [r for r in range(self.world_size) if r not in have]
+
+    def local_ranks(self) -> list[int]:
+        return sorted(r for r, ss in self.slots.items() if ss)
 
     def versions(self) -> list[int]:
         vs = {s.version for ss in self.slots.values() for s in ss
@@ -185,9 +205,28 @@ class JobLedger:
         slot.state = SlotState.PENDING
         if self.missing_ranks(version):
             return Delivery(committed=False, version=version)
-        return self._commit(version)
+        if not self.auto_commit:
+            return Delivery(committed=False, version=version, local_complete=True)
+        d = self.commit(version)
+        return Delivery(True, version, d.freed, local_complete=True)
 
-    def _commit(self, version: int) -> Delivery:
+    def install_committed(self, rank: int, version: int, size: int) -> Slot:
+        """Rebuild: a slot that holds ``version`` for ``rank`` rebuilt from peers.
+        The caller creates the segment (``generation`` is bumped) and then commits."""
+        slots = self._rank_slots(rank)
+        slot = next((s for s in slots if s.state is SlotState.FREE), None)
+        if slot is None:
+            if len(slots) >= self.max_slots_per_rank:
+                raise ConflictError(f"job {self.job_id!r} rank {rank}: no slot to rebuild into")
+            slot = Slot(index=len(slots))
+            slots.append(slot)
+        slot.size, slot.generation = size, slot.generation + 1
+        slot.state, slot.version = SlotState.PENDING, version
+        return slot
+
+    def commit(self, version: int) -> Delivery:
+        if version < self.committed_version:
+            return Delivery(committed=False, version=version)
         freed = []
         for r, ss in self.slots.items():
             for s in ss:
@@ -199,7 +238,8 @@ class JobLedger:
                     s.state = SlotState.FREE
                     s.version = 0
                     freed.append((r, s.index))
-        self.committed_version = version
+        if version > self.committed_version:
+            self.committed_version = version
         return Delivery(committed=True, version=version, freed=tuple(freed))
 
     def abandon_uncommitted(self) -> list[tuple[int, int]]:

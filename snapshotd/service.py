@@ -63,13 +63,18 @@ def _stream_rpc(method):
 
 
 class SnapshotdServicer(pb_grpc.SnapshotdServicer):
-    def __init__(self, store: ShardStore):
+    def __init__(self, store: ShardStore, cluster=None):
         self.store = store
+        self.cluster = cluster  # snapshotd.cluster.ClusterNode, or None for one node
 
     @_rpc
     def RegisterJob(self, request, context):
-        v = self.store.register_job(request.job_id, request.world_size)
-        return pb.RegisterJobResponse(latest_committed_version=v)
+        v = self.store.register_job(request.job_id, request.world_size, request.local_world_size)
+        if self.cluster is not None:
+            v = self.cluster.latest_committed(request.job_id)
+        return pb.RegisterJobResponse(
+            latest_committed_version=v,
+            block_size_bytes=self.cluster.bs if self.cluster is not None else 0)
 
     @_rpc
     def AcquireStaging(self, request, context):
@@ -119,6 +124,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
 
     @_rpc
     def OpenShard(self, request, context):
+        if self.cluster is not None:
+            self.cluster.ensure_restorable(request.job_id, request.version)
         name, m, _ = self.store.committed_shard(request.job_id, request.rank, request.version)
         return pb.OpenShardResponse(segment_name=name, manifest=m)
 

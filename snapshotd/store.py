@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from snapshotd import manifest as mf
 from snapshotd import shm
@@ -34,22 +33,16 @@ from snapshotd.errors import (
     VersionNotFoundError,
 )
 from snapshotd.ledger import JobLedger, Slot, SlotState
+from snapshotd.store_cluster import ClusterStoreMixin, Held
 
 log = logging.getLogger("snapshotd.store")
 INDEX_FORMAT = 1
 
 
-@dataclass
-class _Held:
-    """The daemon's view of one slot's segment."""
-
-    segment: shm.Segment | None = None
-    manifest: pb.ShardManifest | None = None
-
-
-class ShardStore:
+class ShardStore(ClusterStoreMixin):
     def __init__(self, node_id: str, state_dir: str, memory_budget_bytes: int,
-                 max_slots_per_rank: int = 3, verify_on_adopt: bool = True):
+                 max_slots_per_rank: int = 3, verify_on_adopt: bool = True,
+                 cluster_mode: bool = False):
         if not node_id or "." in node_id or not shm._NAME_RE.match(node_id):
             raise InvalidRequestError(f"invalid node id {node_id!r}: use [A-Za-z0-9_-]")
         self.node_id = node_id
@@ -60,9 +53,16 @@ class ShardStore:
         self.prefix = f"snapshotd.{node_id}."
         self._lock = threading.RLock()
         self._jobs: dict[str, JobLedger] = {}
-        self._held: dict[str, _Held] = {}  # segment name -> held
+        self._held: dict[str, Held] = {}  # segment name -> held
         self._by_slot: dict[tuple[str, int, int], str] = {}  # (job, rank, slot) -> name
         self.requests_refused = 0
+        # Cluster mode: versions commit when every node holds data and parity. The
+        # cluster sets ``commit_hook(job, version)``, called once every local rank
+        # delivered a version, and commits with ``commit_version``.
+        self.cluster_mode = cluster_mode
+        self.commit_hook = None
+        self._aux: dict[str, shm.Segment] = {}  # parity and other cluster segments
+        self._aux_sizes: dict[str, int] = {}
         # xxhash releases the GIL: large payloads are hashed on all cores at once.
         self._hashers = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
                                            thread_name_prefix="snapshotd-hash")
@@ -77,10 +77,12 @@ class ShardStore:
         return os.path.join(self.state_dir, "manifests", name + ".pb")
 
     def _persist(self) -> None:
-        doc = {"format": INDEX_FORMAT, "node_id": self.node_id, "jobs": {}}
+        doc = {"format": INDEX_FORMAT, "node_id": self.node_id, "jobs": {},
+               "aux": dict(self._aux_sizes)}
         for job, led in self._jobs.items():
             doc["jobs"][job] = {
                 "world_size": led.world_size,
+                "local_world_size": led.local_world_size,
                 "committed_version": led.committed_version,
                 "slots": {
                     str(r): [[s.size, s.state.value, s.version, s.generation] for s in ss]
@@ -107,7 +109,9 @@ class ShardStore:
                 log.error("index %s unreadable (%s); starting empty", path, exc)
         for job, j in doc.get("jobs", {}).items():
             led = JobLedger(job, int(j["world_size"]), self.max_slots_per_rank,
-                            committed_version=int(j["committed_version"]))
+                            committed_version=int(j["committed_version"]),
+                            local_world_size=int(j.get("local_world_size", 0)),
+                            auto_commit=not self.cluster_mode)
             for r, ss in j["slots"].items():
                 led.slots[int(r)] = [
                     Slot(index=i, size=size, state=SlotState(st), version=v, generation=g)
@@ -128,7 +132,7 @@ class ShardStore:
                         except (OSError, ValueError) as exc:
                             lost.append((r, name, str(exc)))
                             continue
-                        self._held[name] = _Held(seg, m)
+                        self._held[name] = Held(seg, m)
                         self._by_slot[(job, r, s.index)] = name
                     else:
                         s.size = 0  # uncommitted segments are unlinked below
@@ -143,7 +147,17 @@ class ShardStore:
                         s.state, s.version, s.size = SlotState.FREE, 0, 0
                 led.committed_version = 0
             self._jobs[job] = led
-        keep = set(self._held)
+        for name, size in doc.get("aux", {}).items():
+            try:
+                seg = shm.open_segment(name, writable=True)
+                if seg.size != size:
+                    seg.close()
+                    raise ValueError("size differs from the index")
+            except (OSError, ValueError) as exc:
+                log.warning("aux segment %s not re-adopted: %s", name, exc)
+                continue
+            self._aux[name], self._aux_sizes[name] = seg, size
+        keep = set(self._held) | set(self._aux)
         for name in shm.list_segments(self.prefix):
             if name not in keep:
                 shm.unlink(name)
@@ -179,7 +193,8 @@ class ShardStore:
     # -- accounting ---------------------------------------------------------------
     def bytes_reserved(self) -> int:
         with self._lock:
-            return sum(led.bytes_allocated() for led in self._jobs.values())
+            return sum(led.bytes_allocated() for led in self._jobs.values()) + \
+                sum(self._aux_sizes.values())
 
     def bytes_committed(self) -> int:
         with self._lock:
@@ -237,19 +252,27 @@ class ShardStore:
             pass
 
     # -- jobs -----------------------------------------------------------------------
-    def register_job(self, job_id: str, world_size: int) -> int:
+    def register_job(self, job_id: str, world_size: int, local_world_size: int = 0) -> int:
+        """``local_world_size``: ranks of the job on this node (0 = all; one node)."""
         mf.validate_job_id(job_id)
         if not 1 <= world_size <= 1 << 20:
             raise self._refuse(InvalidRequestError(f"world_size must be in [1, 2^20], got {world_size}"))
+        if not 0 <= local_world_size <= world_size:
+            raise self._refuse(InvalidRequestError(
+                f"local_world_size must be in [0, world_size={world_size}], got {local_world_size}"))
         with self._lock:
             led = self._jobs.get(job_id)
             if led is not None:
-                if led.world_size != world_size:
+                if led.world_size != world_size or (
+                        local_world_size and led.local_world_size != local_world_size):
                     raise self._refuse(ConflictError(
-                        f"job {job_id!r} is registered with world_size {led.world_size}, "
-                        f"not {world_size} (drop it first to change its size)"))
+                        f"job {job_id!r} is registered with world_size {led.world_size} "
+                        f"(local {led.local_world_size}), not {world_size} (local "
+                        f"{local_world_size or world_size}); drop it first to change its size"))
                 return led.committed_version
-            self._jobs[job_id] = JobLedger(job_id, world_size, self.max_slots_per_rank)
+            self._jobs[job_id] = JobLedger(job_id, world_size, self.max_slots_per_rank,
+                                           local_world_size=local_world_size,
+                                           auto_commit=not self.cluster_mode)
             self._persist()
             return 0
 
@@ -302,7 +325,7 @@ class ShardStore:
                     shm.unlink(name)
                     raise self._refuse(MemoryBudgetExceededError(
                         f"cannot allocate {plan.new_size} bytes in {shm.SHM_DIR}: {exc}"))
-                self._held[name] = _Held(seg, None)
+                self._held[name] = Held(seg, None)
                 self._by_slot[(job_id, rank, slot.index)] = name
             if plan.dropped_version is not None:
                 log.warning("job %s rank %d: dropped uncommitted version %d to make room",
@@ -363,16 +386,23 @@ class ShardStore:
                     pass
                 self._persist()
                 raise self._refuse(exc)
-            for r, idx in d.freed:
-                n = self._by_slot.get((m.job_id, r, idx))
-                if n is not None:
-                    self._held[n].manifest = None
-                    try:
-                        os.unlink(self._manifest_path(n))
-                    except FileNotFoundError:
-                        pass
+            self._forget_freed(m.job_id, d.freed)
             self._persist()
-            return d.committed, led.committed_version
+            hook = self.commit_hook if (d.local_complete and not d.committed) else None
+            result = d.committed, led.committed_version
+        if hook is not None:
+            hook(m.job_id, m.version)
+        return result
+
+    def _forget_freed(self, job_id: str, freed) -> None:
+        for r, idx in freed:
+            n = self._by_slot.get((job_id, r, idx))
+            if n is not None:
+                self._held[n].manifest = None
+                try:
+                    os.unlink(self._manifest_path(n))
+                except FileNotFoundError:
+                    pass
 
     def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
         """Receive a shard over the network: ``chunks`` yields the payload in order."""
@@ -490,6 +520,8 @@ class ShardStore:
                 if h.segment is not None:
                     h.segment.close()
             self._held.clear()
+            for seg in self._aux.values():
+                seg.close()
         self._hashers.shutdown(wait=False)
 
 

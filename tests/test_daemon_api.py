@@ -117,7 +117,7 @@ def state_of(d, cl, job):
 
 
 def committed_job(cl, job, ws=1, version=1, size=3 * BS + 123, seed=0):
-    assert cl.register_job(job, ws) == 0
+    assert cl.register_job(job, ws).latest_committed_version == 0
     datas = {}
     for r in range(ws):
         datas[r] = rnd(size, seed * 1000 + r)
@@ -173,8 +173,8 @@ def cl(dmn):
 # -- 1. happy paths ------------------------------------------------------------------------
 def test_two_rank_commit_open_fetch_push(dmn, cl):
     job = "happy2"
-    assert cl.register_job(job, 2) == 0
-    assert cl.register_job(job, 2) == 0  # idempotent
+    assert cl.register_job(job, 2).latest_committed_version == 0
+    assert cl.register_job(job, 2).latest_committed_version == 0  # idempotent
     d0 = rnd(5 * BS + 17, 1)
     d1 = rnd(4 * MiB + 3 * BS + 5, 2)  # more than one FetchShard chunk, odd size
     tensors0 = [
@@ -218,7 +218,7 @@ def test_two_rank_commit_open_fetch_push(dmn, cl):
     assert (r.version, r.committed, r.latest_committed_version) == (2, True, 2)
     assert_intact(cl, job, {0: p0, 1: p1}, 2)
     refused(errors.UnknownJobError, C.NOT_FOUND, cl.open_shard, job, 0, 1, match="not held")
-    assert cl.register_job(job, 2) == 2
+    assert cl.register_job(job, 2).latest_committed_version == 2
 
     lv = cl.list_versions(job)
     assert lv.latest_committed_version == 2
@@ -292,7 +292,7 @@ def test_drop_job_frees_segments(dmn, cl):
     refused(errors.UnknownJobError, C.NOT_FOUND, cl.drop_job, job)
     refused(errors.UnknownJobError, C.NOT_FOUND, cl.open_shard, job, 0)
     # the id is free again, with a new world size
-    assert cl.register_job(job, 1) == 0
+    assert cl.register_job(job, 1).latest_committed_version == 0
     assert write_shard(cl, job, 0, 1, b"x" * 10).committed
 
 
@@ -703,7 +703,7 @@ def test_restart_after_sigkill(daemon_factory):
         assert [(v.version, v.committed, list(v.delivered_ranks)) for v in lv.versions] == [(1, True, [0, 1])]
         assert_intact(cl, job, datas, 1)
         assert_intact(cl, solo, solo_data, 2)
-        assert cl.register_job(job, 2) == 1
+        assert cl.register_job(job, 2).latest_committed_version == 1
         refused(errors.ConflictError, C.FAILED_PRECONDITION, cl.register_job, job, 3)
         st = cl.stats()
         assert st.bytes_committed == sum(map(len, datas.values())) + len(solo_data[0])

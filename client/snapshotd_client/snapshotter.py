@@ -42,7 +42,8 @@ log = logging.getLogger("snapshotd_client")
 class SnapshotterConfig:
     job_id: str = field(default_factory=lambda: os.environ.get(cfgmod.ENV_JOB_ID, "default"))
     rank: int | None = None  # default: torch.distributed rank, else $RANK, else 0
-    world_size: int | None = None  # ranks delivering to this daemon
+    world_size: int | None = None  # ranks of the job
+    local_world_size: int | None = None  # ranks on this node (default $LOCAL_WORLD_SIZE, else all)
     socket_path: str | None = None  # default: $SNAPSHOTD_SOCKET or the daemon's default
     address: str | None = None  # "host:port" instead of a socket (needs a token)
     token: str | None = field(default_factory=lambda: os.environ.get(cfgmod.ENV_TOKEN))
@@ -119,9 +120,15 @@ class Snapshotter:
                       f"{exc}", RuntimeWarning, stacklevel=3)
 
     def _ensure_registered(self) -> int:
-        latest = self.client.register_job(self.cfg.job_id, self.world_size)
+        lws = self.cfg.local_world_size
+        if lws is None:
+            lws = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) if self.world_size > 1 else 0
+        resp = self.client.register_job(self.cfg.job_id, self.world_size, lws)
+        if resp.block_size_bytes and resp.block_size_bytes != self.cfg.block_size_bytes:
+            self.cfg.block_size_bytes = resp.block_size_bytes  # the cluster's block size
+            self._layout_key = None
         self._registered = True
-        return latest
+        return resp.latest_committed_version
 
     # -- state collection ------------------------------------------------------------
     def _collect(self, step: int) -> dict:
