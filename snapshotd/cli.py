@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="staging/committed segments kept per rank (default 3)")
     s.add_argument("--no-verify-on-adopt", action="store_true",
                    help="trust client checksums on adopt (they are still verified on fetch)")
+    s.add_argument("--spec", default=_env("SNAPSHOTD_SPEC"),
+                   help="cluster spec (YAML): take part in erasure-coded snapshots with the "
+                        "nodes it names [env SNAPSHOTD_SPEC; default: a single node]")
     s.add_argument("--ready-file", default=None,
                    help="write {pid, socket, tcp_port} as JSON here once serving")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
@@ -47,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="print a daemon's holdings as JSON")
     st.add_argument("--socket", default=None, help=f"daemon socket [env {c.ENV_SOCKET}]")
     st.add_argument("--token", default=_env(c.ENV_TOKEN), help=f"[env {c.ENV_TOKEN}]")
+
+    cl = sub.add_parser("cluster", help="a local cluster of daemons on this machine")
+    clsub = cl.add_subparsers(dest="action", required=True)
+    cu = clsub.add_parser("up", help="start N daemons with a generated spec")
+    cu.add_argument("--nodes", type=int, default=4, help="number of nodes = group size (default 4)")
+    cu.add_argument("--parity", type=int, default=2, help="parity blocks per stripe, m (default 2)")
+    cu.add_argument("--block-size", default="1MiB", help="erasure block size (default 1MiB)")
+    cu.add_argument("--memory-budget-bytes", default="4GiB", help="per daemon (default 4GiB)")
+    cu.add_argument("--dir", default=None, help="cluster directory (default /tmp/snapshotd-UID/cluster)")
+    cd = clsub.add_parser("down", help="stop the daemons and free their shared memory")
+    cd.add_argument("--dir", default=None, help="cluster directory")
+
+    stt = sub.add_parser("status", help="every node of a local cluster: liveness, versions, bytes")
+    stt.add_argument("--dir", default=None, help="cluster directory")
+    stt.add_argument("--json", action="store_true", help="machine-readable output")
 
     d = sub.add_parser("demo", help="local daemon + real training run, killed and resumed")
     d.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
@@ -71,10 +89,13 @@ def _serve(a) -> int:
                        socket_path=a.socket or os.environ.get(c.ENV_SOCKET) or os.path.join(state_dir, "snapshotd.sock"),
                        memory_budget_bytes=budget, tcp=a.tcp, token=token,
                        max_slots_per_rank=a.max_slots_per_rank,
-                       verify_on_adopt=not a.no_verify_on_adopt, ready_file=a.ready_file)
+                       verify_on_adopt=not a.no_verify_on_adopt, ready_file=a.ready_file,
+                       spec_path=a.spec)
+    from snapshotd.errors import SnapshotdError
+
     try:
         Daemon(cfg).serve_forever()
-    except ValueError as exc:
+    except (ValueError, SnapshotdError) as exc:
         print(f"snapshotd: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -101,6 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(a)
     if a.command == "stats":
         return _stats(a)
+    if a.command in ("cluster", "status"):
+        from snapshotd import localcluster as lc
+
+        d = a.dir or lc.DEFAULT_DIR
+        if a.command == "status":
+            rows = lc.collect_status(d)
+            print(json.dumps(rows, indent=2) if a.json else lc.format_status(rows))
+            return 0 if all(r.get("alive") for r in rows) else 1
+        if a.action == "up":
+            info = lc.up(d, a.nodes, a.parity, a.block_size, a.memory_budget_bytes)
+            print(f"cluster of {a.nodes} nodes (m={a.parity}) up in {d}")
+            for n, v in info["nodes"].items():
+                print(f"  {n}: pid {v['pid']}, socket {v['socket']}")
+            return 0
+        return lc.down(d)
     if a.command == "demo":
         from snapshotd.demo.single_node import run_demo
 

@@ -48,6 +48,13 @@ class ConflictError(SnapshotdError):
     grpc_code_name = "FAILED_PRECONDITION"
 
 
+class SnapshotInFlightError(ConflictError):
+    """Every slot of the rank is busy with versions not yet committed: this snapshot
+    is skipped (the older ones must commit first, or nothing ever would)."""
+
+    grpc_code_name = "ABORTED"
+
+
 class MemoryBudgetExceededError(SnapshotdError):
     """Accepting the request would exceed the daemon's memory budget."""
 

@@ -16,8 +16,11 @@ Order of calls for one version v of one rank:
 A COMMITTED slot is never handed out for staging, so a crash in the middle of a copy
 can never damage the last committed version. When v commits, the previous committed
 slots and every PENDING slot of an older version become FREE (those versions can never
-commit any more). If a rank needs a slot and all of them are busy, its oldest PENDING
-version is dropped (it is "torn": that version will never commit).
+commit any more). If a rank needs a slot and all of them are busy (versions still
+waiting for other ranks or nodes), the new snapshot is refused (SnapshotInFlightError)
+rather than dropping an older one: dropping would let a fast rank starve every commit.
+The client waits a while and then asks with ``force``, which gives up the oldest
+uncommitted version (it was torn: some rank or node never delivered it).
 
 No I/O, no clocks, no threads: the store holds a lock around calls and carries out
 the plans (creating, resizing and unlinking segments, persisting the index).
@@ -28,7 +31,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from snapshotd.errors import ConflictError, InvalidRequestError, UnknownRankError
+from snapshotd.errors import (
+    ConflictError,
+    InvalidRequestError,
+    SnapshotInFlightError,
+    UnknownRankError,
+)
 
 
 class SlotState(str, enum.Enum):
@@ -53,7 +61,6 @@ class StagingPlan:
     slot: int
     new_size: int | None  # None: reuse the segment as it is; else (re)create this size
     old_size: int
-    dropped_version: int | None  # a PENDING version of this rank given up for space
     generation: int
 
 
@@ -140,7 +147,9 @@ class JobLedger:
         return sum(s.size for ss in self.slots.values() for s in ss)
 
     # -- transitions ---------------------------------------------------------
-    def acquire(self, rank: int, version: int, nbytes: int) -> StagingPlan:
+    def acquire(self, rank: int, version: int, nbytes: int, force: bool = False) -> StagingPlan:
+        """``force``: when every slot is busy, give up this rank's oldest uncommitted
+        version (it can then never commit) instead of refusing."""
         slots = self._rank_slots(rank)
         if version < 1:
             raise InvalidRequestError(f"version must be >= 1, got {version}")
@@ -157,25 +166,25 @@ class JobLedger:
             )
         # A rank has one trainer: an earlier STAGING slot was abandoned (crash mid-copy).
         reusable = [s for s in slots if s.state in (SlotState.FREE, SlotState.STAGING)]
-        dropped = None
         if not reusable and len(slots) < self.max_slots_per_rank:
             slots.append(Slot(index=len(slots)))
             reusable = [slots[-1]]
         if not reusable:
-            pending = sorted(
-                (s for s in slots if s.state is SlotState.PENDING), key=lambda s: s.version
-            )
-            if not pending:  # cannot happen with >= 2 slots and one committed slot
-                raise ConflictError(f"job {self.job_id!r} rank {rank}: no slot available")
-            reusable = [pending[0]]
-            dropped = pending[0].version
+            pending = sorted(s.version for s in slots if s.state is SlotState.PENDING)
+            if force and pending:
+                oldest = self.slot_of(rank, pending[0], SlotState.PENDING)
+                oldest.state, oldest.version = SlotState.FREE, 0
+                reusable = [oldest]
+        if not reusable:
+            raise SnapshotInFlightError(
+                f"job {self.job_id!r} rank {rank}: versions {pending} are not committed yet and "
+                f"all {self.max_slots_per_rank} slots are busy; skipping version {version}")
         # Prefer a slot that already fits (warm pages), then the largest one.
         fitting = [s for s in reusable if s.size >= nbytes and s.size > 0]
         slot = min(fitting, key=lambda s: s.size) if fitting else max(reusable, key=lambda s: s.size)
         new_size = None if (slot.size >= nbytes and slot.size > 0) else max(nbytes, 1)
         return StagingPlan(
             rank=rank, slot=slot.index, new_size=new_size, old_size=slot.size,
-            dropped_version=dropped,
             generation=slot.generation + (1 if new_size is not None else 0),
         )
 

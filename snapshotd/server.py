@@ -32,6 +32,7 @@ class DaemonConfig:
     verify_on_adopt: bool = True
     workers: int = 16
     ready_file: str | None = None
+    spec_path: str | None = None  # cluster spec: this node takes part in a cluster
 
 
 class Daemon:
@@ -42,8 +43,22 @@ class Daemon:
             raise ValueError(f"socket path too long for AF_UNIX: {cfg.socket_path}")
         self.cfg = cfg
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+        self.cluster = None
+        spec = None
+        if cfg.spec_path:
+            from snapshotd.spec import load_spec
+
+            spec = load_spec(cfg.spec_path)
+            spec.node(cfg.node_id)  # a clear error if this node is not in the spec
         self.store = ShardStore(cfg.node_id, cfg.state_dir, cfg.memory_budget_bytes,
-                                cfg.max_slots_per_rank, cfg.verify_on_adopt)
+                                cfg.max_slots_per_rank, cfg.verify_on_adopt,
+                                cluster_mode=spec is not None)
+        if spec is not None:
+            from snapshotd.cluster import ClusterNode
+
+            self.cluster = ClusterNode(spec, cfg.node_id, self.store)
+            self.store.commit_hook = self.cluster.on_local_complete
+            self.cluster.load_records()
         interceptors = []
         if cfg.token:
             interceptors.append(TokenInterceptor(cfg.token, self._count_refused))
@@ -51,7 +66,7 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self.server = grpc.server(futures.ThreadPoolExecutor(cfg.workers),
                                   interceptors=interceptors, options=opts)
-        pb_grpc.add_SnapshotdServicer_to_server(SnapshotdServicer(self.store), self.server)
+        pb_grpc.add_SnapshotdServicer_to_server(SnapshotdServicer(self.store, self.cluster), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tcp_port: int | None = None
@@ -73,6 +88,8 @@ class Daemon:
             self.server.start()
         finally:
             os.umask(old)
+        if self.cluster is not None:
+            self.cluster.start()
         os.chmod(sock, 0o600)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("snapshotd.v1.Snapshotd", health_pb2.HealthCheckResponse.SERVING)
@@ -80,15 +97,22 @@ class Daemon:
                  self.cfg.node_id, sock,
                  f" and tcp port {self.tcp_port}" if self.tcp_port else "",
                  self.cfg.memory_budget_bytes, self.cfg.state_dir)
+        if self.cluster is not None:
+            log.info("cluster node %s: group %d %s, k=%d m=%d, peer port %d", self.cfg.node_id,
+                     self.cluster.group_index, list(self.cluster.group), self.cluster.k,
+                     self.cluster.m, self.cluster.server.port)
         if self.cfg.ready_file:
             tmp = self.cfg.ready_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"pid": os.getpid(), "socket": sock, "tcp_port": self.tcp_port,
-                           "node_id": self.cfg.node_id}, f)
+                           "node_id": self.cfg.node_id,
+                           "peer_port": self.cluster.server.port if self.cluster else None}, f)
             os.replace(tmp, self.cfg.ready_file)
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.server.stop(grace_s).wait()
         self.store.close()
         try:

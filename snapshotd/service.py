@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import json
 import logging
 
 import grpc
@@ -79,7 +80,7 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     @_rpc
     def AcquireStaging(self, request, context):
         name, size = self.store.acquire_staging(
-            request.job_id, request.rank, request.version, request.payload_bytes)
+            request.job_id, request.rank, request.version, request.payload_bytes, request.force)
         return pb.AcquireStagingResponse(segment_name=name, segment_bytes=size)
 
     @_rpc
@@ -146,7 +147,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             node_id=s["node_id"], memory_budget_bytes=s["memory_budget_bytes"],
             bytes_reserved=s["bytes_reserved"], bytes_committed=s["bytes_committed"],
             jobs=[pb.JobStats(**j) for j in s["jobs"]],
-            requests_refused=s["requests_refused"], pid=os.getpid())
+            requests_refused=s["requests_refused"], pid=os.getpid(),
+            cluster_json=json.dumps(self.cluster.status()) if self.cluster is not None else "")
 
     @_rpc
     def DropJob(self, request, context):

@@ -294,11 +294,12 @@ class ShardStore(ClusterStoreMixin):
             return freed
 
     # -- writing a shard --------------------------------------------------------------
-    def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int) -> tuple[str, int]:
+    def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int,
+                        force: bool = False) -> tuple[str, int]:
         with self._lock:
             led = self._job(job_id)
             try:
-                plan = led.acquire(rank, version, nbytes)
+                plan = led.acquire(rank, version, nbytes, force)
             except Exception as exc:
                 raise self._refuse(exc)
             slot = led.slots[rank][plan.slot]
@@ -327,9 +328,6 @@ class ShardStore(ClusterStoreMixin):
                         f"cannot allocate {plan.new_size} bytes in {shm.SHM_DIR}: {exc}"))
                 self._held[name] = Held(seg, None)
                 self._by_slot[(job_id, rank, slot.index)] = name
-            if plan.dropped_version is not None:
-                log.warning("job %s rank %d: dropped uncommitted version %d to make room",
-                            job_id, rank, plan.dropped_version)
             slot = led.apply_staging(plan, version)
             name = self._by_slot[(job_id, rank, slot.index)]
             self._held[name].manifest = None

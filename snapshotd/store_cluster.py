@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from snapshotd import manifest as mf
 from snapshotd import shm
-from snapshotd.errors import MemoryBudgetExceededError, VersionNotFoundError
+from snapshotd.errors import ChecksumMismatchError, MemoryBudgetExceededError, VersionNotFoundError
 from snapshotd.ledger import SlotState
 
 
@@ -53,8 +54,9 @@ class ClusterStoreMixin:
                 out.append((r, held.manifest, held.segment))
             return out
 
-    def block_reader(self, job_id: str, version: int, block_size: int):
-        """A function j -> the node's data block j (``block_size`` bytes)."""
+    def block_reader(self, job_id: str, version: int, block_size: int, verify: bool = False):
+        """A function j -> the node's data block j (``block_size`` bytes). With
+        ``verify``, the block is checked against its manifest checksum first."""
         shards = self.local_shards(job_id, version)
         if not shards:
             raise VersionNotFoundError(f"job {job_id!r}: version {version} is not held here")
@@ -72,6 +74,15 @@ class ClusterStoreMixin:
                     off = (j - f) * block_size
                     n = min(block_size, m.payload_bytes - off)
                     mv = memoryview(seg.buf)[off:off + n]
+                    if verify:
+                        if m.block_size_bytes != block_size:
+                            raise ChecksumMismatchError(
+                                f"rank {m.rank}: manifest blocks of {m.block_size_bytes} bytes, "
+                                f"cluster blocks of {block_size}")
+                        if xxhash.xxh3_64_intdigest(mv) != m.block_checksums[j - f]:
+                            raise ChecksumMismatchError(
+                                f"job {job_id!r} v{version} rank {m.rank}: data block {j - f} "
+                                "is corrupt (checksum mismatch)")
                     if n == block_size:
                         return mv
                     out = scratch.copy()

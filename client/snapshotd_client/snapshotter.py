@@ -30,7 +30,12 @@ import torch
 from snapshotd import config as cfgmod
 from snapshotd import manifest as mf
 from snapshotd._proto import snapshotd_pb2 as pb
-from snapshotd.errors import DaemonUnavailableError, SnapshotdError, UnknownJobError
+from snapshotd.errors import (
+    DaemonUnavailableError,
+    SnapshotdError,
+    SnapshotInFlightError,
+    UnknownJobError,
+)
 from snapshotd_client import state as st
 from snapshotd_client import tensors as tz
 from snapshotd_client.transport import DaemonClient, SegmentCache
@@ -51,6 +56,9 @@ class SnapshotterConfig:
     block_size_bytes: int = mf.DEFAULT_BLOCK_SIZE_BYTES
     checksum_on_client: bool = False  # end-to-end checksums computed by the trainer
     timeout_s: float = 30.0
+    # Older snapshots still waiting for other ranks/nodes: wait this long for them to
+    # commit (back-pressure), then give up the oldest (it was torn) and go on.
+    inflight_wait_s: float = 10.0
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Snapshotter:
         self._pinned: set[str] = set()
         self.last_stats: SaveStats | None = None  # of the last completed hand-off
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
+        self.skipped = 0  # snapshots skipped because older ones had not committed yet
         self.restored_approximate = False
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             optimizer.register_step_pre_hook(lambda *a, **k: self._wait_device_copy())
@@ -175,16 +184,20 @@ class Snapshotter:
             meta, named = st.flatten_state(state)
             slots, total, tmpl = self._plan(named)
             try:
-                resp = self.client.acquire_staging(self.cfg.job_id, self.rank, step, total)
+                resp = self._acquire(step, total)
             except UnknownJobError:  # the daemon lost its index: register again
                 self._ensure_registered()
-                resp = self.client.acquire_staging(self.cfg.job_id, self.rank, step, total)
+                resp = self._acquire(step, total)
             seg = self.segments.get(resp.segment_name, writable=True)
             tensors = [t for _, t in named]
             self._copy(seg, slots, tensors)
         except DaemonUnavailableError as exc:
             self._registered = False
             self._unavailable(f"snapshot of step {step}", exc)
+            return None
+        except SnapshotInFlightError as exc:  # only if even a forced acquire failed
+            self.skipped += 1
+            log.warning("snapshotd: step %d skipped: %s", step, exc)
             return None
         blocking = time.perf_counter() - t0
         self.last_blocking_s = blocking
@@ -195,6 +208,20 @@ class Snapshotter:
         stats = SaveStats(version=step, bytes=total, blocking_s=blocking, backpressure_s=t_bp)
         self._pending = self._pool.submit(self._handoff, resp.segment_name, seg, m, stats)
         return self._pending
+
+    def _acquire(self, step: int, total: int):
+        deadline = time.monotonic() + self.cfg.inflight_wait_s
+        delay = 0.001
+        while True:
+            try:
+                return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total)
+            except SnapshotInFlightError as exc:
+                if time.monotonic() >= deadline:
+                    log.warning("snapshotd: %s; giving up the oldest uncommitted version", exc)
+                    return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total,
+                                                       force=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _copy(self, seg, slots, tensors) -> None:
         cuda_idx = [i for i, t in enumerate(tensors) if t.device.type == "cuda"]

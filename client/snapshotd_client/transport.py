@@ -23,6 +23,7 @@ _BY_CODE = {
     grpc.StatusCode.DATA_LOSS: errors.ChecksumMismatchError,
     grpc.StatusCode.NOT_FOUND: errors.UnknownJobError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.ConflictError,
+    grpc.StatusCode.ABORTED: errors.SnapshotInFlightError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.MemoryBudgetExceededError,
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
     grpc.StatusCode.UNAVAILABLE: errors.DaemonUnavailableError,
@@ -70,9 +71,10 @@ class DaemonClient:
         return self._call("RegisterJob", pb.RegisterJobRequest(
             job_id=job_id, world_size=world_size, local_world_size=local_world_size))
 
-    def acquire_staging(self, job_id: str, rank: int, version: int, payload_bytes: int):
+    def acquire_staging(self, job_id: str, rank: int, version: int, payload_bytes: int,
+                        force: bool = False):
         return self._call("AcquireStaging", pb.AcquireStagingRequest(
-            job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes))
+            job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes, force=force))
 
     def adopt(self, segment_name: str, manifest: pb.ShardManifest) -> pb.AdoptShardResponse:
         return self._call("AdoptShard", pb.AdoptShardRequest(

@@ -86,17 +86,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write final digest and losses as JSON here")
     p.add_argument("--no-snapshot", action="store_true", help="train without snapshotd")
     p.add_argument("--step-delay-s", type=float, default=0.0, help="sleep per step (tests)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--local-world-size", type=int, default=0, help="ranks on this node (0 = all)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    model, opt, sched, data = build(a.seed)
+    model, opt, sched, data = build(a.seed + a.rank)
     snap = None
     start = 0
     if not a.no_snapshot:
         from snapshotd_client import Snapshotter
 
         snap = Snapshotter(model, opt, lr_scheduler=sched, extra_state={"data": data},
-                           job_id=a.job, socket_path=a.socket, rank=0, world_size=1)
+                           job_id=a.job, socket_path=a.socket, rank=a.rank,
+                           world_size=a.world_size, local_world_size=a.local_world_size)
         start = snap.restore()
         print(json.dumps({"event": "restored", "step": start}), flush=True)
     loss_fn = nn.CrossEntropyLoss()

@@ -1,0 +1,622 @@
+"""A daemon's part in a cluster: parity exchange, commit votes, rebuild (I/O side).
+
+Carries out the plans of the pure core -- :mod:`snapshotd.protocol` (announce,
+contribute, vote, commit), :mod:`snapshotd.placement` (stripes and holders) and
+:mod:`snapshotd.recovery` (what to fetch to rebuild a lost node) -- over the ZeroMQ
+peer plane (:mod:`snapshotd.peer`).
+
+Threads: the peer server thread runs ``_handle`` (fast, never calls out); one worker
+thread carries out protocol actions that talk to peers; one heartbeat thread pings
+peers, gossips committed versions and marks peers down after the timeout. All
+protocol state is guarded by ``self._lock``.
+
+Peer operations (header "op"):
+  announce   {job, v, node, block_count, ranks, manifests(b64)}   -> ack
+  contrib    {job, v, s, t, p, counts} + one block                -> ack (idempotent)
+  vote       {job, v, ranks}                                      -> ack
+  ping       {committed: {job: v}}                                 -> {committed: {...}}
+  round      {job, v}          -> {counts, announces} of a retained version (rebuild)
+  fetch      {job, v, kind: data|parity, node_index, j|s,t}       -> the block
+  jobs       {}                -> {job: {committed, world_size}}
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import xxhash
+
+from snapshotd import placement as pl
+from snapshotd import protocol as proto
+from snapshotd._proto import snapshotd_pb2 as pb
+from snapshotd.erasure import ErasureCode
+from snapshotd.errors import ChecksumMismatchError, InsufficientShardsError
+from snapshotd.peer import PeerClient, PeerServer, PeerUnavailableError, RemoteError
+from snapshotd.recovery import Unrecoverable, plan_recovery
+from snapshotd.spec import ClusterSpec
+
+log = logging.getLogger("snapshotd.cluster")
+
+
+@dataclass
+class ParityBuffer:
+    """The parity blocks node ``me`` holds for one version: one segment, one slot per block."""
+
+    name: str
+    segment: object
+    index: dict  # (s, t) -> slot
+    block_size: int
+    checksums: dict = field(default_factory=dict)  # slot -> xxh3, once complete
+
+    def view(self, s: int, t: int) -> np.ndarray:
+        i = self.index[(s, t)]
+        return np.frombuffer(self.segment.buf, np.uint8, self.block_size, i * self.block_size)
+
+
+class ClusterNode:
+    def __init__(self, spec: ClusterSpec, node_id: str, store, bind_host: str | None = None):
+        self.spec, self.me, self.store = spec, node_id, store
+        gi, li = spec.group_of(node_id)
+        self.group_index, self.my_index = gi, li
+        self.group = tuple(spec.groups[gi])
+        self.n, self.m = len(self.group), spec.parity
+        self.k = self.n - self.m
+        self.bs = spec.block_size_bytes
+        self.code = ErasureCode(self.k, self.m) if self.m else None
+        self.key = spec.peer_key.encode() if spec.peer_key else None
+        me = spec.node(node_id)
+        host = bind_host or me.host
+        self.server = PeerServer(f"tcp://{host}:{me.peer_port}", node_id, self.key,
+                                 allowed_peers={nd.id for nd in spec.nodes}, handler=self._handle,
+                                 max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20))
+        self._clients: dict[str, PeerClient] = {}
+        self._lock = threading.RLock()
+        self.jobs: dict[str, proto.JobProtocol] = {}
+        self.parity: dict[tuple[str, int], ParityBuffer] = {}
+        self.peer_last_seen: dict[str, float] = {}
+        self.peer_committed: dict[str, dict[str, int]] = {}
+        self.degraded: dict[str, str] = {}  # job -> why
+        self._actions: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._rebuild_lock = threading.Lock()
+        self.rebuild_stats: dict = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self.server.start()
+        for target, name in ((self._worker, "snapshotd-cluster"), (self._heartbeat, "snapshotd-heartbeat"),
+                             (self.catch_up, "snapshotd-catch-up")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._actions.put(None)
+        for t in self._threads:
+            t.join(5)
+        self.server.stop()
+        for c in self._clients.values():
+            c.close()
+
+    def status(self) -> dict:
+        alive = self.alive_peers()
+        with self._lock:
+            parity = {}
+            for (job, v), buf in self.parity.items():
+                parity[job] = parity.get(job, 0) + buf.segment.size
+            jobs = {j: {"committed": jp.committed_version,
+                        "pending": sorted(x for x in jp.rounds if x > jp.committed_version)}
+                    for j, jp in self.jobs.items()}
+        return {"node": self.me, "group": self.group_index, "group_members": list(self.group),
+                "k": self.k, "m": self.m, "block_size_bytes": self.bs,
+                "peers": {nd.id: {"alive": nd.id in alive,
+                                  "committed": self.peer_committed.get(nd.id, {})}
+                          for nd in self.spec.nodes if nd.id != self.me},
+                "jobs": jobs, "parity_bytes": parity, "degraded": dict(self.degraded),
+                "last_rebuild": self.rebuild_stats}
+
+    def catch_up(self) -> None:
+        """At start: rebuild every job whose committed version we do not hold (a node
+        that comes back empty, or missed a commit while down). Retries until done."""
+        time.sleep(2 * self.spec.heartbeat_interval_ms / 1000)
+        while not self._stop.is_set():
+            pending = False
+            for node in self.group:
+                if node == self.me:
+                    continue
+                try:
+                    rep = self.peer(node).call({"op": "jobs"})
+                except (PeerUnavailableError, RemoteError):
+                    continue
+                for job_id, j in rep[0].get("jobs", {}).items():
+                    v = int(j["committed"])
+                    if v > self.store.committed_version(job_id):
+                        try:
+                            self.ensure_restorable(job_id, v)
+                        except Exception as exc:
+                            pending = True
+                            self.degraded[job_id] = str(exc)
+                            log.warning("job %s: catching up to v%d failed: %s", job_id, v, exc)
+            if not pending:
+                return
+            self._stop.wait(2.0)
+
+    def peer(self, node: str, control: bool = False) -> PeerClient:
+        """The client for ``node``. Calls on one client run one at a time, so
+        heartbeats use their own (``control``) and never queue behind bulk transfers."""
+        key = (node, control)
+        c = self._clients.get(key)
+        if c is None:
+            nd = self.spec.node(node)
+            c = self._clients[key] = PeerClient(
+                f"tcp://{nd.host}:{nd.peer_port}", self.me, node, self.key,
+                timeout_ms=self.spec.heartbeat_timeout_ms)
+        return c
+
+    def alive_peers(self) -> set[str]:
+        now = time.monotonic()
+        limit = self.spec.heartbeat_timeout_ms / 1000
+        return {n for n, t in self.peer_last_seen.items() if now - t <= limit}
+
+    def job(self, job_id: str) -> proto.JobProtocol:
+        jp = self.jobs.get(job_id)
+        if jp is None:
+            jp = self.jobs[job_id] = proto.JobProtocol(
+                job_id, self.me, self.group, tuple(nd.id for nd in self.spec.nodes), self.m,
+                committed_version=self.store.committed_version(job_id))
+        return jp
+
+    # -- hooks from the store -------------------------------------------------------------
+    def on_local_complete(self, job_id: str, v: int) -> None:
+        """Every local rank delivered v (called by the store, outside its lock)."""
+        shards = self.store.local_shards(job_id, v)
+        count = sum(pl_blocks(m.payload_bytes, self.bs) for _, m, _ in shards)
+        with self._lock:
+            acts = self.job(job_id).local_data_complete(
+                v, count, [r for r, _, _ in shards], [m.SerializeToString() for _, m, _ in shards])
+        self._enqueue(job_id, acts)
+
+    # -- actions ------------------------------------------------------------------------
+    def _enqueue(self, job_id: str, acts: list) -> None:
+        for a in acts:
+            if isinstance(a, proto.Commit):
+                self._commit(job_id, a.version)
+            else:
+                self._actions.put((job_id, a))
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            item = self._actions.get()
+            if item is None:
+                return
+            job_id, a = item
+            try:
+                if isinstance(a, proto.SendAnnounce):
+                    self._send_announce(job_id, a)
+                elif isinstance(a, proto.SendContributions):
+                    self._send_contributions(job_id, a)
+                elif isinstance(a, proto.SendVote):
+                    self._send_vote(job_id, a)
+            except Exception as exc:  # a dead peer stalls this version; newer ones go on
+                log.warning("job %s v%d: %s failed: %s", job_id, a.version, type(a).__name__, exc)
+
+    def _broadcast(self, nodes, header: dict, payload=None) -> None:
+        for node in nodes:
+            if node == self.me:
+                continue
+            try:
+                self.peer(node).call(header, payload)
+            except (PeerUnavailableError, RemoteError) as exc:
+                log.warning("%s to %s failed: %s", header["op"], node, exc)
+
+    def _send_announce(self, job_id: str, a: proto.SendAnnounce) -> None:
+        ann = a.announce
+        sizes, blob = pack_blobs(ann.manifests)
+        self._broadcast(self.group, {
+            "op": "announce", "job": job_id, "v": a.version, "node": ann.node,
+            "block_count": ann.block_count, "ranks": list(ann.ranks), "sizes": sizes}, blob)
+
+    def _send_contributions(self, job_id: str, a: proto.SendContributions) -> None:
+        blocks = self.store.block_reader(job_id, a.version, self.bs)
+        per_holder: dict[str, list] = {}
+        for j, s, p in a.layout.data_blocks(self.my_index):
+            data = blocks(j)
+            for t, holder in enumerate(pl.stripe_parity_nodes(self.n, self.m, s)):
+                hdr = {"op": "contrib", "job": job_id, "v": a.version, "s": s, "t": t, "p": p,
+                       "counts": list(a.block_counts)}
+                if holder == self.my_index:
+                    self._accumulate(hdr, data)
+                else:
+                    per_holder.setdefault(self.group[holder], []).append((hdr, data))
+        errs = []
+
+        def send(node, reqs):
+            try:
+                self.peer(node).call_many(reqs, window=8)
+            except Exception as exc:
+                errs.append((node, exc))
+
+        ts = [threading.Thread(target=send, args=(nd, r)) for nd, r in per_holder.items()]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errs:
+            raise RuntimeError(f"contributions not delivered: {errs}")
+        with self._lock:
+            acts = self.job(job_id).contributions_delivered(a.version)
+        self._enqueue(job_id, acts)
+
+    def _send_vote(self, job_id: str, a: proto.SendVote) -> None:
+        self._seal_parity(job_id, a.version)
+        self._broadcast([nd.id for nd in self.spec.nodes],
+                        {"op": "vote", "job": job_id, "v": a.version, "ranks": list(a.ranks)})
+
+    def _commit(self, job_id: str, v: int) -> None:
+        self.store.commit_version(job_id, v)
+        with self._lock:
+            for key in [k for k in self.parity if k[0] == job_id and k[1] < v]:
+                self._release_parity(key)
+            self._save_record(job_id, v)
+        self.degraded.pop(job_id, None)
+        log.info("job %s: version %d committed", job_id, v)
+
+    # -- parity -------------------------------------------------------------------------
+    def _parity_buffer(self, job_id: str, v: int, layout) -> ParityBuffer:
+        key = (job_id, v)
+        pb_ = self.parity.get(key)
+        if pb_ is None:
+            blocks = layout.parity_blocks(self.my_index)
+            name, seg = self.store.create_aux(f"{job_id}.parity.v{v}", max(1, len(blocks)) * self.bs)
+            pb_ = self.parity[key] = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs)
+            # Uncommitted rounds that can no longer commit must not pile up.
+            stale = sorted(k for k in self.parity if k[0] == job_id and k[1] < v)[:-2]
+            for k in stale:
+                if k[1] != self.job(job_id).committed_version:
+                    self._release_parity(k)
+        return pb_
+
+    def _seal_parity(self, job_id: str, v: int) -> None:
+        """Before voting: make sure the parity buffer exists (zeros when no real data
+        fell into our stripes) and record one checksum per parity block."""
+        if not self.m:
+            return
+        with self._lock:
+            r = self.job(job_id).rounds.get(v)
+            if r is None or r.layout is None:
+                return
+            buf = self._parity_buffer(job_id, v, r.layout)
+            buf.checksums = {i: xxhash.xxh3_64_intdigest(
+                memoryview(buf.segment.buf)[i * self.bs:(i + 1) * self.bs])
+                for i in range(len(buf.index))}
+
+    def _release_parity(self, key) -> None:
+        pb_ = self.parity.pop(key, None)
+        if pb_ is not None:
+            self.store.release_aux(pb_.name)
+
+    def _accumulate(self, hdr: dict, data) -> None:
+        job_id, v = hdr["job"], hdr["v"]
+        s, t, p = hdr["s"], hdr["t"], hdr["p"]
+        with self._lock:
+            jp = self.job(job_id)
+            if v <= jp.committed_version:
+                return
+            layout = jp.layout_from_contribution(v, tuple(hdr["counts"]))
+            r = jp.round(v)
+            if (s, t, p) not in r.expected:
+                return  # a retry of something already accumulated
+            buf = self._parity_buffer(job_id, v, layout)
+            coef = int(self.code.parity_matrix[t, p])
+            self.code.mul_accumulate(coef, np.frombuffer(data, np.uint8), buf.view(s, t))
+            acts = jp.contribution_received(v, s, t, p)
+        self._enqueue(job_id, acts)
+
+    # -- the peer server ----------------------------------------------------------------
+    def _handle(self, sender: str, h: dict, payload):
+        self.peer_last_seen[sender] = time.monotonic()
+        op = h.get("op")
+        if op == "ping":
+            self._gossip(sender, h.get("committed", {}))
+            return {"committed": self.committed_versions()}, None
+        if op == "contrib":
+            if payload is None or len(payload) != self.bs:
+                raise ValueError(f"contribution must carry exactly {self.bs} bytes")
+            self._accumulate(h, payload)
+            return {"ok": True}, None
+        if op == "announce":
+            ann = proto.Announce(h["node"], int(h["block_count"]), tuple(h["ranks"]),
+                                 tuple(unpack_blobs(h["sizes"], payload)))
+            with self._lock:
+                acts = self.job(h["job"]).announce_received(int(h["v"]), ann)
+                self._remember_announce(h["job"], int(h["v"]), ann)
+            self._enqueue(h["job"], acts)
+            return {"ok": True}, None
+        if op == "vote":
+            with self._lock:
+                acts = self.job(h["job"]).vote_received(int(h["v"]), sender, h["ranks"])
+            self._enqueue(h["job"], acts)
+            return {"ok": True}, None
+        if op == "jobs":
+            return {"jobs": self.store.jobs_summary()}, None
+        if op == "round":
+            info = self._round_info(h["job"], int(h["v"]))
+            return {"size": len(info)}, info
+        if op == "fetch":
+            return self._fetch(h)
+        raise ValueError(f"unknown op {op!r}")
+
+    def committed_versions(self) -> dict[str, int]:
+        with self._lock:
+            return {j: jp.committed_version for j, jp in self.jobs.items()}
+
+    def _gossip(self, sender: str, committed: dict) -> None:
+        self.peer_committed[sender] = dict(committed)
+        for job_id, v in committed.items():
+            with self._lock:
+                jp = self.jobs.get(job_id)
+                acts = jp.committed_elsewhere(int(v)) if jp else []
+            self._enqueue(job_id, acts)
+
+    def _heartbeat(self) -> None:
+        interval = self.spec.heartbeat_interval_ms / 1000
+        while not self._stop.wait(interval):
+            mine = self.committed_versions()
+            for nd in self.spec.nodes:
+                if nd.id == self.me:
+                    continue
+                try:
+                    rep, _ = self.peer(nd.id, control=True).call({"op": "ping", "committed": mine},
+                                                   timeout_ms=self.spec.heartbeat_timeout_ms)
+                except (PeerUnavailableError, RemoteError):
+                    continue
+                self.peer_last_seen[nd.id] = time.monotonic()
+                self._gossip(nd.id, rep.get("committed", {}))
+
+    # -- retained round information (for rebuilding a peer) --------------------------------
+    def _remember_announce(self, job_id: str, v: int, ann: proto.Announce) -> None:
+        pass  # kept in the protocol round; persisted with the commit (_save_record)
+
+    def _round_info(self, job_id: str, v: int) -> dict:
+        with self._lock:
+            jp = self.jobs.get(job_id)
+            r = jp.rounds.get(v) if jp else None
+            if r is None or r.layout is None:
+                raise KeyError(f"job {job_id!r} version {v} is not retained here")
+            return json.dumps(self._round_doc(job_id, r)).encode()
+
+    def _round_doc(self, job_id: str, r) -> dict:
+        summary = self.store.jobs_summary().get(job_id, {})
+        return {"counts": list(r.layout.block_counts), "world_size": summary.get("world_size", 0),
+                "announces": {n: {"block_count": a.block_count, "ranks": list(a.ranks),
+                                  "manifests": [base64.b64encode(x).decode() for x in a.manifests]}
+                              for n, a in r.announces.items()}}
+
+    def _record_path(self, job_id: str) -> str:
+        d = os.path.join(self.store.state_dir, "cluster")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        return os.path.join(d, f"{job_id}.json")
+
+    def _save_record(self, job_id: str, v: int) -> None:
+        """Persist what a restarted daemon needs to keep serving version v: the
+        layout, every group member's announce and our parity buffer's index."""
+        try:
+            info = json.loads(self._round_info(job_id, v))
+        except KeyError:
+            return
+        buf = self.parity.get((job_id, v))
+        info["v"] = v
+        if buf is not None:
+            info["parity"] = {"name": buf.name, "blocks": [list(b) for b in buf.index],
+                              "checksums": [buf.checksums.get(i) for i in range(len(buf.index))]}
+        path = self._record_path(job_id)
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(path + ".tmp", path)
+
+    def load_records(self) -> None:
+        """After a restart: restore the committed rounds (and parity) we had persisted."""
+        d = os.path.join(self.store.state_dir, "cluster")
+        if not os.path.isdir(d):
+            return
+        for fn in os.listdir(d):
+            if not fn.endswith(".json"):
+                continue
+            job_id = fn[:-5]
+            with open(os.path.join(d, fn)) as f:
+                info = json.load(f)
+            v = int(info["v"])
+            if self.store.committed_version(job_id) != v:
+                continue
+            self._install_round(job_id, v, info)
+            par = info.get("parity")
+            if par:
+                seg = self.store.aux(par["name"])
+                if seg is None:
+                    log.warning("job %s v%d: parity segment lost; it will be rebuilt", job_id, v)
+                    self.degraded[job_id] = "parity lost in a restart"
+                    continue
+                self.parity[(job_id, v)] = ParityBuffer(
+                    par["name"], seg, {tuple(b): i for i, b in enumerate(par["blocks"])}, self.bs,
+                    {i: c for i, c in enumerate(par["checksums"]) if c is not None})
+
+    def _install_round(self, job_id: str, v: int, info: dict) -> None:
+        with self._lock:
+            jp = self.job(job_id)
+            jp.committed_version = max(jp.committed_version, v)
+            r = jp.round(v)
+            r.layout = pl.place_group(self.n, self.m, tuple(info["counts"]))
+            for node, a in info["announces"].items():
+                r.announces[node] = proto.Announce(node, a["block_count"], tuple(a["ranks"]),
+                                                   tuple(base64.b64decode(x) for x in a["manifests"]))
+            r.local_data = r.parity_done = r.contributions_started = True
+            r.contributions_sent = r.voted = True
+
+    # -- restore and rebuild -------------------------------------------------------------
+    def latest_committed(self, job_id: str) -> int:
+        """The newest version any live node of the job reports committed."""
+        with self._lock:
+            mine = self.job(job_id).committed_version
+        alive = self.alive_peers()
+        others = [c.get(job_id, 0) for p, c in self.peer_committed.items() if p in alive]
+        return max([mine] + others)
+
+    def ensure_restorable(self, job_id: str, version: int = 0) -> None:
+        """Before a restore: make sure this node holds ``version`` (0 = latest committed),
+        promoting a locally complete version or rebuilding from peers."""
+        v = version or self.latest_committed(job_id)
+        if v == 0 or self.store.committed_version(job_id) >= v:
+            return
+        with self._lock:
+            acts = self.job(job_id).committed_elsewhere(v)
+        self._enqueue(job_id, acts)
+        if self.store.committed_version(job_id) < v:
+            self.rebuild(job_id, v)
+
+    def rebuild(self, job_id: str, v: int) -> dict:
+        """Rebuild this node's data and parity of version v from the group's survivors."""
+        with self._rebuild_lock:
+            if self.store.committed_version(job_id) >= v:
+                return {}
+            self.degraded[job_id] = f"rebuilding version {v}"
+            t0 = time.monotonic()
+            info, holders = None, []
+            for node in self.group:
+                if node == self.me:
+                    continue
+                try:
+                    rep = self.peer(node).call({"op": "round", "job": job_id, "v": v})
+                except (PeerUnavailableError, RemoteError) as exc:
+                    log.info("job %s v%d: %s cannot serve it: %s", job_id, v, node, exc)
+                    continue
+                info = info or json.loads(bytes(rep[1]))
+                holders.append(node)
+            if info is None:
+                raise InsufficientShardsError(
+                    f"job {job_id!r} version {v}: no live node of group {self.group_index} "
+                    f"({', '.join(self.group)}) retains it")
+            layout = pl.place_group(self.n, self.m, tuple(info["counts"]))
+            alive = {self.group.index(n) for n in holders}
+            plan = plan_recovery(layout, alive, [self.my_index], version=v, group=self.group_index)
+            if isinstance(plan, Unrecoverable):
+                self.degraded[job_id] = plan.reason
+                raise InsufficientShardsError(f"job {job_id!r}: {plan.reason}")
+            mine = info["announces"][self.me]
+            manifests = [pb.ShardManifest.FromString(base64.b64decode(x)) for x in mine["manifests"]]
+            spans = []  # node block j -> (segment, offset, length)
+            for rank, m in zip(mine["ranks"], manifests):
+                _, seg = self.store.install_rebuilt(job_id, int(info["world_size"]), len(manifests),
+                                                    v, int(rank), m)
+                for off in range(0, m.payload_bytes, self.bs):
+                    spans.append((seg, off, min(self.bs, m.payload_bytes - off)))
+            with self._lock:
+                parity = self._parity_buffer(job_id, v, layout) if self.m else None
+            nbytes = self._run_repairs(job_id, v, plan, spans, parity)
+            for rank in mine["ranks"]:
+                self.store.verify_shard(job_id, int(rank), v)
+            self._install_round(job_id, v, info)
+            self._seal_parity(job_id, v)
+            self.store.commit_version(job_id, v)
+            with self._lock:
+                self._save_record(job_id, v)
+            dt = time.monotonic() - t0
+            self.degraded.pop(job_id, None)
+            self.rebuild_stats = {"job": job_id, "version": v, "bytes": nbytes, "seconds": dt,
+                                  "fetched_bytes": sum(plan.fetch_counts(self.bs).values())}
+            log.info("job %s: rebuilt version %d (%d bytes) in %.2f s", job_id, v, nbytes, dt)
+            return self.rebuild_stats
+
+    def _run_repairs(self, job_id: str, v: int, plan, spans, parity, batch: int = 32) -> int:
+        k = self.k
+        zero = np.zeros(self.bs, np.uint8)
+        written = 0
+        repairs = list(plan.repairs)
+        for b0 in range(0, len(repairs), batch):
+            chunk = repairs[b0:b0 + batch]
+            per_node: dict[str, list] = {}
+            for ri, rep in enumerate(chunk):
+                for src in rep.fetches():
+                    hdr = {"op": "fetch", "job": job_id, "v": v, "kind": src.kind}
+                    if src.kind == "data":
+                        hdr["j"] = src.block
+                    else:
+                        hdr["s"], hdr["t"] = rep.stripe, src.index
+                    per_node.setdefault(self.group[src.node], []).append(((ri, src), (hdr, None)))
+            got: dict = {}
+            errs = []
+
+            def fetch(node, items):
+                try:
+                    replies = self.peer(node).call_many([r for _, r in items], window=8)
+                    for (key, _), rep in zip(items, replies):
+                        got[key] = np.frombuffer(rep[1], np.uint8)
+                except Exception as exc:
+                    errs.append(f"{node}: {exc}")
+
+            ts = [threading.Thread(target=fetch, args=it) for it in per_node.items()]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            if errs:
+                raise InsufficientShardsError(f"rebuild of job {job_id!r} v{v}: fetch failed: {errs}")
+            for ri, rep in enumerate(chunk):
+                avail = {src.shard_index(k): (zero if src.kind == "zero" else got[(ri, src)])
+                         for src in rep.sources}
+                out = {o.shard_index(k): np.empty(self.bs, np.uint8) for o in rep.outputs}
+                self.code.reconstruct(avail, list(out), out)
+                for o in rep.outputs:
+                    block = out[o.shard_index(k)]
+                    if o.kind == "data":
+                        seg, off, n = spans[o.block]
+                        memoryview(seg.buf)[off:off + n] = block[:n].data
+                        written += n
+                    else:
+                        parity.view(rep.stripe, o.index)[:] = block
+                        written += self.bs
+        return written
+
+    def _fetch(self, h: dict):
+        job_id, v, kind = h["job"], int(h["v"]), h["kind"]
+        if kind == "data":
+            return {"ok": True}, self.store.block_reader(job_id, v, self.bs, verify=True)(int(h["j"]))
+        with self._lock:
+            buf = self.parity.get((job_id, v))
+        if buf is None:
+            raise KeyError(f"no parity for job {job_id!r} version {v} here")
+        s_, t = int(h["s"]), int(h["t"])
+        view = buf.view(s_, t)
+        want = buf.checksums.get(buf.index[(s_, t)])
+        if want is not None and xxhash.xxh3_64_intdigest(view) != want:
+            raise ChecksumMismatchError(
+                f"{self.me}: parity block (stripe {s_}, row {t}) of job {job_id!r} v{v} is corrupt")
+        return {"ok": True}, view
+
+
+def pack_blobs(blobs) -> tuple[list[int], bytes]:
+    return [len(b) for b in blobs], b"".join(blobs)
+
+
+def unpack_blobs(sizes, payload) -> list[bytes]:
+    data = bytes(payload) if payload is not None else b""
+    if sum(sizes) != len(data):
+        raise ValueError(f"blob sizes {sum(sizes)} != payload {len(data)}")
+    out, off = [], 0
+    for n in sizes:
+        out.append(data[off:off + n])
+        off += n
+    return out
+
+
+def pl_blocks(nbytes: int, bs: int) -> int:
+    return (nbytes + bs - 1) // bs
