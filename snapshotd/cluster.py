@@ -88,6 +88,7 @@ class ClusterNode:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rebuild_lock = threading.Lock()
+        self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
         self.rebuild_stats: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -267,6 +268,8 @@ class ClusterNode:
         with self._lock:
             for key in [k for k in self.parity if k[0] == job_id and k[1] < v]:
                 self._release_parity(key)
+            for key in [k for k in self._remote if k[0] == job_id and k[2] < v]:
+                self.store.release_aux(self._remote.pop(key)[0])
             self._save_record(job_id, v)
         self.degraded.pop(job_id, None)
         log.info("job %s: version %d committed", job_id, v)
@@ -354,6 +357,18 @@ class ClusterNode:
             return {"size": len(info)}, info
         if op == "fetch":
             return self._fetch(h)
+        if op == "rank_manifest":
+            _, m, _ = self._local_rank(h["job"], int(h["v"]), int(h["rank"]))
+            return {"ok": True}, m.SerializeToString()
+        if op == "rank_block":
+            _, m, seg = self._local_rank(h["job"], int(h["v"]), int(h["rank"]))
+            j, bs = int(h["j"]), m.block_size_bytes
+            if not 0 <= j * bs < m.payload_bytes:
+                raise ValueError(f"rank {m.rank} has no block {j}")
+            mv = memoryview(seg.buf)[j * bs:min((j + 1) * bs, m.payload_bytes)]
+            if xxhash.xxh3_64_intdigest(mv) != m.block_checksums[j]:
+                raise ChecksumMismatchError(f"{self.me}: block {j} of rank {m.rank} is corrupt")
+            return {"ok": True}, mv
         raise ValueError(f"unknown op {op!r}")
 
     def committed_versions(self) -> dict[str, int]:
@@ -397,7 +412,9 @@ class ClusterNode:
 
     def _round_doc(self, job_id: str, r) -> dict:
         summary = self.store.jobs_summary().get(job_id, {})
+        jp = self.jobs.get(job_id)
         return {"counts": list(r.layout.block_counts), "world_size": summary.get("world_size", 0),
+                "rank_nodes": {str(k): n for k, n in (jp.rank_nodes.items() if jp else ())},
                 "announces": {n: {"block_count": a.block_count, "ranks": list(a.ranks),
                                   "manifests": [base64.b64encode(x).decode() for x in a.manifests]}
                               for n, a in r.announces.items()}}
@@ -459,8 +476,51 @@ class ClusterNode:
             for node, a in info["announces"].items():
                 r.announces[node] = proto.Announce(node, a["block_count"], tuple(a["ranks"]),
                                                    tuple(base64.b64decode(x) for x in a["manifests"]))
+            for rk, node in info.get("rank_nodes", {}).items():
+                jp.rank_nodes.setdefault(int(rk), node)
             r.local_data = r.parity_done = r.contributions_started = True
             r.contributions_sent = r.voted = True
+
+    def _local_rank(self, job_id: str, v: int, rank: int):
+        for r, m, seg in self.store.local_shards(job_id, v):
+            if r == rank:
+                return r, m, seg
+        raise KeyError(f"{self.me} does not hold rank {rank} of job {job_id!r} version {v}")
+
+    def open_remote_shard(self, job_id: str, rank: int, version: int = 0):
+        """Copy another node's committed shard of ``rank`` into a local segment (for a
+        restore that gathers data-parallel slices). Returns (segment name, manifest)."""
+        v = version or self.latest_committed(job_id)
+        with self._lock:
+            jp = self.job(job_id)
+            owner = jp.rank_nodes.get(rank)
+            cached = self._remote.get((job_id, rank, v))
+        if cached is not None:
+            return cached
+        if owner is None:
+            raise InsufficientShardsError(
+                f"job {job_id!r}: no node is known to hold rank {rank} of version {v}")
+        client = self.peer(owner)
+        rep = client.call({"op": "rank_manifest", "job": job_id, "v": v, "rank": rank})
+        m = pb.ShardManifest.FromString(bytes(rep[1]))
+        name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
+        bs = m.block_size_bytes
+        reqs = [({"op": "rank_block", "job": job_id, "v": v, "rank": rank, "j": j}, None)
+                for j in range((m.payload_bytes + bs - 1) // bs)]
+        mv = memoryview(seg.buf)
+
+        def put(i, header, data):
+            mv[i * bs:i * bs + len(data)] = data
+
+        try:
+            client.call_many(reqs, window=8, on_reply=put)
+            self.store._verify(seg.buf, m, f"copy of rank {rank} from {owner}")
+        except Exception:
+            self.store.release_aux(name)
+            raise
+        with self._lock:
+            self._remote[(job_id, rank, v)] = (name, m)
+        return name, m
 
     # -- restore and rebuild -------------------------------------------------------------
     def latest_committed(self, job_id: str) -> int:

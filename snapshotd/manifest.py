@@ -78,6 +78,18 @@ def validate_manifest(m, *, segment_bytes: int | None = None, require_checksums:
         raise InvalidRequestError("meta_json is larger than 64 MiB")
     for t in m.tensors:
         _validate_tensor(t, m.payload_bytes)
+    if m.replicated_bytes > MAX_PAYLOAD_BYTES or len(m.replicated_tensors) > MAX_TENSORS:
+        raise InvalidRequestError("replicated payload or tensor count over the limit")
+    if m.slice_offset > m.replicated_bytes or m.slice_bytes > m.replicated_bytes - m.slice_offset:
+        raise InvalidRequestError(
+            f"slice [{m.slice_offset}, {m.slice_offset + m.slice_bytes}) overflows the "
+            f"{m.replicated_bytes}-byte replicated payload")
+    if m.slice_bytes > m.payload_bytes:
+        raise InvalidRequestError(f"slice of {m.slice_bytes} bytes exceeds the payload")
+    if m.replicated_bytes and not m.dp_ranks:
+        raise InvalidRequestError("a replicated payload needs dp_ranks")
+    for t in m.replicated_tensors:
+        _validate_tensor(t, m.replicated_bytes)
 
 
 def _validate_tensor(t, payload_bytes: int) -> None:

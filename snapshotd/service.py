@@ -127,6 +127,9 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     def OpenShard(self, request, context):
         if self.cluster is not None:
             self.cluster.ensure_restorable(request.job_id, request.version)
+            if not self.store.holds_rank(request.job_id, request.rank):
+                name, m = self.cluster.open_remote_shard(request.job_id, request.rank, request.version)
+                return pb.OpenShardResponse(segment_name=name, manifest=m)
         name, m, _ = self.store.committed_shard(request.job_id, request.rank, request.version)
         return pb.OpenShardResponse(segment_name=name, manifest=m)
 

@@ -41,6 +41,11 @@ class ClusterStoreMixin:
                         "local_world_size": led.local_world_size}
                     for j, led in self._jobs.items()}
 
+    def holds_rank(self, job_id: str, rank: int) -> bool:
+        with self._lock:
+            led = self._jobs.get(job_id)
+            return led is not None and rank in led.local_ranks()
+
     def local_shards(self, job_id: str, version: int) -> list:
         """[(rank, manifest, segment)] of the local ranks holding ``version``, by rank."""
         with self._lock:

@@ -36,6 +36,7 @@ from snapshotd.errors import (
     SnapshotInFlightError,
     UnknownJobError,
 )
+from snapshotd_client import layout as lo
 from snapshotd_client import state as st
 from snapshotd_client import tensors as tz
 from snapshotd_client.transport import DaemonClient, SegmentCache
@@ -49,6 +50,10 @@ class SnapshotterConfig:
     rank: int | None = None  # default: torch.distributed rank, else $RANK, else 0
     world_size: int | None = None  # ranks of the job
     local_world_size: int | None = None  # ranks on this node (default $LOCAL_WORLD_SIZE, else all)
+    # REFT-style: model and optimizer are identical on the data-parallel ranks, so each
+    # stores only its 1/DP slice; restore gathers the slices from every DP rank.
+    shard_replicated: bool = False
+    dp_ranks: tuple[int, ...] | None = None  # the DP group's global ranks (default: all)
     socket_path: str | None = None  # default: $SNAPSHOTD_SOCKET or the daemon's default
     address: str | None = None  # "host:port" instead of a socket (needs a token)
     token: str | None = field(default_factory=lambda: os.environ.get(cfgmod.ENV_TOKEN))
@@ -140,29 +145,44 @@ class Snapshotter:
         return resp.latest_committed_version
 
     # -- state collection ------------------------------------------------------------
-    def _collect(self, step: int) -> dict:
-        state = {"step": step, "model": self.model.state_dict(), "rng": st.capture_rng_state()}
+    def _collect(self, step: int) -> tuple[dict, dict]:
+        """(replicated state, this rank's own state), tensors by reference."""
+        rep = {"model": self.model.state_dict()}
         if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.state_dict()
+            rep["optimizer"] = self.optimizer.state_dict()
+        local = {"step": step, "rng": st.capture_rng_state()}
         if self.lr_scheduler is not None:
-            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+            local["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.extra_state:
-            state["extra"] = {k: (v.state_dict() if hasattr(v, "state_dict") else v)
+            local["extra"] = {k: (v.state_dict() if hasattr(v, "state_dict") else v)
                               for k, v in self.extra_state.items()}
-        return state
+        return rep, local
 
-    def _plan(self, named):
-        key = tuple((n, t.dtype, tuple(t.shape)) for n, t in named)
+    def _dp(self) -> tuple[tuple[int, ...], int]:
+        if not self.cfg.shard_replicated:
+            return (self.rank,), 0
+        ranks = tuple(self.cfg.dp_ranks) if self.cfg.dp_ranks else tuple(range(self.world_size))
+        if self.rank not in ranks:
+            raise ValueError(f"rank {self.rank} is not in dp_ranks {ranks}")
+        return ranks, ranks.index(self.rank)
+
+    def _plan(self, rep_named, loc_named):
+        key = (tuple((n, t.dtype, tuple(t.shape)) for n, t in rep_named),
+               tuple((n, t.dtype, tuple(t.shape)) for n, t in loc_named))
         if key != self._layout_key:
-            slots, total = tz.plan_layout(named)
-            tmpl = pb.ShardManifest(job_id=self.cfg.job_id, rank=self.rank, payload_bytes=total,
-                                    block_size_bytes=self.cfg.block_size_bytes,
-                                    checksum_algo=mf.CHECKSUM_ALGO)
-            for s in slots:
-                tmpl.tensors.add(name=s.name, dtype=s.dtype, shape=s.shape, offset=s.offset,
-                                 nbytes=s.nbytes, global_shape=s.global_shape,
-                                 global_offset=s.global_offset)
-            self._layout_key, self._layout = key, (slots, total, tmpl)
+            dp_ranks, dp_index = self._dp()
+            lay = lo.plan_shard(rep_named, loc_named, len(dp_ranks), dp_index)
+            tmpl = pb.ShardManifest(
+                job_id=self.cfg.job_id, rank=self.rank, payload_bytes=lay.payload_bytes,
+                block_size_bytes=self.cfg.block_size_bytes, checksum_algo=mf.CHECKSUM_ALGO,
+                replicated_bytes=lay.replicated_bytes, slice_offset=lay.slice_lo,
+                slice_bytes=lay.slice_hi - lay.slice_lo, dp_ranks=dp_ranks)
+            for dst, slots in ((tmpl.replicated_tensors, lay.replicated), (tmpl.tensors, lay.local)):
+                for x in slots:
+                    dst.add(name=x.name, dtype=x.dtype, shape=x.shape, offset=x.offset,
+                            nbytes=x.nbytes, global_shape=x.global_shape,
+                            global_offset=x.global_offset)
+            self._layout_key, self._layout = key, (lay, tmpl)
         return self._layout
 
     # -- save ---------------------------------------------------------------------
@@ -180,17 +200,18 @@ class Snapshotter:
         try:
             if not self._registered:
                 self._ensure_registered()
-            state = self._collect(step)
-            meta, named = st.flatten_state(state)
-            slots, total, tmpl = self._plan(named)
+            rep_state, loc_state = self._collect(step)
+            rep_meta, rep_named = st.flatten_state(rep_state)
+            loc_meta, loc_named = st.flatten_state(loc_state)
+            lay, tmpl = self._plan(rep_named, loc_named)
+            total = lay.payload_bytes
             try:
                 resp = self._acquire(step, total)
             except UnknownJobError:  # the daemon lost its index: register again
                 self._ensure_registered()
                 resp = self._acquire(step, total)
             seg = self.segments.get(resp.segment_name, writable=True)
-            tensors = [t for _, t in named]
-            self._copy(seg, slots, tensors)
+            self._copy(seg, lay, [t for _, t in rep_named], [t for _, t in loc_named])
         except DaemonUnavailableError as exc:
             self._registered = False
             self._unavailable(f"snapshot of step {step}", exc)
@@ -204,7 +225,7 @@ class Snapshotter:
         m = pb.ShardManifest()
         m.CopyFrom(tmpl)
         m.version = step
-        m.meta_json = st.dumps_meta(meta)
+        m.meta_json = st.dumps_meta({"replicated": rep_meta, "local": loc_meta})
         stats = SaveStats(version=step, bytes=total, blocking_s=blocking, backpressure_s=t_bp)
         self._pending = self._pool.submit(self._handoff, resp.segment_name, seg, m, stats)
         return self._pending
@@ -223,10 +244,14 @@ class Snapshotter:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _copy(self, seg, slots, tensors) -> None:
-        cuda_idx = [i for i, t in enumerate(tensors) if t.device.type == "cuda"]
-        if not cuda_idx:
-            tz.pack_into(seg.buf, slots, tensors)
+    def _copy(self, seg, lay, rep_tensors, loc_tensors) -> None:
+        """The blocking part: copy this rank's bytes into the staging segment."""
+        buf = seg.buf if seg.buf is not None else bytearray(0)
+        cuda = any(t.device.type == "cuda" for t in rep_tensors + loc_tensors)
+        if not cuda:
+            lo.copy_slice(buf, lay.replicated, rep_tensors, lay.slice_lo, lay.slice_hi,
+                          lay.replicated_bytes)
+            lo.copy_local(buf, lay.local, loc_tensors)
             self._copy_done = None
             return
         if seg.name not in self._pinned and seg.buf is not None:
@@ -235,18 +260,17 @@ class Snapshotter:
             ptr = ctypes.addressof(ctypes.c_char.from_buffer(seg.buf))
             torch.cuda.cudart().cudaHostRegister(ptr, seg.size, 0)
             self._pinned.add(seg.name)
-        cpu = [i for i in range(len(tensors)) if i not in set(cuda_idx)]
-        tz.pack_into(seg.buf, [slots[i] for i in cpu], [tensors[i] for i in cpu])
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
         side = self._side_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for i in cuda_idx:
-                dst = tz.view_from(seg.buf, slots[i])
-                src = tensors[i].to_local() if hasattr(tensors[i], "to_local") else tensors[i]
-                dst.copy_(src.detach(), non_blocking=True)
-                src.record_stream(side)
+            lo.copy_slice(buf, lay.replicated, rep_tensors, lay.slice_lo, lay.slice_hi,
+                          lay.replicated_bytes, non_blocking=True)
+            lo.copy_local(buf, lay.local, loc_tensors, non_blocking=True)
+            for t in rep_tensors + loc_tensors:
+                if t.device.type == "cuda":
+                    t.record_stream(side)
             ev = torch.cuda.Event()
             ev.record(side)
         self._copy_done = ev
@@ -294,38 +318,58 @@ class Snapshotter:
         except DaemonUnavailableError as exc:
             self._unavailable("restore", exc)
             return 0
-        seg = self.segments.get(resp.segment_name, writable=False)
         try:
-            step = self._load(seg, resp.manifest)
+            step = self._load(resp.segment_name, resp.manifest, latest)
         finally:
             self.segments.close()
         log.info("snapshotd: restored job %s rank %d at step %d", self.cfg.job_id, self.rank, step)
         return step
 
-    def _load(self, seg, m: pb.ShardManifest) -> int:
+    def _replicated_payload(self, seg, m: pb.ShardManifest, version: int):
+        """The whole replicated payload: our own bytes, or every DP rank's slice gathered."""
+        if m.slice_offset == 0 and m.slice_bytes == m.replicated_bytes:
+            return seg.buf
+        out = torch.empty(m.replicated_bytes, dtype=torch.uint8)
+        for r in m.dp_ranks:
+            if r == self.rank:
+                other, om = seg, m
+            else:
+                resp = self.client.open_shard(self.cfg.job_id, r, version)
+                other, om = self.segments.get(resp.segment_name, writable=False), resp.manifest
+            if om.replicated_bytes != m.replicated_bytes:
+                raise SnapshotdError(f"rank {r}'s slice belongs to another layout")
+            if om.slice_bytes:
+                src = tz.view_from(other.buf, tz.TensorSlot("slice", "uint8", (om.slice_bytes,),
+                                                            0, om.slice_bytes, (), ()))
+                out[om.slice_offset:om.slice_offset + om.slice_bytes].copy_(src)
+        return out.numpy()
+
+    def _load(self, name: str, m: pb.ShardManifest, version: int) -> int:
+        seg = self.segments.get(name, writable=False)
         buf = seg.buf if seg.buf is not None else bytearray(0)
-        views = [tz.view_from(buf, tz.TensorSlot(
-            name=t.name, dtype=t.dtype, shape=tuple(t.shape), offset=t.offset, nbytes=t.nbytes,
-            global_shape=tuple(t.global_shape), global_offset=tuple(t.global_offset)))
-            for t in m.tensors]
-        model_idx = {i for i, t in enumerate(m.tensors) if t.name.startswith("model/")}
-        # Only the model's tensors are copied straight into parameters; everything
-        # else is cloned out of the segment (the optimizer would otherwise alias it).
-        tensors = [v if i in model_idx else v.clone() for i, v in enumerate(views)]
-        state = st.unflatten_state(st.loads_meta(m.meta_json), tensors)
-        self.model.load_state_dict(state["model"])
-        if self.optimizer is not None and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.lr_scheduler is not None and "lr_scheduler" in state:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for k, v in state.get("extra", {}).items():
+        meta = st.loads_meta(m.meta_json)
+        rep_buf = self._replicated_payload(seg, m, version) if m.replicated_bytes else bytearray(0)
+        rep_views = [tz.view_from(rep_buf, lo.slot_of(t)) for t in m.replicated_tensors]
+        # Model tensors are copied straight into the parameters; everything else is
+        # cloned out of the segment (the optimizer would otherwise alias it).
+        rep_tensors = [v if t.name.startswith("model/") else v.clone()
+                       for v, t in zip(rep_views, m.replicated_tensors)]
+        loc_tensors = [tz.view_from(buf, lo.slot_of(t)).clone() for t in m.tensors]
+        rep = st.unflatten_state(meta["replicated"], rep_tensors)
+        local = st.unflatten_state(meta["local"], loc_tensors)
+        self.model.load_state_dict(rep["model"])
+        if self.optimizer is not None and "optimizer" in rep:
+            self.optimizer.load_state_dict(rep["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in local:
+            self.lr_scheduler.load_state_dict(local["lr_scheduler"])
+        for k, v in local.get("extra", {}).items():
             tgt = self.extra_state.get(k)
             if hasattr(tgt, "load_state_dict"):
                 tgt.load_state_dict(v)
             else:
                 self.extra_state[k] = v
-        st.restore_rng_state(state["rng"])
-        del views, tensors, state
+        st.restore_rng_state(local["rng"])
+        del rep_views, rep_tensors, rep, local
         return int(m.version)
 
     def close(self) -> None:
