@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", default=_env("SNAPSHOTD_SPEC"),
                    help="cluster spec (YAML): take part in erasure-coded snapshots with the "
                         "nodes it names [env SNAPSHOTD_SPEC; default: a single node]")
+    s.add_argument("--instance", default=_env("SNAPSHOTD_INSTANCE", ""),
+                   help="namespace for this daemon's /dev/shm segments, to keep several "
+                        "clusters on one machine apart [env SNAPSHOTD_INSTANCE; default none]")
     s.add_argument("--ready-file", default=None,
                    help="write {pid, socket, tcp_port} as JSON here once serving")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
@@ -66,10 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     stt.add_argument("--dir", default=None, help="cluster directory")
     stt.add_argument("--json", action="store_true", help="machine-readable output")
 
-    d = sub.add_parser("demo", help="local daemon + real training run, killed and resumed")
+    d = sub.add_parser("demo", help="4-node erasure-coded cluster + data-parallel training; "
+                                     "a node is killed, rebuilt and the job resumes bit-exactly")
     d.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
-    d.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
-    d.add_argument("--kill-at", type=int, default=17, help="SIGKILL the trainer after this step")
+    d.add_argument("--steps", type=int, default=None,
+                   help="training steps (default 30; 40 with --single-node)")
+    d.add_argument("--kill-at", type=int, default=None,
+                   help="kill node 2 (the trainer, with --single-node) after this step "
+                        "(default 12; 17 with --single-node)")
+    d.add_argument("--nodes", type=int, default=4, help="cluster nodes = data-parallel ranks (default 4)")
+    d.add_argument("--parity", type=int, default=2, help="parity blocks per stripe, m (default 2)")
+    d.add_argument("--no-shard-replicated", action="store_true",
+                   help="every rank stores the full replicated state (default: its 1/N slice, "
+                        "when the client supports shard_replicated)")
+    d.add_argument("--single-node", action="store_true",
+                   help="the single-daemon demo: trainer and daemon SIGKILLed, resumed from shared memory")
     return p
 
 
@@ -90,7 +104,7 @@ def _serve(a) -> int:
                        memory_budget_bytes=budget, tcp=a.tcp, token=token,
                        max_slots_per_rank=a.max_slots_per_rank,
                        verify_on_adopt=not a.no_verify_on_adopt, ready_file=a.ready_file,
-                       spec_path=a.spec)
+                       spec_path=a.spec, instance=a.instance)
     from snapshotd.errors import SnapshotdError
 
     try:
@@ -138,9 +152,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return lc.down(d)
     if a.command == "demo":
-        from snapshotd.demo.single_node import run_demo
+        if a.single_node:
+            from snapshotd.demo.single_node import run_demo
 
-        return run_demo(a.dir, steps=a.steps, kill_at=a.kill_at)
+            return run_demo(a.dir, steps=a.steps or 40, kill_at=a.kill_at or 17)
+        from snapshotd.demo.multi_node import run_multi_node_demo
+
+        try:
+            return run_multi_node_demo(a.dir, steps=a.steps or 30, kill_at=a.kill_at or 12,
+                                       nodes=a.nodes, parity=a.parity,
+                                       shard_replicated=False if a.no_shard_replicated else None)
+        except ValueError as exc:
+            print(f"snapshotd demo: {exc}", file=sys.stderr)
+            return 2
     return 2
 
 

@@ -3,7 +3,9 @@
 ``up`` writes a spec (127.0.0.1, free ports, one failure domain per node) and a
 ``cluster.json`` with each node's pid, socket and log into DIR, then starts every
 daemon as its own process (its own session, so it outlives the shell that started it)
-and waits until all are serving. ``down`` stops them (SIGTERM, then SIGKILL) and
+and waits until all are serving. Its segments are namespaced by a random instance
+name (DIR/instance), so several clusters on one machine never touch each other's
+shared memory. ``down`` stops them (SIGTERM, then SIGKILL) and
 unlinks their shared memory. ``status`` asks every node for its stats.
 """
 
@@ -45,6 +47,20 @@ def write_spec(path: str, nodes: int, parity: int, block_size: str, peer_key: st
     return ids
 
 
+def instance_of(d: str) -> str:
+    """The shm namespace of the cluster in ``d`` (made once, kept in DIR/instance)."""
+    path = os.path.join(d, "instance")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("lc" + os.urandom(3).hex())
+    with open(path) as f:
+        return f.read().strip()
+
+
+def shm_prefix(d: str, node: str) -> str:
+    return f"snapshotd.{instance_of(d)}.{node}."
+
+
 def start_node(d: str, node: str, budget: str = "4GiB", extra=()) -> subprocess.Popen:
     ready = os.path.join(d, f"{node}.ready")
     if os.path.exists(ready):
@@ -54,7 +70,7 @@ def start_node(d: str, node: str, budget: str = "4GiB", extra=()) -> subprocess.
         [sys.executable, "-m", "snapshotd.cli", "serve", "--node-id", node,
          "--spec", os.path.join(d, "spec.yaml"), "--state-dir", os.path.join(d, node),
          "--socket", os.path.join(d, f"{node}.sock"), "--memory-budget-bytes", budget,
-         "--ready-file", ready, *extra],
+         "--ready-file", ready, "--instance", instance_of(d), *extra],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -100,7 +116,7 @@ def down(d: str) -> int:
         info = json.load(f)
     for n, v in info["nodes"].items():
         _stop_pid(v["pid"])
-        for name in shm.list_segments(f"snapshotd.{n}."):
+        for name in shm.list_segments(shm_prefix(d, n)):
             shm.unlink(name)
     os.unlink(path)
     return 0

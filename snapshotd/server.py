@@ -33,6 +33,7 @@ class DaemonConfig:
     workers: int = 16
     ready_file: str | None = None
     spec_path: str | None = None  # cluster spec: this node takes part in a cluster
+    instance: str = ""  # namespace of this daemon's /dev/shm segments
 
 
 class Daemon:
@@ -52,7 +53,7 @@ class Daemon:
             spec.node(cfg.node_id)  # a clear error if this node is not in the spec
         self.store = ShardStore(cfg.node_id, cfg.state_dir, cfg.memory_budget_bytes,
                                 cfg.max_slots_per_rank, cfg.verify_on_adopt,
-                                cluster_mode=spec is not None)
+                                cluster_mode=spec is not None, instance=cfg.instance)
         if spec is not None:
             from snapshotd.cluster import ClusterNode
 
@@ -105,7 +106,7 @@ class Daemon:
             tmp = self.cfg.ready_file + ".tmp"
             with open(tmp, "w") as f:
                 json.dump({"pid": os.getpid(), "socket": sock, "tcp_port": self.tcp_port,
-                           "node_id": self.cfg.node_id,
+                           "node_id": self.cfg.node_id, "shm_prefix": self.store.prefix,
                            "peer_port": self.cluster.server.port if self.cluster else None}, f)
             os.replace(tmp, self.cfg.ready_file)
 

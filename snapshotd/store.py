@@ -42,7 +42,7 @@ INDEX_FORMAT = 1
 class ShardStore(ClusterStoreMixin):
     def __init__(self, node_id: str, state_dir: str, memory_budget_bytes: int,
                  max_slots_per_rank: int = 3, verify_on_adopt: bool = True,
-                 cluster_mode: bool = False):
+                 cluster_mode: bool = False, instance: str = ""):
         if not node_id or "." in node_id or not shm._NAME_RE.match(node_id):
             raise InvalidRequestError(f"invalid node id {node_id!r}: use [A-Za-z0-9_-]")
         self.node_id = node_id
@@ -50,7 +50,10 @@ class ShardStore(ClusterStoreMixin):
         self.memory_budget_bytes = int(memory_budget_bytes)
         self.max_slots_per_rank = max_slots_per_rank
         self.verify_on_adopt = verify_on_adopt
-        self.prefix = f"snapshotd.{node_id}."
+        if instance and ("." in instance or not shm._NAME_RE.match(instance)):
+            raise InvalidRequestError(f"invalid instance name {instance!r}: use [A-Za-z0-9_-]")
+        # ``instance`` keeps several clusters on one machine (tests, demos) apart.
+        self.prefix = f"snapshotd.{instance}.{node_id}." if instance else f"snapshotd.{node_id}."
         self._lock = threading.RLock()
         self._jobs: dict[str, JobLedger] = {}
         self._held: dict[str, Held] = {}  # segment name -> held
