@@ -1,0 +1,163 @@
+"""Cluster pipeline and rebuild on loopback: a real local cluster of daemons.
+
+Measures, on one machine (all daemons share its cores):
+  * snapshot pipeline per node: every node's rank stages --size-mib of state, the
+    daemons exchange parity and vote; time from the first save() to the commit seen
+    on every node. Rate per node = state per node / that time. Each node sends about
+    m x its data to parity holders (reported as bytes sent per node).
+  * rebuild: a node is lost (SIGKILL, state and shared memory wiped) and restarted
+    empty; it rebuilds its data and parity from the others. Rate = bytes rebuilt /
+    rebuild time (as measured by the daemon).
+Targets (issue 3, this machine): pipeline >= 1 GB/s per node with m = 2, rebuild
+>= 2 GB/s. 1 GB = 1e9 bytes.
+
+    python -m bench.bench_cluster --nodes 4 --parity 2 --size-mib 256 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _wait(pred, timeout_s: float, what: str):
+    t0 = time.monotonic()
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(what)
+        time.sleep(0.005)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--parity", type=int, default=2)
+    p.add_argument("--size-mib", type=int, default=256, help="state per node (default 256)")
+    p.add_argument("--block-size", default="4MiB")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.nodes, a.parity, a.size_mib, a.block_size, a.repeats = 3, 1, 4, "256KiB", 2
+    from snapshotd import localcluster as lc
+    from snapshotd import shm
+    from snapshotd_client import Snapshotter
+    from snapshotd_client.transport import DaemonClient
+
+    d = tempfile.mkdtemp(prefix="bench-cluster-")
+    size = a.size_mib << 20
+    budget = f"{6 * size + (256 << 20)}"
+    lc.up(d, a.nodes, a.parity, a.block_size, budget)
+    socks = lc.sockets(d)
+    nodes = sorted(socks)
+    res: dict = {"nodes": a.nodes, "parity": a.parity, "k": a.nodes - a.parity,
+                 "state_bytes_per_node": size, "block_size": a.block_size}
+    try:
+        # One process plays every node's rank; each stores the same-sized state.
+        n_tensors = max(1, size // (64 << 20))
+        params = [torch.nn.Parameter(torch.randn(size // n_tensors // 4)) for _ in range(n_tensors)]
+        snaps = []
+        for r, n in enumerate(nodes):
+            model = torch.nn.ParameterList(params)
+            snaps.append(Snapshotter(model, job_id="bench", socket_path=socks[n], rank=r,
+                                     world_size=len(nodes), local_world_size=1))
+        clients = [DaemonClient.for_socket(socks[n], timeout_s=30) for n in nodes]
+
+        def committed_everywhere(v):
+            return all(c.list_versions("bench").latest_committed_version >= v for c in clients)
+
+        import psutil
+
+        with open(os.path.join(d, "cluster.json")) as f:
+            procs = [psutil.Process(v["pid"]) for v in json.load(f)["nodes"].values()]
+
+        def daemon_cpu() -> float:
+            return sum(sum(pr.cpu_times()[:2]) for pr in procs)
+
+        times, blocking, cpu = [], [], []
+        for step in range(1, a.repeats + 3):
+            c0 = daemon_cpu()
+            t0 = time.perf_counter()
+            for s in snaps:
+                s.save(step)
+                blocking.append(s.last_blocking_s)
+            _wait(lambda: committed_everywhere(step), 120, f"version {step} did not commit")
+            dt = time.perf_counter() - t0
+            if step > 2:  # first two allocate and touch the segments
+                times.append(dt)
+                cpu.append(daemon_cpu() - c0)
+        for s in snaps:
+            s.close()
+        med = statistics.median(times)
+        res.update({
+            "pipeline_s": med, "pipeline_gbps_per_node": size / med / 1e9,
+            "bytes_sent_per_node": a.parity * size,
+            "save_blocking_ms_median": statistics.median(blocking) * 1e3,
+            "daemon_cpu_s_per_node": statistics.median(cpu) / a.nodes,
+        })
+        res["gbps_per_node_per_core"] = size / res["daemon_cpu_s_per_node"] / 1e9
+        status = lc.collect_status(d)
+        par = [sum(r["cluster"].get("parity_bytes", {}).values()) for r in status]
+        res["parity_bytes_per_node"] = par
+        # Rebuild: lose the last node and bring it back empty.
+        victim = nodes[-1]
+        with open(os.path.join(d, "cluster.json")) as f:
+            info = json.load(f)
+        os.kill(info["nodes"][victim]["pid"], signal.SIGKILL)
+        time.sleep(0.2)
+        shutil.rmtree(os.path.join(d, victim), ignore_errors=True)
+        for name in shm.list_segments(lc.shm_prefix(d, victim)):
+            shm.unlink(name)
+        proc = lc.start_node(d, victim, budget)
+        info["nodes"][victim]["pid"] = proc.pid
+        with open(os.path.join(d, "cluster.json"), "w") as f:
+            json.dump(info, f)
+        lc.wait_ready(d, victim, proc)
+        vc = DaemonClient.for_socket(socks[victim], timeout_s=30)
+
+        def rebuilt():
+            st = json.loads(vc.stats().cluster_json or "{}")
+            return st.get("last_rebuild") or None
+
+        rb = _wait(rebuilt, 300, "rebuild did not finish")
+        res.update({"rebuild_bytes": rb["bytes"], "rebuild_s": rb["seconds"],
+                    "rebuild_gbps": rb["bytes"] / rb["seconds"] / 1e9,
+                    "rebuild_fetched_bytes": rb["fetched_bytes"]})
+    finally:
+        lc.down(d)
+        shutil.rmtree(d, ignore_errors=True)
+    k = a.nodes - a.parity
+    print(f"{a.nodes} nodes, k={k} m={a.parity}, {a.size_mib} MiB of state per node, "
+          f"blocks {a.block_size}, median of {a.repeats} (all daemons share this machine's "
+          f"{os.cpu_count()} cores)")
+    print(f"  snapshot pipeline  {res['pipeline_s'] * 1e3:8.1f} ms  {res['pipeline_gbps_per_node']:6.2f} GB/s per node"
+          f" (target >= 1); sent ~{res['bytes_sent_per_node'] / 2**20:.0f} MiB per node")
+    print(f"  daemon CPU         {res['daemon_cpu_s_per_node'] * 1e3:8.1f} ms per node per snapshot"
+          f" = {res['gbps_per_node_per_core']:.2f} GB/s per node if each node had one core")
+    print(f"  save() blocking    {res['save_blocking_ms_median']:8.1f} ms per rank")
+    print(f"  parity held        {[round(x / 2**20, 1) for x in res['parity_bytes_per_node']]} MiB "
+          f"(ideal m/k x data = {a.parity / k * a.size_mib:.0f} MiB)")
+    print(f"  rebuild of 1 node  {res['rebuild_s'] * 1e3:8.1f} ms  {res['rebuild_gbps']:6.2f} GB/s "
+          f"(target >= 2); fetched {res['rebuild_fetched_bytes'] / 2**20:.0f} MiB for "
+          f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
