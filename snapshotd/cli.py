@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"snapshotd demo: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            return 130
     return 2
 
 

@@ -94,6 +94,7 @@ class ClusterNode:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rebuild_lock = threading.Lock()
+        self._first_round = threading.Event()  # every group peer was pinged once since start
         self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
         self.rebuild_stats: dict = {}
 
@@ -359,6 +360,9 @@ class ClusterNode:
                 acts = self.job(h["job"]).vote_received(int(h["v"]), sender, h["ranks"])
             self._enqueue(h["job"], acts)
             return {"ok": True}, None
+        if op == "fence":  # inline: when the restarting trainer's restore returns,
+            self.fence(h["job"])  # every node has dropped the old run's rounds
+            return {"ok": True}, None
         if op == "jobs":
             return {"jobs": self.store.jobs_summary()}, None
         if op == "round":
@@ -394,11 +398,15 @@ class ClusterNode:
 
     def _heartbeat(self) -> None:
         interval = self.spec.heartbeat_interval_ms / 1000
-        while not self._stop.wait(interval):
+        # The group first, and the first round at once: a fresh daemon must learn the commits.
+        order = sorted(self.spec.nodes, key=lambda nd: nd.id not in self.group)
+        while True:
             mine = self.committed_versions()
-            for nd in self.spec.nodes:
+            for nd in order:
                 if nd.id == self.me:
                     continue
+                if nd.id not in self.group:
+                    self._first_round.set()
                 try:
                     rep, _ = self.peer(nd.id, control=True).call({"op": "ping", "committed": mine},
                                                    timeout_ms=self.spec.heartbeat_timeout_ms)
@@ -406,6 +414,9 @@ class ClusterNode:
                     continue
                 self.peer_last_seen[nd.id] = time.monotonic()
                 self._gossip(nd.id, rep.get("committed", {}))
+            self._first_round.set()
+            if self._stop.wait(interval):
+                return
 
     # -- retained round information (for rebuilding a peer) --------------------------------
     def _remember_announce(self, job_id: str, v: int, ann: proto.Announce) -> None:
@@ -490,6 +501,19 @@ class ClusterNode:
             r.local_data = r.parity_done = r.contributions_started = True
             r.contributions_sent = r.voted = True
 
+    def fence(self, job_id: str, broadcast: bool = False) -> None:
+        """The job restarts from its committed version: drop every uncommitted round
+        here (and, for the node whose trainer restarted, on every node of the job)."""
+        with self._lock:
+            dropped = self.job(job_id).fence()
+            for v in dropped:
+                self._release_parity((job_id, v))
+        self.store.fence(job_id)
+        if dropped:
+            log.info("job %s: fenced, dropped uncommitted versions %s", job_id, dropped)
+        if broadcast:
+            self._broadcast([nd.id for nd in self.spec.nodes], {"op": "fence", "job": job_id})
+
     def _local_rank(self, job_id: str, v: int, rank: int):
         for r, m, seg in self.store.local_shards(job_id, v):
             if r == rank:
@@ -534,6 +558,10 @@ class ClusterNode:
     # -- restore and rebuild -------------------------------------------------------------
     def latest_committed(self, job_id: str) -> int:
         """The newest version any live node of the job reports committed."""
+        if self._threads and not self._first_round.is_set():
+            # Just started (e.g. a replaced node): until the peers were asked once, we
+            # would answer 0, and a trainer starting with us would restore nothing.
+            self._first_round.wait(len(self.group) * self.spec.heartbeat_timeout_ms / 1000)
         with self._lock:
             mine = self.job(job_id).committed_version
         alive = self.alive_peers()

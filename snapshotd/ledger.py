@@ -252,7 +252,8 @@ class JobLedger:
         return Delivery(committed=True, version=version, freed=tuple(freed))
 
     def abandon_uncommitted(self) -> list[tuple[int, int]]:
-        """After a daemon restart: everything not committed is FREE again."""
+        """After a daemon restart or a job restart (fence): everything not committed
+        is FREE again."""
         freed = []
         for r, ss in self.slots.items():
             for s in ss:

@@ -98,12 +98,13 @@ def up(d: str, nodes: int, parity: int, block_size: str = "1MiB", budget: str = 
         raise RuntimeError(f"{d} already holds a cluster; run 'snapshotd cluster down --dir {d}' first")
     ids = write_spec(os.path.join(d, "spec.yaml"), nodes, parity, block_size, os.urandom(16).hex())
     procs = {n: start_node(d, n, budget) for n in ids}
-    info = {"dir": d, "spec": os.path.join(d, "spec.yaml"), "nodes": {}}
-    for n, p in procs.items():
-        r = wait_ready(d, n, p)
-        info["nodes"][n] = {"pid": p.pid, "socket": r["socket"], "log": os.path.join(d, f"{n}.log")}
-    with open(os.path.join(d, "cluster.json"), "w") as f:
+    info = {"dir": d, "spec": os.path.join(d, "spec.yaml"), "nodes": {
+        n: {"pid": p.pid, "socket": os.path.join(d, f"{n}.sock"), "log": os.path.join(d, f"{n}.log")}
+        for n, p in procs.items()}}
+    with open(os.path.join(d, "cluster.json"), "w") as f:  # first, so 'down' can stop them
         json.dump(info, f, indent=2)
+    for n, p in procs.items():
+        wait_ready(d, n, p)
     return info
 
 
@@ -168,16 +169,18 @@ def collect_status(d: str) -> list[dict]:
 
 
 def format_status(rows: list[dict]) -> str:
-    out = [f"{'node':6} {'alive':5} {'group':5} {'committed':>9} {'data MB':>9} {'parity MB':>9}  degraded"]
+    out = [f"{'node':6} {'alive':5} {'group':5} {'committed':>9} {'data MB':>9} {'parity MB':>9} "
+           f"{'reserved MB':>11}  degraded"]
     for r in rows:
         if not r.get("alive"):
-            out.append(f"{r['node_id']:6} {'no':5} {'-':5} {'-':>9} {'-':>9} {'-':>9}  unreachable")
+            out.append(f"{r['node_id']:6} {'no':5} {'-':5} {'-':>9} {'-':>9} {'-':>9} {'-':>11}  unreachable")
             continue
         c = r.get("cluster", {})
         committed = ",".join(f"{j['job_id']}@{j.get('latest_committed_version', 0)}" for j in r.get("jobs", []))
         parity = sum(c.get("parity_bytes", {}).values())
-        data = int(r.get("bytes_reserved", 0)) - parity
+        data = int(r.get("bytes_committed", 0))  # committed payload
+        reserved = int(r.get("bytes_reserved", 0))  # + staging slots, parity, copies
         deg = "; ".join(f"{j}: {why}" for j, why in c.get("degraded", {}).items()) or "-"
         out.append(f"{r['node_id']:6} {'yes':5} {c.get('group', '-')!s:5} {committed or '-':>9} "
-                   f"{data / 1e6:9.2f} {parity / 1e6:9.2f}  {deg}")
+                   f"{data / 1e6:9.2f} {parity / 1e6:9.2f} {reserved / 1e6:11.2f}  {deg}")
     return "\n".join(out)

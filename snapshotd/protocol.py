@@ -160,6 +160,14 @@ class JobProtocol:
             return self._commit(v)
         return []
 
+    def fence(self) -> list[int]:
+        """The job restarted from its committed version: every uncommitted round is
+        dropped (its versions will be delivered again, possibly with other bytes)."""
+        dropped = sorted(v for v in self.rounds if v > self.committed_version)
+        for v in dropped:
+            del self.rounds[v]
+        return dropped
+
     def forget_below(self, v: int) -> None:
         for old in [x for x in self.rounds if x < v]:
             del self.rounds[old]

@@ -70,8 +70,11 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
 
     @_rpc
     def RegisterJob(self, request, context):
-        v = self.store.register_job(request.job_id, request.world_size, request.local_world_size)
+        v = self.store.register_job(request.job_id, request.world_size, request.local_world_size,
+                                    request.restarting)
         if self.cluster is not None:
+            if request.restarting:
+                self.cluster.fence(request.job_id, broadcast=True)
             v = self.cluster.latest_committed(request.job_id)
         return pb.RegisterJobResponse(
             latest_committed_version=v,

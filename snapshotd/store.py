@@ -255,8 +255,10 @@ class ShardStore(ClusterStoreMixin):
             pass
 
     # -- jobs -----------------------------------------------------------------------
-    def register_job(self, job_id: str, world_size: int, local_world_size: int = 0) -> int:
-        """``local_world_size``: ranks of the job on this node (0 = all; one node)."""
+    def register_job(self, job_id: str, world_size: int, local_world_size: int = 0,
+                     restarting: bool = False) -> int:
+        """``local_world_size``: ranks of the job on this node (0 = all; one node).
+        ``restarting``: drop the job's uncommitted versions (see ``fence``)."""
         mf.validate_job_id(job_id)
         if not 1 <= world_size <= 1 << 20:
             raise self._refuse(InvalidRequestError(f"world_size must be in [1, 2^20], got {world_size}"))
@@ -272,12 +274,26 @@ class ShardStore(ClusterStoreMixin):
                         f"job {job_id!r} is registered with world_size {led.world_size} "
                         f"(local {led.local_world_size}), not {world_size} (local "
                         f"{local_world_size or world_size}); drop it first to change its size"))
+                if restarting:
+                    self.fence(job_id)
                 return led.committed_version
             self._jobs[job_id] = JobLedger(job_id, world_size, self.max_slots_per_rank,
                                            local_world_size=local_world_size,
                                            auto_commit=not self.cluster_mode)
             self._persist()
             return 0
+
+    def fence(self, job_id: str) -> list[tuple[int, int]]:
+        """Free every uncommitted slot of the job (its trainers start over)."""
+        with self._lock:
+            led = self._jobs.get(job_id)
+            if led is None:
+                return []
+            freed = led.abandon_uncommitted()
+            self._forget_freed(job_id, freed)
+            if freed:
+                self._persist()
+            return freed
 
     def _job(self, job_id: str) -> JobLedger:
         led = self._jobs.get(job_id)

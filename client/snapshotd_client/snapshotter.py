@@ -133,11 +133,11 @@ class Snapshotter:
         warnings.warn(f"snapshotd: {what} skipped, daemon unavailable at {self.client.target}: "
                       f"{exc}", RuntimeWarning, stacklevel=3)
 
-    def _ensure_registered(self) -> int:
+    def _ensure_registered(self, restarting: bool = False) -> int:
         lws = self.cfg.local_world_size
         if lws is None:
             lws = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) if self.world_size > 1 else 0
-        resp = self.client.register_job(self.cfg.job_id, self.world_size, lws)
+        resp = self.client.register_job(self.cfg.job_id, self.world_size, lws, restarting)
         if resp.block_size_bytes and resp.block_size_bytes != self.cfg.block_size_bytes:
             self.cfg.block_size_bytes = resp.block_size_bytes  # the cluster's block size
             self._layout_key = None
@@ -310,7 +310,9 @@ class Snapshotter:
     def restore(self) -> int:
         """Load the latest committed snapshot; return its step (0 when there is none)."""
         try:
-            latest = self._ensure_registered()
+            # A restore starts the job over from its committed version: versions the
+            # previous run delivered but never committed are dropped everywhere.
+            latest = self._ensure_registered(restarting=True)
             if latest == 0:
                 log.info("snapshotd: nothing to restore for job %s", self.cfg.job_id)
                 return 0

@@ -66,10 +66,12 @@ class DaemonClient:
         except grpc.RpcError as exc:
             raise _translate(exc, name) from None
 
-    def register_job(self, job_id: str, world_size: int, local_world_size: int = 0):
+    def register_job(self, job_id: str, world_size: int, local_world_size: int = 0,
+                     restarting: bool = False):
         """Returns the RegisterJobResponse (latest committed version, block size)."""
         return self._call("RegisterJob", pb.RegisterJobRequest(
-            job_id=job_id, world_size=world_size, local_world_size=local_world_size))
+            job_id=job_id, world_size=world_size, local_world_size=local_world_size,
+            restarting=restarting))
 
     def acquire_staging(self, job_id: str, rank: int, version: int, payload_bytes: int,
                         force: bool = False):

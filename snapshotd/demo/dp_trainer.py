@@ -80,6 +80,9 @@ def main(argv=None) -> int:
                    help="store the full replicated state on every rank (default: each rank "
                         "stores its 1/W slice when the client supports shard_replicated)")
     p.add_argument("--gloo-timeout-s", type=float, default=10.0)
+    p.add_argument("--inflight-wait-s", type=float, default=10.0,
+                   help="how long a save waits for older versions to commit before giving up "
+                        "the oldest (default 10 s, the Snapshotter's)")
     p.add_argument("--step-delay-s", type=float, default=0.0, help="sleep per step")
     a = p.parse_args(argv)
     if not a.no_snapshot and not a.socket:
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
             kw["shard_replicated"] = True
         snap = Snapshotter(model, opt, lr_scheduler=sched, extra_state={"data": data},
                            job_id=a.job, socket_path=a.socket, rank=rank, world_size=world,
-                           local_world_size=1, on_daemon_unavailable="raise", **kw)
+                           local_world_size=1, on_daemon_unavailable="raise",
+                           inflight_wait_s=a.inflight_wait_s, **kw)
         start = snap.restore()
         # Every replica must resume from the same step, or the collectives would mix steps.
         t = torch.tensor([start, -start], dtype=torch.int64)
@@ -139,7 +143,8 @@ def main(argv=None) -> int:
         losses.append(mean_loss)
         rec = {"event": "step", "rank": rank, "step": step + 1, "loss": round(mean_loss, 6)}
         if snap is not None:
-            if snap.save(step + 1) is not None:
+            fut = snap.save(step + 1)
+            if fut is not None:
                 rec["blocking_ms"] = round(snap.last_blocking_s * 1e3, 3)
                 if snap.last_stats is not None:  # of the previous, completed hand-off
                     rec["snapshot_bytes"] = snap.last_stats.bytes
