@@ -139,9 +139,12 @@ class ClusterNode:
     def catch_up(self) -> None:
         """At start: rebuild every job whose committed version we do not hold (a node
         that comes back empty, or missed a commit while down). Retries until done."""
-        time.sleep(2 * self.spec.heartbeat_interval_ms / 1000)
+        if len(self.group) == 1:
+            return
+        self._stop.wait(2 * self.spec.heartbeat_interval_ms / 1000)
         while not self._stop.is_set():
-            pending = False
+            pending = True  # until some peer answers: a lone node keeps asking
+            retry = False
             for node in self.group:
                 if node == self.me:
                     continue
@@ -149,16 +152,17 @@ class ClusterNode:
                     rep = self.peer(node).call({"op": "jobs"})
                 except (PeerUnavailableError, RemoteError):
                     continue
+                pending = False
                 for job_id, j in rep[0].get("jobs", {}).items():
                     v = int(j["committed"])
                     if v > self.store.committed_version(job_id):
                         try:
                             self.ensure_restorable(job_id, v)
                         except Exception as exc:
-                            pending = True
+                            retry = True
                             self.degraded[job_id] = str(exc)
                             log.warning("job %s: catching up to v%d failed: %s", job_id, v, exc)
-            if not pending:
+            if not pending and not retry:
                 return
             self._stop.wait(2.0)
 

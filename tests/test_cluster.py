@@ -1,0 +1,627 @@
+"""Multi-node mode against real daemon processes (``snapshotd.localcluster``).
+
+Every test brings up its own local cluster in its own tmp dir and pushes shards with
+the raw client API (one rank per node, random bytes of uneven sizes, one empty rank),
+loses nodes the way a machine is lost (SIGKILL, state dir and shared memory gone,
+restarted empty in its slot) and checks what comes back, bit for bit.
+
+Node ids are n0..n{N-1} in every local cluster; the segments of a cluster are
+namespaced by its instance name (``snapshotd.<instance>.nX.*``), so they never collide
+with another cluster on this machine. The fixture checks that no segment of the
+cluster is left at the end, and cleans up after earlier runs that were killed before
+their finalizer (their daemons and segments).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from conftest import REPO
+from snapshotd import errors, shm
+from snapshotd import localcluster as lc
+from snapshotd import placement as pl
+from snapshotd._proto import snapshotd_pb2 as pb
+from snapshotd.manifest import block_checksums
+from snapshotd.peer import PeerAuthError, PeerClient, RemoteError
+from snapshotd.recovery import plan_recovery
+from snapshotd.spec import load_spec
+from snapshotd_client.transport import DaemonClient
+
+JOB = "train"
+BLOCK = "64KiB"
+KiB = 1 << 10
+# One file per running cluster of this test file: {pid of the test process, cluster dir}.
+MARKERS = os.path.join(f"/tmp/snapshotd-{os.getuid()}", "test_cluster")
+COMMIT_TIMEOUT_S = 30
+REBUILD_TIMEOUT_S = 40
+
+
+# -- helpers ----------------------------------------------------------------------------
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll ``pred`` until it returns a truthy value; fail with ``what`` after the timeout."""
+    t0 = time.monotonic()
+    last_exc = None
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            got = pred()
+            if got:
+                return got
+        except errors.SnapshotdError as exc:  # a daemon still starting, a job not there yet
+            last_exc = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}"
+                         + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def pl_blocks(nbytes: int, bs: int) -> int:
+    return (nbytes + bs - 1) // bs
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pid_is_ours(pid: int, d: str) -> bool:
+    """The pid is still a ``snapshotd serve`` of cluster dir ``d`` (not a reused pid)."""
+    cmd = _cmdline(pid)
+    return "snapshotd.cli" in cmd and d in cmd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _segments(d: str, node: str) -> list[str]:
+    return shm.list_segments(lc.shm_prefix(d, node))
+
+
+def _kill_daemons_of(d: str) -> None:
+    """SIGKILL every daemon serving cluster dir ``d`` (found by its command line, so
+    also those a failed ``up`` never recorded) and wait until they are gone."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pid_is_ours(int(p), d)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in pids:
+        _reap(pid, d, timeout_s=None, wait_s=5)
+
+
+def _drop_segments_of(d: str) -> None:
+    if os.path.exists(os.path.join(d, "instance")):
+        for name in shm.list_segments(f"snapshotd.{lc.instance_of(d)}."):
+            shm.unlink(name)
+
+
+def _clean_leftovers() -> None:
+    """Runs killed before their finalizer: stop their daemons, drop their segments.
+    Clusters of a test process still alive (a concurrent run) are left alone."""
+    for path in glob.glob(os.path.join(MARKERS, "*.json")):
+        try:
+            with open(path) as f:
+                owner = json.load(f)
+            pid, d = int(owner["pid"]), str(owner["dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            os.unlink(path)
+            continue
+        if pid != os.getpid() and _pid_alive(pid) and "python" in _cmdline(pid):
+            continue
+        _kill_daemons_of(d)
+        _drop_segments_of(d)
+        os.unlink(path)
+
+
+def _reap(pid: int, d: str, timeout_s: float | None = None, wait_s: float | None = None) -> None:
+    """Wait for daemon ``pid`` of cluster ``d`` to exit (reaping it if it is our child):
+    SIGKILL it after ``timeout_s``; give up after ``wait_s``."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # reaped by subprocess already, or not our child
+            if not _pid_is_ours(pid, d):
+                return
+        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+            os.kill(pid, signal.SIGKILL)
+            timeout_s = None
+        if wait_s is not None and time.monotonic() - t0 > wait_s:
+            return
+        time.sleep(0.01)
+
+
+class Cluster:
+    """A local cluster of ``n`` daemons, group n = k + m, node ni hosting rank i."""
+
+    def __init__(self, d: str, n: int, m: int):
+        self.d, self.n, self.m = d, n, m
+        self.info = lc.up(d, n, m, block_size=BLOCK, budget="1GiB")
+        self.nodes = sorted(self.info["nodes"], key=lambda x: int(x[1:]))
+        self.spec = load_spec(os.path.join(d, "spec.yaml"))
+        self.bs = self.spec.block_size_bytes
+        self._clients: dict[str, DaemonClient] = {}
+        self.versions: dict[int, dict[int, tuple[bytes, pb.ShardManifest]]] = {}
+
+    # -- processes
+    def pid(self, node: str) -> int:
+        with open(os.path.join(self.d, "cluster.json")) as f:
+            return json.load(f)["nodes"][node]["pid"]
+
+    def _set_pid(self, node: str, pid: int) -> None:
+        path = os.path.join(self.d, "cluster.json")
+        with open(path) as f:
+            info = json.load(f)
+        info["nodes"][node]["pid"] = pid
+        with open(path + ".tmp", "w") as f:
+            json.dump(info, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    def kill(self, node: str, wipe: bool) -> None:
+        """SIGKILL the daemon; with ``wipe`` the machine is lost: state and shm gone."""
+        c = self._clients.pop(node, None)
+        if c is not None:
+            c.close()
+        pid = self.pid(node)
+        if _pid_is_ours(pid, self.d):
+            os.kill(pid, signal.SIGKILL)
+        _reap(pid, self.d)
+        if wipe:
+            shutil.rmtree(os.path.join(self.d, node), ignore_errors=True)
+            for name in _segments(self.d, node):
+                shm.unlink(name)
+
+    def start(self, node: str) -> None:
+        p = lc.start_node(self.d, node, "1GiB")
+        self._set_pid(node, p.pid)
+        lc.wait_ready(self.d, node, p)
+
+    def lose(self, nodes) -> None:
+        """Lose every node of ``nodes`` at once, then bring each back empty."""
+        for node in nodes:
+            self.kill(node, wipe=True)
+        for node in nodes:
+            assert not _segments(self.d, node)
+            self.start(node)
+
+    def crash_restart(self, node: str) -> None:
+        """The daemon dies (SIGKILL), the machine and its shared memory stay."""
+        self.kill(node, wipe=False)
+        self.start(node)
+
+    # -- the client API
+    def client(self, node: str) -> DaemonClient:
+        c = self._clients.get(node)
+        if c is None:
+            c = self._clients[node] = DaemonClient.for_socket(
+                os.path.join(self.d, f"{node}.sock"), timeout_s=30)
+        return c
+
+    def cluster_status(self, node: str) -> dict:
+        return json.loads(self.client(node).stats().cluster_json)
+
+    def committed(self, node: str) -> int:
+        """The job's committed version as the node's store reports it (0: none / no job)."""
+        for j in self.client(node).stats().jobs:
+            if j.job_id == JOB:
+                return j.latest_committed_version
+        return 0
+
+    def write(self, node: str, version: int, data: bytes, seed: int = 0) -> pb.ShardManifest:
+        """Deliver rank int(node[1:])'s shard of ``version`` to ``node`` (raw API)."""
+        rank = self.nodes.index(node)
+        cl = self.client(node)
+        reg = cl.register_job(JOB, self.n, 1)
+        assert reg.block_size_bytes == self.bs
+        st = cl.acquire_staging(JOB, rank, version, len(data))
+        assert st.segment_name.startswith(lc.shm_prefix(self.d, node)), st.segment_name
+        seg = shm.open_segment(st.segment_name, writable=True)
+        try:
+            if data:
+                seg.buf[:len(data)] = data
+        finally:
+            seg.close()
+        n = len(data)
+        m = pb.ShardManifest(
+            job_id=JOB, rank=rank, version=version, payload_bytes=n, block_size_bytes=self.bs,
+            checksum_algo="xxh3_64", meta_json=json.dumps({"step": version, "rank": rank}),
+            tensors=[pb.TensorEntry(name="w", dtype="uint8", shape=[n], offset=0, nbytes=n)] if n else [])
+        m.block_checksums.extend(block_checksums(data, n, self.bs))
+        resp = cl.adopt(st.segment_name, m)
+        assert not resp.committed  # in a cluster the commit comes from the votes
+        return m
+
+    def push(self, version: int, nodes=None, empty: int | None = None) -> None:
+        """Deliver ``version`` on ``nodes`` (all by default): uneven random sizes of
+        100-400 KiB, rank ``empty`` (default: rotating with the version) with none."""
+        empty = version % self.n if empty is None else empty
+        shards = self.versions.setdefault(version, {})
+        for node in nodes or self.nodes:
+            rank = self.nodes.index(node)
+            rng = random.Random(f"{self.n}/{self.m}/{version}/{rank}")
+            size = 0 if rank == empty else rng.randrange(100 * KiB, 400 * KiB)
+            data = random.Random(f"{version}/{rank}").randbytes(size)
+            shards[rank] = (data, self.write(node, version, data))
+
+    def wait_committed(self, version: int, nodes=None, timeout_s: float = COMMIT_TIMEOUT_S) -> None:
+        for node in nodes or self.nodes:
+            wait_for(lambda: self.committed(node) == version, timeout_s,
+                     f"{node} to commit version {version} (it has {self._safe_committed(node)})")
+
+    def _safe_committed(self, node: str):
+        try:
+            return self.committed(node)
+        except errors.SnapshotdError as exc:
+            return exc
+
+    def open(self, node: str, version: int = 0) -> tuple[pb.ShardManifest, bytes]:
+        rank = self.nodes.index(node)
+        r = self.client(node).open_shard(JOB, rank, version)
+        seg = shm.open_segment(r.segment_name)
+        try:
+            n = r.manifest.payload_bytes
+            data = bytes(seg.buf[:n]) if n else b""
+        finally:
+            seg.close()
+        return r.manifest, data
+
+    def check_restorable(self, version: int, nodes=None) -> None:
+        """OpenShard on each node returns its rank's exact bytes and manifest of ``version``."""
+        for node in nodes or self.nodes:
+            rank = self.nodes.index(node)
+            want_data, want_m = self.versions[version][rank]
+            for v in (0, version):
+                m, data = self.open(node, v)
+                assert m.version == version and m.rank == rank, (node, m.version, m.rank)
+                assert m == want_m, f"{node}: manifest differs"
+                assert len(data) == len(want_data) and sha(data) == sha(want_data), \
+                    f"{node}: rank {rank} v{version} bytes differ"
+
+    def check_settled(self, version: int) -> None:
+        """After ``version`` committed everywhere and nothing is in flight: every node
+        holds exactly one parity segment, that of ``version``, and a bounded number of
+        rank segments (no leak across versions)."""
+        for node in self.nodes:
+            segs = _segments(self.d, node)
+            parity = [s for s in segs if ".parity." in s]
+            ranks = [s for s in segs if ".parity." not in s]
+            if self.m:
+                assert parity == [f"{lc.shm_prefix(self.d, node)}{JOB}.parity.v{version}"], (node, segs)
+            else:
+                assert parity == [], (node, segs)
+            assert 1 <= len(ranks) <= 3, (node, segs)  # max_slots_per_rank
+            st = self.cluster_status(node)
+            assert st["jobs"][JOB]["committed"] == version, (node, st["jobs"])
+            assert not st["degraded"], (node, st["degraded"])
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    made: list[Cluster] = []
+    marker = os.path.join(MARKERS, f"{os.getpid()}.json")
+
+    def make(n: int, m: int) -> Cluster:
+        assert not made, "one cluster per test"
+        _clean_leftovers()
+        d = str(tmp_path / f"cluster-{n}-{m}")
+        os.makedirs(MARKERS, exist_ok=True)
+        with open(marker, "w") as f:
+            json.dump({"pid": os.getpid(), "dir": d}, f)
+        try:
+            c = Cluster(d, n, m)
+        except BaseException:
+            _kill_daemons_of(d)
+            _drop_segments_of(d)
+            os.unlink(marker)
+            raise
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+        logs = {n: open(os.path.join(c.d, f"{n}.log"), errors="replace").read()
+                for n in c.nodes if os.path.exists(os.path.join(c.d, f"{n}.log"))}
+        pids = [c.pid(n) for n in c.nodes]
+        for pid in pids:  # stop them all at once (each may wait out a heartbeat) ...
+            if _pid_is_ours(pid, c.d):
+                os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            _reap(pid, c.d, timeout_s=10)
+        assert lc.down(c.d) == 0  # ... then down() finds them gone and frees the shm
+        if os.path.exists(marker):
+            os.unlink(marker)
+        inst = lc.instance_of(c.d)
+        left = shm.list_segments(f"snapshotd.{inst}.")
+        assert not left, f"segments left behind: {left}"
+        tracebacks = {n: t[max(0, t.index("Traceback") - 2000):][:6000]
+                      for n, t in logs.items() if "Traceback" in t}
+        assert not tracebacks, f"daemon logs with tracebacks: {tracebacks}"
+
+
+# -- 1. every pattern of up to m lost nodes ------------------------------------------------
+@pytest.mark.parametrize("n,m", [(3, 1), (4, 2)])
+def test_every_loss_pattern_up_to_m_is_rebuilt_bit_exact(make_cluster, n, m):
+    c = make_cluster(n, m)
+    patterns = [p for size in range(1, m + 1) for p in itertools.combinations(c.nodes, size)]
+
+    def empty_rank(i: int) -> int:
+        """The rank with an empty payload in the version pattern i will lose: alternately
+        a lost node's and a survivor's."""
+        lost = patterns[i % len(patterns)]
+        pick = lost[0] if i % 2 == 0 else next(x for x in c.nodes if x not in lost)
+        return c.nodes.index(pick)
+
+    v = 1
+    c.push(v)
+    c.wait_committed(v)
+    c.check_restorable(v)
+    # A second version supersedes the first everywhere (and frees its parity).
+    v = 2
+    c.push(v, empty=empty_rank(0))
+    c.wait_committed(v)
+    c.check_restorable(v)
+    c.check_settled(v)
+    for node in c.nodes:
+        with pytest.raises(errors.UnknownJobError, match="version 1 is not held"):
+            c.open(node, 1)
+
+    for i, lost in enumerate(patterns):
+        c.lose(lost)
+        if i % 2 == 0:
+            # Asked at once (a trainer restarted with its node): the restarted node
+            # knows the committed version and OpenShard rebuilds on demand.
+            for node in lost:
+                reg = c.client(node).register_job(JOB, c.n, 1)
+                assert reg.latest_committed_version == v, (node, lost)
+                assert c.open(node, v if i % 4 == 2 else 0)[0].version == v
+            c.check_restorable(v, lost)
+        for node in lost:  # else the catch-up rebuilds without being asked
+            wait_for(lambda: c.committed(node) == v, REBUILD_TIMEOUT_S,
+                     f"{node} (lost with {lost}) to rebuild version {v}")
+            st = c.cluster_status(node)
+            assert st["last_rebuild"]["version"] == v and st["last_rebuild"]["job"] == JOB, st
+            assert st["last_rebuild"]["bytes"] > 0
+            assert not st["degraded"], st["degraded"]
+            if m:
+                assert st["parity_bytes"].get(JOB, 0) > 0, st  # parity rebuilt too
+        c.check_restorable(v)  # survivors untouched, rebuilt nodes bit-exact
+        # The group is whole again: a new version commits on every node.
+        v += 1
+        c.push(v, empty=empty_rank(i + 1))
+        c.wait_committed(v)
+        c.check_restorable(v)
+    c.check_settled(v)
+
+
+# -- 2. m + 1 lost nodes --------------------------------------------------------------------
+def test_more_than_m_lost_is_reported_not_invented(make_cluster):
+    c = make_cluster(4, 1)
+    for v in (1, 2):
+        c.push(v)
+        c.wait_committed(v)
+    lost, survivors = c.nodes[:2], c.nodes[2:]
+    c.lose(lost)
+
+    def degraded(node):
+        why = c.cluster_status(node)["degraded"].get(JOB, "")
+        return why if why and "rebuilding" not in why else None
+
+    for node in lost:
+        why = wait_for(lambda: degraded(node), REBUILD_TIMEOUT_S, f"{node} to report degraded")
+        assert "version 2" in why and "group 0" in why, why
+        assert c.committed(node) == 0
+        # ``snapshotd status`` shows it too.
+        out = subprocess.run([sys.executable, "-m", "snapshotd.cli", "status", "--dir", c.d],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert out.returncode == 0, out.stderr
+        line = next(x for x in out.stdout.splitlines() if x.startswith(node + " "))
+        assert "version 2" in line and "group 0" in line, out.stdout
+
+    for node in lost:
+        with pytest.raises(errors.ConflictError) as ei:
+            c.open(node)
+        err = ei.value
+        assert err.grpc_code == grpc.StatusCode.FAILED_PRECONDITION, (err.grpc_code, str(err))
+        msg = str(err)
+        assert "version 2" in msg and "group 0" in msg, msg
+        assert "lost" in msg and "data block" in msg, msg  # names the missing blocks
+        assert c.committed(node) == 0  # nothing was invented
+    c.check_restorable(2, survivors)
+    for node in survivors:
+        assert c.committed(node) == 2 and not c.cluster_status(node)["degraded"]
+
+    # The job can go on: a new version written everywhere commits on every node.
+    c.push(3)
+    c.wait_committed(3)
+    c.check_restorable(3)
+    wait_for(lambda: all(not c.cluster_status(x)["degraded"] for x in c.nodes), 10,
+             "the degraded marks to clear")
+    c.check_settled(3)
+
+
+# -- 3. a node lost in the middle of a snapshot --------------------------------------------
+def test_node_lost_mid_snapshot_keeps_last_version_and_never_commits_torn_one(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    c.push(2, nodes=c.nodes[:2])  # n0, n1 delivered v2, n2 not yet
+    time.sleep(0.5)  # let n0/n1 announce v2
+    c.kill(c.nodes[0], wipe=True)  # n0 is lost with its v2 data
+    c.push(2, nodes=c.nodes[2:])  # the last rank delivers after all
+    c.check_restorable(1, c.nodes[1:])  # the survivors still restore v1, bit-exact
+    c.start(c.nodes[0])
+    wait_for(lambda: c.committed(c.nodes[0]) == 1, REBUILD_TIMEOUT_S, "n0 to rebuild v1")
+    assert c.cluster_status(c.nodes[0])["last_rebuild"]["version"] == 1
+    c.check_restorable(1)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:  # v2 is torn: it never commits anywhere
+        for node in c.nodes:
+            assert c.committed(node) == 1, node
+            assert c.cluster_status(node)["jobs"][JOB]["committed"] == 1
+            lv = c.client(node).list_versions(JOB)
+            assert lv.latest_committed_version == 1
+            assert not any(x.committed for x in lv.versions if x.version == 2)
+        time.sleep(0.2)
+    # Replaced and caught up: the next version commits everywhere.
+    c.push(3)
+    c.wait_committed(3)
+    c.check_restorable(3)
+    c.check_settled(3)
+
+
+# -- 4. a daemon crash (machine alive) neither loses nor invents a commit ---------------------
+def _parity_reads(c: Cluster, counts) -> list[tuple[str, str]]:
+    """[(source, target)]: rebuilding ``target`` alone reads a parity block of ``source``."""
+    layout = pl.place_group(c.n, c.m, counts)
+    out = []
+    for si, ti in itertools.permutations(range(c.n), 2):
+        plan = plan_recovery(layout, set(range(c.n)) - {ti}, [ti], version=1, group=0)
+        if any(x.kind == "parity" and x.node == si for r in plan.repairs for x in r.fetches()):
+            out.append((c.nodes[si], c.nodes[ti]))
+    assert out, f"no rebuild reads parity for counts {counts}"
+    return out
+
+
+def test_daemon_crash_keeps_commit_and_parity(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    c.push(2)
+    c.wait_committed(2)
+    counts = [pl_blocks(len(c.versions[2][r][0]), c.bs) for r in range(c.n)]
+    reads = _parity_reads(c, counts)
+    crashed, lost = reads[0]
+    before = c.cluster_status(crashed)
+    assert before["parity_bytes"][JOB] > 0
+    # A version only this node delivered must not come back as committed.
+    c.push(3, nodes=[crashed])
+    c.crash_restart(crashed)
+    after = c.cluster_status(crashed)
+    assert c.committed(crashed) == 2 and after["jobs"][JOB]["committed"] == 2, after
+    assert after["parity_bytes"] == before["parity_bytes"], (before, after)
+    assert not after["degraded"], after
+    c.check_restorable(2, [crashed])
+    lv = c.client(crashed).list_versions(JOB)
+    assert lv.latest_committed_version == 2 and [x.version for x in lv.versions] == [2]
+    # Its peers learn nothing new either.
+    time.sleep(1)
+    for node in c.nodes:
+        assert c.committed(node) == 2
+    # The re-adopted parity serves a rebuild: lose a node whose rebuild reads it.
+    c.lose([lost])
+    wait_for(lambda: c.committed(lost) == 2, REBUILD_TIMEOUT_S, f"{lost} to rebuild v2")
+    c.check_restorable(2)
+    # The rebuilt node's data and parity serve the next rebuild in turn (n = 3: every
+    # rebuild reads both other nodes; preferably one reading ``lost``'s parity).
+    nxt = next((t for s, t in reads if s == lost), next(x for x in c.nodes if x not in (lost, crashed)))
+    c.lose([nxt])
+    wait_for(lambda: c.committed(nxt) == 2, REBUILD_TIMEOUT_S, f"{nxt} to rebuild v2")
+    c.check_restorable(2)
+    # And the cluster goes on (v3 was dropped with the crash: the trainer moves on to v4).
+    c.push(4)
+    c.wait_committed(4)
+    c.check_restorable(4)
+    c.check_settled(4)
+
+
+# -- 5. peers outside the spec -------------------------------------------------------------
+def test_unknown_peer_and_wrong_key_are_refused(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    target = c.spec.node("n0")
+    addr = f"tcp://127.0.0.1:{target.peer_port}"
+    key = c.spec.peer_key.encode()
+    forged = {"op": "ping", "committed": {JOB: 99}}
+    with PeerClient(addr, "intruder", "n0", key, timeout_ms=3000) as pc:  # right key
+        for h in (forged, {"op": "vote", "job": JOB, "v": 99, "ranks": [0]}, {"op": "jobs"}):
+            with pytest.raises((PeerAuthError, RemoteError), match="unknown peer"):
+                pc.call(h)
+    with PeerClient(addr, "n1", "n0", b"not-the-key" * 3, timeout_ms=3000) as pc:
+        with pytest.raises((PeerAuthError, RemoteError)):
+            pc.call(forged)
+        with pytest.raises((PeerAuthError, RemoteError)):
+            pc.call({"op": "vote", "job": JOB, "v": 99, "ranks": [1]})
+    with PeerClient(addr, "n1", "n0", None, timeout_ms=3000) as pc:  # no key at all
+        with pytest.raises((PeerAuthError, RemoteError)):
+            pc.call(forged)
+    # The right key and a spec member are answered (the refusals were not a dead socket).
+    with PeerClient(addr, "n2", "n0", key, timeout_ms=3000) as pc:
+        rep, _ = pc.call({"op": "jobs"})
+        assert rep["jobs"][JOB]["committed"] == 1
+    for node in c.nodes:
+        assert c.committed(node) == 1
+        st = c.cluster_status(node)
+        assert "intruder" not in st["peers"]
+        assert all(p["committed"].get(JOB, 0) <= 1 for p in st["peers"].values()), st["peers"]
+    c.push(2)
+    c.wait_committed(2)
+    c.check_restorable(2)
+
+
+# -- 6. snapshotd status ----------------------------------------------------------------------
+def test_status_cli_lists_every_node(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    c.push(2)
+    c.wait_committed(2)
+    cmd = [sys.executable, "-m", "snapshotd.cli", "status", "--dir", c.d]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["node", "alive", "group", "committed"], out.stdout
+    for node in c.nodes:
+        row = next(x for x in lines if x.split()[0] == node).split()
+        assert row[1] == "yes" and row[2] == "0" and row[3] == f"{JOB}@2", out.stdout
+        assert row[-1] == "-", out.stdout  # not degraded
+    js = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert js.returncode == 0, js.stderr
+    rows = json.loads(js.stdout)
+    assert sorted(r["node_id"] for r in rows) == c.nodes
+    for r in rows:
+        assert r["alive"] is True
+        assert [(j["job_id"], int(j["latest_committed_version"])) for j in r["jobs"]] == [(JOB, 2)]
+        assert r["cluster"]["node"] == r["node_id"] and r["cluster"]["jobs"][JOB]["committed"] == 2
+        assert r["cluster"]["k"] == 2 and r["cluster"]["m"] == 1
+    # A dead node is listed as unreachable, and the exit status says so.
+    c.kill(c.nodes[1], wipe=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 1
+    row = next(x for x in out.stdout.splitlines() if x.split()[0] == c.nodes[1])
+    assert "unreachable" in row and row.split()[1] == "no", out.stdout
+    c.start(c.nodes[1])
+    c.wait_committed(2)
