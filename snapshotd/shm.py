@@ -53,11 +53,20 @@ def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
 
 
-def create(name: str, size: int, *, mode: int = 0o600) -> Segment:
-    """Create (or truncate and resize) a segment of ``size`` bytes and map it."""
+def create(name: str, size: int, *, mode: int = 0o600, allocate: bool = False) -> Segment:
+    """Create (or truncate and resize) a segment of ``size`` bytes and map it.
+
+    ``allocate``: reserve the pages now (posix_fallocate), so a full tmpfs is an
+    OSError here rather than a SIGBUS at the first write."""
     fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.ftruncate(fd, size)
+        if allocate and size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                os.unlink(path_of(name))
+                raise
         return Segment(name, size, _map(fd, size, True), True)
     finally:
         os.close(fd)

@@ -117,7 +117,10 @@ class ClusterStoreMixin:
             slot = led.install_committed(rank, version, size)
             self._release_segment(job_id, rank, slot)
             name = self._segment_name(job_id, rank, slot)
-            seg = shm.create(name, size)
+            try:
+                seg = shm.create(name, size, allocate=True)
+            except OSError as exc:
+                raise MemoryBudgetExceededError(f"cannot allocate {size} bytes in {shm.SHM_DIR}: {exc}")
             self._held[name] = Held(seg, manifest)
             self._by_slot[(job_id, rank, slot.index)] = name
             with open(self._manifest_path(name), "wb") as f:
@@ -141,10 +144,17 @@ class ClusterStoreMixin:
                 self._make_room(size)
             if size > shm.free_bytes():
                 raise MemoryBudgetExceededError(f"{shm.SHM_DIR}: {size} bytes needed")
-            seg = shm.create(name, size)
+            try:
+                seg = shm.create(name, size, allocate=True)
+            except OSError as exc:
+                raise MemoryBudgetExceededError(f"cannot allocate {size} bytes in {shm.SHM_DIR}: {exc}")
             self._aux[name], self._aux_sizes[name] = seg, size
             self._persist()
             return name, seg
+
+    def aux_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._aux)
 
     def aux(self, name: str):
         with self._lock:

@@ -306,14 +306,14 @@ class Cluster:
 
     def check_settled(self, version: int) -> None:
         """After ``version`` committed everywhere and nothing is in flight: every node
-        holds exactly one parity segment, that of ``version``, and a bounded number of
-        rank segments (no leak across versions)."""
+        holds the parity segment of ``version`` plus at most two released ones kept for
+        reuse, and a bounded number of rank segments (no leak across versions)."""
         for node in self.nodes:
             segs = _segments(self.d, node)
             parity = [s for s in segs if ".parity." in s]
             ranks = [s for s in segs if ".parity." not in s]
             if self.m:
-                assert parity == [f"{lc.shm_prefix(self.d, node)}{JOB}.parity.v{version}"], (node, segs)
+                assert 1 <= len(parity) <= 3, (node, segs)
             else:
                 assert parity == [], (node, segs)
             assert 1 <= len(ranks) <= 3, (node, segs)  # max_slots_per_rank
