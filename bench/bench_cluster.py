@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         rb = _wait(rebuilt, 300, "rebuild did not finish")
         res.update({"rebuild_bytes": rb["bytes"], "rebuild_s": rb["seconds"],
                     "rebuild_gbps": rb["bytes"] / rb["seconds"] / 1e9,
-                    "rebuild_fetched_bytes": rb["fetched_bytes"]})
+                    "rebuild_fetched_bytes": rb["fetched_bytes"],
+                    "rebuild_phases_s": rb.get("phases_s", {})})
     finally:
         lc.down(d)
         shutil.rmtree(d, ignore_errors=True)
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
     print(f"  rebuild of 1 node  {res['rebuild_s'] * 1e3:8.1f} ms  {res['rebuild_gbps']:6.2f} GB/s "
           f"(target >= 2); fetched {res['rebuild_fetched_bytes'] / 2**20:.0f} MiB for "
           f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
+    print(f"  rebuild phases     {res.get('rebuild_phases_s')}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -221,15 +221,23 @@ def _encode_header_base(header: dict, with_payload: bool) -> bytes:
     return raw
 
 
-def _add_payload_fields(base: bytes, payload: memoryview) -> bytes:
+# A sender that already knows its payload's xxh3 (a stored block checksum) passes it as
+# header[KNOWN_XXH3]; it is sent as "xxh3" instead of hashing the payload again. The
+# receiver still verifies, so bytes corrupted at rest are caught end to end.
+KNOWN_XXH3 = "known_xxh3"
+
+
+def _add_payload_fields(base: bytes, payload: memoryview, known: int | None = None) -> bytes:
     """Append "len" and "xxh3" of ``payload`` to an encoded JSON object (no re-encoding)."""
-    tail = b'"len":%d,"xxh3":%d}' % (payload.nbytes, xxhash.xxh3_64_intdigest(payload))
+    digest = xxhash.xxh3_64_intdigest(payload) if known is None else int(known)
+    tail = b'"len":%d,"xxh3":%d}' % (payload.nbytes, digest)
     return base[:-1] + (b"," if len(base) > 2 else b"") + tail
 
 
 def _encode_header(header: dict, payload: memoryview | None) -> bytes:
+    known = header.pop(KNOWN_XXH3, None) if isinstance(header, dict) else None
     base = _encode_header_base(header, payload is not None)
-    return base if payload is None else _add_payload_fields(base, payload)
+    return base if payload is None else _add_payload_fields(base, payload, known)
 
 
 def _decode_header(raw: bytes) -> dict:

@@ -59,9 +59,12 @@ class ClusterStoreMixin:
                 out.append((r, held.manifest, held.segment))
             return out
 
-    def block_reader(self, job_id: str, version: int, block_size: int, verify: bool = False):
+    def block_reader(self, job_id: str, version: int, block_size: int, verify: bool = False,
+                     with_checksum: bool = False):
         """A function j -> the node's data block j (``block_size`` bytes). With
-        ``verify``, the block is checked against its manifest checksum first."""
+        ``verify``, the block is checked against its manifest checksum first; with
+        ``with_checksum`` it returns (block, stored xxh3 of exactly those bytes, or None
+        for a zero-padded last block)."""
         shards = self.local_shards(job_id, version)
         if not shards:
             raise VersionNotFoundError(f"job {job_id!r}: version {version} is not held here")
@@ -71,7 +74,6 @@ class ClusterStoreMixin:
             nb = mf.num_blocks(m.payload_bytes, block_size)
             spans.append((first, nb, m, seg))
             first += nb
-        scratch = np.zeros(block_size, np.uint8)
 
         def read(j: int):
             for f, nb, m, seg in spans:
@@ -79,7 +81,9 @@ class ClusterStoreMixin:
                     off = (j - f) * block_size
                     n = min(block_size, m.payload_bytes - off)
                     mv = memoryview(seg.buf)[off:off + n]
-                    if verify:
+                    if with_checksum and m.block_size_bytes == block_size and n == block_size:
+                        return mv, m.block_checksums[j - f]
+                    if verify or with_checksum:
                         if m.block_size_bytes != block_size:
                             raise ChecksumMismatchError(
                                 f"rank {m.rank}: manifest blocks of {m.block_size_bytes} bytes, "
@@ -89,10 +93,10 @@ class ClusterStoreMixin:
                                 f"job {job_id!r} v{version} rank {m.rank}: data block {j - f} "
                                 "is corrupt (checksum mismatch)")
                     if n == block_size:
-                        return mv
-                    out = scratch.copy()
+                        return (mv, None) if with_checksum else mv
+                    out = np.zeros(block_size, np.uint8)  # a rank's last block, padded
                     out[:n] = np.frombuffer(mv, np.uint8)
-                    return memoryview(out)
+                    return (memoryview(out), None) if with_checksum else memoryview(out)
             raise IndexError(f"job {job_id!r} v{version}: no data block {j} here ({first} blocks)")
 
         return read

@@ -625,3 +625,37 @@ def test_status_cli_lists_every_node(make_cluster):
     assert "unreachable" in row and row.split()[1] == "no", out.stdout
     c.start(c.nodes[1])
     c.wait_committed(2)
+
+
+# -- 7. corruption at a source is caught by the rebuilding node -----------------------------
+
+def test_corrupt_source_block_is_never_rebuilt_into_a_shard(make_cluster):
+    """Sources send their stored checksum with each block and the rebuilding node
+    verifies it: a bit flipped in a survivor's RAM makes the rebuild fail (degraded,
+    nothing restored), and once the bytes are good again the retry rebuilds exactly."""
+    c = make_cluster(3, 1)
+    c.push(1, empty=2)
+    c.wait_committed(1)
+    r = c.client("n1").open_shard(JOB, 1)
+    seg = shm.open_segment(r.segment_name, writable=True)
+    n = r.manifest.payload_bytes
+    originals = {off: seg.buf[off] for off in range(0, n, c.bs)}
+    try:
+        for off in originals:  # flip a bit in every block of rank 1's shard on n1
+            seg.buf[off] ^= 0x01
+        c.lose(["n0"])
+
+        def failed():
+            why = c.cluster_status("n0")["degraded"].get(JOB, "")
+            return why if "checksum" in why or "corrupt" in why.lower() else None
+
+        why = wait_for(failed, REBUILD_TIMEOUT_S, "n0's rebuild to fail on the corrupt source")
+        assert c.committed("n0") == 0, why
+        with pytest.raises(errors.SnapshotdError):
+            c.open("n0")  # never a shard rebuilt from corrupt bytes
+    finally:
+        for off, b in originals.items():
+            seg.buf[off] = b
+        seg.close()
+    c.wait_committed(1, ["n0"], timeout_s=REBUILD_TIMEOUT_S)  # catch-up retries
+    c.check_restorable(1)
