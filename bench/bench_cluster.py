@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     if a.quick:
         a.nodes, a.parity, a.size_mib, a.block_size, a.repeats = 3, 1, 4, "256KiB", 2
     from snapshotd import localcluster as lc
-    from snapshotd import shm
     from snapshotd_client import Snapshotter
     from snapshotd_client.transport import DaemonClient
 
@@ -114,18 +113,10 @@ def main(argv=None) -> int:
         res["parity_bytes_per_node"] = par
         # Rebuild: lose the last node and bring it back empty.
         victim = nodes[-1]
-        with open(os.path.join(d, "cluster.json")) as f:
-            info = json.load(f)
-        os.kill(info["nodes"][victim]["pid"], signal.SIGKILL)
+        os.kill(lc.node_pid(d, victim), signal.SIGKILL)
         time.sleep(0.2)
-        shutil.rmtree(os.path.join(d, victim), ignore_errors=True)
-        for name in shm.list_segments(lc.shm_prefix(d, victim)):
-            shm.unlink(name)
-        proc = lc.start_node(d, victim, budget)
-        info["nodes"][victim]["pid"] = proc.pid
-        with open(os.path.join(d, "cluster.json"), "w") as f:
-            json.dump(info, f)
-        lc.wait_ready(d, victim, proc)
+        lc.wipe_node(d, victim)
+        lc.restart_node(d, victim, budget)
         vc = DaemonClient.for_socket(socks[victim], timeout_s=30)
 
         def rebuilt():

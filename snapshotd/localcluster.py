@@ -87,6 +87,46 @@ def wait_ready(d: str, node: str, proc: subprocess.Popen | None = None, timeout_
         return json.load(f)
 
 
+def node_pid(d: str, node: str) -> int:
+    with open(os.path.join(d, "cluster.json")) as f:
+        return json.load(f)["nodes"][node]["pid"]
+
+
+def set_pid(d: str, node: str, pid: int) -> None:
+    """Record a node's new daemon pid, so ``down`` stops the replacement too."""
+    path = os.path.join(d, "cluster.json")
+    with open(path) as f:
+        info = json.load(f)
+    info["nodes"][node]["pid"] = pid
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def wipe_node(d: str, node: str) -> int:
+    """The machine is gone: delete the node's state directory and shared memory.
+    Returns the bytes of shared memory freed. (Stop its daemon first.)"""
+    import shutil
+
+    shutil.rmtree(os.path.join(d, node), ignore_errors=True)
+    freed = 0
+    for name in shm.list_segments(shm_prefix(d, node)):
+        try:
+            freed += os.path.getsize(shm.path_of(name))
+        except OSError:
+            pass
+        shm.unlink(name)
+    return freed
+
+
+def restart_node(d: str, node: str, budget: str = "4GiB") -> subprocess.Popen:
+    """Start a (replacement) daemon for ``node`` and wait until it serves."""
+    p = start_node(d, node, budget)
+    set_pid(d, node, p.pid)
+    wait_ready(d, node, p)
+    return p
+
+
 def sockets(d: str) -> dict[str, str]:
     with open(os.path.join(d, "cluster.json")) as f:
         return {n: v["socket"] for n, v in json.load(f)["nodes"].items()}

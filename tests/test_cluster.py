@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -172,17 +171,7 @@ class Cluster:
 
     # -- processes
     def pid(self, node: str) -> int:
-        with open(os.path.join(self.d, "cluster.json")) as f:
-            return json.load(f)["nodes"][node]["pid"]
-
-    def _set_pid(self, node: str, pid: int) -> None:
-        path = os.path.join(self.d, "cluster.json")
-        with open(path) as f:
-            info = json.load(f)
-        info["nodes"][node]["pid"] = pid
-        with open(path + ".tmp", "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(path + ".tmp", path)
+        return lc.node_pid(self.d, node)
 
     def kill(self, node: str, wipe: bool) -> None:
         """SIGKILL the daemon; with ``wipe`` the machine is lost: state and shm gone."""
@@ -194,14 +183,10 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
         _reap(pid, self.d)
         if wipe:
-            shutil.rmtree(os.path.join(self.d, node), ignore_errors=True)
-            for name in _segments(self.d, node):
-                shm.unlink(name)
+            lc.wipe_node(self.d, node)
 
     def start(self, node: str) -> None:
-        p = lc.start_node(self.d, node, "1GiB")
-        self._set_pid(node, p.pid)
-        lc.wait_ready(self.d, node, p)
+        lc.restart_node(self.d, node, "1GiB")
 
     def lose(self, nodes) -> None:
         """Lose every node of ``nodes`` at once, then bring each back empty."""

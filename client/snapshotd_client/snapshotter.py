@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
@@ -179,23 +178,6 @@ def _stop_trainers(registry: list) -> None:
 def _cluster_nodes(d: str) -> dict:
     with open(os.path.join(d, "cluster.json")) as f:
         return json.load(f)["nodes"]
-
-
-def _set_pid(d: str, node: str, pid: int) -> None:
-    path = os.path.join(d, "cluster.json")
-    with open(path) as f:
-        info = json.load(f)
-    info["nodes"][node]["pid"] = pid
-    with open(path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def _shm_prefix(d: str, node: str) -> str:
-    """The node's /dev/shm segment prefix (namespaced per cluster by ``localcluster``)."""
-    if hasattr(lc, "shm_prefix"):
-        return lc.shm_prefix(d, node)
-    return f"snapshotd.{node}."
 
 
 def _committed(row: dict) -> int:
@@ -397,21 +379,12 @@ def run_multi_node_demo(workdir: str | None = None, steps: int = 30, kill_at: in
              ", ".join(f"{n} v{v}" for n, v in committed.items()) + f" -> step {last}")
 
         # -- 5: the node is gone; a replacement rebuilds it ----------------------------------
-        segs = shm.list_segments(_shm_prefix(d, victim))
-        seg_bytes = 0
-        for name in segs:
-            try:
-                seg_bytes += os.path.getsize(shm.path_of(name))
-            except OSError:
-                pass
-            shm.unlink(name)
-        shutil.rmtree(os.path.join(d, victim), ignore_errors=True)
+        segs = shm.list_segments(lc.shm_prefix(d, victim))
+        seg_bytes = lc.wipe_node(d, victim)
         _say(f"5/7 node {victim} is gone: wiped its state directory and its {len(segs)} "
              f"shared-memory segments ({_mb(seg_bytes)}); starting a replacement {victim}")
         t_rb = time.monotonic()
-        proc = lc.start_node(d, victim)
-        _set_pid(d, victim, proc.pid)
-        lc.wait_ready(d, victim, proc)
+        proc = lc.restart_node(d, victim)
         _say(f"    replacement daemon {victim} up (pid {proc.pid}) after {time.monotonic() - t_rb:.1f} s; "
              f"it catches up from the survivors on its own")
         shown = None
@@ -485,7 +458,7 @@ def run_multi_node_demo(workdir: str | None = None, steps: int = 30, kill_at: in
                 _sweep(d, node_ids)
                 if os.path.exists(os.path.join(d, "instance")) or not hasattr(lc, "shm_prefix"):
                     for n in node_ids:
-                        for name in shm.list_segments(_shm_prefix(d, n)):
+                        for name in shm.list_segments(lc.shm_prefix(d, n)):
                             shm.unlink(name)
             _say(f"cluster stopped, shared memory freed ({time.monotonic() - t_start:.1f} s in all)")
         if old_term is not None:
