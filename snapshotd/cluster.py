@@ -53,6 +53,10 @@ from snapshotd.spec import ClusterSpec
 
 log = logging.getLogger("snapshotd.cluster")
 
+# Received contributions a parity holder may keep in memory while it waits for the rest
+# of their stripes (see ParityBuffer); beyond it, it accumulates block by block.
+HELD_CONTRIBUTIONS_MAX_BYTES = 512 << 20
+
 
 @dataclass
 class ParityBuffer:
@@ -63,6 +67,12 @@ class ParityBuffer:
     index: dict  # (s, t) -> slot
     block_size: int
     checksums: dict = field(default_factory=dict)  # slot -> xxh3, once complete
+    # Contributions are held until a stripe's are all in, then combined in one pass
+    # (each source read once, the parity written once) instead of k read-modify-writes.
+    need: dict = field(default_factory=dict)  # (s, t) -> contributions still to come
+    held: dict = field(default_factory=dict)  # (s, t) -> [(coef, block)]
+    held_bytes: int = 0
+    direct: set = field(default_factory=set)  # (s, t) accumulated one by one (memory cap)
 
     def view(self, s: int, t: int) -> np.ndarray:
         i = self.index[(s, t)]
@@ -245,13 +255,15 @@ class ClusterNode:
             "block_count": ann.block_count, "ranks": list(ann.ranks), "sizes": sizes}, blob)
 
     def _send_contributions(self, job_id: str, a: proto.SendContributions) -> None:
-        blocks = self.store.block_reader(job_id, a.version, self.bs)
+        blocks = self.store.block_reader(job_id, a.version, self.bs, with_checksum=True)
         per_holder: dict[str, list] = {}
         for j, s, p in a.layout.data_blocks(self.my_index):
-            data = blocks(j)
+            data, known = blocks(j)
             for t, holder in enumerate(pl.stripe_parity_nodes(self.n, self.m, s)):
                 hdr = {"op": "contrib", "job": job_id, "v": a.version, "s": s, "t": t, "p": p,
                        "counts": list(a.block_counts)}
+                if known is not None:  # the adopt-time checksum; the holder verifies it
+                    hdr[KNOWN_XXH3] = known
                 if holder == self.my_index:
                     self._accumulate(hdr, data)
                 else:
@@ -307,6 +319,8 @@ class ClusterNode:
             else:
                 name, seg = self.store.create_aux(f"{job_id}.parity.{os.urandom(4).hex()}", size)
             pb_ = self.parity[key] = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs)
+            for s_, t, _p, _src, _j in layout.expected_contributions(self.my_index):
+                pb_.need[(s_, t)] = pb_.need.get((s_, t), 0) + 1
             # Uncommitted rounds that can no longer commit must not pile up.
             stale = sorted(k for k in self.parity if k[0] == job_id and k[1] < v)[:-2]
             for k in stale:
@@ -324,6 +338,8 @@ class ClusterNode:
             if r is None or r.layout is None:
                 return
             buf = self._parity_buffer(job_id, v, r.layout)
+            if buf.held:  # defensive: nothing may stay unapplied once sealed
+                self._flush_held(buf)
             buf.checksums = {i: xxhash.xxh3_64_intdigest(
                 memoryview(buf.segment.buf)[i * self.bs:(i + 1) * self.bs])
                 for i in range(len(buf.index))}
@@ -353,9 +369,32 @@ class ClusterNode:
                 return  # a retry of something already accumulated
             buf = self._parity_buffer(job_id, v, layout)
             coef = int(self.code.parity_matrix[t, p])
-            self.code.mul_accumulate(coef, np.frombuffer(data, np.uint8), buf.view(s, t))
+            block = np.frombuffer(data, np.uint8)
+            key = (s, t)
+            if key in buf.direct:
+                self.code.mul_accumulate(coef, block, buf.view(s, t))
+            else:
+                held = buf.held.setdefault(key, [])
+                held.append((coef, block))
+                buf.held_bytes += block.nbytes
+                if len(held) >= buf.need.get(key, 0):
+                    self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
+                    buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
+                elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
+                    self._flush_held(buf)
             acts = jp.contribution_received(v, s, t, p)
         self._enqueue(job_id, acts)
+
+    def _flush_held(self, buf: ParityBuffer) -> None:
+        """Too much held in memory: fold what is held into the parity now and
+        accumulate those stripes' later contributions one by one."""
+        for (s, t), held in buf.held.items():
+            dst = buf.view(s, t)
+            for c, b in held:
+                self.code.mul_accumulate(c, b, dst)
+            buf.direct.add((s, t))
+        buf.held.clear()
+        buf.held_bytes = 0
 
     # -- the peer server ----------------------------------------------------------------
     def _handle(self, sender: str, h: dict, payload):

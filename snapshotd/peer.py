@@ -587,7 +587,10 @@ class PeerClient:
         encoded = []
         for header, payload in requests:
             view = None if payload is None else _as_byte_view(payload)
-            encoded.append((_encode_header_base(header, view is not None), view))
+            known = header.get(KNOWN_XXH3) if isinstance(header, dict) else None
+            if known is not None:
+                header = {k: v for k, v in header.items() if k != KNOWN_XXH3}
+            encoded.append((_encode_header_base(header, view is not None), view, known))
         sock = self._socket()
         results: list = [None] * n
         pending: dict[bytes, int] = {}
@@ -597,9 +600,9 @@ class PeerClient:
             while done < n:
                 while sent < n and len(pending) < window:
                     rid = self._next_rid()
-                    header_raw, view = encoded[sent]
+                    header_raw, view, known = encoded[sent]
                     if view is not None:
-                        header_raw = _add_payload_fields(header_raw, view)
+                        header_raw = _add_payload_fields(header_raw, view, known)
                     mac = _mac(self._key, self._node_raw, rid, header_raw) if self._key is not None else b""
                     frames = [MAGIC, self._node_raw, rid, header_raw, mac]
                     if view is not None:

@@ -556,3 +556,23 @@ def test_one_code_shared_by_threads(backend):
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(16)))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "isal"])
+def test_combine_equals_accumulated_products(backend):
+    from snapshotd.erasure import isal_available
+
+    if backend == "isal" and not isal_available():
+        pytest.skip("ISA-L not loadable")
+    code = ErasureCode(4, 2, backend=backend)
+    rng = np.random.default_rng(7)
+    srcs = [rng.integers(0, 256, 4097, dtype=np.uint8) for _ in range(3)]
+    coefs = [1, 37, 200]
+    want = np.zeros(4097, np.uint8)
+    for c, x in zip(coefs, srcs):
+        code.mul_accumulate(c, x, want)
+    got = np.full(4097, 0xAB, np.uint8)  # overwritten, not accumulated
+    code.combine(coefs, srcs, got)
+    assert np.array_equal(got, want)
+    with pytest.raises(InvalidRequestError):
+        code.combine([1, 2], srcs, got)

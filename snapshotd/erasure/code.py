@@ -126,6 +126,7 @@ class ErasureCode:
         self._gen = gf.generator_matrix(k, m)
         self._encode_h = self._backend.prepare(self._p)
         self._decode_cache: dict[tuple, object] = {}
+        self._combine_h: dict[tuple, object] = {}
 
     def __repr__(self) -> str:
         return f"ErasureCode(k={self.k}, m={self.m}, backend={self.backend_name!r})"
@@ -166,6 +167,23 @@ class ErasureCode:
         n = _check_lengths(named)
         if self.m:
             self._backend.mad(self._encode_h, j, block, parity, n)
+
+    def combine(self, coefs: Sequence[int], srcs: Sequence[np.ndarray], dst: np.ndarray) -> None:
+        """dst = sum_i coefs[i] * srcs[i] (overwritten): one parity row from the blocks
+        that are really there, in one pass (reads each source once, writes dst once)."""
+        if len(coefs) != len(srcs) or not srcs:
+            raise InvalidRequestError("combine needs as many coefficients as sources, >= 1")
+        for c in coefs:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < 256:
+                raise InvalidRequestError(f"coef must be an int in 0..255, got {c!r}")
+        named = [(f"srcs[{i}]", _check_buffer(a, f"srcs[{i}]")) for i, a in enumerate(srcs)]
+        named.append(("dst", _check_buffer(dst, "dst", True)))
+        n = _check_lengths(named)
+        key = tuple(int(c) for c in coefs)
+        h = self._combine_h.get(key)
+        if h is None:
+            h = self._combine_h[key] = self._backend.prepare(np.array([key], dtype=np.uint8))
+        self._backend.dot(h, srcs, [dst], n)
 
     def mul_accumulate(self, coef: int, src: np.ndarray, dst: np.ndarray) -> None:
         """dst ^= coef * src (coef 1: plain XOR; 0: nothing)."""
