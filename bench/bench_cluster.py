@@ -109,6 +109,9 @@ def main(argv=None) -> int:
         })
         res["gbps_per_node_per_core"] = size / res["daemon_cpu_s_per_node"] / 1e9
         status = lc.collect_status(d)
+        acc = [r["cluster"].get("accumulate", {}) for r in status]
+        res["accumulate_gbps"] = [round(a["bytes"] / a["cpu_seconds"] / 1e9, 2) if a.get("cpu_seconds") else None
+                                  for a in acc]
         par = [sum(r["cluster"].get("parity_bytes", {}).values()) for r in status]
         res["parity_bytes_per_node"] = par
         # Rebuild: lose the last node and bring it back empty.
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
           f"(target >= 2); fetched {res['rebuild_fetched_bytes'] / 2**20:.0f} MiB for "
           f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
     print(f"  rebuild phases     {res.get('rebuild_phases_s')}")
+    print(f"  parity accumulate  {res.get('accumulate_gbps')} GB/s of contributions per CPU-second, per node")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -106,6 +106,7 @@ class ClusterNode:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rebuild_lock = threading.Lock()
+        self.accumulate_stats = [0.0, 0]  # CPU seconds spent combining contributions, bytes in
         self._first_round = threading.Event()  # every group peer was pinged once since start
         self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
         self._parity_pool: dict[str, list] = {}  # job -> [(name, segment)] free for reuse
@@ -147,7 +148,9 @@ class ClusterNode:
                                   "committed": self.peer_committed.get(nd.id, {})}
                           for nd in self.spec.nodes if nd.id != self.me},
                 "jobs": jobs, "parity_bytes": parity, "degraded": dict(self.degraded),
-                "last_rebuild": self.rebuild_stats}
+                "last_rebuild": self.rebuild_stats,
+                "accumulate": {"cpu_seconds": round(self.accumulate_stats[0], 4),
+                               "bytes": self.accumulate_stats[1]}}
 
     def catch_up(self) -> None:
         """At start: rebuild every job whose committed version we do not hold (a node
@@ -378,7 +381,10 @@ class ClusterNode:
                 held.append((coef, block))
                 buf.held_bytes += block.nbytes
                 if len(held) >= buf.need.get(key, 0):
+                    t0 = time.thread_time()  # CPU time: the cores are shared
                     self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
+                    self.accumulate_stats[0] += time.thread_time() - t0
+                    self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
                     buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
                 elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
                     self._flush_held(buf)
