@@ -36,6 +36,7 @@ from snapshotd.errors import (
     UnknownJobError,
 )
 from snapshotd_client import layout as lo
+from snapshotd_client import pipeline as pl
 from snapshotd_client import state as st
 from snapshotd_client import tensors as tz
 from snapshotd_client.transport import DaemonClient, SegmentCache
@@ -63,6 +64,11 @@ class SnapshotterConfig:
     # Older snapshots still waiting for other ranks/nodes: wait this long for them to
     # commit (back-pressure), then give up the oldest (it was torn) and go on.
     inflight_wait_s: float = 10.0
+    # Pipeline parallelism (for CheckFree): (stage index, number of stages) of this rank,
+    # and the names of this stage's parameters that copy a neighbour's embedding /
+    # de-embedding layers (CheckFree+). Each save records them in the rank's local state.
+    pipeline_stage: tuple[int, int] | None = None
+    edge_copies: tuple[str, ...] = ()
 
 
 @dataclass
@@ -122,6 +128,15 @@ class Snapshotter:
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.skipped = 0  # snapshots skipped because older ones had not committed yet
         self.restored_approximate = False
+        self._grad_norm = None  # last record_grad_norm() value (float or 0-dim tensor)
+        self._pipeline_layout = None  # (param names, shapes), computed once
+        self._pipeline_meta: dict | None = None  # "pipeline" entry of the last save/restore
+        if self.cfg.pipeline_stage is not None:
+            i, n = (int(x) for x in self.cfg.pipeline_stage)
+            if not 0 <= i < n:
+                raise ValueError(f"pipeline_stage {self.cfg.pipeline_stage!r}: need 0 <= index < stages")
+            self.cfg.pipeline_stage = (i, n)
+        self.cfg.edge_copies = tuple(self.cfg.edge_copies)
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             optimizer.register_step_pre_hook(lambda *a, **k: self._wait_device_copy())
 
@@ -155,7 +170,46 @@ class Snapshotter:
         if self.extra_state:
             local["extra"] = {k: (v.state_dict() if hasattr(v, "state_dict") else v)
                               for k, v in self.extra_state.items()}
+        if self.cfg.pipeline_stage is not None:
+            local["pipeline"] = self._pipeline_entry()
         return rep, local
+
+    # -- pipeline stage metadata (CheckFree) ---------------------------------------------
+    def record_grad_norm(self, norm) -> None:
+        """Remember the last step's gradient norm (after clipping): a float or a one-element
+        tensor. Cheap: a tensor is converted (and non-finite values become None) only when
+        a snapshot is taken."""
+        if isinstance(norm, torch.Tensor):
+            if norm.numel() != 1:
+                raise ValueError("record_grad_norm: expected a one-element tensor")
+            self._grad_norm = norm.detach()
+        elif norm is None:
+            self._grad_norm = None
+        else:
+            self._grad_norm = float(norm)
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The last recorded gradient norm as a float; None if unset or non-finite."""
+        return pl.finite_or_none(self._grad_norm)
+
+    def _pipeline_entry(self) -> dict:
+        if self._pipeline_layout is None:
+            named = list(self.model.named_parameters())
+            names = [n for n, _ in named]
+            missing = [n for n in self.cfg.edge_copies if n not in names]
+            if missing:
+                raise ValueError(f"edge_copies {missing} are not parameters of the model")
+            self._pipeline_layout = (names, [[int(d) for d in p.shape] for _, p in named])
+        names, shapes = self._pipeline_layout
+        i, n = self.cfg.pipeline_stage
+        return {"stage": i, "num_stages": n, "grad_norm": self.grad_norm, "param_names": names,
+                "param_shapes": shapes, "edge_copies": list(self.cfg.edge_copies)}
+
+    def stage_info(self):
+        """StageInfo (snapshotd.checkfree) of the last save, or of the restored snapshot;
+        None when that snapshot has no pipeline metadata."""
+        return None if self._pipeline_meta is None else pl.stage_info_from_meta(self._pipeline_meta)
 
     def _dp(self) -> tuple[tuple[int, ...], int]:
         if not self.cfg.shard_replicated:
@@ -221,6 +275,7 @@ class Snapshotter:
             return None
         blocking = time.perf_counter() - t0
         self.last_blocking_s = blocking
+        self._pipeline_meta = loc_state.get("pipeline")
         m = pb.ShardManifest()
         m.CopyFrom(tmpl)
         m.version = step
@@ -370,6 +425,7 @@ class Snapshotter:
             else:
                 self.extra_state[k] = v
         st.restore_rng_state(local["rng"])
+        self._pipeline_meta = local.get("pipeline")
         del rep_views, rep_tensors, rep, local
         return int(m.version)
 
