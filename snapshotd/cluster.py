@@ -166,7 +166,8 @@ class ClusterNode:
                     continue
                 try:
                     rep = self.peer(node).call({"op": "jobs"})
-                except (PeerUnavailableError, RemoteError):
+                except Exception as exc:  # any failure: ask the next peer, retry later
+                    log.debug("catch-up: %s did not answer: %s", node, exc)
                     continue
                 pending = False
                 for job_id, j in rep[0].get("jobs", {}).items():
@@ -594,16 +595,38 @@ class ClusterNode:
                 return r, m, seg
         raise KeyError(f"{self.me} does not hold rank {rank} of job {job_id!r} version {v}")
 
+    def owner_of(self, job_id: str, rank: int, version: int = 0) -> str | None:
+        """The node that holds ``rank``: from the votes seen, else from a peer's record
+        of the round (a replacement node that could not rebuild has seen no votes)."""
+        with self._lock:
+            owner = self.job(job_id).rank_nodes.get(rank)
+        if owner is not None:
+            return owner
+        v = version or self.latest_committed(job_id)
+        for node in self.group:
+            if node == self.me or not v:
+                continue
+            try:
+                rep = self.peer(node).call({"op": "round", "job": job_id, "v": v})
+            except (PeerUnavailableError, RemoteError):
+                continue
+            known = json.loads(bytes(rep[1])).get("rank_nodes", {})
+            with self._lock:
+                jp = self.job(job_id)
+                for rk, nd in known.items():
+                    jp.rank_nodes.setdefault(int(rk), nd)
+                return jp.rank_nodes.get(rank)
+        return None
+
     def open_remote_shard(self, job_id: str, rank: int, version: int = 0):
         """Copy another node's committed shard of ``rank`` into a local segment (for a
         restore that gathers data-parallel slices). Returns (segment name, manifest)."""
         v = version or self.latest_committed(job_id)
         with self._lock:
-            jp = self.job(job_id)
-            owner = jp.rank_nodes.get(rank)
             cached = self._remote.get((job_id, rank, v))
         if cached is not None:
             return cached
+        owner = self.owner_of(job_id, rank, v)
         if owner is None:
             raise InsufficientShardsError(
                 f"job {job_id!r}: no node is known to hold rank {rank} of version {v}")

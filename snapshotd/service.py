@@ -129,7 +129,14 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     @_rpc
     def OpenShard(self, request, context):
         if self.cluster is not None:
-            self.cluster.ensure_restorable(request.job_id, request.version)
+            try:
+                self.cluster.ensure_restorable(request.job_id, request.version)
+            except SnapshotdError:
+                # This node's own shards are lost for good (more than m losses). Other
+                # nodes' ranks can still be served -- CheckFree needs its neighbours'.
+                if self.cluster.owner_of(request.job_id, request.rank, request.version) in (
+                        None, self.cluster.me):
+                    raise
             if not self.store.holds_rank(request.job_id, request.rank):
                 name, m = self.cluster.open_remote_shard(request.job_id, request.rank, request.version)
                 return pb.OpenShardResponse(segment_name=name, manifest=m)

@@ -29,7 +29,9 @@ import torch
 from snapshotd import config as cfgmod
 from snapshotd import manifest as mf
 from snapshotd._proto import snapshotd_pb2 as pb
+from snapshotd.checkfree import CheckFreeSettings  # noqa: F401 (SnapshotterConfig.checkfree)
 from snapshotd.errors import (
+    ConflictError,
     DaemonUnavailableError,
     SnapshotdError,
     SnapshotInFlightError,
@@ -69,6 +71,12 @@ class SnapshotterConfig:
     # de-embedding layers (CheckFree+). Each save records them in the rank's local state.
     pipeline_stage: tuple[int, int] | None = None
     edge_copies: tuple[str, ...] = ()
+    # CheckFree rung of restore() (needs pipeline_stage): when this rank's own shard cannot
+    # be opened or rebuilt (FAILED_PRECONDITION), rebuild the stage approximately from its
+    # neighbours (snapshotd_client.checkfree_restore). None: disabled, the error propagates.
+    checkfree: "CheckFreeSettings | None" = None
+    stage_ranks: tuple[int, ...] | None = None  # rank of each stage (default: rank == stage)
+    checkfree_sources: dict[int, str] | None = None  # rank -> daemon target to fetch it from
 
 
 @dataclass
@@ -374,6 +382,12 @@ class Snapshotter:
         except DaemonUnavailableError as exc:
             self._unavailable("restore", exc)
             return 0
+        except ConflictError as exc:  # our shard is lost and cannot be rebuilt
+            if self.cfg.checkfree is None or self.cfg.pipeline_stage is None:
+                raise
+            from snapshotd_client.checkfree_restore import restore_checkfree
+
+            return restore_checkfree(self, latest, exc)
         try:
             step = self._load(resp.segment_name, resp.manifest, latest)
         finally:
