@@ -42,9 +42,9 @@ class DataStream:
         self.batch, self.seq, self.vocab, self.position = batch, seq, vocab, 0
 
     def next(self):
-        x = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.gen)
-        # A learnable pattern: every token predicts its successor modulo vocab.
-        x[:, 1:] = (x[:, :-1] + 1) % self.vocab
+        # A learnable pattern: counting from a random start, modulo vocab.
+        start = torch.randint(0, self.vocab, (self.batch, 1), generator=self.gen)
+        x = (start + torch.arange(self.seq + 1)) % self.vocab
         self.position += 1
         return x[:, :-1], x[:, 1:]
 
