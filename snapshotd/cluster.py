@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from snapshotd import manifest as mf
 from snapshotd import placement as pl
 from snapshotd import protocol as proto
 from snapshotd._proto import snapshotd_pb2 as pb
@@ -212,7 +213,7 @@ class ClusterNode:
     def on_local_complete(self, job_id: str, v: int) -> None:
         """Every local rank delivered v (called by the store, outside its lock)."""
         shards = self.store.local_shards(job_id, v)
-        count = sum(pl_blocks(m.payload_bytes, self.bs) for _, m, _ in shards)
+        count = sum(mf.num_blocks(m.payload_bytes, self.bs) for _, m, _ in shards)
         with self._lock:
             acts = self.job(job_id).local_data_complete(
                 v, count, [r for r, _, _ in shards], [m.SerializeToString() for _, m, _ in shards])
@@ -420,7 +421,6 @@ class ClusterNode:
                                  tuple(unpack_blobs(h["sizes"], payload)))
             with self._lock:
                 acts = self.job(h["job"]).announce_received(int(h["v"]), ann)
-                self._remember_announce(h["job"], int(h["v"]), ann)
             self._enqueue(h["job"], acts)
             return {"ok": True}, None
         if op == "vote":
@@ -486,9 +486,6 @@ class ClusterNode:
                 return
 
     # -- retained round information (for rebuilding a peer) --------------------------------
-    def _remember_announce(self, job_id: str, v: int, ann: proto.Announce) -> None:
-        pass  # kept in the protocol round; persisted with the commit (_save_record)
-
     def _round_info(self, job_id: str, v: int) -> dict:
         with self._lock:
             jp = self.jobs.get(job_id)
@@ -847,7 +844,3 @@ def unpack_blobs(sizes, payload) -> list[bytes]:
         out.append(data[off:off + n])
         off += n
     return out
-
-
-def pl_blocks(nbytes: int, bs: int) -> int:
-    return (nbytes + bs - 1) // bs

@@ -13,6 +13,7 @@ import functools
 import hmac
 import json
 import logging
+import os
 
 import grpc
 
@@ -154,8 +155,6 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     @_rpc
     def Stats(self, request, context):
         s = self.store.stats()
-        import os
-
         return pb.StatsResponse(
             node_id=s["node_id"], memory_budget_bytes=s["memory_budget_bytes"],
             bytes_reserved=s["bytes_reserved"], bytes_committed=s["bytes_committed"],

@@ -229,11 +229,7 @@ class IsalBackend:
             self.lib.update(min(MAX_CALL_LEN, n - lo), h.cols, h.rows, col, h.tables_ptr, s + lo, d_arr)
 
     def mul_acc(self, coef: int, src: np.ndarray, dst: np.ndarray, n: int) -> None:
-        if n == 0 or coef == 0:
-            return
-        if coef == 1:
-            np.bitwise_xor(dst, src, out=dst)
-            return
+        """dst ^= coef * src for coef >= 2 (ErasureCode handles 0 and 1)."""
         h = self._scalar.get(coef)
         if h is None:
             h = self._scalar[coef] = self.prepare(np.array([[coef]], dtype=np.uint8))

@@ -11,7 +11,7 @@ concurrent calls from several threads are safe.
 Backend interface (shared with backend_isal, called by ErasureCode after validation):
 ``prepare(matrix) -> handle``, ``dot(handle, srcs, dsts, n)`` (dsts = matrix @ srcs),
 ``mad(handle, col, src, dsts, n)`` (dsts[r] ^= matrix[r][col] * src) and
-``mul_acc(coef, src, dst, n)`` (dst ^= coef * src).
+``mul_acc(coef, src, dst, n)`` (dst ^= coef * src, coef >= 2: ErasureCode handles 0 and 1).
 """
 
 from __future__ import annotations
@@ -112,11 +112,7 @@ class NumpyBackend:
             self._give_scratch(scratch)
 
     def mul_acc(self, coef: int, src: np.ndarray, dst: np.ndarray, n: int) -> None:
-        if n == 0 or coef == 0:
-            return
-        if coef == 1:
-            np.bitwise_xor(dst, src, out=dst)
-            return
+        """dst ^= coef * src for coef >= 2 (ErasureCode handles 0 and 1)."""
         table = gf.MUL_TABLE[coef]
         scratch = self._take_scratch()
         try:

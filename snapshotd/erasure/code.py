@@ -190,6 +190,11 @@ class ErasureCode:
         if isinstance(coef, bool) or not isinstance(coef, (int, np.integer)) or not 0 <= coef < 256:
             raise InvalidRequestError(f"coef must be an int in 0..255, got {coef!r}")
         n = _check_lengths([("src", _check_buffer(src, "src")), ("dst", _check_buffer(dst, "dst", True))])
+        if n == 0 or coef == 0:
+            return
+        if coef == 1:  # the all-ones parity row: a plain XOR at memory speed
+            np.bitwise_xor(dst, src, out=dst)
+            return
         self._backend.mul_acc(int(coef), src, dst, n)
 
     # --- decoding -----------------------------------------------------------------
