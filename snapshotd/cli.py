@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", default=None, help="read the token from this file")
     s.add_argument("--memory-budget-bytes", default=_env(c.ENV_MEMORY_BUDGET),
                    help=f"bytes of shared memory this daemon may hold, e.g. 8GiB "
-                        f"[env {c.ENV_MEMORY_BUDGET}; default {int(c.DEFAULT_BUDGET_FRACTION * 100)}% "
+                        f"[env {c.ENV_MEMORY_BUDGET}; default {int(c.DEFAULT_BUDGET_FRACTION * 100)}%% "
                         "of available RAM]")
     s.add_argument("--max-slots-per-rank", type=int, default=3,
                    help="staging/committed segments kept per rank (default 3)")
@@ -46,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="namespace for this daemon's /dev/shm segments, to keep several "
                         "clusters on one machine apart [env SNAPSHOTD_INSTANCE; default none]")
     s.add_argument("--ready-file", default=None,
-                   help="write {pid, socket, tcp_port} as JSON here once serving")
+                   help="write {pid, socket, tcp_port, metrics_port} as JSON here once serving")
+    s.add_argument("--metrics-addr", default=_env("SNAPSHOTD_METRICS_ADDR"),
+                   help="serve Prometheus metrics on HOST:PORT at /metrics, e.g. 0.0.0.0:9464 "
+                        "(port 0 = any) [env SNAPSHOTD_METRICS_ADDR; default off]")
+    s.add_argument("--require-job-token", action="store_true",
+                   default=_env("SNAPSHOTD_REQUIRE_JOB_TOKEN", "") not in ("", "0", "false"),
+                   help="refuse to register a job without a job token (x-snapshotd-job-token; "
+                        "client env SNAPSHOTD_JOB_TOKEN), so every job is bound to its own "
+                        "secret [env SNAPSHOTD_REQUIRE_JOB_TOKEN=1; default off]")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING [env SNAPSHOTD_LOG_LEVEL; default INFO]")
 
@@ -62,11 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--block-size", default="1MiB", help="erasure block size (default 1MiB)")
     cu.add_argument("--memory-budget-bytes", default="4GiB", help="per daemon (default 4GiB)")
     cu.add_argument("--dir", default=None, help="cluster directory (default /tmp/snapshotd-UID/cluster)")
+    cu.add_argument("--peer-encryption", choices=("none", "curve"), default="none",
+                    help="peer plane over ZeroMQ CURVE, keys derived from the spec's peer_key "
+                         "(default none: HMAC-authenticated, not encrypted)")
+    cu.add_argument("--metrics", action="store_true",
+                    help="every daemon serves Prometheus metrics on a free port (in NODE.ready)")
     cd = clsub.add_parser("down", help="stop the daemons and free their shared memory")
     cd.add_argument("--dir", default=None, help="cluster directory")
 
-    stt = sub.add_parser("status", help="every node of a local cluster: liveness, versions, bytes")
-    stt.add_argument("--dir", default=None, help="cluster directory")
+    stt = sub.add_parser("status", help="every node: liveness, versions, bytes, redundancy per group")
+    stt.add_argument("--dir", default=None, help="local cluster directory (default /tmp/snapshotd-UID/cluster)")
+    stt.add_argument("--socket", default=None,
+                     help="instead of a local cluster: ask this daemon (its own figures, and its "
+                          "peers' liveness and commits as it sees them)")
+    stt.add_argument("--token", default=_env(c.ENV_TOKEN), help=f"daemon token [env {c.ENV_TOKEN}]")
     stt.add_argument("--json", action="store_true", help="machine-readable output")
 
     d = sub.add_parser("demo", help="4-node erasure-coded cluster + data-parallel training; "
@@ -104,7 +121,8 @@ def _serve(a) -> int:
                        memory_budget_bytes=budget, tcp=a.tcp, token=token,
                        max_slots_per_rank=a.max_slots_per_rank,
                        verify_on_adopt=not a.no_verify_on_adopt, ready_file=a.ready_file,
-                       spec_path=a.spec, instance=a.instance)
+                       spec_path=a.spec, instance=a.instance, metrics_addr=a.metrics_addr or None,
+                       require_job_token=a.require_job_token)
     from snapshotd.errors import SnapshotdError
 
     try:
@@ -141,16 +159,26 @@ def main(argv: list[str] | None = None) -> int:
 
         d = a.dir or lc.DEFAULT_DIR
         if a.command == "status":
-            rows = lc.collect_status(d)
-            print(json.dumps(rows, indent=2) if a.json else lc.format_status(rows))
+            rows = lc.collect_status_via(a.socket, a.token) if a.socket else lc.collect_status(d)
+            if a.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                lc.print_status(rows)
             return 0 if all(r.get("alive") for r in rows) else 1
         if a.action == "up":
-            info = lc.up(d, a.nodes, a.parity, a.block_size, a.memory_budget_bytes)
+            info = lc.up(d, a.nodes, a.parity, a.block_size, a.memory_budget_bytes,
+                         peer_encryption=a.peer_encryption,
+                         daemon_args=["--metrics-addr", "127.0.0.1:0"] if a.metrics else [])
             print(f"cluster of {a.nodes} nodes (m={a.parity}) up in {d}")
             for n, v in info["nodes"].items():
-                print(f"  {n}: pid {v['pid']}, socket {v['socket']}")
+                metrics = f", metrics http://127.0.0.1:{v['metrics_port']}/metrics" if v.get("metrics_port") else ""
+                print(f"  {n}: pid {v['pid']}, socket {v['socket']}{metrics}")
             return 0
         return lc.down(d)
+    if a.command == "chaos":
+        from snapshotd.chaos import cli as chaos_cli
+
+        return chaos_cli.run(a)
     if a.command == "demo":
         if a.single_node:
             from snapshotd.demo.single_node import run_demo

@@ -40,6 +40,7 @@ from snapshotd import placement as pl
 from snapshotd import protocol as proto
 from snapshotd._proto import snapshotd_pb2 as pb
 from snapshotd.erasure import ErasureCode
+from snapshotd.metrics import NullMetrics, Progress
 from snapshotd.errors import ChecksumMismatchError, InsufficientShardsError
 from snapshotd.peer import (
     PeerClient,
@@ -49,6 +50,7 @@ from snapshotd.peer import (
     RemoteError,
     tune_malloc_for_bulk_transfers,
 )
+from snapshotd.peer_curve import CurvePeers
 from snapshotd.recovery import Unrecoverable, plan_recovery
 from snapshotd.spec import ClusterSpec
 
@@ -93,9 +95,12 @@ class ClusterNode:
         self.key = spec.peer_key.encode() if spec.peer_key else None
         me = spec.node(node_id)
         host = bind_host or me.host
+        self.metrics = NullMetrics()  # the server attaches a snapshotd.metrics.DaemonMetrics
+        self.curve = CurvePeers(self.key, node_id, [nd.id for nd in spec.nodes]) \
+            if spec.peer_encryption == "curve" else None
         self.server = PeerServer(f"tcp://{host}:{me.peer_port}", node_id, self.key,
                                  allowed_peers={nd.id for nd in spec.nodes}, handler=self._handle,
-                                 max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20))
+                                 max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20), curve=self.curve)
         self._clients: dict[str, PeerClient] = {}
         self._lock = threading.RLock()
         self.jobs: dict[str, proto.JobProtocol] = {}
@@ -193,7 +198,7 @@ class ClusterNode:
             nd = self.spec.node(node)
             c = self._clients[key] = PeerClient(
                 f"tcp://{nd.host}:{nd.peer_port}", self.me, node, self.key,
-                timeout_ms=self.spec.heartbeat_timeout_ms)
+                timeout_ms=self.spec.heartbeat_timeout_ms, curve=self.curve)
         return c
 
     def alive_peers(self) -> set[str]:
@@ -306,6 +311,7 @@ class ClusterNode:
                 self.store.release_aux(self._remote.pop(key)[0])
             self._save_record(job_id, v)
         self.degraded.pop(job_id, None)
+        self.metrics.committed(job_id, v)
         log.info("job %s: version %d committed", job_id, v)
 
     # -- parity -------------------------------------------------------------------------
@@ -412,11 +418,13 @@ class ClusterNode:
             self._gossip(sender, h.get("committed", {}))
             return {"committed": self.committed_versions()}, None
         if op == "contrib":
+            self._bounded_counts(h.get("counts"))
             if payload is None or len(payload) != self.bs:
                 raise ValueError(f"contribution must carry exactly {self.bs} bytes")
             self._accumulate(h, payload)
             return {"ok": True}, None
         if op == "announce":
+            self._bounded_counts([h["block_count"]] * self.n)
             ann = proto.Announce(h["node"], int(h["block_count"]), tuple(h["ranks"]),
                                  tuple(unpack_blobs(h["sizes"], payload)))
             with self._lock:
@@ -450,6 +458,15 @@ class ClusterNode:
             # The stored checksum is sent as the payload's: the receiver verifies it.
             return {"ok": True, KNOWN_XXH3: m.block_checksums[j]}, mv
         raise ValueError(f"unknown op {op!r}")
+
+    def _bounded_counts(self, counts) -> tuple[int, ...]:
+        """Block counts from the network, checked before anything is sized from them:
+        one per group member, each at most what this node's budget could hold parity for."""
+        limit = max(1, self.store.memory_budget_bytes // self.bs) * max(1, self.k)
+        if (not isinstance(counts, list) or len(counts) != self.n
+                or not all(type(c) is int and 0 <= c <= limit for c in counts)):
+            raise ValueError(f"block counts must be {self.n} integers in 0..{limit}")
+        return tuple(counts)
 
     def committed_versions(self) -> dict[str, int]:
         with self._lock:
@@ -696,12 +713,14 @@ class ClusterNode:
                 raise InsufficientShardsError(
                     f"job {job_id!r} version {v}: no live node of group {self.group_index} "
                     f"({', '.join(self.group)}) retains it")
-            layout = pl.place_group(self.n, self.m, tuple(info["counts"]))
+            layout = pl.place_group(self.n, self.m, self._bounded_counts(info["counts"]))
             alive = {self.group.index(n) for n in holders}
             plan = plan_recovery(layout, alive, [self.my_index], version=v, group=self.group_index)
             if isinstance(plan, Unrecoverable):
                 self.degraded[job_id] = plan.reason
                 raise InsufficientShardsError(f"job {job_id!r}: {plan.reason}")
+            log.info("job %s: rebuilding version %d from %s: %d stripes, fetching %.1f MiB", job_id, v,
+                     holders, len(plan.repairs), sum(plan.fetch_counts(self.bs).values()) / 2**20)
             try:
                 t_plan = time.monotonic()
                 mine = info["announces"][self.me]
@@ -738,7 +757,9 @@ class ClusterNode:
             self.rebuild_stats = {"job": job_id, "version": v, "bytes": nbytes, "seconds": dt,
                                   "fetched_bytes": sum(plan.fetch_counts(self.bs).values()),
                                   "phases_s": {k: round(x, 4) for k, x in phases.items()}}
-            log.info("job %s: rebuilt version %d (%d bytes) in %.2f s", job_id, v, nbytes, dt)
+            self.metrics.rebuilt(job_id, v, dt, nbytes)
+            log.info("job %s: rebuilt version %d (%d bytes) in %.2f s, %.1f MiB/s; phases %s", job_id, v,
+                     nbytes, dt, nbytes / 2**20 / max(dt, 1e-9), self.rebuild_stats["phases_s"])
             return self.rebuild_stats
 
     def _run_repairs(self, job_id: str, v: int, plan, spans, parity, batch: int = 16) -> int:
@@ -750,6 +771,7 @@ class ClusterNode:
         scratch = np.empty(self.bs, np.uint8)
         repairs = list(plan.repairs)
         batches = [repairs[i:i + batch] for i in range(0, len(repairs), batch)]
+        progress = Progress(log, f"job {job_id!r} v{v} rebuild", sum(len(r.outputs) for r in repairs) * self.bs)
 
         def fetch_batch(chunk):
             per_node: dict[str, list] = {}
@@ -807,6 +829,7 @@ class ClusterNode:
                             seg, off, n = partial
                             memoryview(seg.buf)[off:off + n] = out[:n].data
                         written += self.bs if partial is None else partial[2]
+                progress.update(written, "fetch+decode")
         return written
 
     def _fetch(self, h: dict):

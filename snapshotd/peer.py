@@ -34,7 +34,9 @@ Security notes: the MAC authenticates the sender and the header. It does NOT mak
 payload tamper-proof against an active attacker: xxh3 is a fast non-cryptographic
 hash (chosen because HMAC/SHA-256 over the payload runs at ~1.8 GB/s, slower than the
 wire), so it detects corruption, not forgery. There is no encryption and no replay
-protection. Run the peer plane on a trusted network (or under a VPN / TLS tunnel).
+protection. Run the peer plane on a trusted network, or pass ``curve`` (a
+:class:`snapshotd.peer_curve.CurvePeers`; spec ``peer_encryption: curve``): every frame
+is then encrypted and authenticated by ZeroMQ CURVE and only the spec's nodes connect.
 
 Server behaviour: the handler runs in the server thread and is called as
 ``handler(sender_id, header, payload_memoryview_or_None) -> (reply_header,
@@ -247,8 +249,8 @@ def _decode_header(raw: bytes) -> dict:
         raise PeerProtocolError("header is not a JSON object")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise PeerProtocolError(f"header is not valid JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deep nesting
+        raise PeerProtocolError(f"header is not valid JSON: {type(e).__name__}") from None
     if not isinstance(header, dict):
         raise PeerProtocolError("header is not a JSON object")
     return header
@@ -304,7 +306,7 @@ class PeerServer:
 
     def __init__(self, bind: str, node_id: str, key: bytes | None,
                  allowed_peers: Collection[str] | None, handler: Handler,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD):
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None):
         self.node_id = node_id
         self._node_raw = _node_id_bytes(node_id, "node_id")
         self._key = _check_key(key)
@@ -323,6 +325,8 @@ class PeerServer:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload_bytes + MAXMSGSIZE_SLACK)
+            if curve is not None:  # snapshotd.peer_curve.CurvePeers: encrypt, admit spec nodes only
+                curve.setup_server(sock)
             sock.bind(bind)
             self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         except BaseException:
@@ -394,7 +398,9 @@ class PeerServer:
 
     def _refuse(self, reason: str, detail: str) -> None:
         self.refused[reason] += 1
-        log.debug("peer server %s: refused (%s): %s", self.node_id, reason, detail)
+        n = self.refused[reason]  # a flood must not flood the log: the first 10, then every 100th
+        (log.warning if n <= 10 or n % 100 == 0 else log.debug)(
+            "peer server %s: refused (%s): %s", self.node_id, reason, detail)
 
     def _process(self, frames: list) -> None:
         # frames[0] is the ROUTER routing identity; the protocol frames follow.
@@ -488,8 +494,9 @@ class PeerClient:
     """
 
     def __init__(self, address: str, node_id: str, peer_id: str, key: bytes | None,
-                 timeout_ms: int = 5000, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD):
+                 timeout_ms: int = 5000, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None):
         self.address = address
+        self._curve = curve
         self.node_id = node_id
         self.peer_id = peer_id
         self._node_raw = _node_id_bytes(node_id, "node_id")
@@ -505,6 +512,7 @@ class PeerClient:
         self._rid = int.from_bytes(os.urandom(8), "big") >> 1
         self.discarded = 0  # replies dropped because their request id was not pending
         self.resets = 0     # sockets closed and recreated after a failure
+        self.checksum_failures = 0  # reply payloads that failed their xxh3
 
     # -- public API
 
@@ -562,6 +570,8 @@ class PeerClient:
             try:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload_bytes + MAXMSGSIZE_SLACK)
+                if self._curve is not None:
+                    self._curve.setup_client(sock, self.peer_id)
                 sock.connect(self.address)
             except BaseException:
                 sock.close(linger=0)
@@ -672,5 +682,6 @@ class PeerClient:
         if payload is not None:
             _check_payload(header, payload, self.max_payload_bytes)
             if not _payload_checksum_ok(header, payload):
+                self.checksum_failures += 1
                 raise PeerProtocolError(f"reply payload from peer {self.peer_id}: xxh3 mismatch")
         return header, payload

@@ -1,4 +1,10 @@
-"""Start and stop a daemon: store + gRPC server on a Unix socket (and optional TCP)."""
+"""Start and stop a daemon: store + gRPC server on a Unix socket (and optional TCP),
+the cluster peer plane when a spec is given, and the Prometheus endpoint when asked.
+
+The Unix socket is created 0600 (umask 0177 while binding, then chmod) and is checked
+to be owned by the daemon's user before the daemon reports ready: only that user (and
+root) can connect, which is what protects a token-less daemon on a shared host.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
-from snapshotd.service import MAX_MESSAGE_BYTES, SnapshotdServicer, TokenInterceptor
+from snapshotd.metrics import DaemonMetrics
+from snapshotd.service import MAX_MESSAGE_BYTES, JobTokens, SnapshotdServicer, TokenInterceptor
 from snapshotd.store import ShardStore
 
 log = logging.getLogger("snapshotd.server")
@@ -34,6 +41,8 @@ class DaemonConfig:
     ready_file: str | None = None
     spec_path: str | None = None  # cluster spec: this node takes part in a cluster
     instance: str = ""  # namespace of this daemon's /dev/shm segments
+    metrics_addr: str | None = None  # "host:port" of the Prometheus endpoint; None = off
+    require_job_token: bool = False  # refuse to register a job without a job token
 
 
 class Daemon:
@@ -42,6 +51,10 @@ class Daemon:
             raise ValueError("a TCP listener needs a token (--token or SNAPSHOTD_TOKEN)")
         if len(cfg.socket_path) > 100:
             raise ValueError(f"socket path too long for AF_UNIX: {cfg.socket_path}")
+        if cfg.metrics_addr:
+            from snapshotd.metrics import parse_addr
+
+            parse_addr(cfg.metrics_addr)  # a clear error before anything starts
         self.cfg = cfg
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         self.cluster = None
@@ -60,6 +73,10 @@ class Daemon:
             self.cluster = ClusterNode(spec, cfg.node_id, self.store)
             self.store.commit_hook = self.cluster.on_local_complete
             self.cluster.load_records()
+        self.metrics = DaemonMetrics(self.store, self.cluster)
+        if self.cluster is not None:
+            self.cluster.metrics = self.metrics
+        self.metrics_port: int | None = None
         interceptors = []
         if cfg.token:
             interceptors.append(TokenInterceptor(cfg.token, self._count_refused))
@@ -67,7 +84,9 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self.server = grpc.server(futures.ThreadPoolExecutor(cfg.workers),
                                   interceptors=interceptors, options=opts)
-        pb_grpc.add_SnapshotdServicer_to_server(SnapshotdServicer(self.store, self.cluster), self.server)
+        self.servicer = SnapshotdServicer(self.store, self.cluster, self.metrics,
+                                          JobTokens(cfg.state_dir, cfg.require_job_token))
+        pb_grpc.add_SnapshotdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tcp_port: int | None = None
@@ -75,6 +94,7 @@ class Daemon:
 
     def _count_refused(self) -> None:
         self.store.requests_refused += 1
+        self.metrics.refused_request("UNAUTHENTICATED")
 
     def start(self) -> None:
         sock = self.cfg.socket_path
@@ -92,6 +112,11 @@ class Daemon:
         if self.cluster is not None:
             self.cluster.start()
         os.chmod(sock, 0o600)
+        _check_private_socket(sock)
+        if self.cfg.metrics_addr:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_addr)
+            log.info("metrics on http://%s/metrics", self.cfg.metrics_addr.rsplit(":", 1)[0] +
+                     f":{self.metrics_port}")
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("snapshotd.v1.Snapshotd", health_pb2.HealthCheckResponse.SERVING)
         log.info("snapshotd %s serving on unix:%s%s (budget %d bytes, state %s)",
@@ -107,7 +132,8 @@ class Daemon:
             with open(tmp, "w") as f:
                 json.dump({"pid": os.getpid(), "socket": sock, "tcp_port": self.tcp_port,
                            "node_id": self.cfg.node_id, "shm_prefix": self.store.prefix,
-                           "peer_port": self.cluster.server.port if self.cluster else None}, f)
+                           "peer_port": self.cluster.server.port if self.cluster else None,
+                           "metrics_port": self.metrics_port}, f)
             os.replace(tmp, self.cfg.ready_file)
 
     def stop(self, grace_s: float = 2.0) -> None:
@@ -115,6 +141,7 @@ class Daemon:
         if self.cluster is not None:
             self.cluster.stop()
         self.server.stop(grace_s).wait()
+        self.metrics.close()
         self.store.close()
         try:
             os.unlink(self.cfg.socket_path)
@@ -132,3 +159,17 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self._stopped.wait()
+
+
+def _check_private_socket(path: str) -> None:
+    """The client socket must be 0600 and ours; warn when its directory lets other
+    users replace it (they could then impersonate the daemon to trainers)."""
+    st = os.stat(path)
+    if st.st_mode & 0o777 != 0o600 or st.st_uid != os.geteuid():
+        raise RuntimeError(f"socket {path} is mode {st.st_mode & 0o777:o} owned by uid "
+                           f"{st.st_uid}; expected 600 owned by uid {os.geteuid()}")
+    d = os.stat(os.path.dirname(path) or ".")
+    if d.st_mode & 0o022 and not d.st_mode & 0o1000:
+        log.warning("socket directory %s is writable by other users (mode %o): they could "
+                    "replace the socket; use a 0700 or 0750 directory", os.path.dirname(path),
+                    d.st_mode & 0o7777)

@@ -4,29 +4,59 @@ Each RPC is a thin translation between protobuf messages and :class:`ShardStore`
 calls. Errors are mapped to gRPC status codes in exactly one place
 (:func:`_status_of`): every :class:`~snapshotd.errors.SnapshotdError` carries its code;
 anything else is an INTERNAL error, logged with its traceback. A refused request never
-changes the store and never stops the server.
+changes the store and never stops the server; it is logged and counted (store stats and
+``snapshotd_requests_refused_total{reason=<gRPC code>}``).
+
+Job binding (see docs/SECURITY.md): the daemon token says *who may talk to the
+daemon*; a job token (metadata ``x-snapshotd-job-token``, client env
+``SNAPSHOTD_JOB_TOKEN``) says *which job's snapshots a caller may touch*. A job
+registered with a job token is bound to it (its SHA-256 is kept in
+``STATE_DIR/job_tokens.json``, 0600); every later request naming that job must carry
+the same token or is refused with PERMISSION_DENIED. Jobs registered without one stay
+open to every holder of the daemon token, unless the daemon runs with
+``--require-job-token``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import json
 import logging
 import os
+import threading
+import time
 
 import grpc
 
 from snapshotd._proto import snapshotd_pb2 as pb
 from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
-from snapshotd.errors import InvalidRequestError, SnapshotdError
+from snapshotd.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    MemoryBudgetExceededError,
+    SnapshotdError,
+)
 from snapshotd.store import ShardStore
 
 log = logging.getLogger("snapshotd.service")
 
 TOKEN_METADATA_KEY = "x-snapshotd-token"
+JOB_TOKEN_METADATA_KEY = "x-snapshotd-job-token"
 STREAM_CHUNK_BYTES = 4 << 20
+# Bounds on what a (token-holding) client can make the daemon allocate besides the
+# budgeted segments: one gRPC message (a manifest, a pushed chunk) and the job table.
 MAX_MESSAGE_BYTES = 64 << 20
+MAX_JOBS = 4096
+MAX_TOTAL_RANKS = 1 << 21  # the ledgers keep a small entry per rank of every job
+MAX_JOB_TOKEN_BYTES = 1024
+
+
+class JobAccessDeniedError(SnapshotdError):
+    """The request names a job bound to a job token it does not carry."""
+
+    grpc_code_name = "PERMISSION_DENIED"
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
@@ -43,10 +73,10 @@ def _rpc(method):
         try:
             return method(self, request, context)
         except SnapshotdError as exc:
-            log.warning("%s refused: %s", method.__name__, exc)
+            self._refused(method.__name__, _status_of(exc), exc)
             context.abort(_status_of(exc), str(exc))
         except ValueError as exc:  # e.g. a bad segment name from shm.check_name
-            log.warning("%s refused: %s", method.__name__, exc)
+            self._refused(method.__name__, grpc.StatusCode.INVALID_ARGUMENT, exc)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return wrapper
@@ -58,21 +88,120 @@ def _stream_rpc(method):
         try:
             yield from method(self, request, context)
         except SnapshotdError as exc:
-            log.warning("%s refused: %s", method.__name__, exc)
+            self._refused(method.__name__, _status_of(exc), exc)
             context.abort(_status_of(exc), str(exc))
 
     return wrapper
 
 
+def _metadata(context, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    return None
+
+
+class JobTokens:
+    """Which jobs are bound to a job token (SHA-256 of it), persisted in the state dir.
+
+    Thread-safe. Only digests are stored, so the file does not give the tokens away;
+    comparisons are constant-time.
+    """
+
+    FILE = "job_tokens.json"
+
+    def __init__(self, state_dir: str, require: bool = False):
+        self.path = os.path.join(state_dir, self.FILE)
+        self.require = require
+        self._lock = threading.Lock()
+        self._bound: dict[str, str] = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    doc = json.load(f)
+                self._bound = {str(j): str(h) for j, h in doc.get("jobs", {}).items()}
+            except (OSError, ValueError, AttributeError) as exc:
+                # Failing open would hand bound jobs to anyone: refuse to start instead.
+                raise ValueError(f"job token file {self.path} is unreadable ({exc}); "
+                                 "fix or delete it (deleting unbinds every job)") from None
+
+    @staticmethod
+    def _digest(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"jobs": self._bound}, f)
+        os.replace(tmp, self.path)
+
+    def check(self, job_id: str, token: str | None, registering: bool = False) -> None:
+        """Refuse a request for ``job_id`` that does not carry the job's token (and,
+        with ``require``, a registration without any job token)."""
+        if token is not None and len(token) > MAX_JOB_TOKEN_BYTES:
+            raise InvalidRequestError(f"job token longer than {MAX_JOB_TOKEN_BYTES} bytes")
+        with self._lock:
+            want = self._bound.get(job_id)
+        if want is None:
+            if registering and self.require and not token:
+                raise JobAccessDeniedError(
+                    f"job {job_id!r}: this daemon requires a job token "
+                    f"({JOB_TOKEN_METADATA_KEY}, client env SNAPSHOTD_JOB_TOKEN)")
+            return
+        if not token or not hmac.compare_digest(self._digest(token), want):
+            raise JobAccessDeniedError(
+                f"job {job_id!r} is bound to a job token; this request carries "
+                f"{'none' if not token else 'a different one'}")
+
+    def bind(self, job_id: str, token: str | None) -> None:
+        """After a successful registration: an unbound job becomes bound to ``token``
+        (the first registration carrying one claims the job; until then it was open)."""
+        if not token:
+            return
+        with self._lock:
+            if job_id not in self._bound:
+                self._bound[job_id] = self._digest(token)
+                self._save()
+
+    def unbind(self, job_id: str) -> None:
+        with self._lock:
+            if self._bound.pop(job_id, None) is not None:
+                self._save()
+
+
 class SnapshotdServicer(pb_grpc.SnapshotdServicer):
-    def __init__(self, store: ShardStore, cluster=None):
+    def __init__(self, store: ShardStore, cluster=None, metrics=None, job_tokens: JobTokens | None = None):
         self.store = store
         self.cluster = cluster  # snapshotd.cluster.ClusterNode, or None for one node
+        self.metrics = metrics  # snapshotd.metrics.DaemonMetrics, or None
+        self.job_tokens = job_tokens
+
+    def _refused(self, method: str, code: grpc.StatusCode, exc: BaseException) -> None:
+        log.warning("%s refused (%s): %s", method, code.name, exc)
+        if isinstance(exc, (JobAccessDeniedError, AuthenticationError)):
+            self.store.requests_refused += 1  # the store never saw these
+        if self.metrics is not None:
+            self.metrics.refused_request(code.name)
+
+    def _job_access(self, context, job_id: str, registering: bool = False) -> None:
+        if self.job_tokens is not None:
+            self.job_tokens.check(job_id, _metadata(context, JOB_TOKEN_METADATA_KEY), registering)
 
     @_rpc
     def RegisterJob(self, request, context):
+        jobs = self.store.jobs_summary()
+        if request.job_id not in jobs:
+            ranks = sum(j["world_size"] for j in jobs.values())
+            if len(jobs) >= MAX_JOBS or ranks + request.world_size > MAX_TOTAL_RANKS:
+                raise MemoryBudgetExceededError(
+                    f"this daemon holds {len(jobs)} jobs with {ranks} ranks; at most {MAX_JOBS} "
+                    f"jobs and {MAX_TOTAL_RANKS} ranks in all: drop some first")
+        self._job_access(context, request.job_id, registering=True)
         v = self.store.register_job(request.job_id, request.world_size, request.local_world_size,
                                     request.restarting)
+        if self.job_tokens is not None:
+            self.job_tokens.bind(request.job_id, _metadata(context, JOB_TOKEN_METADATA_KEY))
         if self.cluster is not None:
             if request.restarting:
                 self.cluster.fence(request.job_id, broadcast=True)
@@ -83,15 +212,21 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
 
     @_rpc
     def AcquireStaging(self, request, context):
+        self._job_access(context, request.job_id)
         name, size = self.store.acquire_staging(
             request.job_id, request.rank, request.version, request.payload_bytes, request.force)
+        if self.metrics is not None:
+            self.metrics.staged(request.job_id, request.version)
         return pb.AcquireStagingResponse(segment_name=name, segment_bytes=size)
 
     @_rpc
     def AdoptShard(self, request, context):
         if not request.HasField("manifest"):
             raise InvalidRequestError("AdoptShard needs a manifest")
+        self._job_access(context, request.manifest.job_id)
         committed, latest = self.store.adopt(request.segment_name, request.manifest)
+        if committed and self.metrics is not None:
+            self.metrics.committed(request.manifest.job_id, request.manifest.version)
         return pb.AdoptShardResponse(version=request.manifest.version, committed=committed,
                                      latest_committed_version=latest)
 
@@ -100,6 +235,9 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         first = next(request_iterator, None)
         if first is None or not first.HasField("manifest"):
             raise InvalidRequestError("PushShard: the first message must carry the manifest")
+        self._job_access(context, first.manifest.job_id)
+        if self.metrics is not None:
+            self.metrics.staged(first.manifest.job_id, first.manifest.version)
 
         def payload():
             if first.data:
@@ -110,17 +248,21 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
                 yield chunk.data
 
         committed, latest = self.store.push(first.manifest, payload())
+        if committed and self.metrics is not None:
+            self.metrics.committed(first.manifest.job_id, first.manifest.version)
         return pb.AdoptShardResponse(version=first.manifest.version, committed=committed,
                                      latest_committed_version=latest)
 
     @_rpc
     def Commit(self, request, context):
+        self._job_access(context, request.job_id)
         ok, missing, latest = self.store.commit(request.job_id, request.version)
         return pb.CommitResponse(committed=ok, missing_ranks=missing,
                                  latest_committed_version=latest)
 
     @_rpc
     def ListVersions(self, request, context):
+        self._job_access(context, request.job_id)
         latest, versions = self.store.list_versions(request.job_id)
         return pb.ListVersionsResponse(
             latest_committed_version=latest,
@@ -129,6 +271,14 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
 
     @_rpc
     def OpenShard(self, request, context):
+        self._job_access(context, request.job_id)
+        t0 = time.monotonic()
+        out = self._open_shard(request)
+        if self.metrics is not None:
+            self.metrics.restore_served("open", time.monotonic() - t0)
+        return out
+
+    def _open_shard(self, request):
         if self.cluster is not None:
             try:
                 self.cluster.ensure_restorable(request.job_id, request.version)
@@ -146,11 +296,15 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
 
     @_stream_rpc
     def FetchShard(self, request, context):
+        self._job_access(context, request.job_id)
+        t0 = time.monotonic()
         _, m, seg = self.store.committed_shard(request.job_id, request.rank, request.version)
         yield pb.FetchShardChunk(manifest=m)
         for off in range(0, m.payload_bytes, STREAM_CHUNK_BYTES):
             end = min(off + STREAM_CHUNK_BYTES, m.payload_bytes)
             yield pb.FetchShardChunk(data=seg.buf[off:end])
+        if self.metrics is not None:
+            self.metrics.restore_served("fetch", time.monotonic() - t0)
 
     @_rpc
     def Stats(self, request, context):
@@ -160,17 +314,28 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             bytes_reserved=s["bytes_reserved"], bytes_committed=s["bytes_committed"],
             jobs=[pb.JobStats(**j) for j in s["jobs"]],
             requests_refused=s["requests_refused"], pid=os.getpid(),
-            cluster_json=json.dumps(self.cluster.status()) if self.cluster is not None else "")
+            cluster_json=json.dumps(self._cluster_status()) if self.cluster is not None else "")
+
+    def _cluster_status(self) -> dict:
+        st = self.cluster.status()
+        if self.metrics is not None:
+            st["redundancy"] = self.metrics.redundancy()
+        return st
 
     @_rpc
     def DropJob(self, request, context):
-        return pb.DropJobResponse(bytes_freed=self.store.drop_job(request.job_id))
+        self._job_access(context, request.job_id)
+        freed = self.store.drop_job(request.job_id)
+        if self.job_tokens is not None:
+            self.job_tokens.unbind(request.job_id)
+        return pb.DropJobResponse(bytes_freed=freed)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):
     """Refuse every call without the right token (health checks excepted)."""
 
     def __init__(self, token: str, on_refused=None):
+        # Compared with hmac.compare_digest (constant time) below.
         self._token = token.encode()
         self._on_refused = on_refused
 

@@ -6,14 +6,17 @@ errors that name the offending entry, and dumped back (``dump_spec``) in the sam
     group_size: 4      # n
     parity: 2          # m; k = n - m
     block_size_bytes: 4MiB
-    peer_key: "..."    # optional shared secret for the peer plane
+    peer_key: "..."    # optional shared secret for the peer plane (HMAC of every message)
+    peer_encryption: curve   # optional: "none" (default) or "curve" (needs peer_key)
     heartbeat_interval_ms: 500
     heartbeat_timeout_ms: 3000
     nodes:
       - {id: n0, host: 127.0.0.1, port: 7000, peer_port: 7100, failure_domain: rack-a}
 
 ``port`` serves gRPC to clients and status tools, ``peer_port`` the peer plane; both must
-be 1..65535 (0, "pick any", is not allowed in a spec). Groups are formed by
+be 1..65535 (0, "pick any", is not allowed in a spec). ``peer_encryption: curve`` runs
+the peer plane over ZeroMQ CURVE with keypairs derived from ``peer_key`` and the node
+ids (see ``snapshotd.peer_curve`` and docs/SECURITY.md). Groups are formed by
 :func:`form_groups` (see there and ``snapshotd.placement``).
 """
 
@@ -33,7 +36,8 @@ from .errors import InvalidRequestError
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 MIN_BLOCK, MAX_BLOCK = 4 << 10, 1 << 30
 _TOP_REQUIRED = ("group_size", "parity", "block_size_bytes", "nodes")
-_TOP_OPTIONAL = ("peer_key", "heartbeat_interval_ms", "heartbeat_timeout_ms")
+_TOP_OPTIONAL = ("peer_key", "peer_encryption", "heartbeat_interval_ms", "heartbeat_timeout_ms")
+PEER_ENCRYPTIONS = ("none", "curve")
 _NODE_REQUIRED = ("id", "host", "port", "peer_port")
 _NODE_OPTIONAL = ("failure_domain",)
 
@@ -132,6 +136,7 @@ class ClusterSpec:
     peer_key: str | None = None
     heartbeat_interval_ms: int = 500
     heartbeat_timeout_ms: int = 3000
+    peer_encryption: str = "none"  # "curve": ZeroMQ CURVE, keys derived from peer_key
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))
@@ -146,6 +151,11 @@ class ClusterSpec:
         object.__setattr__(self, "block_size_bytes", parse_block_size(self.block_size_bytes))
         if self.peer_key is not None and (not isinstance(self.peer_key, str) or not self.peer_key):
             raise _err("peer_key must be a non-empty string (omit it for none)")
+        if self.peer_encryption not in PEER_ENCRYPTIONS:
+            raise _err(f"peer_encryption {self.peer_encryption!r} must be one of "
+                       f"{', '.join(PEER_ENCRYPTIONS)}")
+        if self.peer_encryption == "curve" and self.peer_key is None:
+            raise _err("peer_encryption: curve derives every node's keys from peer_key: set a peer_key")
         hi = _int(self.heartbeat_interval_ms, "heartbeat_interval_ms", 1)
         ht = _int(self.heartbeat_timeout_ms, "heartbeat_timeout_ms", 1)
         if ht <= hi:
@@ -221,6 +231,8 @@ class ClusterSpec:
                              "block_size_bytes": format_size(self.block_size_bytes)}
         if self.peer_key is not None:
             d["peer_key"] = self.peer_key
+        if self.peer_encryption != "none":
+            d["peer_encryption"] = self.peer_encryption
         d["heartbeat_interval_ms"] = self.heartbeat_interval_ms
         d["heartbeat_timeout_ms"] = self.heartbeat_timeout_ms
         d["nodes"] = [{"id": x.id, "host": x.host, "port": x.port, "peer_port": x.peer_port,

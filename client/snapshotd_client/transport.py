@@ -16,7 +16,14 @@ import grpc
 from snapshotd import errors, shm
 from snapshotd._proto import snapshotd_pb2 as pb
 from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
-from snapshotd.service import MAX_MESSAGE_BYTES, STREAM_CHUNK_BYTES, TOKEN_METADATA_KEY
+from snapshotd.service import (
+    JOB_TOKEN_METADATA_KEY,
+    MAX_MESSAGE_BYTES,
+    STREAM_CHUNK_BYTES,
+    TOKEN_METADATA_KEY,
+)
+
+ENV_JOB_TOKEN = "SNAPSHOTD_JOB_TOKEN"
 
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
@@ -44,11 +51,16 @@ def _translate(exc: grpc.RpcError, what: str) -> errors.SnapshotdError:
 
 
 class DaemonClient:
-    def __init__(self, target: str, token: str | None = None, timeout_s: float = 30.0):
-        """``target``: "unix:/path/to.sock" or "host:port"."""
+    def __init__(self, target: str, token: str | None = None, timeout_s: float = 30.0,
+                 job_token: str | None = None):
+        """``target``: "unix:/path/to.sock" or "host:port". ``job_token`` (default
+        ``$SNAPSHOTD_JOB_TOKEN``) binds the jobs this client registers to it and must
+        accompany every later request for them (see docs/SECURITY.md)."""
         self.target = target
         self.timeout_s = timeout_s
-        self._metadata = ((TOKEN_METADATA_KEY, token),) if token else ()
+        job_token = job_token if job_token is not None else os.environ.get(ENV_JOB_TOKEN)
+        self._metadata = (((TOKEN_METADATA_KEY, token),) if token else ()) + (
+            ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else ())
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.enable_http_proxy", 0)]
