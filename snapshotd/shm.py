@@ -46,6 +46,31 @@ class Segment:
         return f"Segment({self.name!r}, {self.size} bytes)"
 
 
+# madvise(2) advice values (Linux >= 5.14); not all Python versions name them.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def populate(seg: "Segment", write: bool = True) -> bool:
+    """Fault in every page of this mapping now, in one system call.
+
+    Touching a fresh mapping page by page costs a fault per 4 KiB page: copying into
+    it runs at ~1.5 GB/s on these machines against ~12 GB/s into mapped pages, even
+    when the tmpfs pages are already allocated (page tables are per process). One
+    MADV_POPULATE_* call maps the whole segment at ~5 GB/s, so a segment about to be
+    filled or read whole should be populated first. Returns False (and does nothing)
+    where the kernel does not support it (Linux < 5.14)."""
+    if seg.buf is None:
+        return True
+    if write and not seg.writable:
+        raise ValueError(f"segment {seg.name} is mapped read-only")
+    try:
+        seg.buf.madvise(_MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)
+        return True
+    except OSError:
+        return False
+
+
 def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
     if size == 0:
         return None
@@ -53,11 +78,13 @@ def _map(fd: int, size: int, writable: bool) -> mmap.mmap | None:
     return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
 
 
-def create(name: str, size: int, *, mode: int = 0o600, allocate: bool = False) -> Segment:
+def create(name: str, size: int, *, mode: int = 0o600, allocate: bool = False,
+           prefault: bool = False) -> Segment:
     """Create (or truncate and resize) a segment of ``size`` bytes and map it.
 
     ``allocate``: reserve the pages now (posix_fallocate), so a full tmpfs is an
-    OSError here rather than a SIGBUS at the first write."""
+    OSError here rather than a SIGBUS at the first write. ``prefault``: also map
+    every page now (see :func:`populate`), for a segment this process fills next."""
     fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.ftruncate(fd, size)
@@ -67,18 +94,25 @@ def create(name: str, size: int, *, mode: int = 0o600, allocate: bool = False) -
             except OSError:
                 os.unlink(path_of(name))
                 raise
-        return Segment(name, size, _map(fd, size, True), True)
+        seg = Segment(name, size, _map(fd, size, True), True)
     finally:
         os.close(fd)
+    if prefault:
+        populate(seg)
+    return seg
 
 
-def open_segment(name: str, *, writable: bool = False) -> Segment:
+def open_segment(name: str, *, writable: bool = False, prefault: bool = False) -> Segment:
+    """Map an existing segment; ``prefault`` maps every page now (see :func:`populate`)."""
     fd = os.open(path_of(name), os.O_RDWR if writable else os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        return Segment(name, size, _map(fd, size, writable), writable)
+        seg = Segment(name, size, _map(fd, size, writable), writable)
     finally:
         os.close(fd)
+    if prefault:
+        populate(seg, write=writable)
+    return seg
 
 
 def unlink(name: str) -> bool:

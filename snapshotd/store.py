@@ -37,6 +37,9 @@ from snapshotd.store_cluster import ClusterStoreMixin, Held
 
 log = logging.getLogger("snapshotd.store")
 INDEX_FORMAT = 1
+# Test-only: a deliberately broken build for the chaos harness (tests/test_chaos.py).
+# "1" turns off every checksum check of held and fetched blocks. Never set it in use.
+ENV_UNSAFE_SKIP_VERIFY = "SNAPSHOTD_UNSAFE_SKIP_VERIFY"
 
 
 class ShardStore(ClusterStoreMixin):
@@ -50,6 +53,11 @@ class ShardStore(ClusterStoreMixin):
         self.memory_budget_bytes = int(memory_budget_bytes)
         self.max_slots_per_rank = max_slots_per_rank
         self.verify_on_adopt = verify_on_adopt
+        self.unsafe_skip_verify = os.environ.get(ENV_UNSAFE_SKIP_VERIFY) == "1"
+        if self.unsafe_skip_verify:
+            log.warning("!!! %s=1: CHECKSUM VERIFICATION IS OFF; corrupt blocks WILL be restored. "
+                        "This is a test-only broken build; never use it for training. !!!",
+                        ENV_UNSAFE_SKIP_VERIFY)
         if instance and ("." in instance or not shm._NAME_RE.match(instance)):
             raise InvalidRequestError(f"invalid instance name {instance!r}: use [A-Za-z0-9_-]")
         # ``instance`` keeps several clusters on one machine (tests, demos) apart.
@@ -188,6 +196,8 @@ class ShardStore(ClusterStoreMixin):
         return [c for p in parts for c in p.result()]
 
     def _verify(self, buf, m: pb.ShardManifest, what: str) -> None:
+        if self.unsafe_skip_verify:
+            return
         got = self._checksums(buf, m)
         if got != list(m.block_checksums):
             bad = [i for i, (a, b) in enumerate(zip(got, m.block_checksums)) if a != b]
@@ -340,6 +350,7 @@ class ShardStore(ClusterStoreMixin):
                         os.posix_fallocate(fd, 0, plan.new_size)
                     finally:
                         os.close(fd)
+                    shm.populate(seg)  # we hash it at every hand-off: map it once, now
                 except OSError as exc:
                     seg.close()
                     shm.unlink(name)

@@ -172,7 +172,8 @@ class SegmentCache:
                 return cached[0]
             if cached is not None:
                 cached[0].close()
-            seg = shm.open_segment(name, writable=writable)
+            # Mapped whole at once: it is about to be filled (a save) or read (a restore).
+            seg = shm.open_segment(name, writable=writable, prefault=True)
             self._segs[name] = (seg, key)
             # Forget mappings of segments that no longer exist.
             for other in [n for n in self._segs if n != name]:
