@@ -111,8 +111,10 @@ class ClusterStoreMixin:
             self._persist()
 
     def install_rebuilt(self, job_id: str, world_size: int, local_world_size: int,
-                        version: int, rank: int, manifest):
-        """Create the segment a rebuilt shard is written into (PENDING until committed)."""
+                        version: int, rank: int, manifest, prefault: bool = True):
+        """Create the segment a rebuilt shard is written into (PENDING until committed).
+        ``prefault=False``: the caller maps its pages itself (shm.populate), e.g. in a
+        thread while the first blocks are being fetched."""
         with self._lock:
             if job_id not in self._jobs:
                 self.register_job(job_id, world_size, local_world_size)
@@ -123,7 +125,7 @@ class ClusterStoreMixin:
             self._release_segment(job_id, rank, slot)
             name = self._segment_name(job_id, rank, slot)
             try:
-                seg = shm.create(name, size, allocate=True, prefault=True)
+                seg = shm.create(name, size, allocate=True, prefault=prefault)
             except OSError as exc:
                 raise MemoryBudgetExceededError(f"cannot allocate {size} bytes in {shm.SHM_DIR}: {exc}")
             self._held[name] = Held(seg, manifest)
@@ -140,7 +142,7 @@ class ClusterStoreMixin:
                              f"rebuilt shard of rank {rank}")
 
     # -- aux segments -----------------------------------------------------------------
-    def create_aux(self, suffix: str, size: int):
+    def create_aux(self, suffix: str, size: int, prefault: bool = True):
         name = f"{self.prefix}{suffix}"
         with self._lock:
             if name in self._aux:
@@ -150,7 +152,7 @@ class ClusterStoreMixin:
             if size > shm.free_bytes():
                 raise MemoryBudgetExceededError(f"{shm.SHM_DIR}: {size} bytes needed")
             try:
-                seg = shm.create(name, size, allocate=True, prefault=True)
+                seg = shm.create(name, size, allocate=True, prefault=prefault)
             except OSError as exc:
                 raise MemoryBudgetExceededError(f"cannot allocate {size} bytes in {shm.SHM_DIR}: {exc}")
             self._aux[name], self._aux_sizes[name] = seg, size
