@@ -40,6 +40,67 @@ def _wait(pred, timeout_s: float, what: str):
         time.sleep(0.005)
 
 
+def measure_rebuild(d: str, victim: str, budget: str) -> dict:
+    """Lose ``victim`` of the local cluster in ``d`` (SIGKILL, state and shared memory
+    wiped), start it again empty and wait until it has rebuilt from its peers; the
+    figures are the daemon's own (bytes rebuilt, seconds, bytes fetched, phases).
+    Also used by the comparison suite (bench/suite.py)."""
+    from snapshotd import localcluster as lc
+    from snapshotd_client.transport import DaemonClient
+
+    os.kill(lc.node_pid(d, victim), signal.SIGKILL)
+    time.sleep(0.2)
+    lc.wipe_node(d, victim)
+    lc.restart_node(d, victim, budget)
+    vc = DaemonClient.for_socket(lc.sockets(d)[victim], timeout_s=30)
+
+    def rebuilt():
+        st = json.loads(vc.stats().cluster_json or "{}")
+        return st.get("last_rebuild") or None
+
+    try:
+        rb = _wait(rebuilt, 300, "rebuild did not finish")
+    finally:
+        vc.close()
+    return {"rebuild_bytes": rb["bytes"], "rebuild_s": rb["seconds"],
+            "rebuild_gbps": rb["bytes"] / rb["seconds"] / 1e9,
+            "rebuild_fetched_bytes": rb["fetched_bytes"],
+            "rebuild_phases_s": rb.get("phases_s", {})}
+
+
+def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed) -> dict:
+    """The pipeline of one node whose work does not share the cores with three others.
+
+    Node 0's rank snapshots the full state; the other ranks snapshot a few bytes (the
+    version still needs every rank, and its stripes are padded with virtual zero
+    blocks). Node 0 stages, ingests and sends m x its data; the parity holders receive
+    and combine it; all vote and commit -- the same path as above, but now the
+    machine's cores serve one node's snapshot, roughly as a node with its own cores
+    would. Rate = node 0's state / (first save() -> committed on every node)."""
+    from snapshotd_client import Snapshotter
+
+    snaps = []
+    for r, n in enumerate(nodes):
+        model = torch.nn.ParameterList(params if r == 0 else [torch.nn.Parameter(torch.zeros(16))])
+        snaps.append(Snapshotter(model, job_id="bench-one", socket_path=socks[n], rank=r,
+                                 world_size=len(nodes), local_world_size=1))
+    times = []
+    try:
+        for step in range(1, repeats + 3):
+            t0 = time.perf_counter()
+            for s in snaps:
+                s.save(step)
+            _wait(lambda: committed("bench-one", step), 120, f"version {step} did not commit")
+            if step > 2:
+                times.append(time.perf_counter() - t0)
+    finally:
+        for s in snaps:
+            s.close()
+    size = sum(p.numel() * p.element_size() for p in params)
+    med = statistics.median(times)
+    return {"one_active_pipeline_s": med, "one_active_gbps": size / med / 1e9}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4)
@@ -58,7 +119,7 @@ def main(argv=None) -> int:
 
     d = tempfile.mkdtemp(prefix="bench-cluster-")
     size = a.size_mib << 20
-    budget = f"{6 * size + (256 << 20)}"
+    budget = f"{10 * size + (256 << 20)}"  # two jobs: all nodes active, then one
     lc.up(d, a.nodes, a.parity, a.block_size, budget)
     socks = lc.sockets(d)
     nodes = sorted(socks)
@@ -75,8 +136,11 @@ def main(argv=None) -> int:
                                      world_size=len(nodes), local_world_size=1))
         clients = [DaemonClient.for_socket(socks[n], timeout_s=30) for n in nodes]
 
+        def committed_everywhere_job(job, v):
+            return all(c.list_versions(job).latest_committed_version >= v for c in clients)
+
         def committed_everywhere(v):
-            return all(c.list_versions("bench").latest_committed_version >= v for c in clients)
+            return committed_everywhere_job("bench", v)
 
         import psutil
 
@@ -114,23 +178,9 @@ def main(argv=None) -> int:
                                   for a in acc]
         par = [sum(r["cluster"].get("parity_bytes", {}).values()) for r in status]
         res["parity_bytes_per_node"] = par
+        res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job))
         # Rebuild: lose the last node and bring it back empty.
-        victim = nodes[-1]
-        os.kill(lc.node_pid(d, victim), signal.SIGKILL)
-        time.sleep(0.2)
-        lc.wipe_node(d, victim)
-        lc.restart_node(d, victim, budget)
-        vc = DaemonClient.for_socket(socks[victim], timeout_s=30)
-
-        def rebuilt():
-            st = json.loads(vc.stats().cluster_json or "{}")
-            return st.get("last_rebuild") or None
-
-        rb = _wait(rebuilt, 300, "rebuild did not finish")
-        res.update({"rebuild_bytes": rb["bytes"], "rebuild_s": rb["seconds"],
-                    "rebuild_gbps": rb["bytes"] / rb["seconds"] / 1e9,
-                    "rebuild_fetched_bytes": rb["fetched_bytes"],
-                    "rebuild_phases_s": rb.get("phases_s", {})})
+        res.update(measure_rebuild(d, nodes[-1], budget))
     finally:
         lc.down(d)
         shutil.rmtree(d, ignore_errors=True)
@@ -140,6 +190,8 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores)")
     print(f"  snapshot pipeline  {res['pipeline_s'] * 1e3:8.1f} ms  {res['pipeline_gbps_per_node']:6.2f} GB/s per node"
           f" (target >= 1); sent ~{res['bytes_sent_per_node'] / 2**20:.0f} MiB per node")
+    print(f"  one node active    {res['one_active_pipeline_s'] * 1e3:8.1f} ms  {res['one_active_gbps']:6.2f} GB/s"
+          f" (only node 0 snapshots {a.size_mib} MiB; the others a few bytes)")
     print(f"  daemon CPU         {res['daemon_cpu_s_per_node'] * 1e3:8.1f} ms per node per snapshot"
           f" = {res['gbps_per_node_per_core']:.2f} GB/s per node if each node had one core")
     print(f"  save() blocking    {res['save_blocking_ms_median']:8.1f} ms per rank")
