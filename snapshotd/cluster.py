@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import xxhash
@@ -655,8 +655,13 @@ class ClusterNode:
         if owner is None:
             raise InsufficientShardsError(
                 f"job {job_id!r}: no node is known to hold rank {rank} of version {v}")
+        if owner != self.me and owner not in self.alive_peers():
+            return self._degraded_copy(job_id, rank, v, owner)
         client = self.peer(owner)
-        rep = client.call({"op": "rank_manifest", "job": job_id, "v": v, "rank": rank})
+        try:
+            rep = client.call({"op": "rank_manifest", "job": job_id, "v": v, "rank": rank})
+        except PeerUnavailableError:
+            return self._degraded_copy(job_id, rank, v, owner)
         m = pb.ShardManifest.FromString(bytes(rep[1]))
         name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
         bs = m.block_size_bytes
@@ -673,6 +678,63 @@ class ClusterNode:
         except Exception:
             self.store.release_aux(name)
             raise
+        with self._lock:
+            self._remote[(job_id, rank, v)] = (name, m)
+        return name, m
+
+    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str):
+        """A degraded read: ``owner`` is down, so decode its shard of ``rank`` from the
+        survivors of owner's group (k blocks per lost block, as a rebuild would, but only
+        that rank's data blocks). Returns (segment name, manifest) like a copy."""
+        gi, oi = self.spec.group_of(owner)
+        group = tuple(self.spec.groups[gi])
+        alive = self.alive_peers()
+        info, holders = None, []
+        for node in group:
+            if node == owner or (node != self.me and node not in alive):
+                continue
+            try:
+                if node == self.me:
+                    doc = json.loads(self._round_info(job_id, v))
+                else:
+                    doc = json.loads(bytes(self.peer(node).call({"op": "round", "job": job_id, "v": v})[1]))
+            except (KeyError, PeerUnavailableError, RemoteError) as exc:
+                log.info("job %s v%d: %s cannot serve a degraded read: %s", job_id, v, node, exc)
+                continue
+            info = info or doc
+            holders.append(node)
+        what = f"job {job_id!r} rank {rank} version {v}: its node {owner} is down"
+        if info is None or owner not in info.get("announces", {}):
+            raise InsufficientShardsError(f"{what} and no live node of its group {gi} retains the version")
+        layout = pl.place_group(self.n, self.m, self._bounded_counts(info["counts"]))
+        plan = plan_recovery(layout, {group.index(x) for x in holders}, [oi], version=v, group=gi)
+        if isinstance(plan, Unrecoverable):
+            raise InsufficientShardsError(f"{what}, and {plan.reason}")
+        ann = info["announces"][owner]
+        first, m = 0, None
+        for r, blob in zip(ann["ranks"], ann["manifests"]):
+            man = pb.ShardManifest.FromString(base64.b64decode(blob))
+            if int(r) == rank:
+                m = man
+                break
+            first += mf.num_blocks(man.payload_bytes, self.bs)
+        if m is None:
+            raise InsufficientShardsError(f"{what}, and its announce does not list that rank")
+        name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
+        spans = {first + i: (seg, off, min(self.bs, m.payload_bytes - off))
+                 for i, off in enumerate(range(0, m.payload_bytes, self.bs))}
+        repairs = [replace(rp, outputs=tuple(o for o in rp.outputs if o.kind == "data" and o.block in spans))
+                   for rp in plan.repairs]
+        plan = replace(plan, repairs=tuple(rp for rp in repairs if rp.outputs))
+        t0 = time.monotonic()
+        try:
+            self._run_repairs(job_id, v, plan, spans, None, group=group)
+            self.store._verify(seg.buf, m, f"degraded read of rank {rank} (node {owner} down)")
+        except Exception:
+            self.store.release_aux(name)
+            raise
+        log.info("%s: decoded its %d bytes from %s in %.2f s", what, m.payload_bytes, holders,
+                 time.monotonic() - t0)
         with self._lock:
             self._remote[(job_id, rank, v)] = (name, m)
         return name, m
@@ -784,11 +846,15 @@ class ClusterNode:
                      nbytes, dt, nbytes / 2**20 / max(dt, 1e-9), self.rebuild_stats["phases_s"])
             return self.rebuild_stats
 
-    def _run_repairs(self, job_id: str, v: int, plan, spans, parity, batch: int = 16) -> int:
+    def _run_repairs(self, job_id: str, v: int, plan, spans, parity, batch: int = 16,
+                     group: tuple[str, ...] | None = None) -> int:
         """Carry out a recovery plan: fetch sources per node in parallel, decode.
         The next batch is fetched while this one decodes (ISA-L releases the GIL), and
-        full blocks are decoded straight into their destination."""
+        full blocks are decoded straight into their destination. ``spans`` maps a data
+        output's block j to (segment, offset, length); ``group``: the plan's group
+        (default ours)."""
         k = self.k
+        group = group or self.group
         zero = np.zeros(self.bs, np.uint8)
         scratch = np.empty(self.bs, np.uint8)
         repairs = list(plan.repairs)
@@ -804,7 +870,7 @@ class ClusterNode:
                         hdr["j"] = src.block
                     else:
                         hdr["s"], hdr["t"] = rep.stripe, src.index
-                    per_node.setdefault(self.group[src.node], []).append(((ri, src), (hdr, None)))
+                    per_node.setdefault(group[src.node], []).append(((ri, src), (hdr, None)))
             got: dict = {}
             errs = []
 

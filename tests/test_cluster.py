@@ -457,6 +457,38 @@ def test_more_than_m_lost_is_reported_not_invented(make_cluster):
     c.check_settled(3)
 
 
+def test_shard_of_a_node_that_is_down_is_decoded_from_its_group(make_cluster):
+    """A restore that gathers other ranks' slices does not wait for a lost node's
+    replacement: a survivor decodes that node's shard from the group (a degraded read),
+    bit-exact; with more than m down, the error names the node and the group."""
+    c = make_cluster(4, 2)
+    c.push(1)
+    c.wait_committed(1)
+    down = c.nodes[1]
+    rank = c.nodes.index(down)
+    c.kill(down, wipe=True)  # and no replacement yet
+    want_data, want_m = c.versions[1][rank]
+    asker = c.nodes[3]
+
+    def degraded_read():
+        r = c.client(asker).open_shard(JOB, rank, 0)
+        seg = shm.open_segment(r.segment_name)
+        try:
+            return r.manifest, bytes(seg.buf[:r.manifest.payload_bytes])
+        finally:
+            seg.close()
+
+    m, data = degraded_read()
+    assert m == want_m and sha(data) == sha(want_data)
+    # Two more down (three of four, m = 2): a clear error, nothing invented.
+    for node in c.nodes[:1] + c.nodes[2:3]:
+        c.kill(node, wipe=True)
+    other = c.nodes.index(c.nodes[2])
+    with pytest.raises(errors.SnapshotdError) as ei:
+        c.client(asker).open_shard(JOB, other, 0)
+    assert f"node {c.nodes[2]} is down" in str(ei.value) or "no node" in str(ei.value), str(ei.value)
+
+
 # -- 3. a node lost in the middle of a snapshot --------------------------------------------
 def test_node_lost_mid_snapshot_keeps_last_version_and_never_commits_torn_one(make_cluster):
     c = make_cluster(3, 1)
