@@ -60,6 +60,9 @@ log = logging.getLogger("snapshotd.cluster")
 # Received contributions a parity holder may keep in memory while it waits for the rest
 # of their stripes (see ParityBuffer); beyond it, it accumulates block by block.
 HELD_CONTRIBUTIONS_MAX_BYTES = 512 << 20
+# How long (in heartbeat timeouts) a sender keeps re-sending unanswered requests to a
+# peer that its heartbeats still see alive (see ClusterNode._deliver).
+BULK_RETRY_TIMEOUTS = 20
 
 
 @dataclass
@@ -77,6 +80,11 @@ class ParityBuffer:
     held: dict = field(default_factory=dict)  # (s, t) -> [(coef, block)]
     held_bytes: int = 0
     direct: set = field(default_factory=set)  # (s, t) accumulated one by one (memory cap)
+    # Guards held/direct and the bytes. Combines run under it, not under the node's
+    # protocol lock, so heartbeats and votes never wait behind a combine. Lock order:
+    # ClusterNode._lock, then this.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    released: bool = False  # returned to the pool: late contributions must not write
 
     def view(self, s: int, t: int) -> np.ndarray:
         i = self.index[(s, t)]
@@ -117,6 +125,7 @@ class ClusterNode:
         self._first_round = threading.Event()  # every group peer was pinged once since start
         self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
         self._parity_pool: dict[str, list] = {}  # job -> [(name, segment)] free for reuse
+        self._combining: set = set()  # (job, v, s, t, p) contributions being applied now
         self.rebuild_stats: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -254,9 +263,46 @@ class ClusterNode:
             if node == self.me:
                 continue
             try:
-                self.peer(node).call(header, payload)
+                self._deliver(node, [(header, payload)], header.get("job"), header.get("v"))
             except (PeerUnavailableError, RemoteError) as exc:
                 log.warning("%s to %s failed: %s", header["op"], node, exc)
+
+    def _deliver(self, node: str, reqs: list, job_id: str | None = None, v: int | None = None,
+                 window: int = 8) -> None:
+        """Send requests the peer must all execute (announce, contributions, votes).
+
+        A stall (no reply within the heartbeat timeout) is not a verdict on the peer:
+        under load a busy receiver can fall behind a bulk window. While heartbeats (their
+        own connection) still see the peer and version ``v`` is still being committed,
+        the requests not yet acknowledged are sent again -- every handler is idempotent
+        -- for up to BULK_RETRY_TIMEOUTS heartbeat timeouts. Before this, one slow reply
+        stalled a version for good."""
+        pending = list(range(len(reqs)))
+        deadline = time.monotonic() + BULK_RETRY_TIMEOUTS * self.spec.heartbeat_timeout_ms / 1000
+        while True:
+            acked: set[int] = set()
+            batch = pending
+            try:
+                self.peer(node).call_many([reqs[i] for i in batch], window=window,
+                                          on_reply=lambda i, h, d: acked.add(batch[i]))
+                return
+            except PeerUnavailableError as exc:
+                pending = [i for i in batch if i not in acked]
+                if acked:  # it answered some: alive, just behind
+                    self.peer_last_seen[node] = time.monotonic()
+                if (self._stop.is_set() or time.monotonic() > deadline
+                        or node not in self.alive_peers() or not self._still_open(job_id, v)):
+                    raise
+                log.info("%s: %d of %d requests unanswered (%s); sending them again",
+                         node, len(pending), len(reqs), exc)
+
+    def _still_open(self, job_id: str | None, v: int | None) -> bool:
+        """Version v of the job is neither committed nor dropped (nothing to retry for)."""
+        if job_id is None or v is None:
+            return True
+        with self._lock:
+            jp = self.jobs.get(job_id)
+            return jp is not None and v > jp.committed_version and v in jp.rounds
 
     def _send_announce(self, job_id: str, a: proto.SendAnnounce) -> None:
         ann = a.announce
@@ -283,7 +329,7 @@ class ClusterNode:
 
         def send(node, reqs):
             try:
-                self.peer(node).call_many(reqs, window=8)
+                self._deliver(node, reqs, job_id, a.version)
             except Exception as exc:
                 errs.append((node, exc))
 
@@ -317,31 +363,44 @@ class ClusterNode:
 
     # -- parity -------------------------------------------------------------------------
     def _parity_buffer(self, job_id: str, v: int, layout, prefault: bool = True) -> ParityBuffer:
+        """The parity buffer of version v, created on first use. Must be called WITHOUT
+        holding ``self._lock``: creating one allocates and maps up to m/k of the data,
+        which must not stall the heartbeats (they take the lock) -- a peer whose
+        heartbeats stall is taken for dead."""
         key = (job_id, v)
-        pb_ = self.parity.get(key)
-        if pb_ is None:
+        with self._lock:
+            pb_ = self.parity.get(key)
+            if pb_ is not None:
+                return pb_
             blocks = layout.parity_blocks(self.my_index)
             size = max(1, len(blocks)) * self.bs
             pool = self._parity_pool.setdefault(job_id, [])
             fit = next((x for x in pool if x[1].size >= size), None)
             if fit is not None:  # warm pages of a released version: reuse (see below)
                 pool.remove(fit)
-                name, seg = fit
-            else:  # fresh pages are zero
-                name, seg = self.store.create_aux(f"{job_id}.parity.{os.urandom(4).hex()}", size,
-                                                  prefault=prefault)
-            pb_ = self.parity[key] = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs)
-            for s_, t, _p, _src, _j in layout.expected_contributions(self.my_index):
-                pb_.need[(s_, t)] = pb_.need.get((s_, t), 0) + 1
-            if fit is not None:
-                # A reused segment holds an older version's parity. Stripes with real
-                # contributions are overwritten by their one-pass combine (or zeroed when
-                # they fall back to accumulating, _flush_held); only stripes made of
-                # virtual zero blocks alone must be zeroed here. Saves a memset of the
-                # whole buffer per version.
-                for b in blocks:
-                    if b not in pb_.need:
-                        pb_.view(*b)[:] = 0
+        if fit is not None:
+            name, seg = fit
+        else:  # fresh pages are zero
+            name, seg = self.store.create_aux(f"{job_id}.parity.{os.urandom(4).hex()}", size,
+                                              prefault=prefault)
+        pb_ = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs)
+        for s_, t, _p, _src, _j in layout.expected_contributions(self.my_index):
+            pb_.need[(s_, t)] = pb_.need.get((s_, t), 0) + 1
+        if fit is not None:
+            # A reused segment holds an older version's parity. Stripes with real
+            # contributions are overwritten by their one-pass combine (or zeroed when
+            # they fall back to accumulating, _flush_held); only stripes made of
+            # virtual zero blocks alone must be zeroed here. Saves a memset of the
+            # whole buffer per version.
+            for b in blocks:
+                if b not in pb_.need:
+                    pb_.view(*b)[:] = 0
+        with self._lock:
+            other = self.parity.get(key)
+            if other is not None:  # created meanwhile by another thread: keep that one
+                self._parity_pool.setdefault(job_id, []).append((name, seg))
+                return other
+            self.parity[key] = pb_
             # Uncommitted rounds that can no longer commit must not pile up.
             stale = sorted(k for k in self.parity if k[0] == job_id and k[1] < v)[:-2]
             for k in stale:
@@ -358,7 +417,11 @@ class ClusterNode:
             r = self.job(job_id).rounds.get(v)
             if r is None or r.layout is None:
                 return
-            buf = self._parity_buffer(job_id, v, r.layout)
+            layout = r.layout
+        buf = self._parity_buffer(job_id, v, layout)
+        with buf.lock:
+            if buf.released:
+                return
             if buf.held:  # defensive: nothing may stay unapplied once sealed
                 self._flush_held(buf)
             buf.checksums = {i: xxhash.xxh3_64_intdigest(
@@ -371,6 +434,8 @@ class ClusterNode:
         pb_ = self.parity.pop(key, None)
         if pb_ is None:
             return
+        with pb_.lock:  # a combine in progress finishes first; later ones see released
+            pb_.released = True
         pool = self._parity_pool.setdefault(key[0], [])
         if len(pool) < 2:
             pool.append((pb_.name, pb_.segment))
@@ -380,33 +445,45 @@ class ClusterNode:
     def _accumulate(self, hdr: dict, data) -> None:
         job_id, v = hdr["job"], hdr["v"]
         s, t, p = hdr["s"], hdr["t"], hdr["p"]
+        token = (job_id, v, s, t, p)
         with self._lock:
             jp = self.job(job_id)
             if v <= jp.committed_version:
                 return
             layout = jp.layout_from_contribution(v, tuple(hdr["counts"]))
             r = jp.round(v)
-            if (s, t, p) not in r.expected:
-                return  # a retry of something already accumulated
+            if (s, t, p) not in r.expected or token in self._combining:
+                return  # a retry of something already accumulated (or in progress)
+            self._combining.add(token)
+        try:
             buf = self._parity_buffer(job_id, v, layout)
             coef = int(self.code.parity_matrix[t, p])
             block = np.frombuffer(data, np.uint8)
             key = (s, t)
-            if key in buf.direct:
-                self.code.mul_accumulate(coef, block, buf.view(s, t))
-            else:
-                held = buf.held.setdefault(key, [])
-                held.append((coef, block))
-                buf.held_bytes += block.nbytes
-                if len(held) >= buf.need.get(key, 0):
-                    t0 = time.thread_time()  # CPU time: the cores are shared
-                    self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
-                    self.accumulate_stats[0] += time.thread_time() - t0
-                    self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
-                    buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
-                elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
-                    self._flush_held(buf)
-            acts = jp.contribution_received(v, s, t, p)
+            with buf.lock:
+                if buf.released:  # the round was dropped meanwhile
+                    return
+                if key in buf.direct:
+                    self.code.mul_accumulate(coef, block, buf.view(s, t))
+                else:
+                    held = buf.held.setdefault(key, [])
+                    held.append((coef, block))
+                    buf.held_bytes += block.nbytes
+                    if len(held) >= buf.need.get(key, 0):
+                        t0 = time.thread_time()  # CPU time: the cores are shared
+                        self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
+                        self.accumulate_stats[0] += time.thread_time() - t0
+                        self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
+                        buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
+                    elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
+                        self._flush_held(buf)
+            with self._lock:
+                if self.parity.get((job_id, v)) is not buf:
+                    return
+                acts = jp.contribution_received(v, s, t, p)
+        finally:
+            with self._lock:
+                self._combining.discard(token)
         self._enqueue(job_id, acts)
 
     def _flush_held(self, buf: ParityBuffer) -> None:
@@ -466,6 +543,8 @@ class ClusterNode:
             if not 0 <= j * bs < m.payload_bytes:
                 raise ValueError(f"rank {m.rank} has no block {j}")
             mv = memoryview(seg.buf)[j * bs:min((j + 1) * bs, m.payload_bytes)]
+            if self.store.unsafe_skip_verify:  # test-only broken build (store.py): unchecked
+                return {"ok": True}, mv
             # The stored checksum is sent as the payload's: the receiver verifies it.
             return {"ok": True, KNOWN_XXH3: m.block_checksums[j]}, mv
         raise ValueError(f"unknown op {op!r}")
@@ -805,8 +884,7 @@ class ClusterNode:
                     segs.append(seg)
                     for off in range(0, m.payload_bytes, self.bs):
                         spans.append((seg, off, min(self.bs, m.payload_bytes - off)))
-                with self._lock:
-                    parity = self._parity_buffer(job_id, v, layout, prefault=False) if self.m else None
+                parity = self._parity_buffer(job_id, v, layout, prefault=False) if self.m else None
                 if parity is not None:
                     segs.append(parity.segment)
                 # Map the fresh pages (~5 GB/s in one call, against ~1.5 GB/s fault by
