@@ -15,6 +15,7 @@ from snapshotd.checkfree import (
     CheckFreeSettings,
     StageInfo,
     apply_average,
+    apply_rebuild,
     plan_checkfree,
     scaled_lr,
 )
@@ -224,3 +225,147 @@ def test_apply_average_dtypes():
                           0: [torch.ones(s, dtype=torch.float64) for s in SHAPES]})
     with pytest.raises(InvalidRequestError, match="no tensor"):
         apply_average(r, {2: [torch.ones(s) for s in SHAPES]})
+
+
+# -- declared edge layers (what the pipeline trainer records) ------------------------------
+
+EMB, HEAD = (("emb.tok", (10, 4)), ("emb.pos", (6, 4))), (("head.w", (10, 4)),)
+
+
+def edge_pipeline(S, g=None):
+    """Stage 0 = embedding + body, S-1 = body + head; stage 1 keeps copies of stage 0's
+    layers, stage S-2 of stage S-1's (with S = 3 stage 1 keeps both, stage 0's first)."""
+    g = g or {}
+    out = []
+    for i in range(S):
+        names, shapes, layers, copies = list(NAMES), list(SHAPES), [], []
+        if i == 0:
+            names, shapes, layers = [n for n, _ in EMB] + names, [s for _, s in EMB] + shapes, [n for n, _ in EMB]
+        if i == S - 1:
+            names, shapes = names + [n for n, _ in HEAD], shapes + [s for _, s in HEAD]
+            layers = layers + [n for n, _ in HEAD]
+        for e, layer in ((0, EMB), (S - 1, HEAD)):
+            partner = 1 if e == 0 else S - 2
+            if partner == i and e != i:
+                names += ["copy." + n for n, _ in layer]
+                shapes += [s for _, s in layer]
+                copies += ["copy." + n for n, _ in layer]
+        out.append(StageInfo(i, S, tuple(names), tuple(shapes), g.get(i, 1.0 + i), tuple(copies), tuple(layers)))
+    return out
+
+
+def _tensors(info, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in info.param_shapes]
+
+
+@pytest.mark.parametrize("S", [2, 3, 4, 5])
+def test_plus_with_declared_edge_layers_copies_every_parameter(S):
+    infos = edge_pipeline(S)
+    tensors = {i: _tensors(x, i) for i, x in enumerate(infos)}
+    for lost in {0, S - 1}:
+        live = [x for x in infos if x.index != lost]
+        r = plan_checkfree(live, [lost], PLUS, lost_info=[infos[lost]]).rebuilds[0]
+        p = 1 if lost == 0 else S - 2
+        assert (r.kind, r.sources, r.method) == ("copy", ((p, 1.0),), "CheckFree+")
+        got = dict(apply_rebuild(r, {p: tensors[p]}))
+        assert sorted(got) == list(range(len(infos[lost].param_names)))  # every parameter, once
+        src = dict(zip(infos[p].param_names, tensors[p]))
+        for k, name in enumerate(infos[lost].param_names):
+            if name in infos[lost].edge_layers:
+                want = src["copy." + name]  # the partner's copy of our edge layer
+            elif name.startswith("copy."):
+                want = src[name[5:]]  # S = 2: our copy of the partner's edge layer
+            else:
+                want = src[name]  # the body
+            assert torch.equal(got[k], want), (S, lost, name)
+
+
+@pytest.mark.parametrize("S,lost", [(3, 1), (4, 1), (4, 2), (5, 2)])
+def test_middle_stage_averages_body_and_copies_back_its_edge_copies(S, lost):
+    infos = edge_pipeline(S, {lost + 1: 3.0, lost - 1: 1.0})
+    tensors = {i: _tensors(x, i) for i, x in enumerate(infos)}
+    live = [x for x in infos if x.index != lost]
+    r = plan_checkfree(live, [lost], lost_info=[infos[lost]]).rebuilds[0]  # plain CheckFree
+    assert r.kind == "average" and r.method == "CheckFree"
+    got = dict(apply_rebuild(r, {j: tensors[j] for j in (lost - 1, lost + 1)}))
+    assert sorted(got) == list(range(len(infos[lost].param_names)))
+    a, b = 3.0 + 1e-4, 1.0 + 1e-4
+    for k, name in enumerate(infos[lost].param_names):
+        if name.startswith("copy."):
+            e = 0 if name[5:].startswith("emb") else S - 1
+            want = tensors[e][infos[e].param_names.index(name[5:])]
+            assert torch.equal(got[k], want), name
+        else:
+            nxt = tensors[lost + 1][infos[lost + 1].param_names.index(name)]
+            prv = tensors[lost - 1][infos[lost - 1].param_names.index(name)]
+            assert torch.allclose(got[k], (a * nxt + b * prv) / (a + b), atol=1e-6), name
+    expected_copies = [n for n in infos[lost].param_names if n.startswith("copy.")]
+    assert [e.name for e in r.edge_pairs] == expected_copies
+
+
+def test_ambiguous_or_inconsistent_edge_copies_are_impossible():
+    # S = 3: stage 1 keeps copies for stages 0 and 2, and neither declares its edge layers
+    infos = [stage(0, 3), stage(1, 3, 1.0, NAMES + ("c0", "c2"), SHAPES + ((10, 4), (10, 4)), ("c0", "c2")),
+             stage(2, 3)]
+    res = plan_checkfree(infos[:2], [2], PLUS)
+    assert isinstance(res, CheckFreeImpossible) and "neither declares its edge_layers" in res.reason
+    # declared layers that do not add up to the copies kept
+    infos = edge_pipeline(4)
+    bad0 = StageInfo(0, 4, infos[0].param_names, infos[0].param_shapes, 1.0, (), ("emb.tok",))
+    res = plan_checkfree(infos[1:], [0], PLUS, lost_info=[bad0])
+    assert isinstance(res, CheckFreeImpossible) and "keeps 2 edge copies" in res.reason
+    # a copy whose shape differs from the layer it copies
+    shapes = list(infos[1].param_shapes)
+    shapes[infos[1].param_names.index("copy.emb.pos")] = (7, 4)
+    odd1 = StageInfo(1, 4, infos[1].param_names, tuple(shapes), 1.0, infos[1].edge_copies)
+    res = plan_checkfree([odd1, infos[2], infos[3]], [0], PLUS, lost_info=[infos[0]])
+    assert isinstance(res, CheckFreeImpossible) and "shape mismatch" in res.reason and "(7, 4)" in res.reason
+    # edge_layers only on edge stages, never overlapping the copies
+    with pytest.raises(InvalidRequestError, match="first and last"):
+        StageInfo(1, 3, ("a",), ((1,),), 1.0, (), ("a",))
+    with pytest.raises(InvalidRequestError, match="not among edge_copies"):
+        StageInfo(0, 3, ("a",), ((1,),), 1.0, ("a",), ("a",))
+
+
+def test_apply_checkfree_sets_weights_resets_optimizer_scales_lr():
+    from snapshotd_client.checkfree_restore import CheckFreeUnavailableError, apply_checkfree
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+
+    def infos_of(models, norms):
+        return [StageInfo(i, 3, tuple(n for n, _ in m.named_parameters()),
+                          tuple(tuple(p.shape) for p in m.parameters()), norms[i]) for i, m in enumerate(models)]
+
+    models = [net(s) for s in range(3)]
+    infos = infos_of(models, [1.0, 5.0, 3.0])
+    for restart in (False, True):
+        lost = net(9)
+        opt = torch.optim.AdamW(lost.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+        lost(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        assert opt.state
+        settings = CheckFreeSettings(lr_scale=1.2, restart_warmup=restart)
+        (rb,) = plan_checkfree([infos[0], infos[2]], [1], settings, lost_info=[infos[1]]).rebuilds
+        tensors = {j: [p.detach().clone() for p in models[j].parameters()] for j in (0, 2)}
+        apply_checkfree(lost, opt, sched, rb, tensors, settings, version=4)
+        a, b = 3.0 + 1e-4, 1.0 + 1e-4
+        for p, p2, p0 in zip(lost.parameters(), models[2].parameters(), models[0].parameters()):
+            assert torch.allclose(p.detach(), (a * p2 + b * p0).detach() / (a + b), atol=1e-6)
+        assert not opt.state  # fresh optimizer
+        step = 0 if restart else 4  # the warm-up restarts, or the schedule resumes at the step
+        assert sched.last_epoch == step
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 1.2 * min(1.0, (step + 1) / 10))
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 1.2 * min(1.0, (step + 2) / 10))
+    # a plan that does not fit the model is refused before anything is written
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    before = [p.detach().clone() for p in other.parameters()]
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(CheckFreeUnavailableError, match="does not fit"):
+        apply_checkfree(other, opt, None, rb, tensors, CheckFreeSettings(), version=4)
+    assert all(torch.equal(x, y) for x, y in zip(before, other.parameters()))
+    assert opt.param_groups[0]["lr"] == 0.1

@@ -116,3 +116,18 @@ def test_swapped_stage_order_rejects_bad_input():
     for args in [(0, 0), (3, -1), (2.0, 1), (3, True)]:
         with pytest.raises(ValueError):
             swapped_stage_order(*args)
+
+
+def test_edge_layers_recorded_and_checked(daemon):
+    m = _model(0)
+    with _snap(daemon, m, "pp-edge", pipeline_stage=(0, 3), edge_layers=("0.weight", "0.bias")) as s:
+        s.record_grad_norm(0.5)
+        assert s.save(1).result(10).committed
+        info = s.stage_info()
+    assert info.edge_layers == ("0.weight", "0.bias") and info.edge_copies == ()
+    assert [n for n, _, _ in info.body()] == ["2.weight", "2.bias"]  # what CheckFree averages
+    with _snap(daemon, _model(1), "pp-edge") as r:
+        assert r.restore() == 1 and r.stage_info() == info and r.restored_method == "exact"
+    with _snap(daemon, _model(0), "pp-edge2", pipeline_stage=(1, 3), edge_layers=("0.weight",)) as s:
+        with pytest.raises(ValueError, match="neither the first nor the last"):
+            s.save(1)

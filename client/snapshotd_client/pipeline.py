@@ -1,10 +1,11 @@
 """Pipeline-stage metadata for CheckFree / CheckFree+ recovery (see ``snapshotd.checkfree``).
 
-With ``SnapshotterConfig(pipeline_stage=(i, S), edge_copies=(...))`` every snapshot stores,
-in the rank's local state, a ``"pipeline"`` entry::
+With ``SnapshotterConfig(pipeline_stage=(i, S), edge_layers=(...), edge_copies=(...))``
+every snapshot stores, in the rank's local state, a ``"pipeline"`` entry::
 
     {"stage": i, "num_stages": S, "grad_norm": float | None,
-     "param_names": [...], "param_shapes": [[...], ...], "edge_copies": [...]}
+     "param_names": [...], "param_shapes": [[...], ...], "edge_copies": [...],
+     "edge_layers": [...]}
 
 (parameter names and shapes in ``model.named_parameters()`` order; ``grad_norm`` is the
 value last given to ``Snapshotter.record_grad_norm``, None if unset or non-finite).
@@ -18,7 +19,7 @@ import math
 
 from snapshotd.checkfree import StageInfo
 
-__all__ = ["finite_or_none", "stage_info_from_meta", "swapped_stage_order"]
+__all__ = ["finite_or_none", "stage_info_from_meta", "stage_meta", "swapped_stage_order"]
 
 
 def finite_or_none(x) -> float | None:
@@ -40,7 +41,24 @@ def stage_info_from_meta(d: dict) -> StageInfo:
         param_shapes=tuple(tuple(int(v) for v in s) for s in d["param_shapes"]),
         grad_norm=finite_or_none(d.get("grad_norm")),
         edge_copies=tuple(d.get("edge_copies") or ()),
+        edge_layers=tuple(d.get("edge_layers") or ()),
     )
+
+
+def stage_meta(model, stage: int, num_stages: int, grad_norm=None, edge_copies=(), edge_layers=()) -> dict:
+    """The ``"pipeline"`` entry of ``model`` (a torch module) as stage ``stage`` of
+    ``num_stages``: what ``Snapshotter`` records with each snapshot (and what a simulation
+    of the pipeline in one process feeds to the planner, so both take the same path)."""
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    missing = [n for n in (*edge_copies, *edge_layers) if n not in names]
+    if missing:
+        raise ValueError(f"edge_copies / edge_layers {missing} are not parameters of the model")
+    if edge_layers and stage not in (0, num_stages - 1):
+        raise ValueError(f"edge_layers: stage {stage} is neither the first nor the last stage")
+    return {"stage": int(stage), "num_stages": int(num_stages), "grad_norm": finite_or_none(grad_norm),
+            "param_names": names, "param_shapes": [[int(d) for d in p.shape] for _, p in named],
+            "edge_copies": list(edge_copies), "edge_layers": list(edge_layers)}
 
 
 def swapped_stage_order(num_stages: int, microbatch: int) -> list[int]:
