@@ -1,31 +1,36 @@
 """CheckFree rung of ``Snapshotter.restore()``: rebuild a lost pipeline stage from its neighbours.
 
-Used only when the daemon cannot give this rank its own shard back (FAILED_PRECONDITION:
-the node was lost and parity cannot rebuild it), the Snapshotter has ``pipeline_stage``
-set and ``checkfree=CheckFreeSettings(...)`` (None, the default, disables this rung and
-the daemon's error propagates).
+Used only when the daemon cannot give this rank its state back (FAILED_PRECONDITION: the
+node was lost and parity cannot rebuild its shard, or a data-parallel peer's slice of it),
+the Snapshotter has ``pipeline_stage`` set and ``checkfree=CheckFreeSettings(...)`` (None,
+the default, disables this rung and the daemon's error propagates).
 
 What it does, for version V (the latest committed version RegisterJob reported):
 
-1. opens the neighbour stages' shards of V and reads their ``"pipeline"`` entries;
-2. plans with :func:`snapshotd.checkfree.plan_checkfree` (lost = this stage); an
-   impossible plan raises :class:`CheckFreeUnavailableError` (a ConflictError) with the
-   planner's reason;
-3. averages the neighbours' model parameters (``apply_average``) into this stage's
-   parameters (by position, per the plan's ``param_pairs``);
-4. clears the optimizer state and multiplies every param group's lr (and the LR
-   scheduler's ``base_lrs``) by ``lr_scale``; unless ``restart_warmup``, the scheduler
-   resumes at step V (its ``last_epoch``);
-5. sets ``snapshotter.restored_approximate = True``, logs a WARNING, returns V.
+1. reads the neighbour stages' shards of V (a middle stage: i-1 and i+1; an edge stage,
+   with ``checkfree_plus``: its swap partner) and their ``"pipeline"`` entries; a
+   neighbour stored with ``shard_replicated=True`` is gathered from its DP ranks' slices;
+2. plans with :func:`snapshotd.checkfree.plan_checkfree` (lost = this stage, its layout
+   from the freshly built model); an impossible plan raises
+   :class:`CheckFreeUnavailableError` (a ConflictError, so the next rung of the ladder
+   sees the same class as the daemon's error) with the planner's reason, and changes
+   nothing;
+3. :func:`apply_checkfree` (also what ``bench/bench_checkfree.py`` calls): the plan's
+   tensors (:func:`snapshotd.checkfree.apply_rebuild`: the weighted average for CheckFree,
+   the partner's body and edge copies for CheckFree+) are copied into this stage's
+   parameters by position; the optimizer state is cleared and every param group's lr (and
+   the LR scheduler's ``base_lrs``) multiplied by ``lr_scale``; unless ``restart_warmup``,
+   the scheduler resumes at step V (its ``last_epoch``), else at 0;
+4. sets ``restored_approximate = True`` and ``restored_method`` ("CheckFree" or
+   "CheckFree+"), logs a WARNING, returns V.
 
 Assumptions and limits:
 
-* one pipeline stage per rank: stage j's shard is rank ``stage_ranks[j]`` (option
-  ``stage_ranks``, default ``range(S)``: rank == stage index);
-* neighbours' shards are stored with ``shard_replicated=False`` (the full replicated part,
-  i.e. model and optimizer, at offset 0 of the rank's payload);
+* stage j's shard is rank ``stage_ranks[j]`` (option ``stage_ranks``, default
+  ``range(S)``: rank == stage index); with data parallelism inside a stage, that is one
+  of the stage's DP ranks and its manifest names the others (``dp_ranks``);
 * neighbours are read through the local daemon (OpenShard copies another node's shard);
-  if it refuses and ``checkfree_sources`` maps the neighbour's rank to a daemon target
+  if it refuses and ``checkfree_sources`` maps the rank to a daemon target
   ("unix:/path.sock" or "host:port"), the shard is streamed from there (FetchShard);
 * everything else of the lost rank (RNG states, extra state, model buffers, the
   scheduler's own state beyond ``last_epoch``) stays as freshly constructed.
@@ -37,7 +42,7 @@ import logging
 
 import torch
 
-from snapshotd.checkfree import CheckFreeImpossible, apply_average, plan_checkfree
+from snapshotd.checkfree import CheckFreeImpossible, StageRebuild, apply_rebuild, plan_checkfree, swap_partner
 from snapshotd.errors import ConflictError, SnapshotdError
 from snapshotd_client import layout as lo
 from snapshotd_client import pipeline as pl
@@ -52,7 +57,7 @@ class CheckFreeUnavailableError(ConflictError):
     """The stage's shard is lost and CheckFree cannot rebuild it either (the reason says why)."""
 
 
-def _read_neighbour(snap, rank: int, version: int):
+def _read_shard(snap, rank: int, version: int):
     """(manifest, payload buffer) of ``rank``'s committed shard of ``version``."""
     job = snap.cfg.job_id
     try:
@@ -70,39 +75,74 @@ def _read_neighbour(snap, rank: int, version: int):
     cl = DaemonClient(target, token=snap.cfg.token, timeout_s=snap.cfg.timeout_s)
     try:
         return cl.fetch_shard(job, rank, version)
+    except SnapshotdError as exc:
+        raise CheckFreeUnavailableError(f"CheckFree: cannot fetch rank {rank} from {target}: {exc}") from exc
     finally:
         cl.close()
 
 
-def _decode(m, buf) -> tuple[dict, dict]:
-    """(model state_dict of views, local state) of a shard stored with shard_replicated=False."""
-    if m.slice_offset != 0 or m.slice_bytes != m.replicated_bytes:
-        raise CheckFreeUnavailableError(
-            f"CheckFree: rank {m.rank}'s shard holds a slice of its replicated state "
-            "(shard_replicated=True is not supported)")
-    meta = st.loads_meta(m.meta_json)
-    buf = buf if buf is not None else bytearray(0)
-    rep = st.unflatten_state(meta["replicated"],
-                             [tz.view_from(buf, lo.slot_of(t)) for t in m.replicated_tensors])
-    local = st.unflatten_state(meta["local"], [tz.view_from(buf, lo.slot_of(t)) for t in m.tensors])
-    return rep.get("model", {}), local
+def _replicated(snap, m, buf, version: int):
+    """The neighbour's whole replicated payload: its own bytes, or (``shard_replicated=True``)
+    every DP rank's slice gathered into one buffer."""
+    if m.slice_offset == 0 and m.slice_bytes == m.replicated_bytes:
+        return buf
+    out = torch.empty(m.replicated_bytes, dtype=torch.uint8)
+    for r in m.dp_ranks:
+        om, obuf = (m, buf) if r == m.rank else _read_shard(snap, r, version)
+        if om.replicated_bytes != m.replicated_bytes:
+            raise CheckFreeUnavailableError(f"CheckFree: rank {r}'s slice belongs to another layout "
+                                            f"than rank {m.rank}'s")
+        if om.slice_bytes:
+            src = tz.view_from(obuf, tz.TensorSlot("slice", "uint8", (om.slice_bytes,), 0, om.slice_bytes, (), ()))
+            out[om.slice_offset:om.slice_offset + om.slice_bytes].copy_(src)
+            del src
+    return out.numpy()
 
 
 def _neighbour(snap, rank: int, version: int):
-    """(StageInfo, [model parameters in its param order, copied out of the segment]) of
-    ``rank``'s shard, or None (logged) when it cannot be read or has no pipeline entry."""
+    """(StageInfo, [model parameters in its param order, copied out of the segments]) of
+    ``rank``'s shard; the error (logged) when it cannot be read: its node was lost too (the
+    usual case; the peer's error is not always specific enough to tell); None (logged) when
+    it has no pipeline entry."""
     try:
-        m, buf = _read_neighbour(snap, rank, version)
+        m, buf = _read_shard(snap, rank, version)
+        rep_buf = _replicated(snap, m, buf, version)
     except CheckFreeUnavailableError as exc:
         log.warning("snapshotd: %s", exc)
-        return None  # the planner says why that is not enough
-    model_sd, local = _decode(m, buf)
+        return exc
+    meta = st.loads_meta(m.meta_json)
+    local = st.unflatten_state(meta["local"], [tz.view_from(buf, lo.slot_of(t)) for t in m.tensors])
     if "pipeline" not in local:
         log.warning("snapshotd: rank %d's shard has no pipeline metadata", rank)
         return None
     info = pl.stage_info_from_meta(local["pipeline"])
+    rep = st.unflatten_state(meta["replicated"],
+                             [tz.view_from(rep_buf, lo.slot_of(t)) for t in m.replicated_tensors])
+    model_sd = rep.get("model", {})
+    missing = [n for n in info.param_names if n not in model_sd]
+    if missing:
+        log.warning("snapshotd: rank %d's shard lacks parameters %s", rank, missing[:5])
+        return None
     # Copies: no view may outlive the segment mapping (closed after the restore).
     return info, [model_sd[n].clone() for n in info.param_names]
+
+
+def apply_checkfree(model, optimizer, lr_scheduler, rebuild: StageRebuild, neighbour_tensors,
+                    settings, version: int) -> None:
+    """Carry out one planned rebuild on a live stage: its parameters (by position in
+    ``model.named_parameters()``) from ``neighbour_tensors`` ({stage: [tensors in that
+    stage's param order]}), then a fresh optimizer and the scaled LR. Checks every shape
+    before it writes anything."""
+    new = apply_rebuild(rebuild, neighbour_tensors)
+    params = [p for _, p in model.named_parameters()]
+    for k, t in new:
+        if not 0 <= k < len(params) or tuple(params[k].shape) != tuple(t.shape):
+            raise CheckFreeUnavailableError(f"CheckFree: planned tensor {k} of shape {tuple(t.shape)} does not "
+                                            f"fit the model's parameter {k}")
+    with torch.no_grad():
+        for k, t in new:
+            params[k].copy_(t)
+    reset_optimizer(optimizer, lr_scheduler, settings, version)
 
 
 def restore_checkfree(snap, version: int, cause: Exception) -> int:
@@ -112,43 +152,48 @@ def restore_checkfree(snap, version: int, cause: Exception) -> int:
     ranks = tuple(snap.cfg.stage_ranks) if snap.cfg.stage_ranks else tuple(range(S))
     if len(ranks) != S:
         raise ValueError(f"stage_ranks {ranks} must name one rank per stage ({S})")
-    log.warning("snapshotd: shard of stage %d (rank %d) of version %d is lost (%s); trying CheckFree",
+    log.warning("snapshotd: state of stage %d (rank %d) of version %d is lost (%s); trying CheckFree",
                 stage, snap.rank, version, cause)
+    partner = swap_partner(stage, S)
+    if partner is None:
+        wanted = [stage - 1, stage + 1]
+    else:  # an edge stage: its swap partner, or nothing (plain CheckFree: the planner says why)
+        wanted = [partner] if settings.checkfree_plus else []
     try:
-        infos, models = {}, {}
-        for j in (stage - 1, stage + 1):
+        infos, models, lost, why = {}, {}, {stage}, []
+        for j in wanted:
             if 0 <= j < S:
                 got = _neighbour(snap, ranks[j], version)
-                if got is not None:
+                if isinstance(got, Exception):  # unreadable: lost too, so the planner names
+                    lost.add(j)                 # the adjacent losses
+                    why.append(f"stage {j}: {got}")
+                elif got is not None:
                     infos[j], models[j] = got
-        names = [n for n, _ in snap.model.named_parameters()]
         own = pl.stage_info_from_meta(snap._pipeline_entry())
-        plan = plan_checkfree(infos, {stage}, settings, lost_info={stage: own})
+        plan = plan_checkfree(infos, lost, settings, lost_info={stage: own})
         if isinstance(plan, CheckFreeImpossible):
             raise CheckFreeUnavailableError(
                 f"stage {stage} of job {snap.cfg.job_id!r} version {version} is lost ({cause}) and "
-                f"CheckFree cannot rebuild it: {plan.reason}") from cause
+                f"CheckFree cannot rebuild it: {plan.reason}" + (f" [{'; '.join(why)}]" if why else "")) from cause
         (rb,) = plan.rebuilds
-        new = apply_average(rb, models)
-        params = [p for _, p in snap.model.named_parameters()]
-        with torch.no_grad():
-            for pair, t in zip(rb.param_pairs, new):
-                params[pair.position].copy_(t)
+        apply_checkfree(snap.model, snap.optimizer, snap.lr_scheduler, rb, models, settings, version)
     finally:
         try:
             snap.segments.close()
         except BufferError:  # a view still alive on an error path: the mapping goes with it
             log.debug("snapshotd: segment still exported, left to the garbage collector")
-    _reset_optimizer(snap, settings, version)
     snap.restored_approximate = True
-    log.warning("snapshotd: stage %d of job %s rebuilt APPROXIMATELY by CheckFree at step %d "
-                "(%d parameters: %s); optimizer state reset, lr x%g; RNG and extra state are fresh",
-                stage, snap.cfg.job_id, version, len(names), rb.note, settings.lr_scale)
+    snap.restored_method = rb.method
+    snap._pipeline_meta = {**snap._pipeline_entry(), "grad_norm": None}
+    log.warning("snapshotd: stage %d of job %s rebuilt APPROXIMATELY by %s at step %d (%s); RNG and extra "
+                "state are fresh", stage, snap.cfg.job_id, rb.method, version, rb.note)
     return int(version)
 
 
-def _reset_optimizer(snap, settings, version: int) -> None:
-    opt, sched = snap.optimizer, snap.lr_scheduler
+def reset_optimizer(opt, sched, settings, version: int) -> None:
+    """Fresh optimizer state and the rebuilt stage's LR: every param group's lr (and the
+    scheduler's base_lrs) times ``lr_scale``; the scheduler at step ``version``, or at 0
+    when ``restart_warmup``."""
     if opt is None:
         return
     opt.state.clear()
@@ -160,8 +205,8 @@ def _reset_optimizer(snap, settings, version: int) -> None:
         return
     if hasattr(sched, "base_lrs"):
         sched.base_lrs = [b * settings.lr_scale for b in sched.base_lrs]
-    if not settings.restart_warmup and hasattr(sched, "last_epoch"):
-        sched.last_epoch = int(version)  # the step the job resumes at
+    if hasattr(sched, "last_epoch"):
+        sched.last_epoch = 0 if settings.restart_warmup else int(version)
         lambdas = getattr(sched, "lr_lambdas", None)
         if lambdas is not None and len(lambdas) == len(opt.param_groups):  # LambdaLR: closed form
             for g, base, f in zip(opt.param_groups, sched.base_lrs, lambdas):

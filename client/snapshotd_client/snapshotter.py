@@ -66,14 +66,18 @@ class SnapshotterConfig:
     # Older snapshots still waiting for other ranks/nodes: wait this long for them to
     # commit (back-pressure), then give up the oldest (it was torn) and go on.
     inflight_wait_s: float = 10.0
-    # Pipeline parallelism (for CheckFree): (stage index, number of stages) of this rank,
-    # and the names of this stage's parameters that copy a neighbour's embedding /
-    # de-embedding layers (CheckFree+). Each save records them in the rank's local state.
+    # Pipeline parallelism (for CheckFree): (stage index, number of stages) of this rank;
+    # on the first / last stage the names of its embedding / de-embedding parameters
+    # (edge_layers: never averaged, restored from the copies on the partner), and on a
+    # CheckFree+ swap partner the names of its copies of them (edge_copies, see
+    # snapshotd.checkfree). Each save records them in the rank's local state.
     pipeline_stage: tuple[int, int] | None = None
     edge_copies: tuple[str, ...] = ()
+    edge_layers: tuple[str, ...] = ()
     # CheckFree rung of restore() (needs pipeline_stage): when this rank's own shard cannot
     # be opened or rebuilt (FAILED_PRECONDITION), rebuild the stage approximately from its
     # neighbours (snapshotd_client.checkfree_restore). None: disabled, the error propagates.
+    # A neighbour stored with shard_replicated=True is gathered from its DP ranks' slices.
     checkfree: "CheckFreeSettings | None" = None
     stage_ranks: tuple[int, ...] | None = None  # rank of each stage (default: rank == stage)
     checkfree_sources: dict[int, str] | None = None  # rank -> daemon target to fetch it from
@@ -136,8 +140,9 @@ class Snapshotter:
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.skipped = 0  # snapshots skipped because older ones had not committed yet
         self.restored_approximate = False
+        self.restored_method: str | None = None  # "exact", "CheckFree" or "CheckFree+" after restore()
         self._grad_norm = None  # last record_grad_norm() value (float or 0-dim tensor)
-        self._pipeline_layout = None  # (param names, shapes), computed once
+        self._pipeline_layout = None  # "pipeline" entry less the grad norm, computed once
         self._pipeline_meta: dict | None = None  # "pipeline" entry of the last save/restore
         if self.cfg.pipeline_stage is not None:
             i, n = (int(x) for x in self.cfg.pipeline_stage)
@@ -145,6 +150,7 @@ class Snapshotter:
                 raise ValueError(f"pipeline_stage {self.cfg.pipeline_stage!r}: need 0 <= index < stages")
             self.cfg.pipeline_stage = (i, n)
         self.cfg.edge_copies = tuple(self.cfg.edge_copies)
+        self.cfg.edge_layers = tuple(self.cfg.edge_layers)
         if optimizer is not None and hasattr(optimizer, "register_step_pre_hook"):
             optimizer.register_step_pre_hook(lambda *a, **k: self._wait_device_copy())
 
@@ -203,16 +209,10 @@ class Snapshotter:
 
     def _pipeline_entry(self) -> dict:
         if self._pipeline_layout is None:
-            named = list(self.model.named_parameters())
-            names = [n for n, _ in named]
-            missing = [n for n in self.cfg.edge_copies if n not in names]
-            if missing:
-                raise ValueError(f"edge_copies {missing} are not parameters of the model")
-            self._pipeline_layout = (names, [[int(d) for d in p.shape] for _, p in named])
-        names, shapes = self._pipeline_layout
-        i, n = self.cfg.pipeline_stage
-        return {"stage": i, "num_stages": n, "grad_norm": self.grad_norm, "param_names": names,
-                "param_shapes": shapes, "edge_copies": list(self.cfg.edge_copies)}
+            i, n = self.cfg.pipeline_stage
+            self._pipeline_layout = pl.stage_meta(self.model, i, n, None, self.cfg.edge_copies,
+                                                  self.cfg.edge_layers)
+        return {**self._pipeline_layout, "grad_norm": self.grad_norm}
 
     def stage_info(self):
         """StageInfo (snapshotd.checkfree) of the last save, or of the restored snapshot;
@@ -370,7 +370,13 @@ class Snapshotter:
 
     # -- restore ---------------------------------------------------------------------
     def restore(self) -> int:
-        """Load the latest committed snapshot; return its step (0 when there is none)."""
+        """Load the latest committed snapshot; return its step (0 when there is none).
+
+        When the parity cannot give this rank its state back (FAILED_PRECONDITION) and the
+        rank is a pipeline stage with ``checkfree`` set, the stage is rebuilt approximately
+        from its neighbours (``restored_approximate``, ``restored_method``)."""
+        latest = 0
+        t0 = time.monotonic()
         try:
             # A restore starts the job over from its committed version: versions the
             # previous run delivered but never committed are dropped everywhere.
@@ -378,22 +384,46 @@ class Snapshotter:
             if latest == 0:
                 log.info("snapshotd: nothing to restore for job %s", self.cfg.job_id)
                 return 0
+            log.info("snapshotd: restoring job %s rank %d from step %d (a node that lost its "
+                     "shards rebuilds them first)", self.cfg.job_id, self.rank, latest)
             resp = self.client.open_shard(self.cfg.job_id, self.rank, latest)
+            t_open = time.monotonic()
         except DaemonUnavailableError as exc:
             self._unavailable("restore", exc)
             return 0
         except ConflictError as exc:  # our shard is lost and cannot be rebuilt
-            if self.cfg.checkfree is None or self.cfg.pipeline_stage is None:
+            if latest == 0:  # the registration itself was refused
                 raise
-            from snapshotd_client.checkfree_restore import restore_checkfree
-
-            return restore_checkfree(self, latest, exc)
+            return self._restore_fallback(latest, exc)
+        lost = None
         try:
             step = self._load(resp.segment_name, resp.manifest, latest)
+        except ConflictError as exc:  # a DP peer's slice of our replicated state is lost
+            lost = exc.with_traceback(None)  # drop the frames holding views of the segments
         finally:
-            self.segments.close()
-        log.info("snapshotd: restored job %s rank %d at step %d", self.cfg.job_id, self.rank, step)
+            try:
+                self.segments.close()
+            except BufferError:
+                if lost is None:
+                    raise
+        if lost is not None:
+            return self._restore_fallback(latest, lost)
+        self.restored_method = "exact"
+        dt = time.monotonic() - t0
+        size = resp.manifest.replicated_bytes + resp.manifest.payload_bytes - resp.manifest.slice_bytes
+        log.info("snapshotd: restored job %s rank %d at step %d: %.1f MiB in %.2f s (%.0f MiB/s; "
+                 "daemon open %.2f s, load %.2f s)", self.cfg.job_id, self.rank, step, size / 2**20,
+                 dt, size / 2**20 / max(dt, 1e-9), t_open - t0, time.monotonic() - t_open)
         return step
+
+    def _restore_fallback(self, latest: int, exc: Exception) -> int:
+        """The next rung when the parity cannot give this rank its state back: CheckFree
+        (pipeline stages with ``checkfree`` set), else the daemon's error."""
+        if self.cfg.checkfree is None or self.cfg.pipeline_stage is None:
+            raise exc
+        from snapshotd_client.checkfree_restore import restore_checkfree
+
+        return restore_checkfree(self, latest, exc)
 
     def _replicated_payload(self, seg, m: pb.ShardManifest, version: int):
         """The whole replicated payload: our own bytes, or every DP rank's slice gathered."""
