@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when the client supports shard_replicated)")
     d.add_argument("--single-node", action="store_true",
                    help="the single-daemon demo: trainer and daemon SIGKILLed, resumed from shared memory")
+    from snapshotd.chaos import cli as chaos_cli
+
+    chaos_cli.add_parser(sub)
     return p
 
 

@@ -1,0 +1,232 @@
+"""Chaos scenarios: what a scenario file may say, its validation, and the soak schedule.
+
+Pure: no processes, sockets or clocks. A scenario is one fault injected into one
+training job on a fresh local cluster; the runner (``runner.py``) carries it out and
+``invariants.py`` judges it.
+
+A scenario file (YAML) is a list of scenarios, or ``{scenarios: [...]}``::
+
+    scenarios:
+      - name: kill-two-nodes          # [a-z0-9-], unique
+        description: lose m nodes at once
+        at_step: 6                    # inject once rank 0 reported this step (default 6)
+        fault: {kind: kill_node, nodes: m}
+        expect: resume                # resume | unrecoverable (default: resume)
+        ci: true                      # part of the CI-sized subset (default false)
+
+Node references are ``n<i>`` ids of the local cluster or their index ``i``; a count of
+nodes may be an integer, ``m`` or ``m+1`` (the cluster's parity count, resolved when
+the cluster is known, by ``resolve_nodes``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+# kind -> {parameter: (type check, default or REQUIRED, help)}
+REQUIRED = object()
+_NODE = "node (n<i> or index)"
+_COUNT = "nodes: a list of node refs, a count, 'm' or 'm+1'"
+
+
+def _is_node(x) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool) and x >= 0) or \
+        (isinstance(x, str) and re.fullmatch(r"n\d+", x) is not None)
+
+
+def _is_nodes(x) -> bool:
+    if isinstance(x, list):
+        return bool(x) and all(_is_node(v) for v in x) and len(set(map(str, x))) == len(x)
+    return (isinstance(x, int) and not isinstance(x, bool) and x >= 1) or x in ("m", "m+1")
+
+
+def _pos(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+def _one_of(*vals):
+    f = lambda x: x in vals  # noqa: E731
+    f.__doc__ = "one of " + ", ".join(map(str, vals))
+    return f
+
+
+FAULTS: dict[str, dict] = {
+    "kill_trainer": {"node": (_is_node, 1, _NODE)},
+    "kill_daemon": {"node": (_is_node, 1, _NODE)},
+    "kill_node": {"nodes": (_is_nodes, 1, _COUNT)},
+    "mid_snapshot": {"node": (_is_node, 1, _NODE),
+                     "phase": (_one_of("before_exchange", "during_exchange", "after_exchange"),
+                               REQUIRED, "before_exchange, during_exchange or after_exchange")},
+    "hang_daemon": {"node": (_is_node, 1, _NODE), "seconds": (_pos, 4.0, "a positive number")},
+    "hang_trainer": {"node": (_is_node, 1, _NODE)},
+    "slow_peer": {"node": (_is_node, 1, _NODE), "seconds": (_pos, 5.0, "a positive number"),
+                  "stop_ms": (_pos, 300, "a positive number"), "run_ms": (_pos, 200, "a positive number")},
+    "partition": {"nodes": (_is_nodes, 1, _COUNT), "seconds": (_pos, 5.0, "a positive number")},
+    "corrupt": {"node": (_is_node, 1, _NODE),
+                "block": (_one_of("data", "parity"), REQUIRED, "data or parity")},
+    "garbage": {"plane": (_one_of("grpc", "zmq"), REQUIRED, "grpc or zmq"),
+                "node": (_is_node, 0, _NODE)},
+    "memory_pressure": {"node": (_is_node, 0, _NODE)},
+    # A pipeline-parallel job (one stage per node, CheckFree+ on) on a cluster with
+    # ``parity`` parity blocks, losing ``nodes`` (more than parity): the CheckFree rung.
+    "pipeline_loss": {"nodes": (_is_nodes, [1, 3], _COUNT),
+                      "parity": (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0,
+                                 1, "an integer >= 0")},
+}
+EXPECT = ("resume", "unrecoverable", "checkfree")
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run; the message names the scenario and field."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str
+    params: dict = field(default_factory=dict, hash=False, compare=True)
+    at_step: int = 6
+    expect: str = "resume"
+    ci: bool = False
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "at_step": self.at_step,
+                "fault": {"kind": self.kind, **self.params}, "expect": self.expect, "ci": self.ci}
+
+
+def parse_scenario(doc, where: str = "scenario") -> Scenario:
+    """One scenario from its dict form; ``ScenarioError`` names what is wrong."""
+    if not isinstance(doc, dict):
+        raise ScenarioError(f"{where}: expected a mapping, got {type(doc).__name__}")
+    name = doc.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ScenarioError(f"{where}: 'name' must be 1-64 characters of [a-z0-9-] (got {name!r})")
+    where = f"scenario {name!r}"
+    unknown = set(doc) - {"name", "description", "at_step", "fault", "expect", "ci"}
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    fault = doc.get("fault")
+    if not isinstance(fault, dict) or "kind" not in fault:
+        raise ScenarioError(f"{where}: 'fault' must be a mapping with a 'kind' "
+                            f"(one of {', '.join(sorted(FAULTS))})")
+    kind = fault["kind"]
+    if kind not in FAULTS:
+        raise ScenarioError(f"{where}: unknown fault kind {kind!r}; known: {', '.join(sorted(FAULTS))}")
+    spec = FAULTS[kind]
+    extra = set(fault) - {"kind"} - set(spec)
+    if extra:
+        raise ScenarioError(f"{where}: fault {kind} takes {', '.join(sorted(spec)) or 'no parameters'}; "
+                            f"unknown: {', '.join(sorted(extra))}")
+    params = {}
+    for key, (ok, default, what) in spec.items():
+        if key not in fault:
+            if default is REQUIRED:
+                raise ScenarioError(f"{where}: fault {kind} needs '{key}' ({what})")
+            params[key] = default
+            continue
+        if not ok(fault[key]):
+            raise ScenarioError(f"{where}: fault.{key} must be {what} (got {fault[key]!r})")
+        params[key] = fault[key]
+    at = doc.get("at_step", 6)
+    if not isinstance(at, int) or isinstance(at, bool) or at < 2:
+        raise ScenarioError(f"{where}: 'at_step' must be an integer >= 2 (got {at!r})")
+    expect = doc.get("expect", "resume")
+    if expect not in EXPECT:
+        raise ScenarioError(f"{where}: 'expect' must be one of {', '.join(EXPECT)} (got {expect!r})")
+    ci = doc.get("ci", False)
+    if not isinstance(ci, bool):
+        raise ScenarioError(f"{where}: 'ci' must be true or false (got {ci!r})")
+    desc = doc.get("description", "")
+    if not isinstance(desc, str):
+        raise ScenarioError(f"{where}: 'description' must be a string")
+    return Scenario(name, kind, params, at, expect, ci, desc)
+
+
+def parse_scenarios(doc, source: str = "scenario file") -> list[Scenario]:
+    if isinstance(doc, dict) and set(doc) == {"scenarios"}:
+        doc = doc["scenarios"]
+    if not isinstance(doc, list) or not doc:
+        raise ScenarioError(f"{source}: expected a non-empty list of scenarios "
+                            "(or a mapping with one key, 'scenarios')")
+    out = [parse_scenario(d, f"{source}: scenario #{i + 1}") for i, d in enumerate(doc)]
+    seen = set()
+    for s in out:
+        if s.name in seen:
+            raise ScenarioError(f"{source}: scenario name {s.name!r} appears twice")
+        seen.add(s.name)
+    return out
+
+
+def load_scenarios(path: str) -> list[Scenario]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
+    return parse_scenarios(doc, path)
+
+
+def builtin_scenarios() -> list[Scenario]:
+    """The built-in matrix, from ``builtin.yaml`` next to this module."""
+    import os
+
+    return load_scenarios(os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin.yaml"))
+
+
+def resolve_node(ref, nodes: int) -> str:
+    i = ref if isinstance(ref, int) else int(str(ref)[1:])
+    if not 0 <= i < nodes:
+        raise ScenarioError(f"node {ref!r} is not in this cluster of {nodes} nodes (n0..n{nodes - 1})")
+    return f"n{i}"
+
+
+def resolve_nodes(ref, nodes: int, parity: int, first: int = 1) -> list[str]:
+    """Node ids for a ``nodes`` parameter: a list of refs, or a count (``m``, ``m+1``, int)
+    of consecutive nodes starting at n<first> (wrapping)."""
+    if isinstance(ref, list):
+        return [resolve_node(r, nodes) for r in ref]
+    count = parity if ref == "m" else parity + 1 if ref == "m+1" else int(ref)
+    if not 1 <= count <= nodes:
+        raise ScenarioError(f"{ref!r} = {count} nodes, but the cluster has {nodes}")
+    return [f"n{(first + i) % nodes}" for i in range(count)]
+
+
+# -- soak ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SoakEvent:
+    t_s: float  # when to inject, seconds after the soak started
+    scenario: Scenario
+
+
+def soak_schedule(seed: int, duration_s: float, mtbf_s: float, pool: list[Scenario],
+                  nodes: int, steps: int) -> list[SoakEvent]:
+    """Fault times (exponential gaps with mean ``mtbf_s``) and, for each, a scenario from
+    ``pool`` with a random target node and fault step. Same arguments, same schedule."""
+    if duration_s <= 0 or mtbf_s <= 0:
+        raise ValueError("duration and mtbf must be positive")
+    if not pool:
+        raise ValueError("empty scenario pool")
+    if steps < 6:
+        raise ValueError("soak jobs need at least 6 steps")
+    rng = random.Random(seed)
+    out, t, i = [], 0.0, 0
+    while True:
+        t += rng.expovariate(1.0 / mtbf_s)
+        if t >= duration_s:
+            return out
+        base = pool[rng.randrange(len(pool))]
+        params = dict(base.params)
+        if "node" in params:
+            params["node"] = rng.randrange(nodes)
+        at = rng.randrange(3, steps - 2)
+        i += 1
+        out.append(SoakEvent(round(t, 3), Scenario(f"soak-{i:04d}-{base.name}"[:64], base.kind, params,
+                                                   at, base.expect, False, base.description)))
