@@ -693,6 +693,30 @@ class ClusterNode:
         if broadcast:
             self._broadcast([nd.id for nd in self.spec.nodes], {"op": "fence", "job": job_id})
 
+    def drop_job(self, job_id: str) -> int:
+        """The job is dropped on this node (DropJob): release its parity buffers, the
+        pooled ones, copies of other nodes' shards and its round record. Returns bytes freed."""
+        freed = 0
+        with self._lock:
+            for key in [k for k in self.parity if k[0] == job_id]:
+                buf = self.parity.pop(key)
+                with buf.lock:
+                    buf.released = True
+                freed += buf.segment.size
+                self.store.release_aux(buf.name)
+            for name, seg in self._parity_pool.pop(job_id, []):
+                freed += seg.size
+                self.store.release_aux(name)
+            for key in [k for k in self._remote if k[0] == job_id]:
+                self.store.release_aux(self._remote.pop(key)[0])
+            self.jobs.pop(job_id, None)
+            self.degraded.pop(job_id, None)
+        try:
+            os.unlink(self._record_path(job_id))
+        except FileNotFoundError:
+            pass
+        return freed
+
     def _local_rank(self, job_id: str, v: int, rank: int):
         for r, m, seg in self.store.local_shards(job_id, v):
             if r == rank:
@@ -741,6 +765,14 @@ class ClusterNode:
             rep = client.call({"op": "rank_manifest", "job": job_id, "v": v, "rank": rank})
         except PeerUnavailableError:
             return self._degraded_copy(job_id, rank, v, owner)
+        except RemoteError as exc:
+            if exc.error_type != "KeyError":
+                raise
+            # The owner is up but does not hold it (a replacement still rebuilding,
+            # or one that cannot): decode it from the group, or say why not.
+            log.info("job %s: %s does not hold rank %d v%d (%s); decoding it from its group",
+                     job_id, owner, rank, v, exc)
+            return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
         m = pb.ShardManifest.FromString(bytes(rep[1]))
         name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
         bs = m.block_size_bytes
@@ -761,7 +793,7 @@ class ClusterNode:
             self._remote[(job_id, rank, v)] = (name, m)
         return name, m
 
-    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str):
+    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str, owner_up: bool = False):
         """A degraded read: ``owner`` is down, so decode its shard of ``rank`` from the
         survivors of owner's group (k blocks per lost block, as a rebuild would, but only
         that rank's data blocks). Returns (segment name, manifest) like a copy."""
@@ -782,7 +814,8 @@ class ClusterNode:
                 continue
             info = info or doc
             holders.append(node)
-        what = f"job {job_id!r} rank {rank} version {v}: its node {owner} is down"
+        what = (f"job {job_id!r} rank {rank} version {v}: its node {owner} "
+                + ("no longer holds it" if owner_up else "is down"))
         if info is None or owner not in info.get("announces", {}):
             raise InsufficientShardsError(f"{what} and no live node of its group {gi} retains the version")
         layout = pl.place_group(self.n, self.m, self._bounded_counts(info["counts"]))

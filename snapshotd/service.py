@@ -326,6 +326,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     def DropJob(self, request, context):
         self._job_access(context, request.job_id)
         freed = self.store.drop_job(request.job_id)
+        if self.cluster is not None:
+            freed += self.cluster.drop_job(request.job_id)
         if self.job_tokens is not None:
             self.job_tokens.unbind(request.job_id)
         return pb.DropJobResponse(bytes_freed=freed)

@@ -489,6 +489,19 @@ def test_shard_of_a_node_that_is_down_is_decoded_from_its_group(make_cluster):
     assert f"node {c.nodes[2]} is down" in str(ei.value) or "no node" in str(ei.value), str(ei.value)
 
 
+def test_drop_job_frees_parity_too(make_cluster):
+    c = make_cluster(3, 1)
+    for v in (1, 2, 3):  # leaves pooled parity segments behind as well
+        c.push(v)
+        c.wait_committed(v)
+    assert all(any(".parity." in x for x in _segments(c.d, n)) for n in c.nodes)
+    for node in c.nodes:
+        assert c.client(node).drop_job(JOB) > 0
+    for node in c.nodes:
+        assert _segments(c.d, node) == [], (node, _segments(c.d, node))
+        assert not c.cluster_status(node)["parity_bytes"].get(JOB)
+
+
 # -- 3. a node lost in the middle of a snapshot --------------------------------------------
 def test_node_lost_mid_snapshot_keeps_last_version_and_never_commits_torn_one(make_cluster):
     c = make_cluster(3, 1)
