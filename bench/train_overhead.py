@@ -1,0 +1,153 @@
+"""Training overhead: step time of the CPU training example with and without snapshots.
+
+The model is the demo's TinyLM (``snapshotd.demo.trainer``) in a bigger configuration
+(vocab 4096, d_model 256, 2 layers, sequence 32, batch 8: about 2.7 M parameters, ~32 MB
+of state with AdamW), trained on the demo's counting task with one torch thread, as
+the demo trainer does. Per configuration the same seed and the same number of steps,
+interleaved in rounds of 10 steps (rotating order); the time of a step includes its snapshot call (and,
+with snapshots, the hand-off thread and the daemon competing for this machine's cores):
+
+  never                     no snapshots;
+  snapshotd every step      Snapshotter.save(step) after every optimizer step;
+  snapshotd every 10 steps
+  torch.save /dev/shm every 10 steps
+  DCP async_save every 10 steps (to disk)
+
+Mean step time is reported (the every-10 variants pay in one step of ten), with the
+median and p95, and the overhead against "never"; and the time spent inside the snapshot
+calls per step (the part of the overhead that the call itself blocks, which is less
+noisy on a shared machine than differences of step times).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from bench import common as cm
+
+
+BIG = (4096, 256, 2, 32)  # vocab, d_model, layers, sequence
+SMALL = (64, 32, 2, 16)  # the demo's size
+
+
+def _configs():
+    return [("never", None, 0), ("snapshotd every step", "snapshotd", 1),
+            ("snapshotd every 10 steps", "snapshotd", 10),
+            ("torch.save /dev/shm every 10 steps", "torch.save", 10),
+            ("DCP async_save every 10 steps", "dcp_async", 10)]
+
+
+class _Run:
+    """One configuration: its own model, optimizer, data and snapshot method."""
+
+    def __init__(self, name, kind, every, big, socket, workdir, job):
+        from snapshotd.demo.trainer import DataStream, TinyLM
+
+        self.name, self.kind, self.every, self.workdir, self.job = name, kind, every, workdir, job
+        self.vocab, d_model, layers, seq = BIG if big else SMALL
+        torch.manual_seed(1234)
+        self.model = TinyLM(vocab=self.vocab, d_model=d_model, layers=layers, seq=seq)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3, weight_decay=0.01)
+        self.data = DataStream(1235, batch=8, seq=seq, vocab=self.vocab)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.snap, self.fut, self.step, self.times, self.snap_call_s = None, None, 0, [], 0.0
+        if kind == "snapshotd":
+            from snapshotd_client import Snapshotter
+
+            self.snap = Snapshotter(self.model, self.opt, extra_state={"data": self.data}, job_id=job,
+                                    socket_path=socket, rank=0, world_size=1,
+                                    on_daemon_unavailable="raise")
+
+    def run_steps(self, n: int, timed: bool) -> None:
+        model, opt = self.model, self.opt
+        for _ in range(n):
+            t0 = time.perf_counter()
+            x, y = self.data.next()
+            loss = self.loss_fn(model(x).reshape(-1, self.vocab), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss.item()
+            self.step += 1
+            if self.every and self.step % self.every == 0:
+                ts = time.perf_counter()
+                self._snapshot()
+                if timed:
+                    self.snap_call_s += time.perf_counter() - ts
+            if timed:
+                self.times.append(time.perf_counter() - t0)
+
+    def _snapshot(self) -> None:
+        sd = None
+        if self.kind == "snapshotd":
+            self.snap.save(self.step)
+            return
+        sd = {"model": self.model.state_dict(), "optim": self.opt.state_dict()}
+        if self.kind == "torch.save":
+            torch.save(sd, os.path.join("/dev/shm", f"{self.job}.pt"))
+        elif self.kind == "dcp_async":
+            import torch.distributed.checkpoint as dcp
+
+            if self.fut is not None:
+                self.fut.result()  # one in flight, as a training loop would do
+            self.fut = dcp.async_save(sd, checkpoint_id=os.path.join(self.workdir, f"{self.job}-{self.step}"))
+
+    def close(self) -> None:
+        if self.fut is not None:
+            self.fut.result()
+        if self.snap is not None:
+            self.snap.close()
+
+
+def run(steps: int, warmup: int, big: bool, daemon_socket: str) -> dict:
+    """Every configuration, interleaved in rounds of 10 steps in a rotating order (so that
+    a change in the machine's load hits them all alike); ``daemon_socket``: a running
+    snapshotd daemon."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    workdir = tempfile.mkdtemp(prefix="bench-suite-train-", dir="/tmp")
+    job = "train" + os.urandom(3).hex()
+    runs: list[_Run] = []
+    rounds = max(1, -(-steps // 10))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, (name, kind, every) in enumerate(_configs()):
+                runs.append(_Run(name, kind, every, big, daemon_socket, workdir, f"{job}{i}"))
+            for r in runs:
+                r.run_steps(warmup, timed=False)
+            for rnd in range(rounds):
+                k = rnd % len(runs)  # rotate the order: no configuration always goes first
+                for r in runs[k:] + runs[:k]:
+                    # start each round at a multiple of 10: one every-10 snapshot per round
+                    r.run_steps(10 - r.step % 10 if r.step % 10 else 10, timed=True)
+            for r in runs:
+                r.close()
+        nbytes = cm.state_nbytes(runs[0].model, runs[0].opt)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(workdir, ignore_errors=True)
+        for f in os.listdir("/dev/shm"):
+            if f.startswith(job):
+                os.unlink(os.path.join("/dev/shm", f))
+    rows = []
+    for r in runs:
+        ts = sorted(r.times)
+        rows.append({"config": r.name, "every": r.every, "steps": len(r.times),
+                     "mean_step_s": sum(ts) / len(ts), "median_step_s": cm.med(ts),
+                     "p95_step_s": ts[min(len(ts) - 1, int(0.95 * len(ts)))], "state_bytes": nbytes,
+                     "snapshot_call_s_per_step": r.snap_call_s / len(ts)})
+    base = rows[0]["mean_step_s"]
+    for r in rows:
+        r["overhead_pct"] = (r["mean_step_s"] / base - 1) * 100
+    v, d, l_, s_ = BIG if big else SMALL
+    return {"model": f"TinyLM vocab {v}, d_model {d}, {l_} layers, seq {s_}, batch 8",
+            "torch_threads": 1, "rows": rows}
