@@ -125,7 +125,6 @@ class ClusterNode:
         self._first_round = threading.Event()  # every group peer was pinged once since start
         self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
         self._parity_pool: dict[str, list] = {}  # job -> [(name, segment)] free for reuse
-        self._combining: set = set()  # (job, v, s, t, p) contributions being applied now
         self.rebuild_stats: dict = {}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -445,45 +444,41 @@ class ClusterNode:
     def _accumulate(self, hdr: dict, data) -> None:
         job_id, v = hdr["job"], hdr["v"]
         s, t, p = hdr["s"], hdr["t"], hdr["p"]
-        token = (job_id, v, s, t, p)
+        # One sender's contributions arrive through the peer server thread (ours through
+        # the worker), one at a time, so no (s, t, p) is ever applied by two threads at once.
         with self._lock:
             jp = self.job(job_id)
             if v <= jp.committed_version:
                 return
             layout = jp.layout_from_contribution(v, tuple(hdr["counts"]))
             r = jp.round(v)
-            if (s, t, p) not in r.expected or token in self._combining:
-                return  # a retry of something already accumulated (or in progress)
-            self._combining.add(token)
-        try:
-            buf = self._parity_buffer(job_id, v, layout)
-            coef = int(self.code.parity_matrix[t, p])
-            block = np.frombuffer(data, np.uint8)
-            key = (s, t)
-            with buf.lock:
-                if buf.released:  # the round was dropped meanwhile
-                    return
-                if key in buf.direct:
-                    self.code.mul_accumulate(coef, block, buf.view(s, t))
-                else:
-                    held = buf.held.setdefault(key, [])
-                    held.append((coef, block))
-                    buf.held_bytes += block.nbytes
-                    if len(held) >= buf.need.get(key, 0):
-                        t0 = time.thread_time()  # CPU time: the cores are shared
-                        self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
-                        self.accumulate_stats[0] += time.thread_time() - t0
-                        self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
-                        buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
-                    elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
-                        self._flush_held(buf)
-            with self._lock:
-                if self.parity.get((job_id, v)) is not buf:
-                    return
-                acts = jp.contribution_received(v, s, t, p)
-        finally:
-            with self._lock:
-                self._combining.discard(token)
+            if (s, t, p) not in r.expected:
+                return  # a retry of something already accumulated
+        buf = self._parity_buffer(job_id, v, layout)
+        coef = int(self.code.parity_matrix[t, p])
+        block = np.frombuffer(data, np.uint8)
+        key = (s, t)
+        with buf.lock:
+            if buf.released:  # the round was dropped meanwhile
+                return
+            if key in buf.direct:
+                self.code.mul_accumulate(coef, block, buf.view(s, t))
+            else:
+                held = buf.held.setdefault(key, [])
+                held.append((coef, block))
+                buf.held_bytes += block.nbytes
+                if len(held) >= buf.need.get(key, 0):
+                    t0 = time.thread_time()  # CPU time: the cores are shared
+                    self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
+                    self.accumulate_stats[0] += time.thread_time() - t0
+                    self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
+                    buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
+                elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
+                    self._flush_held(buf)
+        with self._lock:
+            if self.parity.get((job_id, v)) is not buf:
+                return
+            acts = jp.contribution_received(v, s, t, p)
         self._enqueue(job_id, acts)
 
     def _flush_held(self, buf: ParityBuffer) -> None:
@@ -696,16 +691,13 @@ class ClusterNode:
     def drop_job(self, job_id: str) -> int:
         """The job is dropped on this node (DropJob): release its parity buffers, the
         pooled ones, copies of other nodes' shards and its round record. Returns bytes freed."""
-        freed = 0
         with self._lock:
-            for key in [k for k in self.parity if k[0] == job_id]:
-                buf = self.parity.pop(key)
-                with buf.lock:
-                    buf.released = True
-                freed += buf.segment.size
-                self.store.release_aux(buf.name)
-            for name, seg in self._parity_pool.pop(job_id, []):
-                freed += seg.size
+            keys = [k for k in self.parity if k[0] == job_id]
+            freed = sum(self.parity[k].segment.size for k in keys)
+            freed += sum(seg.size for _, seg in self._parity_pool.get(job_id, []))
+            for key in keys:
+                self._release_parity(key)  # into the pool (or freed), which goes next
+            for name, _ in self._parity_pool.pop(job_id, []):
                 self.store.release_aux(name)
             for key in [k for k in self._remote if k[0] == job_id]:
                 self.store.release_aux(self._remote.pop(key)[0])
@@ -793,27 +785,31 @@ class ClusterNode:
             self._remote[(job_id, rank, v)] = (name, m)
         return name, m
 
-    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str, owner_up: bool = False):
-        """A degraded read: ``owner`` is down, so decode its shard of ``rank`` from the
-        survivors of owner's group (k blocks per lost block, as a rebuild would, but only
-        that rank's data blocks). Returns (segment name, manifest) like a copy."""
-        gi, oi = self.spec.group_of(owner)
-        group = tuple(self.spec.groups[gi])
-        alive = self.alive_peers()
+    def _retained_round(self, job_id: str, v: int, nodes) -> tuple[dict | None, list[str]]:
+        """The round record of version v (layout, every member's manifests) and which of
+        ``nodes`` retain it (ourselves included, asked locally): the sources of a rebuild."""
         info, holders = None, []
-        for node in group:
-            if node == owner or (node != self.me and node not in alive):
-                continue
+        for node in nodes:
             try:
                 if node == self.me:
                     doc = json.loads(self._round_info(job_id, v))
                 else:
                     doc = json.loads(bytes(self.peer(node).call({"op": "round", "job": job_id, "v": v})[1]))
             except (KeyError, PeerUnavailableError, RemoteError) as exc:
-                log.info("job %s v%d: %s cannot serve a degraded read: %s", job_id, v, node, exc)
+                log.info("job %s v%d: %s cannot serve it: %s", job_id, v, node, exc)
                 continue
             info = info or doc
             holders.append(node)
+        return info, holders
+
+    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str, owner_up: bool = False):
+        """A degraded read: ``owner`` is down, so decode its shard of ``rank`` from the
+        survivors of owner's group (k blocks per lost block, as a rebuild would, but only
+        that rank's data blocks). Returns (segment name, manifest) like a copy."""
+        gi, oi = self.spec.group_of(owner)
+        group = tuple(self.spec.groups[gi])
+        alive = self.alive_peers() | {self.me}
+        info, holders = self._retained_round(job_id, v, [x for x in group if x != owner and x in alive])
         what = (f"job {job_id!r} rank {rank} version {v}: its node {owner} "
                 + ("no longer holds it" if owner_up else "is down"))
         if info is None or owner not in info.get("announces", {}):
@@ -883,17 +879,7 @@ class ClusterNode:
                 return {}
             self.degraded[job_id] = f"rebuilding version {v}"
             t0 = time.monotonic()
-            info, holders = None, []
-            for node in self.group:
-                if node == self.me:
-                    continue
-                try:
-                    rep = self.peer(node).call({"op": "round", "job": job_id, "v": v})
-                except (PeerUnavailableError, RemoteError) as exc:
-                    log.info("job %s v%d: %s cannot serve it: %s", job_id, v, node, exc)
-                    continue
-                info = info or json.loads(bytes(rep[1]))
-                holders.append(node)
+            info, holders = self._retained_round(job_id, v, [x for x in self.group if x != self.me])
             if info is None:
                 raise InsufficientShardsError(
                     f"job {job_id!r} version {v}: no live node of group {self.group_index} "
