@@ -349,6 +349,10 @@ class ClusterNode:
                         {"op": "vote", "job": job_id, "v": a.version, "ranks": list(a.ranks)})
 
     def _commit(self, job_id: str, v: int) -> None:
+        # Our own vote counts as soon as the protocol emits it, so the peers' votes can
+        # complete v before the worker has sealed our parity for it. The record saved
+        # below must carry the seal: a restarted daemon serves parity only by it.
+        self._seal_parity(job_id, v)
         self.store.commit_version(job_id, v)
         with self._lock:
             for key in [k for k in self.parity if k[0] == job_id and k[1] < v]:
@@ -408,8 +412,9 @@ class ClusterNode:
         return pb_
 
     def _seal_parity(self, job_id: str, v: int) -> None:
-        """Before voting: make sure the parity buffer exists (zeros when no real data
-        fell into our stripes) and record one checksum per parity block."""
+        """Before voting (and at the latest at the commit): make sure the parity buffer
+        exists (zeros when no real data fell into our stripes) and record one checksum
+        per parity block. Once sealed, a buffer is not hashed again."""
         if not self.m:
             return
         with self._lock:
@@ -419,7 +424,7 @@ class ClusterNode:
             layout = r.layout
         buf = self._parity_buffer(job_id, v, layout)
         with buf.lock:
-            if buf.released:
+            if buf.released or buf.checksums:
                 return
             if buf.held:  # defensive: nothing may stay unapplied once sealed
                 self._flush_held(buf)
