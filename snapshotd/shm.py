@@ -91,7 +91,7 @@ def populate(seg: "Segment", write: bool = True) -> bool:
     try:
         _madvise(seg.buf, _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)
         return True
-    except (OSError, TypeError):
+    except OSError:
         return False
 
 
