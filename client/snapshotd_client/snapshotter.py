@@ -17,6 +17,7 @@ If the daemon cannot be reached, ``save`` warns and training goes on (or raises,
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -93,6 +94,32 @@ class SaveStats:
     handoff_s: float = 0.0
 
 
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's per-thread last error after a failed call whose error
+    was handled here: PyTorch reads it (cudaGetLastError) after its next kernel launch
+    and would report a stale, unrelated error there. torch.cuda.cudart() does not bind
+    cudaGetLastError, so find the runtime torch already loaded, by its soname."""
+    major = (torch.version.cuda or "").split(".")[0]
+    if not major:
+        return
+    try:
+        lib = ctypes.CDLL(f"libcudart.so.{major}", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:  # linked statically or under another name: nothing to reset
+        return
+    lib.cudaGetLastError()
+
+
+def _cuda_call(fn: str, *args) -> str | None:
+    """Call a torch.cuda.cudart() function; None on success, else the error text (and
+    the runtime's last error cleared)."""
+    cudart = torch.cuda.cudart()
+    err = getattr(cudart, fn)(*args)
+    if int(err) == 0:
+        return None
+    _clear_cuda_error()
+    return f"{cudart.cudaGetErrorString(err)} (cudaError {int(err)})"
+
+
 def _default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -127,7 +154,7 @@ class Snapshotter:
         else:
             target = "unix:" + (self.cfg.socket_path or cfgmod.default_socket_path())
         self.client = DaemonClient(target, token=self.cfg.token, timeout_s=self.cfg.timeout_s)
-        self.segments = SegmentCache()
+        self.segments = SegmentCache(on_close=self._unpin)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-handoff")
         self._pending: Future | None = None
         self._registered = False
@@ -135,7 +162,11 @@ class Snapshotter:
         self._layout = None  # (slots, total, manifest template)
         self._copy_done = None  # CUDA event the next optimizer step waits for
         self._side_stream = None
-        self._pinned: set[str] = set()
+        # segment name -> (the mapping, its address): mappings registered with the CUDA
+        # driver. Keyed to the mapping object, not just the name: a name re-mapped after
+        # a restore or a daemon restart is a new mapping and is registered again.
+        self._pinned: dict[str, tuple[object, int]] = {}
+        self._pin_failed = False  # cudaHostRegister refused once: copy unpinned from then on
         self.last_stats: SaveStats | None = None  # of the last completed hand-off
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.skipped = 0  # snapshots skipped because older ones had not committed yet
@@ -289,7 +320,8 @@ class Snapshotter:
         m.version = step
         m.meta_json = st.dumps_meta({"replicated": rep_meta, "local": loc_meta})
         stats = SaveStats(version=step, bytes=total, blocking_s=blocking, backpressure_s=t_bp)
-        self._pending = self._pool.submit(self._handoff, resp.segment_name, seg, m, stats)
+        self._pending = self._pool.submit(self._handoff, resp.segment_name, seg, m, stats,
+                                          self._copy_done)
         return self._pending
 
     def _acquire(self, step: int, total: int):
@@ -316,12 +348,7 @@ class Snapshotter:
             lo.copy_local(buf, lay.local, loc_tensors)
             self._copy_done = None
             return
-        if seg.name not in self._pinned and seg.buf is not None:
-            import ctypes
-
-            ptr = ctypes.addressof(ctypes.c_char.from_buffer(seg.buf))
-            torch.cuda.cudart().cudaHostRegister(ptr, seg.size, 0)
-            self._pinned.add(seg.name)
+        self._pin(seg)
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
         side = self._side_stream
@@ -337,16 +364,58 @@ class Snapshotter:
             ev.record(side)
         self._copy_done = ev
 
+    @property
+    def pinned_segments(self) -> tuple[str, ...]:
+        """Names of the staging segments currently registered with the CUDA driver."""
+        return tuple(self._pinned)
+
+    def _pin(self, seg) -> None:
+        """Page-lock a staging mapping for the CUDA driver (cudaHostRegister), once per
+        mapping. A device-to-host copy into pageable memory goes through a driver bounce
+        buffer and holds the calling thread until it is done; into registered memory it is
+        DMA that runs on the side stream while training goes on. If the driver refuses
+        (a locked-memory limit, say), warn once and copy unpinned: slower, still correct."""
+        if seg.buf is None or self._pin_failed:
+            return
+        held = self._pinned.get(seg.name)
+        if held is not None and held[0] is seg:
+            return
+        if held is not None:  # a mapping SegmentCache never closed through _unpin
+            self._unpin(held[0])
+        ptr = ctypes.addressof(ctypes.c_char.from_buffer(seg.buf))
+        err = _cuda_call("cudaHostRegister", ptr, seg.size, 0)
+        if err is not None:
+            self._pin_failed = True
+            warnings.warn(f"snapshotd: cudaHostRegister of staging segment {seg.name} "
+                          f"({seg.size} bytes) failed: {err}; device-to-host copies go "
+                          f"unpinned (synchronous, slower)", RuntimeWarning, stacklevel=4)
+            return
+        self._pinned[seg.name] = (seg, ptr)
+
+    def _unpin(self, seg) -> None:
+        """SegmentCache's on_close: unregister a mapping before it is unmapped. Copies
+        into it must be finished first (the driver would DMA into unmapped pages)."""
+        held = self._pinned.get(seg.name)
+        if held is None or held[0] is not seg:
+            return
+        ev = self._copy_done
+        if ev is not None:
+            ev.synchronize()
+        del self._pinned[seg.name]
+        err = _cuda_call("cudaHostUnregister", held[1])
+        if err is not None:
+            log.warning("snapshotd: cudaHostUnregister of %s failed: %s", seg.name, err)
+
     def _wait_device_copy(self) -> None:
         ev = self._copy_done
         if ev is not None:
             ev.synchronize()  # parameters may change after this: the copy must be done
             self._copy_done = None
 
-    def _handoff(self, name: str, seg, m: pb.ShardManifest, stats: SaveStats) -> SaveStats:
+    def _handoff(self, name: str, seg, m: pb.ShardManifest, stats: SaveStats,
+                 ev=None) -> SaveStats:
         t0 = time.perf_counter()
-        ev = self._copy_done
-        if ev is not None:
+        if ev is not None:  # this save's own event: the optimizer hook may clear _copy_done
             ev.synchronize()
         if self.cfg.checksum_on_client and seg.buf is not None:
             m.block_checksums.extend(mf.block_checksums(seg.buf, m.payload_bytes, m.block_size_bytes))

@@ -157,11 +157,22 @@ class SegmentCache:
 
     A name is re-opened when the file behind it changed (a restarted daemon may
     reuse a name for a new segment), detected by inode and size.
+
+    ``on_close(seg)`` runs right before a mapping is closed: the CUDA path registers
+    mappings with the driver (cudaHostRegister) and must unregister them while they
+    are still mapped, or the driver keeps the pages pinned and may later DMA into them
+    through a new mapping that lands at the same address.
     """
 
-    def __init__(self):
+    def __init__(self, on_close=None):
         self._segs: dict[str, tuple[shm.Segment, tuple[int, int]]] = {}
         self._lock = threading.Lock()
+        self._on_close = on_close
+
+    def _close(self, seg: shm.Segment) -> None:
+        if self._on_close is not None:
+            self._on_close(seg)
+        seg.close()
 
     def get(self, name: str, writable: bool = True) -> shm.Segment:
         st = os.stat(shm.path_of(name))
@@ -171,18 +182,18 @@ class SegmentCache:
             if cached is not None and cached[1] == key and cached[0].writable == writable:
                 return cached[0]
             if cached is not None:
-                cached[0].close()
+                self._close(cached[0])
             # Mapped whole at once: it is about to be filled (a save) or read (a restore).
             seg = shm.open_segment(name, writable=writable, prefault=True)
             self._segs[name] = (seg, key)
             # Forget mappings of segments that no longer exist.
             for other in [n for n in self._segs if n != name]:
                 if not os.path.exists(shm.path_of(other)):
-                    self._segs.pop(other)[0].close()
+                    self._close(self._segs.pop(other)[0])
             return seg
 
     def close(self) -> None:
         with self._lock:
             for seg, _ in self._segs.values():
-                seg.close()
+                self._close(seg)
             self._segs.clear()
