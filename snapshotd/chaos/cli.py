@@ -13,9 +13,10 @@ DEFAULT_WORKDIR = os.path.join(f"/tmp/snapshotd-{os.getuid()}", "chaos")
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "chaos", help="inject real faults into a local cluster + training job and check invariants",
-        description="Runs fault scenarios (built in, or --scenario FILE) against a fresh local "
-                    "cluster with a data-parallel training job, and checks after each that nothing "
-                    "committed was lost or restored wrong. Exit status 1 when any invariant fails.")
+        description="Injects fault scenarios (built in, or --scenario FILE), one after another, into "
+                    "one local cluster running one data-parallel training job, and checks after each "
+                    "that nothing committed was lost or restored wrong. Exit status 1 when any "
+                    "invariant fails.")
     p.add_argument("--scenario", action="append", default=[], metavar="FILE",
                    help="YAML scenario file (repeatable; default: the built-in matrix)")
     p.add_argument("--only", default=None, metavar="NAMES",
@@ -29,7 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1, help="soak: the seed of the fault schedule (default 1)")
     p.add_argument("--nodes", type=int, default=4, help="cluster nodes = data-parallel ranks (default 4)")
     p.add_argument("--parity", type=int, default=2, help="parity blocks per stripe, m (default 2)")
-    p.add_argument("--steps", type=int, default=14, help="training steps per job (default 14)")
+    p.add_argument("--steps", type=int, default=80,
+                   help="training steps per epoch of the job; it starts over after each (default 80)")
+    p.add_argument("--step-delay", type=float, default=None, metavar="S",
+                   help="pause after each training step, pacing the job (default 0.05; soak 0.2)")
     p.add_argument("--block-size", default="16KiB", help="erasure block size (default 16KiB)")
     p.add_argument("--budget", default="256MiB", help="memory budget per daemon (default 256MiB)")
     p.add_argument("--partition", choices=("auto", "netns", "sigstop"), default="auto",
@@ -94,7 +98,9 @@ def run(a) -> int:
             print(f"{x.name:32} {x.kind:16} {'ci ' if x.ci else '   '}{x.description}")
         return 0
     try:
-        h = Harness(a.dir, a.nodes, a.parity, a.steps, a.block_size, a.budget, say=_say, keep=a.keep)
+        delay = a.step_delay if a.step_delay is not None else (0.2 if a.soak else 0.05)
+        h = Harness(a.dir, a.nodes, a.parity, a.steps, a.block_size, a.budget, say=_say, keep=a.keep,
+                    step_delay_s=delay)
     except ValueError as exc:
         print(f"snapshotd chaos: {exc}", file=sys.stderr)
         return 2
@@ -150,23 +156,11 @@ def _soak(h, pool, duration_s: float, mtbf_s: float, seed: int, report: str | No
     from snapshotd.chaos.scenarios import soak_schedule
 
     events = soak_schedule(seed, duration_s, mtbf_s, pool, h.n, h.steps)
-    _say(f"soak: {len(events)} faults in {duration_s:.0f} s (seed {seed}, mtbf {mtbf_s} s)")
-    t0 = time.monotonic()
-    results = []
-    for i, ev in enumerate(events, 1):
-        if time.monotonic() - t0 >= duration_s:
-            _say(f"soak: {duration_s:.0f} s are up; {len(events) - i + 1} scheduled fault(s) not run")
-            break
-        wait = ev.t_s - (time.monotonic() - t0)
-        if wait > 0:
-            time.sleep(wait)
-        late = time.monotonic() - t0 - ev.t_s
-        _say(f"soak [{i}/{len(events)}] t={ev.t_s:.0f}s{f' (+{late:.0f}s late)' if late > 1 else ''} "
-             f"{ev.scenario.name}: {ev.scenario.kind} {ev.scenario.params}")
-        r = h.run_one(ev.scenario, i)
-        results.append(r)
-        _say(f"    -> {'held' if r.ok else 'FAILED: ' + '; '.join(c.name + ': ' + c.detail for c in r.failed())}"
-             f" ({r.seconds:.1f} s); {sum(x.ok for x in results)}/{len(results)} held so far")
-        if report:  # a partial report after every fault, so a long soak can be read while it runs
-            write_json(report, results, dict(meta(h), soak=True, seed=seed, partial=i < len(events)))
-    return results
+    _say(f"soak: {len(events)} faults scheduled in {duration_s:.0f} s (seed {seed}, mtbf {mtbf_s} s), "
+         "into one running job")
+
+    def partial(results):  # a report after every fault, so a long soak can be read while it runs
+        if report:
+            write_json(report, results, dict(meta(h), soak=True, seed=seed, partial=True))
+
+    return h.soak(events, duration_s, on_result=partial)

@@ -12,7 +12,7 @@ import os
 import socket
 
 from snapshotd import shm
-from snapshotd.chaos.rig import JOB, Rig
+from snapshotd.chaos.rig import Rig
 from snapshotd.config import parse_size
 
 
@@ -21,7 +21,7 @@ def flip_data_bit(rig: Rig, node: str, block_size: int) -> str:
     rank = rig.nodes.index(node)
     cl = rig.client(node)
     try:
-        name = cl.open_shard(JOB, rank).segment_name
+        name = cl.open_shard(rig.job, rank).segment_name
     finally:
         cl.close()
     seg = shm.open_segment(name, writable=True)
@@ -35,9 +35,9 @@ def flip_data_bit(rig: Rig, node: str, block_size: int) -> str:
 
 def flip_parity_bits(rig: Rig, node: str, block_size: int) -> str:
     """Flip one bit in every parity block ``node`` holds for the job."""
-    names = shm.list_segments(f"{rig.prefix}{node}.{JOB}.parity.")
+    names = shm.list_segments(f"{rig.prefix}{node}.{rig.job}.parity.")
     if not names:
-        raise RuntimeError(f"{node} holds no parity segment for job {JOB}")
+        raise RuntimeError(f"{node} holds no parity segment for job {rig.job}")
     blocks = 0
     for name in names:
         seg = shm.open_segment(name, writable=True)

@@ -18,22 +18,25 @@ from snapshotd.chaos.rig import Rig, Trainers
 from snapshotd.chaos.scenarios import resolve_nodes
 
 PP_JOB = "pp"
+PP_STEPS = 14  # a short job: the pipeline runs on a cluster of its own
 
 
 def run_pipeline(h, rig: Rig, sc, obs, res, launches: list) -> None:
     lost = resolve_nodes(sc.params["nodes"], rig.n, rig.m)
     ranks = [rig.nodes.index(x) for x in lost]
     obs.lost_ranks = ranks
+    obs.final_step = PP_STEPS
     extra = ("--checkfree-plus", "--gloo-timeout-s", "20")
 
     def launch(tag: str) -> Trainers:
-        g = Trainers(rig.d, tag, rig.n, h.steps, rig.socks, extra,
-                     module="snapshotd.demo.pp_trainer", job=PP_JOB)
+        g = Trainers(rig.d, tag, rig.n, PP_STEPS, rig.socks, extra,
+                     module="snapshotd.demo.pp_trainer", job=PP_JOB, spawner=h.fs)
         launches.append(g)
         return g
 
     g = launch("pp-run")
-    g.wait(lambda: g.last[0] >= sc.at_step, 120, f"step {sc.at_step}")
+    at = min(sc.at_step, PP_STEPS - 4)  # the soak draws steps for the longer data-parallel job
+    g.wait(lambda: g.last[0] >= at, 120, f"step {at}")
     before = {n: rig.memory(n) for n in rig.nodes}
     t_fault = time.monotonic()
     for x in lost:
@@ -42,13 +45,13 @@ def run_pipeline(h, rig: Rig, sc, obs, res, launches: list) -> None:
     res.fault = (f"pipeline job (CheckFree+), m={rig.m}: SIGKILL nodes {','.join(lost)} "
                  f"(stages {ranks}), wiped")
     h.say(f"    fault: {res.fault}")
-    res.detected = h._detect_dead(rig, lost, t_fault)
+    res.detected = h._detect_dead(lost, t_fault, rig=rig)
     time.sleep(1.0)
     g.kill()
     while g.pump(0.05):
         pass
     obs.fault_step = max(g.last.values())
-    obs.committed_at_fault = h._committed_now(rig, skip=lost, job=PP_JOB)
+    obs.committed_at_fault = h._committed_now(skip=lost, job=PP_JOB, rig=rig)
     for x in lost:
         rig.restart(x, wipe=True)
     g2 = launch("pp-resumed")

@@ -74,6 +74,7 @@ class Rig:
         self.socks = [self.info["nodes"][n]["socket"] for n in self.nodes]
         self.prefix = f"snapshotd.{lc.instance_of(d)}."
         self.stopped: set[int] = set()  # pids we SIGSTOPped (continued before any kill)
+        self.job = JOB  # the data-parallel job now running (a new id per epoch)
 
     # -- daemons --------------------------------------------------------------------
     def pid(self, node: str) -> int:
@@ -128,11 +129,11 @@ class Rig:
         row["cluster"] = json.loads(st.cluster_json) if st.cluster_json else {}
         return row
 
-    def committed(self, node: str, job: str = JOB) -> int:
+    def committed(self, node: str, job: str | None = None) -> int:
         row = self.stats(node)
         if row is None:
             return -1
-        return int(row["cluster"].get("jobs", {}).get(job, {}).get("committed", 0))
+        return int(row["cluster"].get("jobs", {}).get(job or self.job, {}).get("committed", 0))
 
     def sees_dead(self, observer: str, node: str) -> bool:
         row = self.stats(observer)
@@ -144,9 +145,22 @@ class Rig:
             row = self.stats(n)
             if row is None or row["cluster"].get("degraded"):
                 return False
-            if int(row["cluster"].get("jobs", {}).get(JOB, {}).get("committed", 0)) < version:
+            if int(row["cluster"].get("jobs", {}).get(self.job, {}).get("committed", 0)) < version:
                 return False
         return True
+
+    def drop_job(self, job: str) -> None:
+        """Drop ``job`` on every node that answers (its versions, parity and memory)."""
+        from snapshotd.errors import SnapshotdError
+
+        for n in self.nodes:
+            cl = self.client(n, timeout_s=10)
+            try:
+                cl.drop_job(job)
+            except SnapshotdError:  # a node that never saw the job, or is down
+                pass
+            finally:
+                cl.close()
 
     def shm_bytes(self, node: str) -> int:
         total = 0
@@ -168,8 +182,18 @@ class Rig:
             pass
         return rss + self.shm_bytes(node)
 
-    def accounting_leaks(self) -> list[str]:
-        """Segments on /dev/shm that a node's daemon does not account for."""
+    def accounting_leaks(self, tries: int = 10) -> list[str]:
+        """Segments on /dev/shm that a node's daemon does not account for. With a job
+        running, a segment may be made or freed between the two readings: a mismatch
+        counts only when it persists over ``tries`` readings."""
+        for _ in range(tries):
+            out = self._accounting_mismatch()
+            if not out:
+                return out
+            time.sleep(0.2)
+        return out
+
+    def _accounting_mismatch(self) -> list[str]:
         out = []
         for n in self.nodes:
             row = self.stats(n)
@@ -227,7 +251,8 @@ class Trainers:
     """One launch of the job: ``world`` ranks of ``snapshotd.chaos.trainer``."""
 
     def __init__(self, d: str, tag: str, world: int, steps: int, sockets: list[str] | None,
-                 extra: tuple = (), module: str = "snapshotd.chaos.trainer", job: str = JOB):
+                 extra: tuple = (), module: str = "snapshotd.chaos.trainer", job: str = JOB,
+                 spawner=None):
         self.world, self.tag, self.steps = world, tag, steps
         self.events: queue.Queue = queue.Queue()
         self.procs: list[subprocess.Popen] = []
@@ -245,12 +270,15 @@ class Trainers:
         if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"
         for r in range(world):
-            cmd = [sys.executable, "-m", module, "--rank", str(r),
-                   "--world-size", str(world), "--master-port", str(port), "--steps", str(steps),
-                   "--job", job, *extra]
-            cmd += ["--socket", sockets[r]] if sockets else ["--no-snapshot"]
-            with open(self.logs[r], "ab") as log:
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            argv = ["--rank", str(r), "--world-size", str(world), "--master-port", str(port),
+                    "--steps", str(steps), "--job", job, *extra]
+            argv += ["--socket", sockets[r]] if sockets else ["--no-snapshot"]
+            if spawner is not None:  # forkserver.ForkServer: torch already imported
+                p = spawner.spawn(module, argv, env, self.logs[r])
+            else:
+                with open(self.logs[r], "ab") as log:
+                    p = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
+                                         stderr=log, text=True, env=env)
             self.procs.append(p)
             threading.Thread(target=self._read, args=(r, p), daemon=True).start()
 

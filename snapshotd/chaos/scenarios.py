@@ -1,15 +1,16 @@
 """Chaos scenarios: what a scenario file may say, its validation, and the soak schedule.
 
-Pure: no processes, sockets or clocks. A scenario is one fault injected into one
-training job on a fresh local cluster; the runner (``runner.py``) carries it out and
-``invariants.py`` judges it.
+Pure: no processes, sockets or clocks. A scenario is one fault injected into the
+training job that runs on the session's local cluster; the runner (``runner.py``)
+carries it out and ``invariants.py`` judges it.
 
 A scenario file (YAML) is a list of scenarios, or ``{scenarios: [...]}``::
 
     scenarios:
       - name: kill-two-nodes          # [a-z0-9-], unique
         description: lose m nodes at once
-        at_step: 6                    # inject once rank 0 reported this step (default 6)
+        at_step: 6                    # inject once the job trained this many steps since
+                                      # its last (re)start (default 6)
         fault: {kind: kill_node, nodes: m}
         expect: resume                # resume | unrecoverable (default: resume)
         ci: true                      # part of the CI-sized subset (default false)
