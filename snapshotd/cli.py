@@ -15,6 +15,14 @@ def _env(name: str, default=None):
     return os.environ.get(name, default)
 
 
+def _scrub_rate(text: str) -> int:
+    """--scrub-rate: a size per second (64MiB, 0 = off); a clear error otherwise."""
+    try:
+        return c.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapshotd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to register a job without a job token (x-snapshotd-job-token; "
                         "client env SNAPSHOTD_JOB_TOKEN), so every job is bound to its own "
                         "secret [env SNAPSHOTD_REQUIRE_JOB_TOKEN=1; default off]")
+    s.add_argument("--scrub-rate", default=_env("SNAPSHOTD_SCRUB_RATE", "64MiB"), type=_scrub_rate,
+                   help="cluster mode: bytes/s the background scrubber re-hashes held blocks at, "
+                        "e.g. 64MiB; 0 = no background passes [env SNAPSHOTD_SCRUB_RATE; default 64MiB]")
+    s.add_argument("--scrub-interval-s", type=float, default=_env("SNAPSHOTD_SCRUB_INTERVAL_S", "600"),
+                   help="cluster mode: a full scrub pass starts at most this often "
+                        "[env SNAPSHOTD_SCRUB_INTERVAL_S; default 600]")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING [env SNAPSHOTD_LOG_LEVEL; default INFO]")
 
@@ -125,7 +139,9 @@ def _serve(a) -> int:
                        max_slots_per_rank=a.max_slots_per_rank,
                        verify_on_adopt=not a.no_verify_on_adopt, ready_file=a.ready_file,
                        spec_path=a.spec, instance=a.instance, metrics_addr=a.metrics_addr or None,
-                       require_job_token=a.require_job_token)
+                       require_job_token=a.require_job_token,
+                       scrub_rate_bytes_per_s=a.scrub_rate,
+                       scrub_interval_s=a.scrub_interval_s)
     from snapshotd.errors import SnapshotdError
 
     try:

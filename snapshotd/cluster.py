@@ -18,6 +18,11 @@ Peer operations (header "op"):
   round      {job, v}          -> {counts, announces} of a retained version (rebuild)
   fetch      {job, v, kind: data|parity, node_index, j|s,t}       -> the block
   jobs       {}                -> {job: {committed, world_size}}
+  suspect    {job, v, kind, j|s,t}  -> ack; a fetcher found that block of ours corrupt:
+                                       the scrubber thread checks and repairs it
+
+Corrupt blocks (re-fetching around them, the background scrubber, repair) are handled
+by :class:`snapshotd.cluster_integrity.IntegrityMixin`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from snapshotd import placement as pl
 from snapshotd import shm
 from snapshotd import protocol as proto
 from snapshotd._proto import snapshotd_pb2 as pb
+from snapshotd.cluster_integrity import IntegrityMixin, fetch_header
+from snapshotd.integrity import describe_shard
 from snapshotd.erasure import ErasureCode
 from snapshotd.metrics import NullMetrics, Progress
 from snapshotd.errors import ChecksumMismatchError, InsufficientShardsError
@@ -91,7 +98,7 @@ class ParityBuffer:
         return np.frombuffer(self.segment.buf, np.uint8, self.block_size, i * self.block_size)
 
 
-class ClusterNode:
+class ClusterNode(IntegrityMixin):
     def __init__(self, spec: ClusterSpec, node_id: str, store, bind_host: str | None = None):
         self.spec, self.me, self.store = spec, node_id, store
         gi, li = spec.group_of(node_id)
@@ -126,6 +133,7 @@ class ClusterNode:
         self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
         self._parity_pool: dict[str, list] = {}  # job -> [(name, segment)] free for reuse
         self.rebuild_stats: dict = {}
+        self._init_integrity()  # scrub rate and interval: set by the server before start()
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -134,7 +142,7 @@ class ClusterNode:
         tune_malloc_for_bulk_transfers()
         self.server.start()
         for target, name in ((self._worker, "snapshotd-cluster"), (self._heartbeat, "snapshotd-heartbeat"),
-                             (self.catch_up, "snapshotd-catch-up")):
+                             (self.catch_up, "snapshotd-catch-up"), (self._scrubber, "snapshotd-scrub")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -142,6 +150,7 @@ class ClusterNode:
     def stop(self) -> None:
         self._stop.set()
         self._actions.put(None)
+        self._scrub_wake.set()
         for t in self._threads:
             t.join(5)
         self.server.stop()
@@ -165,7 +174,8 @@ class ClusterNode:
                 "jobs": jobs, "parity_bytes": parity, "degraded": dict(self.degraded),
                 "last_rebuild": self.rebuild_stats,
                 "accumulate": {"cpu_seconds": round(self.accumulate_stats[0], 4),
-                               "bytes": self.accumulate_stats[1]}}
+                               "bytes": self.accumulate_stats[1]},
+                **self.integrity_status()}
 
     def catch_up(self) -> None:
         """At start: rebuild every job whose committed version we do not hold (a node
@@ -534,6 +544,9 @@ class ClusterNode:
             return {"size": len(info)}, info
         if op == "fetch":
             return self._fetch(h)
+        if op == "suspect":
+            self._on_suspect(h)
+            return {"ok": True}, None
         if op == "rank_manifest":
             _, m, _ = self._local_rank(h["job"], int(h["v"]), int(h["rank"]))
             return {"ok": True}, m.SerializeToString()
@@ -571,26 +584,53 @@ class ClusterNode:
             self._enqueue(job_id, acts)
 
     def _heartbeat(self) -> None:
+        """Ping every other node each interval; each ping runs in a pool thread, and a
+        peer whose ping is still in flight is skipped this round. Pings used to run one
+        after the other: a dead peer's ping waited out the timeout, so the round took
+        longer than the timeout and every peer pinged after the dead one looked dead too
+        (a degraded read then left a live group member out of its sources)."""
         interval = self.spec.heartbeat_interval_ms / 1000
         # The group first, and the first round at once: a fresh daemon must learn the commits.
-        order = sorted(self.spec.nodes, key=lambda nd: nd.id not in self.group)
-        while True:
-            mine = self.committed_versions()
-            for nd in order:
-                if nd.id == self.me:
-                    continue
-                if nd.id not in self.group:
+        peers = [nd.id for nd in sorted(self.spec.nodes, key=lambda nd: nd.id not in self.group)
+                 if nd.id != self.me]
+        busy: set[str] = set()
+        busy_lock = threading.Lock()
+
+        def ping(node: str) -> None:
+            try:
+                rep, _ = self.peer(node, control=True).call(
+                    {"op": "ping", "committed": self.committed_versions()},
+                    timeout_ms=self.spec.heartbeat_timeout_ms)
+                self.peer_last_seen[node] = time.monotonic()
+                self._gossip(node, rep.get("committed", {}))
+            except (PeerUnavailableError, RemoteError):
+                pass
+            except Exception as exc:  # never let one peer's trouble stop the heartbeats
+                log.warning("heartbeat to %s: %s", node, exc)
+            finally:
+                with busy_lock:
+                    busy.discard(node)
+
+        pool = ThreadPoolExecutor(max(1, min(len(peers), 64)), thread_name_prefix="snapshotd-ping")
+        try:
+            while True:
+                first = []
+                for node in peers:
+                    with busy_lock:
+                        if node in busy:
+                            continue
+                        busy.add(node)
+                    f = pool.submit(ping, node)
+                    if node in self.group:
+                        first.append(f)
+                if not self._first_round.is_set():
+                    for f in first:
+                        f.result()
                     self._first_round.set()
-                try:
-                    rep, _ = self.peer(nd.id, control=True).call({"op": "ping", "committed": mine},
-                                                   timeout_ms=self.spec.heartbeat_timeout_ms)
-                except (PeerUnavailableError, RemoteError):
-                    continue
-                self.peer_last_seen[nd.id] = time.monotonic()
-                self._gossip(nd.id, rep.get("committed", {}))
-            self._first_round.set()
-            if self._stop.wait(interval):
-                return
+                if self._stop.wait(interval):
+                    return
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- retained round information (for rebuilding a peer) --------------------------------
     def _round_info(self, job_id: str, v: int) -> dict:
@@ -820,7 +860,8 @@ class ClusterNode:
         if info is None or owner not in info.get("announces", {}):
             raise InsufficientShardsError(f"{what} and no live node of its group {gi} retains the version")
         layout = pl.place_group(self.n, self.m, self._bounded_counts(info["counts"]))
-        plan = plan_recovery(layout, {group.index(x) for x in holders}, [oi], version=v, group=gi)
+        alive_idx = {group.index(x) for x in holders}
+        plan = plan_recovery(layout, alive_idx, [oi], version=v, group=gi)
         if isinstance(plan, Unrecoverable):
             raise InsufficientShardsError(f"{what}, and {plan.reason}")
         ann = info["announces"][owner]
@@ -841,7 +882,8 @@ class ClusterNode:
         plan = replace(plan, repairs=tuple(rp for rp in repairs if rp.outputs))
         t0 = time.monotonic()
         try:
-            self._run_repairs(job_id, v, plan, spans, None, group=group)
+            self._run_repairs(job_id, v, plan, spans, None, group=group, layout=layout, alive=alive_idx,
+                              found_by="degraded read")
             self.store._verify(seg.buf, m, f"degraded read of rank {rank} (node {owner} down)")
         except Exception:
             self.store.release_aux(name)
@@ -918,7 +960,7 @@ class ClusterNode:
                 mapper.start()
                 t_alloc = time.monotonic()
                 try:
-                    nbytes = self._run_repairs(job_id, v, plan, spans, parity)
+                    nbytes = self._run_repairs(job_id, v, plan, spans, parity, layout=layout, alive=alive)
                 finally:
                     mapper.join()
                 t_repair = time.monotonic()
@@ -949,12 +991,15 @@ class ClusterNode:
             return self.rebuild_stats
 
     def _run_repairs(self, job_id: str, v: int, plan, spans, parity, batch: int = 16,
-                     group: tuple[str, ...] | None = None) -> int:
+                     group: tuple[str, ...] | None = None, layout=None, alive=frozenset(),
+                     found_by: str = "rebuild") -> int:
         """Carry out a recovery plan: fetch sources per node in parallel, decode.
         The next batch is fetched while this one decodes (ISA-L releases the GIL), and
         full blocks are decoded straight into their destination. ``spans`` maps a data
         output's block j to (segment, offset, length); ``group``: the plan's group
-        (default ours)."""
+        (default ours). A source that fails its checksum is never decoded: its stripe
+        is re-planned around it from the other nodes of ``alive`` (group-local indices
+        of ``layout``), and the rebuild fails only with fewer than k good sources."""
         k = self.k
         group = group or self.group
         zero = np.zeros(self.bs, np.uint8)
@@ -967,22 +1012,19 @@ class ClusterNode:
             per_node: dict[str, list] = {}
             for ri, rep in enumerate(chunk):
                 for src in rep.fetches():
-                    hdr = {"op": "fetch", "job": job_id, "v": v, "kind": src.kind}
-                    if src.kind == "data":
-                        hdr["j"] = src.block
-                    else:
-                        hdr["s"], hdr["t"] = rep.stripe, src.index
-                    per_node.setdefault(group[src.node], []).append(((ri, src), (hdr, None)))
+                    per_node.setdefault(group[src.node], []).append(
+                        ((ri, src), (fetch_header(job_id, v, rep.stripe, src), None)))
             got: dict = {}
+            corrupt: list = []  # (ri, src) whose block failed its checksum: never used
             errs = []
 
             def fetch(node, items):
+                bad: list = []
                 try:
-                    replies = self.peer(node).call_many([r for _, r in items], window=8)
-                    for (key, _), rep in zip(items, replies):
-                        got[key] = np.frombuffer(rep[1], np.uint8)
+                    self._fetch_verified(node, items, got, bad)
                 except Exception as exc:
                     errs.append(f"{node}: {exc}")
+                corrupt.extend((key, node) for key in bad)
 
             ts = [threading.Thread(target=fetch, args=it) for it in per_node.items()]
             for t in ts:
@@ -993,7 +1035,21 @@ class ClusterNode:
                 raise InsufficientShardsError(
                     f"rebuild of job {job_id!r} v{v}: fetch failed (a block that fails its "
                     f"checksum is corrupt and never used): {errs}")
-            return got
+            return got, corrupt
+
+        def sources(ri, rep, got, bad):
+            if not bad:
+                return {src.shard_index(k): (zero if src.kind == "zero" else got[(ri, src)])
+                        for src in rep.sources}
+            if layout is None:
+                raise InsufficientShardsError(
+                    f"job {job_id!r} version {v}: stripe {rep.stripe}: corrupt sources "
+                    f"{[describe_shard(x, n) for x, n in bad]} and no layout to re-plan")
+            for x, holder in bad:
+                self._corrupt_source(job_id, v, rep.stripe, x, holder, found_by)
+            have = {src: got[(ri, src)] for src in rep.fetches() if (ri, src) in got}
+            return self._refetch_stripe(job_id, v, layout, alive, group, rep.stripe, rep.outputs,
+                                        [x for x, _ in bad], have, found_by)
 
         def dest(rep, o):
             if o.kind == "parity":
@@ -1007,11 +1063,13 @@ class ClusterNode:
         with ThreadPoolExecutor(1) as ex:
             nxt = ex.submit(fetch_batch, batches[0]) if batches else None
             for bi, chunk in enumerate(batches):
-                got = nxt.result()
+                got, corrupt = nxt.result()
                 nxt = ex.submit(fetch_batch, batches[bi + 1]) if bi + 1 < len(batches) else None
+                bad: dict = {}
+                for (ri, src), holder in corrupt:
+                    bad.setdefault(ri, []).append((src, holder))
                 for ri, rep in enumerate(chunk):
-                    avail = {src.shard_index(k): (zero if src.kind == "zero" else got[(ri, src)])
-                             for src in rep.sources}
+                    avail = sources(ri, rep, got, bad.get(ri))
                     for o in rep.outputs:  # one at a time: partial blocks share scratch
                         out, partial = dest(rep, o)
                         self.code.reconstruct(avail, [o.shard_index(k)], {o.shard_index(k): out})

@@ -36,6 +36,9 @@ Metric names (the deploy manifests and dashboards rely on them)::
     snapshotd_peer_messages_refused_total{reason}        counter  peer plane: malformed, checksum, auth, unknown_peer, curve
     snapshotd_checksum_failures_total{where}             counter  client_api, peer_in, peer_reply
     snapshotd_peer_auth_failures_total                   counter  wrong/missing MAC, unknown sender, CURVE key denied
+    snapshotd_corrupt_blocks_total{kind="data"|"parity"} counter  blocks that failed their checksum, found by the
+                                                                  scrubber, a rebuild or a degraded read; once each
+    snapshotd_scrub_bytes_total / snapshotd_scrub_passes_total  counter  the background scrubber's progress
 """
 
 from __future__ import annotations
@@ -293,6 +296,17 @@ class _DaemonCollector:
                                    "(MAC, unknown sender, CURVE key)")
         auth.add_metric([], refused.get("auth", 0) + refused.get("unknown_peer", 0) + refused.get("curve", 0))
         yield auth
+        corrupt = CounterMetricFamily("snapshotd_corrupt_blocks",
+                                      "Held blocks found failing their checksum (here, or at a peer "
+                                      "this node fetched from), each counted once", labels=["kind"])
+        for kind in ("data", "parity"):
+            corrupt.add_metric([kind], status.get("corrupt_blocks", {}).get(kind, 0))
+        yield corrupt
+        scrub = status.get("scrub", {})
+        yield CounterMetricFamily("snapshotd_scrub_bytes", "Bytes re-hashed by the background scrubber",
+                                  value=scrub.get("bytes", 0))
+        yield CounterMetricFamily("snapshotd_scrub_passes", "Full scrub passes completed",
+                                  value=scrub.get("passes", 0))
 
 
 class NullMetrics:

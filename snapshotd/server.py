@@ -43,6 +43,9 @@ class DaemonConfig:
     instance: str = ""  # namespace of this daemon's /dev/shm segments
     metrics_addr: str | None = None  # "host:port" of the Prometheus endpoint; None = off
     require_job_token: bool = False  # refuse to register a job without a job token
+    # Cluster mode: background scrubber (snapshotd.cluster_integrity); rate 0 = no passes.
+    scrub_rate_bytes_per_s: int = 64 << 20
+    scrub_interval_s: float = 600.0
 
 
 class Daemon:
@@ -55,6 +58,8 @@ class Daemon:
             from snapshotd.metrics import parse_addr
 
             parse_addr(cfg.metrics_addr)  # a clear error before anything starts
+        if cfg.scrub_rate_bytes_per_s < 0 or not cfg.scrub_interval_s > 0:
+            raise ValueError("--scrub-rate must be >= 0 (0 = off) and --scrub-interval-s > 0")
         self.cfg = cfg
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         self.cluster = None
@@ -73,6 +78,8 @@ class Daemon:
             self.cluster = ClusterNode(spec, cfg.node_id, self.store)
             self.store.commit_hook = self.cluster.on_local_complete
             self.cluster.load_records()
+            self.cluster.scrub_rate_bytes_per_s = int(cfg.scrub_rate_bytes_per_s)
+            self.cluster.scrub_interval_s = float(cfg.scrub_interval_s)
         self.metrics = DaemonMetrics(self.store, self.cluster)
         if self.cluster is not None:
             self.cluster.metrics = self.metrics
