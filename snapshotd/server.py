@@ -4,6 +4,10 @@ the cluster peer plane when a spec is given, and the Prometheus endpoint when as
 The Unix socket is created 0600 (umask 0177 while binding, then chmod) and is checked
 to be owned by the daemon's user before the daemon reports ready: only that user (and
 root) can connect, which is what protects a token-less daemon on a shared host.
+
+Every request body is parsed by :class:`RequestParseGuard` (after the token check):
+bytes that are not the method's protobuf message are refused with INVALID_ARGUMENT,
+logged and counted, instead of grpc's own INTERNAL "Exception deserializing request!".
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
 from snapshotd.metrics import DaemonMetrics
-from snapshotd.service import MAX_MESSAGE_BYTES, JobTokens, SnapshotdServicer, TokenInterceptor
+from snapshotd.service import (
+    MAX_MESSAGE_BYTES,
+    JobTokens,
+    MalformedRequestError,
+    SnapshotdServicer,
+    TokenInterceptor,
+)
 from snapshotd.store import ShardStore
 
 log = logging.getLogger("snapshotd.server")
@@ -87,6 +98,8 @@ class Daemon:
         interceptors = []
         if cfg.token:
             interceptors.append(TokenInterceptor(cfg.token, self._count_refused))
+        # After the token check: a caller without the token learns nothing about parsing.
+        interceptors.append(RequestParseGuard(self._count_malformed))
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self.server = grpc.server(futures.ThreadPoolExecutor(cfg.workers),
@@ -102,6 +115,11 @@ class Daemon:
     def _count_refused(self) -> None:
         self.store.requests_refused += 1
         self.metrics.refused_request("UNAUTHENTICATED")
+
+    def _count_malformed(self, method: str, detail: str) -> None:
+        log.warning("%s refused (INVALID_ARGUMENT): %s", method.rsplit("/", 1)[-1], detail)
+        self.store.requests_refused += 1  # the store never saw it
+        self.metrics.refused_request("INVALID_ARGUMENT")
 
     def start(self) -> None:
         sock = self.cfg.socket_path
@@ -166,6 +184,114 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self._stopped.wait()
+
+
+class MalformedRequest:
+    """What a guarded deserializer returns for bytes that do not parse. grpc answers
+    INTERNAL when a deserializer raises (or returns None) and never calls the handler;
+    a value that is not None reaches the guarded handler, which refuses it."""
+
+    __slots__ = ("detail",)
+
+    def __init__(self, detail: str):
+        self.detail = detail
+
+
+def _message_name(deserializer) -> str:
+    cls = getattr(deserializer, "__self__", None)  # Message.FromString is a classmethod
+    name = getattr(getattr(cls, "DESCRIPTOR", None), "full_name", None)
+    return name or getattr(deserializer, "__qualname__", repr(deserializer))
+
+
+def _tolerant(deserializer, method: str):
+    what = _message_name(deserializer)
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # whatever the parser says: these are the caller's bytes
+            reason = (str(exc).rsplit(": ", 1)[-1] if isinstance(exc, DecodeError)
+                      else f"{type(exc).__name__}: {exc}")
+            return MalformedRequest(f"malformed request for {method}: cannot parse as {what} "
+                                    f"({len(data)} bytes; {reason})")
+
+    return parse
+
+
+class RequestParseGuard(grpc.ServerInterceptor):
+    """Answer INVALID_ARGUMENT, not INTERNAL, to a request body that is not the method's
+    protobuf message, on every service of the server (health included).
+
+    It rebuilds each method's handler with a deserializer that returns a
+    :class:`MalformedRequest` instead of raising, and a behaviour that refuses one
+    (``on_refused(method, detail)`` logs and counts, then the call is aborted). A
+    malformed message in a request stream makes the servicer's iterator raise
+    :class:`~snapshotd.service.MalformedRequestError`, which the servicer refuses like
+    any invalid request (and which is refused here if it escapes). An empty body is a
+    valid (empty) message and goes on to the servicer's own validation. The guarded
+    handler of each method is built once and reused; thread-safe.
+    """
+
+    def __init__(self, on_refused):
+        self._on_refused = on_refused
+        self._built: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler  # unknown method, or a handler that takes raw bytes
+        built = self._built.get(details.method)
+        if built is None or built[0] is not handler:
+            built = (handler, self._guard(details.method, handler))
+            self._built[details.method] = built  # one entry per registered method
+        return built[1]
+
+    def _refuse(self, method: str, detail: str, context):
+        self._on_refused(method, detail)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
+
+    def _guard(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        refuse = self._refuse
+        if not h.request_streaming:
+            inner = h.unary_stream if h.response_streaming else h.unary_unary
+
+            def behavior(request, context, *rest):  # rest: a non-blocking send callback
+                if isinstance(request, MalformedRequest):
+                    refuse(method, request.detail, context)
+                return inner(request, context, *rest)
+
+            make = (grpc.unary_stream_rpc_method_handler if h.response_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+        else:
+            inner = h.stream_stream if h.response_streaming else h.stream_unary
+
+            def checked(requests):
+                for request in requests:
+                    if isinstance(request, MalformedRequest):
+                        raise MalformedRequestError(request.detail)
+                    yield request
+
+            if h.response_streaming:
+                def behavior(requests, context, *rest):
+                    try:
+                        yield from inner(checked(requests), context, *rest)
+                    except MalformedRequestError as exc:
+                        refuse(method, str(exc), context)
+
+                make = grpc.stream_stream_rpc_method_handler
+            else:
+                def behavior(requests, context, *rest):
+                    try:
+                        return inner(checked(requests), context, *rest)
+                    except MalformedRequestError as exc:
+                        refuse(method, str(exc), context)
+
+                make = grpc.stream_unary_rpc_method_handler
+        for attr in ("experimental_non_blocking", "experimental_thread_pool"):  # health Watch
+            if hasattr(inner, attr):
+                setattr(behavior, attr, getattr(inner, attr))
+        return make(behavior, request_deserializer=_tolerant(h.request_deserializer, method),
+                    response_serializer=h.response_serializer)
 
 
 def _check_private_socket(path: str) -> None:

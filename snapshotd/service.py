@@ -5,7 +5,10 @@ calls. Errors are mapped to gRPC status codes in exactly one place
 (:func:`_status_of`): every :class:`~snapshotd.errors.SnapshotdError` carries its code;
 anything else is an INTERNAL error, logged with its traceback. A refused request never
 changes the store and never stops the server; it is logged and counted (store stats and
-``snapshotd_requests_refused_total{reason=<gRPC code>}``).
+``snapshotd_requests_refused_total{reason=<gRPC code>}``). Bodies that do not parse as
+the request message never reach the servicer (``snapshotd.server.RequestParseGuard``
+refuses them INVALID_ARGUMENT), except a malformed message later in a request stream,
+which the servicer sees as :class:`MalformedRequestError`.
 
 Job binding (see docs/SECURITY.md): the daemon token says *who may talk to the
 daemon*; a job token (metadata ``x-snapshotd-job-token``, client env
@@ -57,6 +60,11 @@ class JobAccessDeniedError(SnapshotdError):
     """The request names a job bound to a job token it does not carry."""
 
     grpc_code_name = "PERMISSION_DENIED"
+
+
+class MalformedRequestError(InvalidRequestError):
+    """A request message whose bytes do not parse as the method's protobuf type (raised
+    from a streamed request's iterator; see ``snapshotd.server.RequestParseGuard``)."""
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
@@ -232,7 +240,11 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
 
     @_rpc
     def PushShard(self, request_iterator, context):
-        first = next(request_iterator, None)
+        try:
+            first = next(request_iterator, None)
+        except MalformedRequestError:
+            self.store.requests_refused += 1  # the store never saw it (later chunks: it does)
+            raise
         if first is None or not first.HasField("manifest"):
             raise InvalidRequestError("PushShard: the first message must carry the manifest")
         self._job_access(context, first.manifest.job_id)
