@@ -803,10 +803,11 @@ class ClusterNode(IntegrityMixin):
         except PeerUnavailableError:
             return self._degraded_copy(job_id, rank, v, owner)
         except RemoteError as exc:
-            if exc.error_type != "KeyError":
+            if exc.error_type not in ("KeyError", "UnknownJobError"):
                 raise
-            # The owner is up but does not hold it (a replacement still rebuilding,
-            # or one that cannot): decode it from the group, or say why not.
+            # The owner is up but does not hold it (a replacement still rebuilding, one
+            # that has not even learnt of the job yet, or one that cannot): decode it
+            # from the group, or say why not.
             log.info("job %s: %s does not hold rank %d v%d (%s); decoding it from its group",
                      job_id, owner, rank, v, exc)
             return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
