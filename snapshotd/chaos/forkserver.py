@@ -35,7 +35,10 @@ import sys
 import threading
 import time
 
-PRELOAD = ("snapshotd.chaos.trainer", "snapshotd.demo.pp_trainer")
+# What the ranks import, but not the modules they run as __main__ (runpy warns about,
+# and would execute a second copy of, a module already imported under its own name).
+PRELOAD = ("torch.distributed", "snapshotd.demo.dp_trainer", "snapshotd.demo.trainer",
+           "snapshotd.checkfree", "snapshotd_client", "snapshotd_client.pipeline")
 
 
 def _rc(status: int) -> int:

@@ -149,6 +149,17 @@ class Rig:
                 return False
         return True
 
+    def corrupt_reports(self, job: str | None = None, version: int | None = None) -> list[dict]:
+        """The corrupt blocks the daemons found (re-fetch, scrubber, peer reports) and
+        list in their status, for ``job`` (default: the running one)."""
+        out = []
+        for n in self.nodes:
+            row = self.stats(n)
+            for e in (row or {}).get("cluster", {}).get("corrupt", []):
+                if e.get("job") == (job or self.job) and version in (None, e.get("version")):
+                    out.append(dict(e, reported_by=n))
+        return out
+
     def drop_job(self, job: str) -> None:
         """Drop ``job`` on every node that answers (its versions, parity and memory)."""
         from snapshotd.errors import SnapshotdError

@@ -52,6 +52,9 @@ from snapshotd.config import parse_size
 PHASE_TIMEOUT_S = 120.0
 REBUILD_TIMEOUT_S = 60.0
 GLOO_TIMEOUT_S = 10.0  # longer than any transient fault, or the job would not run through it
+# The daemons' scrub interval (their default is 600 s): short enough that a 'then: scrub'
+# fault is found within a scenario, long enough that it rarely beats a restore to a block.
+SCRUB_INTERVAL_S = 10.0
 CRASH = {"kill_trainer", "kill_daemon", "kill_node", "mid_snapshot", "hang_trainer"}
 TRANSIENT = {"hang_daemon", "slow_peer", "partition", "garbage", "memory_pressure"}
 
@@ -127,6 +130,7 @@ class Harness:
         self._forkserver()
         d = os.path.join(self.workdir, "session")
         shutil.rmtree(d, ignore_errors=True)
+        os.environ["SNAPSHOTD_SCRUB_INTERVAL_S"] = f"{SCRUB_INTERVAL_S:g}"  # for the daemons we start
         self.say(f"cluster: {self.n} daemons, m={self.m}{' in network namespaces' if netns else ''}; "
                  f"job: {self.n} ranks, epochs of {self.steps} steps, a snapshot every step")
         try:
@@ -638,37 +642,45 @@ class Harness:
         t_fault = time.monotonic()
         replaced = []
         v = obs.committed_at_fault
+        then = sc.params["then"]
         if sc.params["block"] == "data":
             res.fault = faults.flip_data_bit(rig, node, self.bs) + f" (v{v})"
         else:
             res.fault = faults.flip_parity_bits(rig, node, self.bs)
-            # The parity matters only to a rebuild: lose another node, whose rebuild
-            # reads the group's parity (ours included).
+        if then == "rebuild":
+            # Lose another node, whose rebuild reads the group's blocks (ours included).
             other = rig.nodes[(rig.nodes.index(node) + 1) % self.n]
             rig.kill_daemon(other)
             rig.restart(other, wipe=True)
             replaced.append(other)
             res.fault += f"; then {other} lost and replaced"
-        self.say(f"    fault: {res.fault}; restoring v{v}")
+        elif then == "scrub":
+            res.fault += "; nothing reads it"
+        self.say(f"    fault: {res.fault}")
+        if then == "scrub":
+            self._wait_scrubbed(node, v, t_fault)
         probe = self._launch("probe")
         probe.wait(lambda: len(probe.restored) == self.n or any(rc != 0 for rc in probe.ended.values()),
                    PHASE_TIMEOUT_S, "restore")
         if len(probe.restored) == self.n:
             # Restored without complaint: bit_identical decides whether that was right.
-            res.detected = "not detected: the restore did not need the corrupt block"
+            res.detected = self._corrupt_found(node, v) or "not detected: the restore did not need the block"
             obs.restore_points = dict(probe.restored)
             obs.final_step = min(self.steps, max(probe.restored.values()) + 2)
             probe.wait(lambda: min(probe.last.values()) >= obs.final_step or len(probe.ended) == self.n,
                        PHASE_TIMEOUT_S, f"training on to step {obs.final_step}")
             obs.resumed_to = dict(probe.last)
-            res.recovery = "restored directly"
+            fixed = [e for e in rig.corrupt_reports(version=v) if e.get("repaired")]
+            res.recovery = (f"{len(fixed)} block(s) repaired from the group; restored v{v}" if fixed
+                            else f"restored v{v} directly")
             res.recovery_s = round((probe.t_restored or time.monotonic()) - t_fault, 2)
         else:
+            errs = probe.error_lines()  # before the launcher kills the rest (-9 is ours)
             probe.kill()
             self._drain(probe)
-            errs = probe.error_lines()
             why = [e for e in errs if "checksum" in e.lower() or "corrupt" in e.lower()]
-            res.detected = f"checksum: {why[0][:90]}" if why else f"restore failed: {errs[:1]}"
+            res.detected = (f"checksum: {why[0][:90]}" if why else
+                            self._corrupt_found(node, v) or f"restore failed: {errs[:1]}")
             obs.errors = errs
             self.say(f"    detected: {res.detected}; replacing {node}")
             # The operator's answer to a block that fails its checksum: replace its holder.
@@ -681,6 +693,30 @@ class Harness:
             res.recovery_s = round((g2.t_restored or time.monotonic()) - t_fault, 2)
         res.lost_steps = obs.fault_step - min(obs.restore_points.values(), default=0)
         self._settle(obs, before)
+
+    def _corrupt_found(self, node: str, v: int) -> str:
+        """What the daemons reported of the corrupt blocks of ``node`` in version v."""
+        found = [e for e in self.rig.corrupt_reports(version=v) if e.get("holder") == node]
+        if not found:
+            return ""
+        kinds = sorted({e.get("kind", "?") for e in found})
+        by = sorted({f"{e.get('reported_by')} ({e.get('found_by')})" for e in found})
+        return (f"checksum: {len(found)} corrupt {'/'.join(kinds)} block report(s) on {node}, "
+                f"by {', '.join(by)}")
+
+    def _wait_scrubbed(self, node: str, v: int, t_fault: float) -> None:
+        """Nothing reads the block: the scrubber must find it and repair it, and the
+        redundancy be whole again."""
+        limit = SCRUB_INTERVAL_S * 2 + 20
+        while time.monotonic() - t_fault < limit:
+            found = [e for e in self.rig.corrupt_reports(version=v) if e.get("holder") == node]
+            if found and all(e.get("repaired") for e in found) and self.rig.whole(v):
+                self.say(f"    scrubber: {len(found)} block(s) found and repaired after "
+                         f"{time.monotonic() - t_fault:.1f} s")
+                return
+            time.sleep(0.25)
+        raise TimeoutError(f"the scrubber did not find and repair the corrupt block(s) of {node} "
+                           f"within {limit:.0f} s (reports: {self.rig.corrupt_reports(version=v)[:3]})")
 
     # -- the CheckFree rung ------------------------------------------------------------
     def _pipeline(self, sc: Scenario, obs: Observation, res: Result) -> None:

@@ -65,8 +65,12 @@ FAULTS: dict[str, dict] = {
     "slow_peer": {"node": (_is_node, 1, _NODE), "seconds": (_pos, 5.0, "a positive number"),
                   "stop_ms": (_pos, 300, "a positive number"), "run_ms": (_pos, 200, "a positive number")},
     "partition": {"nodes": (_is_nodes, 1, _COUNT), "seconds": (_pos, 5.0, "a positive number")},
+    # then: what reads the corrupt block. restore (the default for data): the job's next
+    # restore; rebuild (the default for parity): another node is lost and rebuilt from
+    # the group; scrub: nothing reads it, the daemons' background scrubber must find it.
     "corrupt": {"node": (_is_node, 1, _NODE),
-                "block": (_one_of("data", "parity"), REQUIRED, "data or parity")},
+                "block": (_one_of("data", "parity"), REQUIRED, "data or parity"),
+                "then": (_one_of("restore", "rebuild", "scrub"), None, "restore, rebuild or scrub")},
     "garbage": {"plane": (_one_of("grpc", "zmq"), REQUIRED, "grpc or zmq"),
                 "node": (_is_node, 0, _NODE)},
     "memory_pressure": {"node": (_is_node, 0, _NODE)},
@@ -132,6 +136,8 @@ def parse_scenario(doc, where: str = "scenario") -> Scenario:
         if not ok(fault[key]):
             raise ScenarioError(f"{where}: fault.{key} must be {what} (got {fault[key]!r})")
         params[key] = fault[key]
+    if kind == "corrupt" and params["then"] is None:
+        params["then"] = "restore" if params["block"] == "data" else "rebuild"
     at = doc.get("at_step", 6)
     if not isinstance(at, int) or isinstance(at, bool) or at < 2:
         raise ScenarioError(f"{where}: 'at_step' must be an integer >= 2 (got {at!r})")
