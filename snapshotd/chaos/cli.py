@@ -126,6 +126,15 @@ def run(a) -> int:
     info.update({"seconds": round(time.monotonic() - t0, 1), "soak": a.soak,
                  "seed": a.seed if a.soak else None, "mtbf_s": a.mtbf if a.soak else None,
                  "duration_s": duration if a.soak else None})
+    if a.soak:  # the fault rate reached, against the one asked for
+        ran = [r for r in results if r.params.get("kind") not in ("teardown", "between")]
+        late = [r.params.get("late_s", 0.0) for r in ran]
+        info.update({"faults_run": len(ran),
+                     "achieved_s_between_faults": round(duration / len(ran), 1) if ran else None,
+                     "late_s_mean": round(sum(late) / len(late), 1) if late else None,
+                     "late_s_max": max(late) if late else None})
+        _say(f"soak: {len(ran)} faults in {duration:.0f} s, one every {info['achieved_s_between_faults']} s "
+             f"(asked: {a.mtbf:g}); each ran {info['late_s_mean']} s late on average (max {info['late_s_max']})")
     print()
     print(format_table(results))
     if a.report:
