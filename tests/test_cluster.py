@@ -312,12 +312,15 @@ class Cluster:
         self._clients.clear()
 
 
-@pytest.fixture
-def make_cluster(tmp_path):
+def cluster_fixture(tmp_path, factory=None):
+    """The body of ``make_cluster``, for ``Cluster`` or a subclass (``factory(d, n, m, *args,
+    **kw)``): one cluster per test, and at the end every daemon stopped, no segment left
+    and no traceback in any daemon log."""
+    factory = factory or Cluster
     made: list[Cluster] = []
     marker = os.path.join(MARKERS, f"{os.getpid()}.json")
 
-    def make(n: int, m: int) -> Cluster:
+    def make(n: int, m: int, *args, **kw) -> Cluster:
         assert not made, "one cluster per test"
         _clean_leftovers()
         d = str(tmp_path / f"cluster-{n}-{m}")
@@ -325,7 +328,7 @@ def make_cluster(tmp_path):
         with open(marker, "w") as f:
             json.dump({"pid": os.getpid(), "dir": d}, f)
         try:
-            c = Cluster(d, n, m)
+            c = factory(d, n, m, *args, **kw)
         except BaseException:
             _kill_daemons_of(d)
             _drop_segments_of(d)
@@ -354,6 +357,11 @@ def make_cluster(tmp_path):
         tracebacks = {n: t[max(0, t.index("Traceback") - 2000):][:6000]
                       for n, t in logs.items() if "Traceback" in t}
         assert not tracebacks, f"daemon logs with tracebacks: {tracebacks}"
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    yield from cluster_fixture(tmp_path)
 
 
 # -- 1. every pattern of up to m lost nodes ------------------------------------------------

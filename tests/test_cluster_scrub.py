@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -212,45 +211,7 @@ def get_metric(samples, name, **labels):
 
 @pytest.fixture
 def make_scrub_cluster(tmp_path):
-    made: list[ScrubCluster] = []
-    marker = os.path.join(tc.MARKERS, f"{os.getpid()}.json")
-
-    def make(n: int, m: int, daemon_args=()) -> ScrubCluster:
-        assert not made, "one cluster per test"
-        tc._clean_leftovers()
-        d = str(tmp_path / f"cluster-{n}-{m}")
-        os.makedirs(tc.MARKERS, exist_ok=True)
-        with open(marker, "w") as f:
-            json.dump({"pid": os.getpid(), "dir": d}, f)
-        try:
-            c = ScrubCluster(d, n, m, daemon_args)
-        except BaseException:
-            tc._kill_daemons_of(d)
-            tc._drop_segments_of(d)
-            os.unlink(marker)
-            raise
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-        logs = {n: open(os.path.join(c.d, f"{n}.log"), errors="replace").read()
-                for n in c.nodes if os.path.exists(os.path.join(c.d, f"{n}.log"))}
-        pids = [c.pid(n) for n in c.nodes]
-        for pid in pids:
-            if tc._pid_is_ours(pid, c.d):
-                os.kill(pid, signal.SIGTERM)
-        for pid in pids:
-            tc._reap(pid, c.d, timeout_s=10)
-        assert lc.down(c.d) == 0
-        if os.path.exists(marker):
-            os.unlink(marker)
-        left = shm.list_segments(f"snapshotd.{lc.instance_of(c.d)}.")
-        assert not left, f"segments left behind: {left}"
-        tracebacks = {n: t[max(0, t.index("Traceback") - 2000):][:6000]
-                      for n, t in logs.items() if "Traceback" in t}
-        assert not tracebacks, f"daemon logs with tracebacks: {tracebacks}"
+    yield from tc.cluster_fixture(tmp_path, ScrubCluster)
 
 
 def test_rebuild_refetches_around_a_corrupt_source(make_scrub_cluster):
