@@ -122,6 +122,9 @@ def run(a) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
+    except Exception as exc:  # the session itself could not run (a cluster that would not boot, ...)
+        print(f"snapshotd chaos: the harness failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     info = meta(h)
     info.update({"seconds": round(time.monotonic() - t0, 1), "soak": a.soak,
                  "seed": a.seed if a.soak else None, "mtbf_s": a.mtbf if a.soak else None,

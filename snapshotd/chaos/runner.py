@@ -81,6 +81,7 @@ class Harness:
         self.epoch = 0
         self._taken: dict[int, int] = {}  # id(launch) -> digests already judged
         self.faults = 0
+        self.broken = ""  # why the session could not be put back on its feet after an error
         os.makedirs(self.workdir, exist_ok=True)
 
     # -- the reference -------------------------------------------------------------
@@ -215,8 +216,10 @@ class Harness:
         if any(rc != 0 for rc in g.ended.values()) or min(g.last.values()) < self.steps:
             self._job_failed(g)
         # The epoch is done: its last version must commit on every node, then it is dropped.
-        self._wait_whole(self.steps)
-        self._new_epoch(f"epoch {self.epoch} done, v{self.steps} committed everywhere")
+        try:
+            self._wait_whole(self.steps)
+        finally:  # and the next one starts, whole or not (a timeout is reported as a failure)
+            self._new_epoch(f"epoch {self.epoch} done")
 
     def _job_failed(self, g: Trainers) -> None:
         g.kill()
@@ -248,6 +251,9 @@ class Harness:
         self.open(netns)
         try:
             for i, sc in enumerate(scenarios, 1):
+                if self.broken:
+                    self.say(f"stopping: {self.broken}; {len(scenarios) - i + 1} scenario(s) not run")
+                    break
                 self.say(f"[{i}/{len(scenarios)}] {sc.name}: {sc.kind} {sc.params}")
                 out.append(self.inject(sc))
         finally:
@@ -264,6 +270,9 @@ class Harness:
         t0 = time.monotonic()
         try:
             for i, ev in enumerate(events, 1):
+                if self.broken:
+                    self.say(f"soak: stopping: {self.broken}")
+                    break
                 if time.monotonic() - t0 >= duration_s:
                     self.say(f"soak: {duration_s:.0f} s are up; {len(events) - i + 1} scheduled "
                              "fault(s) not run")
@@ -320,7 +329,11 @@ class Harness:
                 self._corrupt(sc, obs, res)
         except Exception as exc:  # the harness could not finish: a failure, never a pass
             res.error = f"{type(exc).__name__}: {exc}"
-            self._salvage()
+            try:
+                self._salvage()
+            except Exception as exc2:  # noqa: BLE001 - reported; the session stops
+                self.broken = f"the session could not be recovered after {sc.name}: {exc2}"
+                res.error += f"; {self.broken}"
         finally:
             for g in self.launches[max(0, launched - 1):]:
                 if g is not self.g:
