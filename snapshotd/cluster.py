@@ -45,7 +45,7 @@ from snapshotd import placement as pl
 from snapshotd import shm
 from snapshotd import protocol as proto
 from snapshotd._proto import snapshotd_pb2 as pb
-from snapshotd.cluster_integrity import IntegrityMixin, fetch_header
+from snapshotd.cluster_integrity import IntegrityMixin, fetch_header, is_corrupt_reply
 from snapshotd.integrity import describe_shard
 from snapshotd.erasure import ErasureCode
 from snapshotd.metrics import NullMetrics, Progress
@@ -824,12 +824,39 @@ class ClusterNode(IntegrityMixin):
         try:
             client.call_many(reqs, window=8, on_reply=put)
             self.store._verify(seg.buf, m, f"copy of rank {rank} from {owner}")
-        except Exception:
+        except Exception as exc:
             self.store.release_aux(name)
-            raise
+            if not (is_corrupt_reply(exc) or isinstance(exc, ChecksumMismatchError)):
+                raise
+            # The owner's copy is corrupt: never use it; decode the slice from the rest
+            # of its group instead (the owner's scrubber repairs its block).
+            self.note_corrupt(job_id, v, "data", owner, "restore copy", {"rank": rank})
+            log.warning("job %s: %s's copy of rank %d v%d failed its checksum (%s); decoding it "
+                        "from the group", job_id, owner, rank, v, exc)
+            return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
         with self._lock:
             self._remote[(job_id, rank, v)] = (name, m)
         return name, m
+
+    def decode_own_rank(self, job_id: str, rank: int, v: int, why: Exception):
+        """Our own copy of ``rank`` failed its checksum (a bit flipped in RAM, say): never
+        serve it. Decode the rank from the other nodes of our group instead, as a degraded
+        read would, and leave our block to the scrubber (which also repairs it). With too
+        few good sources the restore fails with the checksum error, and the reason.
+        Returns (segment name, manifest) like ``open_remote_shard``."""
+        with self._lock:
+            cached = self._remote.get((job_id, rank, v))
+        if cached is not None:
+            return cached
+        self.note_corrupt(job_id, v, "data", self.me, "restore", {"rank": rank})
+        try:
+            out = self._degraded_copy(job_id, rank, v, self.me, owner_up=True)
+        except Exception as exc:
+            raise ChecksumMismatchError(f"{why}; decoding rank {rank} from the group failed too: "
+                                        f"{exc}") from None
+        log.warning("job %s: our copy of rank %d v%d failed its checksum; served a copy decoded "
+                    "from the group instead (the scrubber repairs ours)", job_id, rank, v)
+        return out
 
     def _retained_round(self, job_id: str, v: int, nodes) -> tuple[dict | None, list[str]]:
         """The round record of version v (layout, every member's manifests) and which of

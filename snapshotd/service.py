@@ -37,6 +37,7 @@ from snapshotd._proto import snapshotd_pb2 as pb
 from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
 from snapshotd.errors import (
     AuthenticationError,
+    ChecksumMismatchError,
     InvalidRequestError,
     MemoryBudgetExceededError,
     SnapshotdError,
@@ -303,7 +304,14 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             if not self.store.holds_rank(request.job_id, request.rank):
                 name, m = self.cluster.open_remote_shard(request.job_id, request.rank, request.version)
                 return pb.OpenShardResponse(segment_name=name, manifest=m)
-        name, m, _ = self.store.committed_shard(request.job_id, request.rank, request.version)
+        try:
+            name, m, _ = self.store.committed_shard(request.job_id, request.rank, request.version)
+        except ChecksumMismatchError as exc:
+            if self.cluster is None:
+                raise
+            name, m = self.cluster.decode_own_rank(request.job_id, request.rank,
+                                                   request.version or self.store.committed_version(request.job_id),
+                                                   exc)
         return pb.OpenShardResponse(segment_name=name, manifest=m)
 
     @_stream_rpc

@@ -282,6 +282,37 @@ def test_degraded_read_refetches_around_corrupt_sources(make_scrub_cluster):
     assert "version 1" in msg and "stripe" in msg and "n2" in msg and "corrupt" in msg, msg
 
 
+def test_a_nodes_own_corrupt_shard_is_served_decoded_from_the_group(make_scrub_cluster):
+    """A bit flipped in n1's own copy of rank 1: OpenShard on n1 never serves it; it
+    decodes rank 1 from n0, n2, n3 instead (bit-exact) and reports the block; so does n3
+    gathering rank 1 for a sharded restore. With too few good sources left, the checksum
+    error is raised, with the reason."""
+    c = make_scrub_cluster(4, 2)
+    c.push(1, empty=0)
+    c.wait_committed(1)
+    own = c.client("n1").open_shard(JOB, 1)
+    want_data, want_m = c.versions[1][1]
+    assert tc.sha(read_segment(own.segment_name, own.manifest.payload_bytes)) == tc.sha(want_data)
+    flip_each_block(own.segment_name, c.bs, own.manifest.payload_bytes)
+    r = c.client("n1").open_shard(JOB, 1)
+    assert r.segment_name != own.segment_name and r.manifest == want_m
+    assert tc.sha(read_segment(r.segment_name, r.manifest.payload_bytes)) == tc.sha(want_data)
+    assert [e["found_by"] for e in c.corrupt("n1") if e["holder"] == "n1"] == ["restore"]
+    # Another node gathering rank 1 (a sharded restore) does not use n1's copy either.
+    r = c.client("n3").open_shard(JOB, 1)
+    assert tc.sha(read_segment(r.segment_name, r.manifest.payload_bytes)) == tc.sha(want_data)
+    assert [e["found_by"] for e in c.corrupt("n3") if e["holder"] == "n1"] == ["restore copy"]
+    # n0 and n2 down (m = 2 lost) and n1's own copy corrupt: only n3 is good, k = 2.
+    c2 = c.client("n3")
+    own3 = c2.open_shard(JOB, 3)
+    flip_each_block(own3.segment_name, c.bs, own3.manifest.payload_bytes)
+    c.kill("n0", wipe=False)
+    c.kill("n2", wipe=False)
+    with pytest.raises(errors.ChecksumMismatchError) as ei:
+        c2.open_shard(JOB, 3)
+    assert "decoding rank 3 from the group failed too" in str(ei.value), str(ei.value)
+
+
 def test_scrubber_finds_and_repairs_corrupt_parity_and_data(make_scrub_cluster):
     """With a scrub pass every second, a corrupt parity block and a corrupt data block that
     nothing reads are found, reported (status, metrics) and decoded back from the group;
