@@ -683,9 +683,12 @@ class Harness:
             probe.wait(lambda: min(probe.last.values()) >= obs.final_step or len(probe.ended) == self.n,
                        PHASE_TIMEOUT_S, f"training on to step {obs.final_step}")
             obs.resumed_to = dict(probe.last)
-            fixed = [e for e in rig.corrupt_reports(version=v) if e.get("repaired")]
-            res.recovery = (f"{len(fixed)} block(s) repaired from the group; restored v{v}" if fixed
-                            else f"restored v{v} directly")
+            reports = rig.corrupt_reports(version=v)
+            fixed = [e for e in reports if e.get("repaired")]
+            served = [e for e in reports if e.get("found_by") == "restore"]
+            res.recovery = (f"{len(fixed)} block(s) repaired from the group; restored v{v}" if fixed else
+                            f"the corrupt shard decoded from the group; restored v{v}" if served else
+                            f"restored v{v} directly")
             res.recovery_s = round((probe.t_restored or time.monotonic()) - t_fault, 2)
         else:
             errs = probe.error_lines()  # before the launcher kills the rest (-9 is ours)
