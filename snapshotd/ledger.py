@@ -234,6 +234,10 @@ class JobLedger:
         return slot
 
     def commit(self, version: int) -> Delivery:
+        """Commit ``version``: its pending slots become the committed ones, and every
+        older slot is freed. Idempotent: committing the committed version again (a
+        rebuild and a promotion racing to commit it) keeps its slots and commits any
+        of its slots still pending."""
         if version < self.committed_version:
             return Delivery(committed=False, version=version)
         freed = []
@@ -241,7 +245,7 @@ class JobLedger:
             for s in ss:
                 if s.version == version and s.state is SlotState.PENDING:
                     s.state = SlotState.COMMITTED
-                elif s.state is SlotState.COMMITTED or (
+                elif (s.state is SlotState.COMMITTED and s.version != version) or (
                     s.state is SlotState.PENDING and s.version < version
                 ):
                     s.state = SlotState.FREE

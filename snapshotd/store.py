@@ -513,6 +513,10 @@ class ShardStore(ClusterStoreMixin):
                     f"job {job_id!r}: version {version} is not held (latest committed: "
                     f"{led.committed_version})"))
             slot = led.committed_slot(rank)
+            if slot is None:  # never expected: a committed version without the rank's slot
+                raise self._refuse(VersionNotFoundError(
+                    f"job {job_id!r}: rank {rank} has no committed shard here (committed version "
+                    f"{led.committed_version})"))
             name = self._by_slot[(job_id, rank, slot.index)]
             held = self._held[name]
         if verify:
