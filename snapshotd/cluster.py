@@ -128,6 +128,7 @@ class ClusterNode(IntegrityMixin):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._rebuild_lock = threading.Lock()
+        self._rebuilding: dict[str, int] = {}  # job -> the version being rebuilt
         self.accumulate_stats = [0.0, 0]  # CPU seconds spent combining contributions, bytes in
         self._first_round = threading.Event()  # every group peer was pinged once since start
         self._remote: dict = {}  # (job, rank, v) -> (aux segment, manifest) of other nodes' shards
@@ -727,7 +728,7 @@ class ClusterNode(IntegrityMixin):
             dropped = self.job(job_id).fence()
             for v in dropped:
                 self._release_parity((job_id, v))
-        self.store.fence(job_id)
+        self.store.fence(job_id, keep_version=self._rebuilding.get(job_id, 0))
         if dropped:
             log.info("job %s: fenced, dropped uncommitted versions %s", job_id, dropped)
         if broadcast:
@@ -755,6 +756,11 @@ class ClusterNode(IntegrityMixin):
         return freed
 
     def _local_rank(self, job_id: str, v: int, rank: int):
+        """A rank's shard of version v, for a peer's copy. Not while we are rebuilding v:
+        the segment exists from the start of a rebuild but holds its bytes only at the
+        end (the peer decodes the rank from the group instead)."""
+        if self._rebuilding.get(job_id) == v:
+            raise KeyError(f"{self.me} is still rebuilding version {v} of job {job_id!r}")
         for r, m, seg in self.store.local_shards(job_id, v):
             if r == rank:
                 return r, m, seg
@@ -797,20 +803,36 @@ class ClusterNode(IntegrityMixin):
                 f"job {job_id!r}: no node is known to hold rank {rank} of version {v}")
         if owner != self.me and owner not in self.alive_peers():
             return self._degraded_copy(job_id, rank, v, owner)
-        client = self.peer(owner)
         try:
-            rep = client.call({"op": "rank_manifest", "job": job_id, "v": v, "rank": rank})
+            name, m = self._copy_from_owner(job_id, rank, v, owner)
         except PeerUnavailableError:
             return self._degraded_copy(job_id, rank, v, owner)
         except RemoteError as exc:
             if exc.error_type not in ("KeyError", "UnknownJobError"):
                 raise
-            # The owner is up but does not hold it (a replacement still rebuilding, one
-            # that has not even learnt of the job yet, or one that cannot): decode it
-            # from the group, or say why not.
+            # The owner is up but does not hold it, or no longer (a replacement still
+            # rebuilding, one that has not even learnt of the job yet, or one that
+            # cannot): decode it from the group, or say why not.
             log.info("job %s: %s does not hold rank %d v%d (%s); decoding it from its group",
                      job_id, owner, rank, v, exc)
             return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
+        except Exception as exc:
+            if not (is_corrupt_reply(exc) or isinstance(exc, ChecksumMismatchError)):
+                raise
+            # The owner's copy is corrupt: never use it; decode the slice from the rest
+            # of its group instead (the owner's scrubber repairs its block).
+            self.note_corrupt(job_id, v, "data", owner, "restore copy", {"rank": rank})
+            log.warning("job %s: %s's copy of rank %d v%d failed its checksum (%s); decoding it "
+                        "from the group", job_id, owner, rank, v, exc)
+            return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
+        with self._lock:
+            self._remote[(job_id, rank, v)] = (name, m)
+        return name, m
+
+    def _copy_from_owner(self, job_id: str, rank: int, v: int, owner: str):
+        """Copy ``owner``'s shard of ``rank`` into a local aux segment, checksum-verified."""
+        client = self.peer(owner)
+        rep = client.call({"op": "rank_manifest", "job": job_id, "v": v, "rank": rank})
         m = pb.ShardManifest.FromString(bytes(rep[1]))
         name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
         bs = m.block_size_bytes
@@ -824,18 +846,9 @@ class ClusterNode(IntegrityMixin):
         try:
             client.call_many(reqs, window=8, on_reply=put)
             self.store._verify(seg.buf, m, f"copy of rank {rank} from {owner}")
-        except Exception as exc:
+        except BaseException:
             self.store.release_aux(name)
-            if not (is_corrupt_reply(exc) or isinstance(exc, ChecksumMismatchError)):
-                raise
-            # The owner's copy is corrupt: never use it; decode the slice from the rest
-            # of its group instead (the owner's scrubber repairs its block).
-            self.note_corrupt(job_id, v, "data", owner, "restore copy", {"rank": rank})
-            log.warning("job %s: %s's copy of rank %d v%d failed its checksum (%s); decoding it "
-                        "from the group", job_id, owner, rank, v, exc)
-            return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
-        with self._lock:
-            self._remote[(job_id, rank, v)] = (name, m)
+            raise
         return name, m
 
     def decode_own_rank(self, job_id: str, rank: int, v: int, why: Exception):
@@ -952,71 +965,80 @@ class ClusterNode(IntegrityMixin):
         with self._rebuild_lock:
             if self.store.committed_version(job_id) >= v:
                 return {}
-            self.degraded[job_id] = f"rebuilding version {v}"
-            t0 = time.monotonic()
-            info, holders = self._retained_round(job_id, v, [x for x in self.group if x != self.me])
-            if info is None:
-                raise InsufficientShardsError(
-                    f"job {job_id!r} version {v}: no live node of group {self.group_index} "
-                    f"({', '.join(self.group)}) retains it")
-            layout = pl.place_group(self.n, self.m, self._bounded_counts(info["counts"]))
-            alive = {self.group.index(n) for n in holders}
-            plan = plan_recovery(layout, alive, [self.my_index], version=v, group=self.group_index)
-            if isinstance(plan, Unrecoverable):
-                self.degraded[job_id] = plan.reason
-                raise InsufficientShardsError(f"job {job_id!r}: {plan.reason}")
-            log.info("job %s: rebuilding version %d from %s: %d stripes, fetching %.1f MiB", job_id, v,
-                     holders, len(plan.repairs), sum(plan.fetch_counts(self.bs).values()) / 2**20)
+            # Until it commits, a job restart's fence must not free the slots being
+            # rebuilt (v is committed elsewhere), and peers must not copy from them.
+            self._rebuilding[job_id] = v
             try:
-                t_plan = time.monotonic()
-                mine = info["announces"][self.me]
-                manifests = [pb.ShardManifest.FromString(base64.b64decode(x)) for x in mine["manifests"]]
-                spans, segs = [], []  # node block j -> (segment, offset, length)
-                for rank, m in zip(mine["ranks"], manifests):
-                    _, seg = self.store.install_rebuilt(job_id, int(info["world_size"]), len(manifests),
-                                                        v, int(rank), m, prefault=False)
-                    segs.append(seg)
-                    for off in range(0, m.payload_bytes, self.bs):
-                        spans.append((seg, off, min(self.bs, m.payload_bytes - off)))
-                parity = self._parity_buffer(job_id, v, layout, prefault=False) if self.m else None
-                if parity is not None:
-                    segs.append(parity.segment)
-                # Map the fresh pages (~5 GB/s in one call, against ~1.5 GB/s fault by
-                # fault) while the first blocks are on their way.
-                mapper = threading.Thread(target=lambda: [shm.populate(x) for x in segs],
-                                          name="snapshotd-rebuild-map", daemon=True)
-                mapper.start()
-                t_alloc = time.monotonic()
-                try:
-                    nbytes = self._run_repairs(job_id, v, plan, spans, parity, layout=layout, alive=alive)
-                finally:
-                    mapper.join()
-                t_repair = time.monotonic()
-                for rank in mine["ranks"]:
-                    self.store.verify_shard(job_id, int(rank), v)
-                self._install_round(job_id, v, info)
-                self._seal_parity(job_id, v)
-                t_seal = time.monotonic()
-                phases = {"plan": t_plan - t0, "allocate": t_alloc - t_plan,
-                          "fetch_decode": t_repair - t_alloc, "verify_seal": t_seal - t_repair}
-            except Exception:
-                # Nothing half-rebuilt stays behind: the next try starts clean.
-                self.store.fence(job_id)
-                with self._lock:
-                    self._release_parity((job_id, v))
-                raise
-            self.store.commit_version(job_id, v)
+                return self._rebuild_locked(job_id, v)
+            finally:
+                self._rebuilding.pop(job_id, None)
+
+    def _rebuild_locked(self, job_id: str, v: int) -> dict:
+        self.degraded[job_id] = f"rebuilding version {v}"
+        t0 = time.monotonic()
+        info, holders = self._retained_round(job_id, v, [x for x in self.group if x != self.me])
+        if info is None:
+            raise InsufficientShardsError(
+                f"job {job_id!r} version {v}: no live node of group {self.group_index} "
+                f"({', '.join(self.group)}) retains it")
+        layout = pl.place_group(self.n, self.m, self._bounded_counts(info["counts"]))
+        alive = {self.group.index(n) for n in holders}
+        plan = plan_recovery(layout, alive, [self.my_index], version=v, group=self.group_index)
+        if isinstance(plan, Unrecoverable):
+            self.degraded[job_id] = plan.reason
+            raise InsufficientShardsError(f"job {job_id!r}: {plan.reason}")
+        log.info("job %s: rebuilding version %d from %s: %d stripes, fetching %.1f MiB", job_id, v,
+                 holders, len(plan.repairs), sum(plan.fetch_counts(self.bs).values()) / 2**20)
+        try:
+            t_plan = time.monotonic()
+            mine = info["announces"][self.me]
+            manifests = [pb.ShardManifest.FromString(base64.b64decode(x)) for x in mine["manifests"]]
+            spans, segs = [], []  # node block j -> (segment, offset, length)
+            for rank, m in zip(mine["ranks"], manifests):
+                _, seg = self.store.install_rebuilt(job_id, int(info["world_size"]), len(manifests),
+                                                    v, int(rank), m, prefault=False)
+                segs.append(seg)
+                for off in range(0, m.payload_bytes, self.bs):
+                    spans.append((seg, off, min(self.bs, m.payload_bytes - off)))
+            parity = self._parity_buffer(job_id, v, layout, prefault=False) if self.m else None
+            if parity is not None:
+                segs.append(parity.segment)
+            # Map the fresh pages (~5 GB/s in one call, against ~1.5 GB/s fault by
+            # fault) while the first blocks are on their way.
+            mapper = threading.Thread(target=lambda: [shm.populate(x) for x in segs],
+                                      name="snapshotd-rebuild-map", daemon=True)
+            mapper.start()
+            t_alloc = time.monotonic()
+            try:
+                nbytes = self._run_repairs(job_id, v, plan, spans, parity, layout=layout, alive=alive)
+            finally:
+                mapper.join()
+            t_repair = time.monotonic()
+            for rank in mine["ranks"]:
+                self.store.verify_shard(job_id, int(rank), v)
+            self._install_round(job_id, v, info)
+            self._seal_parity(job_id, v)
+            t_seal = time.monotonic()
+            phases = {"plan": t_plan - t0, "allocate": t_alloc - t_plan,
+                      "fetch_decode": t_repair - t_alloc, "verify_seal": t_seal - t_repair}
+        except Exception:
+            # Nothing half-rebuilt stays behind: the next try starts clean.
+            self.store.fence(job_id)
             with self._lock:
-                self._save_record(job_id, v)
-            dt = time.monotonic() - t0
-            self.degraded.pop(job_id, None)
-            self.rebuild_stats = {"job": job_id, "version": v, "bytes": nbytes, "seconds": dt,
-                                  "fetched_bytes": sum(plan.fetch_counts(self.bs).values()),
-                                  "phases_s": {k: round(x, 4) for k, x in phases.items()}}
-            self.metrics.rebuilt(job_id, v, dt, nbytes)
-            log.info("job %s: rebuilt version %d (%d bytes) in %.2f s, %.1f MiB/s; phases %s", job_id, v,
-                     nbytes, dt, nbytes / 2**20 / max(dt, 1e-9), self.rebuild_stats["phases_s"])
-            return self.rebuild_stats
+                self._release_parity((job_id, v))
+            raise
+        self.store.commit_version(job_id, v)
+        with self._lock:
+            self._save_record(job_id, v)
+        dt = time.monotonic() - t0
+        self.degraded.pop(job_id, None)
+        self.rebuild_stats = {"job": job_id, "version": v, "bytes": nbytes, "seconds": dt,
+                              "fetched_bytes": sum(plan.fetch_counts(self.bs).values()),
+                              "phases_s": {k: round(x, 4) for k, x in phases.items()}}
+        self.metrics.rebuilt(job_id, v, dt, nbytes)
+        log.info("job %s: rebuilt version %d (%d bytes) in %.2f s, %.1f MiB/s; phases %s", job_id, v,
+                 nbytes, dt, nbytes / 2**20 / max(dt, 1e-9), self.rebuild_stats["phases_s"])
+        return self.rebuild_stats
 
     def _run_repairs(self, job_id: str, v: int, plan, spans, parity, batch: int = 16,
                      group: tuple[str, ...] | None = None, layout=None, alive=frozenset(),

@@ -255,12 +255,15 @@ class JobLedger:
             self.committed_version = version
         return Delivery(committed=True, version=version, freed=tuple(freed))
 
-    def abandon_uncommitted(self) -> list[tuple[int, int]]:
+    def abandon_uncommitted(self, keep_version: int = 0) -> list[tuple[int, int]]:
         """After a daemon restart or a job restart (fence): everything not committed
-        is FREE again."""
+        is FREE again, except the pending slots of ``keep_version`` (> 0): a version
+        committed elsewhere that a rebuild is installing here."""
         freed = []
         for r, ss in self.slots.items():
             for s in ss:
+                if keep_version and s.version == keep_version and s.state is SlotState.PENDING:
+                    continue
                 if s.state is not SlotState.COMMITTED and s.state is not SlotState.FREE:
                     s.state = SlotState.FREE
                     s.version = 0

@@ -293,13 +293,14 @@ class ShardStore(ClusterStoreMixin):
             self._persist()
             return 0
 
-    def fence(self, job_id: str) -> list[tuple[int, int]]:
-        """Free every uncommitted slot of the job (its trainers start over)."""
+    def fence(self, job_id: str, keep_version: int = 0) -> list[tuple[int, int]]:
+        """Free every uncommitted slot of the job (its trainers start over), but those
+        of ``keep_version`` (a version committed elsewhere, being rebuilt here)."""
         with self._lock:
             led = self._jobs.get(job_id)
             if led is None:
                 return []
-            freed = led.abandon_uncommitted()
+            freed = led.abandon_uncommitted(keep_version)
             self._forget_freed(job_id, freed)
             if freed:
                 self._persist()

@@ -36,3 +36,18 @@ def test_committing_the_committed_version_again_keeps_its_slots():
     assert _committed(led) == {0: 9, 1: 9}
     # An older version never un-commits anything.
     assert not led.commit(8).committed and _committed(led) == {0: 9, 1: 9}
+
+
+def test_a_job_restart_keeps_the_slots_a_rebuild_is_installing():
+    """A trainer restarting on a replacement node fences the job while the node rebuilds
+    a version committed elsewhere (seen in the chaos matrix): freeing those pending slots
+    left the rebuild to commit a version with no slot for its rank."""
+    led = JobLedger("j", 2, local_world_size=1, auto_commit=False)
+    led.install_committed(1, 48, 100)
+    led.apply_staging(led.acquire(0, 49, 10), 49)  # an uncommitted delivery: freed
+    assert led.abandon_uncommitted(keep_version=48) == [(0, 0)]
+    led.commit(48)
+    assert _committed(led) == {1: 48} and led.committed_slot(1).version == 48
+    # Without a version to keep, every pending slot goes.
+    led.install_committed(0, 50, 100)
+    assert led.abandon_uncommitted() == [(0, 0)]
