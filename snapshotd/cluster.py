@@ -819,12 +819,7 @@ class ClusterNode(IntegrityMixin):
         except Exception as exc:
             if not (is_corrupt_reply(exc) or isinstance(exc, ChecksumMismatchError)):
                 raise
-            # The owner's copy is corrupt: never use it; decode the slice from the rest
-            # of its group instead (the owner's scrubber repairs its block).
-            self.note_corrupt(job_id, v, "data", owner, "restore copy", {"rank": rank})
-            log.warning("job %s: %s's copy of rank %d v%d failed its checksum (%s); decoding it "
-                        "from the group", job_id, owner, rank, v, exc)
-            return self._degraded_copy(job_id, rank, v, owner, owner_up=True)
+            return self._decode_corrupt_copy(job_id, rank, v, owner, "restore copy", exc)
         with self._lock:
             self._remote[(job_id, rank, v)] = (name, m)
         return name, m
@@ -861,14 +856,22 @@ class ClusterNode(IntegrityMixin):
             cached = self._remote.get((job_id, rank, v))
         if cached is not None:
             return cached
-        self.note_corrupt(job_id, v, "data", self.me, "restore", {"rank": rank})
+        return self._decode_corrupt_copy(job_id, rank, v, self.me, "restore", why)
+
+    def _decode_corrupt_copy(self, job_id: str, rank: int, v: int, owner: str, found_by: str,
+                             why: Exception):
+        """``owner``'s copy of ``rank`` failed its checksum: never use it. Report the
+        block, decode the rank from the rest of the owner's group (checksums verified)
+        and leave the block to the owner's scrubber. With fewer than k good sources: the
+        checksum error, and why the decode failed too."""
+        self.note_corrupt(job_id, v, "data", owner, found_by, {"rank": rank})
         try:
-            out = self._degraded_copy(job_id, rank, v, self.me, owner_up=True)
+            out = self._degraded_copy(job_id, rank, v, owner, owner_up=True)
         except Exception as exc:
             raise ChecksumMismatchError(f"{why}; decoding rank {rank} from the group failed too: "
                                         f"{exc}") from None
-        log.warning("job %s: our copy of rank %d v%d failed its checksum; served a copy decoded "
-                    "from the group instead (the scrubber repairs ours)", job_id, rank, v)
+        log.warning("job %s: %s's copy of rank %d v%d failed its checksum (%s); served a copy "
+                    "decoded from the group", job_id, owner, rank, v, why)
         return out
 
     def _retained_round(self, job_id: str, v: int, nodes) -> tuple[dict | None, list[str]]:
