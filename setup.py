@@ -1,8 +1,8 @@
-"""Build hook: generate the protobuf/gRPC modules from proto/ into snapshotd/_proto.
+"""Build hook: generate the protobuf/gRPC modules from proto/ into snapshotd/wire/_proto.
 
 The generated code is never committed. ``pip install .`` and ``pip install -e .`` both
-run ``build_py``, which runs grpc_tools.protoc first. ``-Isnapshotd/_proto=proto`` makes
-the generated imports package-qualified (``from snapshotd._proto import ...``).
+run ``build_py``, which runs grpc_tools.protoc first. ``-Isnapshotd/wire/_proto=proto`` makes
+the generated imports package-qualified (``from snapshotd.wire._proto import ...``).
 """
 
 import glob
@@ -22,12 +22,12 @@ def generate_proto() -> None:
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     args = [
         "grpc_tools.protoc",
-        f"-Isnapshotd/_proto={os.path.join(root, 'proto')}",
+        f"-Isnapshotd/wire/_proto={os.path.join(root, 'proto')}",
         f"-I{include}",
         f"--python_out={root}",
         f"--pyi_out={root}",
         f"--grpc_python_out={root}",
-    ] + [f"snapshotd/_proto/{os.path.basename(p)}" for p in protos]
+    ] + [f"snapshotd/wire/_proto/{os.path.basename(p)}" for p in protos]
     if protoc.main(args) != 0:
         raise RuntimeError("grpc_tools.protoc failed: " + " ".join(args))
 

@@ -1,6 +1,6 @@
 """CheckFree vs. the alternatives: how fast does training get back after a lost pipeline stage?
 
-Trains the pipeline example (``snapshotd.demo.pp_trainer``: --stages transformer stages,
+Trains the pipeline example (``snapshotd_tools.demo.pp_trainer``: --stages transformer stages,
 CheckFree+ schedule, i.e. the first two and last two stages swap order on odd
 micro-batches and the swap partners keep copies of the embedding / head) and loses one
 stage at step --fail-at. In ONE run, from the same state at the failure, it compares:
@@ -63,11 +63,11 @@ import time
 import torch
 
 try:
-    from snapshotd.checkfree import CheckFreePlan, CheckFreeSettings, plan_checkfree
+    from snapshotd.core.checkfree import CheckFreePlan, CheckFreeSettings, plan_checkfree
 except ImportError:  # run as `python bench/bench_checkfree.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from snapshotd.checkfree import CheckFreePlan, CheckFreeSettings, plan_checkfree
-from snapshotd.demo import pp_trainer as pp
+    from snapshotd.core.checkfree import CheckFreePlan, CheckFreeSettings, plan_checkfree
+from snapshotd_tools.demo import pp_trainer as pp
 from snapshotd_client.checkfree_restore import apply_checkfree, reset_optimizer
 from snapshotd_client.pipeline import stage_info_from_meta, stage_meta
 

@@ -45,7 +45,7 @@ def measure_rebuild(d: str, victim: str, budget: str) -> dict:
     wiped), start it again empty and wait until it has rebuilt from its peers; the
     figures are the daemon's own (bytes rebuilt, seconds, bytes fetched, phases).
     Also used by the comparison suite (bench/suite.py)."""
-    from snapshotd import localcluster as lc
+    from snapshotd_tools import localcluster as lc
     from snapshotd_client.transport import DaemonClient
 
     os.kill(lc.node_pid(d, victim), signal.SIGKILL)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.nodes, a.parity, a.size_mib, a.block_size, a.repeats = 3, 1, 4, "256KiB", 2
-    from snapshotd import localcluster as lc
+    from snapshotd_tools import localcluster as lc
     from snapshotd_client import Snapshotter
     from snapshotd_client.transport import DaemonClient
 

@@ -1,4 +1,4 @@
-"""Erasure-coding throughput: snapshotd.erasure (ISA-L and numpy backends) vs competitors.
+"""Erasure-coding throughput: snapshotd.core.erasure (ISA-L and numpy backends) vs competitors.
 
 Measures encode and decode-of-m-losses (the first m shards, i.e. data shards, are lost
 and rebuilt from the rest) in GB/s of data (1 GB = 1e9 bytes), median of --repeats,
@@ -31,12 +31,12 @@ from typing import Callable
 import numpy as np
 
 try:
-    from snapshotd.erasure import ErasureCode, allocate_blocks, isal_library_path
+    from snapshotd.core.erasure import ErasureCode, allocate_blocks, isal_library_path
 except ImportError:  # run as `python bench/bench_erasure.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from snapshotd.erasure import ErasureCode, allocate_blocks, isal_library_path
+    from snapshotd.core.erasure import ErasureCode, allocate_blocks, isal_library_path
 
-from snapshotd.errors import BackendUnavailableError
+from snapshotd.wire.errors import BackendUnavailableError
 
 OURS_ISAL = "snapshotd isal"
 

@@ -24,7 +24,7 @@ import uuid
 
 import torch
 
-from snapshotd import shm
+from snapshotd.wire import shm
 
 
 class StateModel(torch.nn.Module):
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.size_mib, a.tensor_mib, a.repeats, a.warmup = 8, 2, 3, 1
-    from snapshotd.demo.single_node import start_daemon
+    from snapshotd_tools.demo.single_node import start_daemon
     from snapshotd_client import Snapshotter
 
     size = a.size_mib << 20

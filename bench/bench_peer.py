@@ -1,4 +1,4 @@
-"""Peer-plane throughput: snapshotd.peer call_many over loopback TCP vs raw pyzmq.
+"""Peer-plane throughput: snapshotd.node.peer call_many over loopback TCP vs raw pyzmq.
 
 Measures, in GB/s (1 GB = 1e9 bytes), median of --repeats, moving --size-mib of data in
 --block-mib blocks between this process (the PeerClient) and a PeerServer running in a
@@ -16,7 +16,7 @@ second socket), measured in the same run. The first round of every case is a war
 and is checked bit-exact (upload: server-side xxh3; download: compared with the block).
 
 Every case runs with glibc's default malloc and then with
-``snapshotd.peer.tune_malloc_for_bulk_transfers()`` applied in both processes (--malloc
+``snapshotd.node.peer.tune_malloc_for_bulk_transfers()`` applied in both processes (--malloc
 picks one): with defaults, part of every freed multi-MiB ZeroMQ message goes back to the
 kernel and the next one page-faults; the raw baseline is measured under the same setting.
 
@@ -39,17 +39,17 @@ import numpy as np
 import zmq
 
 try:
-    from snapshotd.peer import PeerClient, PeerServer, tune_malloc_for_bulk_transfers
+    from snapshotd.node.peer import PeerClient, PeerServer, tune_malloc_for_bulk_transfers
 except ImportError:  # run as `python bench/bench_peer.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from snapshotd.peer import PeerClient, PeerServer, tune_malloc_for_bulk_transfers
+    from snapshotd.node.peer import PeerClient, PeerServer, tune_malloc_for_bulk_transfers
 
 _HERE = os.path.abspath(__file__)
 _REPO = os.path.dirname(os.path.dirname(_HERE))
 SERVER_ID = "bench-srv"
 CLIENT_ID = "bench-cli"
 RAW = "raw pyzmq PUSH/PULL copy=False"
-OURS = "snapshotd.peer call_many"
+OURS = "snapshotd.node.peer call_many"
 
 
 def _block(nbytes: int) -> np.ndarray:

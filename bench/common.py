@@ -186,7 +186,7 @@ def proc_memory(pid: int) -> dict:
 def shm_bytes(prefix: str) -> int:
     """Bytes allocated to /dev/shm segments whose name starts with ``prefix`` (tmpfs
     blocks actually used, so a sparse or unfallocated tail is not counted)."""
-    from snapshotd import shm
+    from snapshotd.wire import shm
 
     n = 0
     for name in shm.list_segments(prefix):

@@ -111,7 +111,7 @@ class SingleDaemon:
     """A ``snapshotd serve`` process of its own (node id, state dir, socket)."""
 
     def __init__(self, workdir: str, budget_bytes: int):
-        from snapshotd.demo.single_node import start_daemon
+        from snapshotd_tools.demo.single_node import start_daemon
 
         self.node = "bench" + uuid.uuid4().hex[:6]
         self.proc, self.socket = start_daemon(workdir, self.node, budget=str(budget_bytes))
@@ -123,7 +123,7 @@ class SingleDaemon:
         return m
 
     def stop(self) -> None:
-        from snapshotd import shm
+        from snapshotd.wire import shm
 
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -185,7 +185,7 @@ def snapshotd_single(model, opt, daemon: SingleDaemon, repeats: int, warmup: int
 def _cluster_up(n: int, m: int, block_size: str, budget: str, attempts: int = 2) -> str:
     """``localcluster.up`` in a fresh folder; one retry (a free port picked for the spec
     can be taken by another process before the daemon binds it on a busy machine)."""
-    from snapshotd import localcluster as lc
+    from snapshotd_tools import localcluster as lc
 
     for attempt in range(attempts):
         d = tempfile.mkdtemp(prefix="bench-suite-cluster-")
@@ -219,7 +219,7 @@ def snapshotd_cluster(state_bytes: int, m: int, repeats: int, warmup: int,
     (``bench_cluster.measure_rebuild``, the daemon's own figures)."""
     import json as _json
 
-    from snapshotd import localcluster as lc
+    from snapshotd_tools import localcluster as lc
     from snapshotd_client import Snapshotter
     from snapshotd_client.transport import DaemonClient
 

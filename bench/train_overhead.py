@@ -1,6 +1,6 @@
 """Training overhead: step time of the CPU training example with and without snapshots.
 
-The model is the demo's TinyLM (``snapshotd.demo.trainer``) in a bigger configuration
+The model is the demo's TinyLM (``snapshotd_tools.demo.trainer``) in a bigger configuration
 (vocab 4096, d_model 256, 2 layers, sequence 32, batch 8: about 2.7 M parameters, ~32 MB
 of state with AdamW), trained on the demo's counting task with one torch thread, as
 the demo trainer does. Per configuration the same seed and the same number of steps,
@@ -48,7 +48,7 @@ class _Run:
     """One configuration: its own model, optimizer, data and snapshot method."""
 
     def __init__(self, name, kind, every, big, socket, workdir, job):
-        from snapshotd.demo.trainer import DataStream, TinyLM
+        from snapshotd_tools.demo.trainer import DataStream, TinyLM
 
         self.name, self.kind, self.every, self.workdir, self.job = name, kind, every, workdir, job
         self.vocab, d_model, layers, seq = BIG if big else SMALL

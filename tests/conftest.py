@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from snapshotd import shm
+from snapshotd.wire import shm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ class DaemonProcess:
     def start(self, timeout_s: float = 30.0) -> "DaemonProcess":
         if os.path.exists(self.ready):
             os.unlink(self.ready)
-        cmd = [sys.executable, "-m", "snapshotd.cli", "serve", "--node-id", self.node_id,
+        cmd = [sys.executable, "-m", "snapshotd.node", "serve", "--node-id", self.node_id,
                "--state-dir", self.state_dir, "--socket", self.socket,
                "--memory-budget-bytes", self.budget, "--ready-file", self.ready,
                "--log-level", "WARNING", *self.extra_args]

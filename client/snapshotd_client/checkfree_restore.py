@@ -10,13 +10,13 @@ What it does, for version V (the latest committed version RegisterJob reported):
 1. reads the neighbour stages' shards of V (a middle stage: i-1 and i+1; an edge stage,
    with ``checkfree_plus``: its swap partner) and their ``"pipeline"`` entries; a
    neighbour stored with ``shard_replicated=True`` is gathered from its DP ranks' slices;
-2. plans with :func:`snapshotd.checkfree.plan_checkfree` (lost = this stage, its layout
+2. plans with :func:`snapshotd.core.checkfree.plan_checkfree` (lost = this stage, its layout
    from the freshly built model); an impossible plan raises
    :class:`CheckFreeUnavailableError` (a ConflictError, so the next rung of the ladder
    sees the same class as the daemon's error) with the planner's reason, and changes
    nothing;
 3. :func:`apply_checkfree` (also what ``bench/bench_checkfree.py`` calls): the plan's
-   tensors (:func:`snapshotd.checkfree.apply_rebuild`: the weighted average for CheckFree,
+   tensors (:func:`snapshotd.core.checkfree.apply_rebuild`: the weighted average for CheckFree,
    the partner's body and edge copies for CheckFree+) are copied into this stage's
    parameters by position; the optimizer state is cleared and every param group's lr (and
    the LR scheduler's ``base_lrs``) multiplied by ``lr_scale``; unless ``restart_warmup``,
@@ -42,8 +42,8 @@ import logging
 
 import torch
 
-from snapshotd.checkfree import CheckFreeImpossible, StageRebuild, apply_rebuild, plan_checkfree, swap_partner
-from snapshotd.errors import ConflictError, SnapshotdError
+from snapshotd.core.checkfree import CheckFreeImpossible, StageRebuild, apply_rebuild, plan_checkfree, swap_partner
+from snapshotd.wire.errors import CheckFreeUnavailableError, SnapshotdError  # noqa: F401 (re-exported)
 from snapshotd_client import layout as lo
 from snapshotd_client import pipeline as pl
 from snapshotd_client import state as st
@@ -51,10 +51,6 @@ from snapshotd_client import tensors as tz
 from snapshotd_client.transport import DaemonClient
 
 log = logging.getLogger("snapshotd_client")
-
-
-class CheckFreeUnavailableError(ConflictError):
-    """The stage's shard is lost and CheckFree cannot rebuild it either (the reason says why)."""
 
 
 def _read_shard(snap, rank: int, version: int):

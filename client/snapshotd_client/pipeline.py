@@ -1,4 +1,4 @@
-"""Pipeline-stage metadata for CheckFree / CheckFree+ recovery (see ``snapshotd.checkfree``).
+"""Pipeline-stage metadata for CheckFree / CheckFree+ recovery (see ``snapshotd.core.checkfree``).
 
 With ``SnapshotterConfig(pipeline_stage=(i, S), edge_layers=(...), edge_copies=(...))``
 every snapshot stores, in the rank's local state, a ``"pipeline"`` entry::
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from snapshotd.checkfree import StageInfo
+from snapshotd.core.checkfree import StageInfo
 
 __all__ = ["finite_or_none", "stage_info_from_meta", "stage_meta", "swapped_stage_order"]
 

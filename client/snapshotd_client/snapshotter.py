@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from snapshotd import config as cfgmod
-from snapshotd import manifest as mf
-from snapshotd._proto import snapshotd_pb2 as pb
-from snapshotd.checkfree import CheckFreeSettings  # noqa: F401 (SnapshotterConfig.checkfree)
-from snapshotd.errors import (
+from snapshotd.wire import config as cfgmod
+from snapshotd.wire import manifest as mf
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd.core.checkfree import CheckFreeSettings  # noqa: F401 (SnapshotterConfig.checkfree)
+from snapshotd.wire.errors import (
     ConflictError,
     DaemonUnavailableError,
     SnapshotdError,
@@ -71,7 +71,7 @@ class SnapshotterConfig:
     # on the first / last stage the names of its embedding / de-embedding parameters
     # (edge_layers: never averaged, restored from the copies on the partner), and on a
     # CheckFree+ swap partner the names of its copies of them (edge_copies, see
-    # snapshotd.checkfree). Each save records them in the rank's local state.
+    # snapshotd.core.checkfree). Each save records them in the rank's local state.
     pipeline_stage: tuple[int, int] | None = None
     edge_copies: tuple[str, ...] = ()
     edge_layers: tuple[str, ...] = ()
@@ -246,7 +246,7 @@ class Snapshotter:
         return {**self._pipeline_layout, "grad_norm": self.grad_norm}
 
     def stage_info(self):
-        """StageInfo (snapshotd.checkfree) of the last save, or of the restored snapshot;
+        """StageInfo (snapshotd.core.checkfree) of the last save, or of the restored snapshot;
         None when that snapshot has no pipeline metadata."""
         return None if self._pipeline_meta is None else pl.stage_info_from_meta(self._pipeline_meta)
 

@@ -2,7 +2,7 @@
 
 No I/O here. A snapshot region is a flat byte buffer (mmap, memoryview, bytearray)
 holding each tensor's bytes at a 64-byte-aligned offset; ``TensorSlot`` records where
-and what (dtype name from ``snapshotd.dtypes``, shape, and for a DTensor its global
+and what (dtype name from ``snapshotd.wire.dtypes``, shape, and for a DTensor its global
 shape and the offset of the local shard). No pickle: only raw bytes plus this metadata.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from snapshotd.dtypes import DTYPE_ITEMSIZE
+from snapshotd.wire.dtypes import DTYPE_ITEMSIZE
 
 # name -> torch.dtype for every table entry this torch build has (float8 variants
 # and friends are missing in older releases, hence getattr).

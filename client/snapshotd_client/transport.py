@@ -1,6 +1,6 @@
 """Client side of the daemon API: a gRPC channel plus a cache of mapped segments.
 
-``DaemonClient`` turns gRPC errors back into :mod:`snapshotd.errors` exceptions (the
+``DaemonClient`` turns gRPC errors back into :mod:`snapshotd.wire.errors` exceptions (the
 same classes the daemon raised), so callers catch ``DaemonUnavailableError`` or
 ``MemoryBudgetExceededError`` rather than status codes. Every call has a deadline:
 the client never hangs on a dead daemon.
@@ -13,40 +13,37 @@ import threading
 
 import grpc
 
-from snapshotd import errors, shm
-from snapshotd._proto import snapshotd_pb2 as pb
-from snapshotd._proto import snapshotd_pb2_grpc as pb_grpc
-from snapshotd.service import (
+from snapshotd.wire import errors
+
+from snapshotd.wire import shm
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd.wire._proto import snapshotd_pb2_grpc as pb_grpc
+from snapshotd.wire.config import ENV_JOB_TOKEN
+from snapshotd.wire.limits import (
+    ERROR_METADATA_KEY,
     JOB_TOKEN_METADATA_KEY,
     MAX_MESSAGE_BYTES,
     STREAM_CHUNK_BYTES,
     TOKEN_METADATA_KEY,
 )
 
-ENV_JOB_TOKEN = "SNAPSHOTD_JOB_TOKEN"
-
-_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequestError,
-    grpc.StatusCode.DATA_LOSS: errors.ChecksumMismatchError,
-    grpc.StatusCode.NOT_FOUND: errors.UnknownJobError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.ConflictError,
-    grpc.StatusCode.ABORTED: errors.SnapshotInFlightError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.MemoryBudgetExceededError,
-    grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
-    grpc.StatusCode.UNAVAILABLE: errors.DaemonUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DaemonUnavailableError,
-}
-
-
-class DaemonError(errors.SnapshotdError):
-    """Fallback for a status with no specific class."""
+DaemonError = errors.DaemonError  # kept importable from here
 
 
 def _translate(exc: grpc.RpcError, what: str) -> errors.SnapshotdError:
-    code = exc.code() if hasattr(exc, "code") else None
-    cls = _BY_CODE.get(code, DaemonError)
-    err = cls(f"{what}: {exc.details() if hasattr(exc, 'details') else exc}")
-    err.grpc_code = code
+    """The daemon's error as the class it raised: by the code beside the status, else
+    by the status alone (one made by grpc itself: UNAVAILABLE, DEADLINE_EXCEEDED)."""
+    status = exc.code() if hasattr(exc, "code") else None
+    code = None
+    try:
+        for k, v in (exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else ():
+            if k == ERROR_METADATA_KEY:
+                code = v.decode() if isinstance(v, bytes) else v
+    except Exception:  # no metadata on this error object
+        code = None
+    err = errors.from_code(code, f"{what}: {exc.details() if hasattr(exc, 'details') else exc}",
+                           status.name if status is not None else None)
+    err.grpc_code = status
     return err
 
 
@@ -143,7 +140,7 @@ class DaemonClient:
             raise errors.ChecksumMismatchError(f"FetchShard: got {off} of {m.payload_bytes} bytes")
         # The daemon verified before sending; verify what arrived too (a segment could be
         # reused mid-stream if newer versions commit meanwhile).
-        from snapshotd.manifest import verify_checksums
+        from snapshotd.wire.manifest import verify_checksums
 
         verify_checksums(buf, m, what="fetched shard")
         return m, buf

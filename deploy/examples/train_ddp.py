@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from snapshotd.demo.trainer import DataStream, TinyLM, digest_state
+from snapshotd_tools.demo.trainer import DataStream, TinyLM, digest_state
 from snapshotd_client import Snapshotter
 
 

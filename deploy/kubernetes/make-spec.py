@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         print(f"make-spec: {e}", file=sys.stderr)
         return 2
     try:
-        from snapshotd.spec import parse_spec
+        from snapshotd.core.spec import parse_spec
     except ImportError:
         parse_spec = None
     if parse_spec is not None:

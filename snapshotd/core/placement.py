@@ -1,0 +1,193 @@
+"""Placement: which node of a group holds which data and parity block of a version.
+
+A cluster is cut into groups of n = k + m nodes (``spec.form_groups``: nodes are sorted
+by failure domain and dealt round-robin into groups, so one group's members come from
+as many domains as possible; a domain holding more than m members of one group is
+reported by ``ClusterSpec.domain_warnings``). Inside a group nodes are numbered by
+group-local index 0..n-1 and everything below is a pure function of (n, m, block counts
+B_0..B_{n-1}); node i's data for a version is cut into blocks 0..B_i-1.
+
+Stripe s (s = 0, 1, 2, ...) rotates over the group; with r = (node - s) mod n:
+
+    r <  m  ->  node holds parity row t = r of stripe s      (nodes s, s+1, .., s+m-1)
+    r >= m  ->  node is data position p = r - m of stripe s   (nodes s+m, .., s+n-1)
+
+    n=4, m=2      stripe 0   stripe 1   stripe 2   stripe 3   stripe 4 ...
+    node 0          P0         D1         D0         P1         P0
+    node 1          P1         P0         D1         D0         P1
+    node 2          D0         P1         P0         D1         D0
+    node 3          D1         D0         P1         P0         D1
+
+So in every window of n consecutive stripes a node is a data node in exactly k stripes
+and a parity holder in m. Node i's j-th data block goes to its j-th data stripe (in
+increasing s): window w = j // k, the (j % k)-th of its k data stripes in that window.
+A group needs S = num_stripes(...) stripes, the fewest that place every node's last
+block. Where j >= B_i the slot is a *virtual zero block*: nothing is stored or sent, and
+it counts as known zeros when encoding or decoding. Parity row t of every stripe s < S is
+stored on node (s + t) mod n (also when all its data is virtual: then it is zero).
+
+With equal counts B (a multiple of k) every node stores B data blocks and exactly
+B*m/k parity blocks, and sends each of its blocks to the m parity holders of its stripe;
+a node never holds parity of a stripe where it holds data, so losing any m nodes loses
+at most m shards of each stripe. m = 0 (no parity, k = n) is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from snapshotd.wire.errors import InvalidRequestError
+
+
+def _check_nm(n: int, m: int) -> None:
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidRequestError(f"{name} must be an int, got {v!r}")
+    if n < 1 or not 0 <= m < n:
+        raise InvalidRequestError(f"need n >= 1 and 0 <= m < n (got n={n}, m={m})")
+
+
+def _check_node(n: int, node: int) -> None:
+    if isinstance(node, bool) or not isinstance(node, int) or not 0 <= node < n:
+        raise InvalidRequestError(f"node {node!r} out of range (group-local indices 0..{n - 1})")
+
+
+def _check_nonneg(name: str, v: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise InvalidRequestError(f"{name} must be an int >= 0, got {v!r}")
+
+
+def stripe_parity_nodes(n: int, m: int, s: int) -> tuple[int, ...]:
+    """Node holding parity row t of stripe s, for t = 0..m-1."""
+    _check_nm(n, m)
+    return tuple((s + t) % n for t in range(m))
+
+
+def stripe_data_nodes(n: int, m: int, s: int) -> tuple[int, ...]:
+    """Node at data position p of stripe s, for p = 0..k-1."""
+    _check_nm(n, m)
+    return tuple((s + m + p) % n for p in range(n - m))
+
+
+def position_in_stripe(n: int, m: int, node: int, s: int) -> tuple[str, int]:
+    """("data", p) or ("parity", t): the role of ``node`` in stripe s."""
+    _check_nm(n, m)
+    _check_node(n, node)
+    r = (node - s) % n
+    return ("parity", r) if r < m else ("data", r - m)
+
+
+def _window_start(n: int, m: int, node: int) -> tuple[int, int]:
+    # In stripes 0..n-1 the node is data in the cyclic interval a, a+1, .., a+k-1 (mod n);
+    # ``wrapped`` of them (those past n-1) are the stripes 0..wrapped-1.
+    a = (node + 1) % n
+    return a, max(0, a + (n - m) - n)
+
+
+def data_stripe_of(n: int, m: int, node: int, j: int) -> tuple[int, int]:
+    """(s, p): the stripe and data position of ``node``'s j-th data block. O(1)."""
+    _check_nm(n, m)
+    _check_node(n, node)
+    _check_nonneg("block index j", j)
+    k = n - m
+    w, q = divmod(j, k)
+    a, wrapped = _window_start(n, m, node)
+    s0 = q if q < wrapped else a + (q - wrapped)
+    s = w * n + s0
+    return s, (node - s) % n - m
+
+
+def block_of(n: int, m: int, s: int, p: int) -> tuple[int, int]:
+    """(node, j): the inverse of :func:`data_stripe_of`. O(1)."""
+    _check_nm(n, m)
+    _check_nonneg("stripe", s)
+    k = n - m
+    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < k:
+        raise InvalidRequestError(f"data position {p!r} out of range (0..{k - 1})")
+    node = (s + m + p) % n
+    w, s0 = divmod(s, n)
+    a, wrapped = _window_start(n, m, node)
+    q = s0 if s0 < wrapped else wrapped + (s0 - a)
+    return node, w * k + q
+
+
+def num_stripes(n: int, m: int, block_counts: Sequence[int]) -> int:
+    """The fewest stripes that place blocks 0..B_i-1 of every node i (0 if no blocks)."""
+    _check_nm(n, m)
+    if len(block_counts) != n:
+        raise InvalidRequestError(f"need {n} block counts (one per node), got {len(block_counts)}")
+    last = -1
+    for i, b in enumerate(block_counts):
+        _check_nonneg(f"block count of node {i}", b)
+        if b:
+            last = max(last, data_stripe_of(n, m, i, b - 1)[0])
+    return last + 1
+
+
+def parity_stripes_of(n: int, m: int, node: int, S: int) -> list[tuple[int, int]]:
+    """[(s, t)] in increasing s: the stripes s < S where ``node`` holds parity row t."""
+    _check_nm(n, m)
+    _check_node(n, node)
+    _check_nonneg("number of stripes", S)
+    out = []
+    for base in range(0, S, n):
+        row = sorted(((base + (node - t) % n, t) for t in range(m)))
+        out.extend(st for st in row if st[0] < S)
+    return out
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """The placement of one version in one group; build it with :func:`place_group`."""
+
+    n: int
+    m: int
+    block_counts: tuple[int, ...]
+    num_stripes: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block_counts", tuple(self.block_counts))
+        need = num_stripes(self.n, self.m, self.block_counts)
+        if self.num_stripes != need:
+            raise InvalidRequestError(
+                f"num_stripes {self.num_stripes!r} does not match the block counts (need {need})")
+
+    @property
+    def k(self) -> int:
+        return self.n - self.m
+
+    def stripe_nodes(self, s: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(data nodes by position p, parity nodes by row t) of stripe s."""
+        return stripe_data_nodes(self.n, self.m, s), stripe_parity_nodes(self.n, self.m, s)
+
+    def data_block(self, s: int, p: int) -> tuple[int, int] | None:
+        """(node, j) at data position p of stripe s, or None for a virtual zero block."""
+        node, j = block_of(self.n, self.m, s, p)
+        return (node, j) if j < self.block_counts[node] else None
+
+    def parity_blocks(self, node: int) -> list[tuple[int, int]]:
+        """[(s, t)]: the parity blocks ``node`` stores, in increasing s."""
+        return parity_stripes_of(self.n, self.m, node, self.num_stripes)
+
+    def data_blocks(self, node: int) -> list[tuple[int, int, int]]:
+        """[(j, s, p)]: where each of ``node``'s real data blocks goes."""
+        _check_node(self.n, node)
+        return [(j, *data_stripe_of(self.n, self.m, node, j)) for j in range(self.block_counts[node])]
+
+    def expected_contributions(self, node: int) -> list[tuple[int, int, int, int, int]]:
+        """[(s, t, p, src_node, j)]: every real data block parity holder ``node`` must
+        fold into its parity row t of stripe s (virtual zero blocks are left out)."""
+        out = []
+        for s, t in self.parity_blocks(node):
+            for p in range(self.k):
+                blk = self.data_block(s, p)
+                if blk is not None:
+                    out.append((s, t, p, blk[0], blk[1]))
+        return out
+
+
+def place_group(n: int, m: int, block_counts: Sequence[int]) -> GroupLayout:
+    """The layout of one group of n nodes, m parity rows, node i holding block_counts[i]."""
+    counts = tuple(block_counts)
+    return GroupLayout(n, m, counts, num_stripes(n, m, counts))

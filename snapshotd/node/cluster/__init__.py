@@ -1,0 +1,1 @@
+"""A daemon's part in a cluster: the parts composed by :class:`ClusterNode`."""

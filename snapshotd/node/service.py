@@ -1,0 +1,386 @@
+"""gRPC face of the daemon: the Snapshotd servicer, error mapping and token check.
+
+Each RPC is a thin translation between protobuf messages and :class:`ShardStore`
+calls. Errors are mapped to gRPC status codes in exactly one place
+(:func:`_status_of`): every :class:`~snapshotd.wire.errors.SnapshotdError` carries its code;
+anything else is an INTERNAL error, logged with its traceback. A refused request never
+changes the store and never stops the server; it is logged and counted (store stats and
+``snapshotd_requests_refused_total{reason=<gRPC code>}``). Bodies that do not parse as
+the request message never reach the servicer (``snapshotd.node.server.RequestParseGuard``
+refuses them INVALID_ARGUMENT), except a malformed message later in a request stream,
+which the servicer sees as :class:`MalformedRequestError`.
+
+Job binding (see docs/SECURITY.md): the daemon token says *who may talk to the
+daemon*; a job token (metadata ``x-snapshotd-job-token``, client env
+``SNAPSHOTD_JOB_TOKEN``) says *which job's snapshots a caller may touch*. A job
+registered with a job token is bound to it (its SHA-256 is kept in
+``STATE_DIR/job_tokens.json``, 0600); every later request naming that job must carry
+the same token or is refused with PERMISSION_DENIED. Jobs registered without one stay
+open to every holder of the daemon token, unless the daemon runs with
+``--require-job-token``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+
+import grpc
+
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd.wire._proto import snapshotd_pb2_grpc as pb_grpc
+from snapshotd.wire.errors import (
+    AuthenticationError,
+    ChecksumMismatchError,
+    InvalidRequestError,
+    JobAccessDeniedError,
+    MalformedRequestError,
+    MemoryBudgetExceededError,
+    SnapshotdError,
+    error_for,
+)
+from snapshotd.wire.limits import (
+    ERROR_METADATA_KEY,
+    JOB_TOKEN_METADATA_KEY,
+    MAX_JOB_TOKEN_BYTES,
+    MAX_JOBS,
+    MAX_MESSAGE_BYTES,
+    MAX_TOTAL_RANKS,
+    STREAM_CHUNK_BYTES,
+    TOKEN_METADATA_KEY,
+)
+from snapshotd.node.store import ShardStore
+
+log = logging.getLogger("snapshotd.node.service")
+
+def _status_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, SnapshotdError):
+        return getattr(grpc.StatusCode, exc.grpc_code_name)
+    return grpc.StatusCode.INTERNAL
+
+
+def _abort(context, exc: SnapshotdError):
+    """Answer with the error's status, its code beside it (the client raises the same class)."""
+    context.set_trailing_metadata(((ERROR_METADATA_KEY, error_for(exc)),))
+    context.abort(_status_of(exc), str(exc))
+
+
+def _rpc(method):
+    """Run an RPC body; turn exceptions into a status on the call's context."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except SnapshotdError as exc:
+            self._refused(method.__name__, _status_of(exc), exc)
+            _abort(context, exc)
+        except ValueError as exc:  # e.g. a bad segment name from shm.check_name
+            self._refused(method.__name__, grpc.StatusCode.INVALID_ARGUMENT, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    return wrapper
+
+
+def _stream_rpc(method):
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except SnapshotdError as exc:
+            self._refused(method.__name__, _status_of(exc), exc)
+            _abort(context, exc)
+
+    return wrapper
+
+
+def _metadata(context, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+    return None
+
+
+class JobTokens:
+    """Which jobs are bound to a job token (SHA-256 of it), persisted in the state dir.
+
+    Thread-safe. Only digests are stored, so the file does not give the tokens away;
+    comparisons are constant-time.
+    """
+
+    FILE = "job_tokens.json"
+
+    def __init__(self, state_dir: str, require: bool = False):
+        self.path = os.path.join(state_dir, self.FILE)
+        self.require = require
+        self._lock = threading.Lock()
+        self._bound: dict[str, str] = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    doc = json.load(f)
+                self._bound = {str(j): str(h) for j, h in doc.get("jobs", {}).items()}
+            except (OSError, ValueError, AttributeError) as exc:
+                # Failing open would hand bound jobs to anyone: refuse to start instead.
+                raise ValueError(f"job token file {self.path} is unreadable ({exc}); "
+                                 "fix or delete it (deleting unbinds every job)") from None
+
+    @staticmethod
+    def _digest(token: str) -> str:
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"jobs": self._bound}, f)
+        os.replace(tmp, self.path)
+
+    def check(self, job_id: str, token: str | None, registering: bool = False) -> None:
+        """Refuse a request for ``job_id`` that does not carry the job's token (and,
+        with ``require``, a registration without any job token)."""
+        if token is not None and len(token) > MAX_JOB_TOKEN_BYTES:
+            raise InvalidRequestError(f"job token longer than {MAX_JOB_TOKEN_BYTES} bytes")
+        with self._lock:
+            want = self._bound.get(job_id)
+        if want is None:
+            if registering and self.require and not token:
+                raise JobAccessDeniedError(
+                    f"job {job_id!r}: this daemon requires a job token "
+                    f"({JOB_TOKEN_METADATA_KEY}, client env SNAPSHOTD_JOB_TOKEN)")
+            return
+        if not token or not hmac.compare_digest(self._digest(token), want):
+            raise JobAccessDeniedError(
+                f"job {job_id!r} is bound to a job token; this request carries "
+                f"{'none' if not token else 'a different one'}")
+
+    def bind(self, job_id: str, token: str | None) -> None:
+        """After a successful registration: an unbound job becomes bound to ``token``
+        (the first registration carrying one claims the job; until then it was open)."""
+        if not token:
+            return
+        with self._lock:
+            if job_id not in self._bound:
+                self._bound[job_id] = self._digest(token)
+                self._save()
+
+    def unbind(self, job_id: str) -> None:
+        with self._lock:
+            if self._bound.pop(job_id, None) is not None:
+                self._save()
+
+
+class SnapshotdServicer(pb_grpc.SnapshotdServicer):
+    def __init__(self, store: ShardStore, cluster=None, metrics=None, job_tokens: JobTokens | None = None):
+        self.store = store
+        self.cluster = cluster  # snapshotd.node.cluster.node.ClusterNode, or None for one node
+        self.metrics = metrics  # snapshotd.node.metrics.DaemonMetrics, or None
+        self.job_tokens = job_tokens
+
+    def _refused(self, method: str, code: grpc.StatusCode, exc: BaseException) -> None:
+        log.warning("%s refused (%s): %s", method, code.name, exc)
+        if isinstance(exc, (JobAccessDeniedError, AuthenticationError)):
+            self.store.requests_refused += 1  # the store never saw these
+        if self.metrics is not None:
+            self.metrics.refused_request(code.name)
+
+    def _job_access(self, context, job_id: str, registering: bool = False) -> None:
+        if self.job_tokens is not None:
+            self.job_tokens.check(job_id, _metadata(context, JOB_TOKEN_METADATA_KEY), registering)
+
+    @_rpc
+    def RegisterJob(self, request, context):
+        jobs = self.store.jobs_summary()
+        if request.job_id not in jobs:
+            ranks = sum(j["world_size"] for j in jobs.values())
+            if len(jobs) >= MAX_JOBS or ranks + request.world_size > MAX_TOTAL_RANKS:
+                raise MemoryBudgetExceededError(
+                    f"this daemon holds {len(jobs)} jobs with {ranks} ranks; at most {MAX_JOBS} "
+                    f"jobs and {MAX_TOTAL_RANKS} ranks in all: drop some first")
+        self._job_access(context, request.job_id, registering=True)
+        v = self.store.register_job(request.job_id, request.world_size, request.local_world_size,
+                                    request.restarting)
+        if self.job_tokens is not None:
+            self.job_tokens.bind(request.job_id, _metadata(context, JOB_TOKEN_METADATA_KEY))
+        if self.cluster is not None:
+            if request.restarting:
+                self.cluster.fence(request.job_id, broadcast=True)
+            v = self.cluster.latest_committed(request.job_id)
+        return pb.RegisterJobResponse(
+            latest_committed_version=v,
+            block_size_bytes=self.cluster.bs if self.cluster is not None else 0)
+
+    @_rpc
+    def AcquireStaging(self, request, context):
+        self._job_access(context, request.job_id)
+        name, size = self.store.acquire_staging(
+            request.job_id, request.rank, request.version, request.payload_bytes, request.force)
+        if self.metrics is not None:
+            self.metrics.staged(request.job_id, request.version)
+        return pb.AcquireStagingResponse(segment_name=name, segment_bytes=size)
+
+    @_rpc
+    def AdoptShard(self, request, context):
+        if not request.HasField("manifest"):
+            raise InvalidRequestError("AdoptShard needs a manifest")
+        self._job_access(context, request.manifest.job_id)
+        committed, latest = self.store.adopt(request.segment_name, request.manifest)
+        if committed and self.metrics is not None:
+            self.metrics.committed(request.manifest.job_id, request.manifest.version)
+        return pb.AdoptShardResponse(version=request.manifest.version, committed=committed,
+                                     latest_committed_version=latest)
+
+    @_rpc
+    def PushShard(self, request_iterator, context):
+        try:
+            first = next(request_iterator, None)
+        except MalformedRequestError:
+            self.store.requests_refused += 1  # the store never saw it (later chunks: it does)
+            raise
+        if first is None or not first.HasField("manifest"):
+            raise InvalidRequestError("PushShard: the first message must carry the manifest")
+        self._job_access(context, first.manifest.job_id)
+        if self.metrics is not None:
+            self.metrics.staged(first.manifest.job_id, first.manifest.version)
+
+        def payload():
+            if first.data:
+                yield first.data
+            for chunk in request_iterator:
+                if chunk.HasField("manifest"):
+                    raise InvalidRequestError("PushShard: only the first message may carry a manifest")
+                yield chunk.data
+
+        committed, latest = self.store.push(first.manifest, payload())
+        if committed and self.metrics is not None:
+            self.metrics.committed(first.manifest.job_id, first.manifest.version)
+        return pb.AdoptShardResponse(version=first.manifest.version, committed=committed,
+                                     latest_committed_version=latest)
+
+    @_rpc
+    def Commit(self, request, context):
+        self._job_access(context, request.job_id)
+        ok, missing, latest = self.store.commit(request.job_id, request.version)
+        return pb.CommitResponse(committed=ok, missing_ranks=missing,
+                                 latest_committed_version=latest)
+
+    @_rpc
+    def ListVersions(self, request, context):
+        self._job_access(context, request.job_id)
+        latest, versions = self.store.list_versions(request.job_id)
+        return pb.ListVersionsResponse(
+            latest_committed_version=latest,
+            versions=[pb.VersionInfo(version=v, committed=c, delivered_ranks=r, bytes=b)
+                      for v, c, r, b in versions])
+
+    @_rpc
+    def OpenShard(self, request, context):
+        self._job_access(context, request.job_id)
+        t0 = time.monotonic()
+        out = self._open_shard(request)
+        if self.metrics is not None:
+            self.metrics.restore_served("open", time.monotonic() - t0)
+        return out
+
+    def _open_shard(self, request):
+        if self.cluster is not None:
+            try:
+                self.cluster.ensure_restorable(request.job_id, request.version)
+            except SnapshotdError:
+                # This node's own shards are lost for good (more than m losses). Other
+                # nodes' ranks can still be served -- CheckFree needs its neighbours'.
+                if self.cluster.owner_of(request.job_id, request.rank, request.version) in (
+                        None, self.cluster.me):
+                    raise
+            if not self.store.holds_rank(request.job_id, request.rank):
+                name, m = self.cluster.open_remote_shard(request.job_id, request.rank, request.version)
+                return pb.OpenShardResponse(segment_name=name, manifest=m)
+        try:
+            name, m, _ = self.store.committed_shard(request.job_id, request.rank, request.version)
+        except ChecksumMismatchError as exc:
+            if self.cluster is None:
+                raise
+            name, m = self.cluster.decode_own_rank(request.job_id, request.rank,
+                                                   request.version or self.store.committed_version(request.job_id),
+                                                   exc)
+        return pb.OpenShardResponse(segment_name=name, manifest=m)
+
+    @_stream_rpc
+    def FetchShard(self, request, context):
+        self._job_access(context, request.job_id)
+        t0 = time.monotonic()
+        _, m, seg = self.store.committed_shard(request.job_id, request.rank, request.version)
+        yield pb.FetchShardChunk(manifest=m)
+        for off in range(0, m.payload_bytes, STREAM_CHUNK_BYTES):
+            end = min(off + STREAM_CHUNK_BYTES, m.payload_bytes)
+            yield pb.FetchShardChunk(data=seg.buf[off:end])
+        if self.metrics is not None:
+            self.metrics.restore_served("fetch", time.monotonic() - t0)
+
+    @_rpc
+    def Stats(self, request, context):
+        s = self.store.stats()
+        return pb.StatsResponse(
+            node_id=s["node_id"], memory_budget_bytes=s["memory_budget_bytes"],
+            bytes_reserved=s["bytes_reserved"], bytes_committed=s["bytes_committed"],
+            jobs=[pb.JobStats(**j) for j in s["jobs"]],
+            requests_refused=s["requests_refused"], pid=os.getpid(),
+            cluster_json=json.dumps(self._cluster_status()) if self.cluster is not None else "")
+
+    def _cluster_status(self) -> dict:
+        st = self.cluster.status()
+        if self.metrics is not None:
+            st["redundancy"] = self.metrics.redundancy()
+        return st
+
+    @_rpc
+    def DropJob(self, request, context):
+        self._job_access(context, request.job_id)
+        freed = self.store.drop_job(request.job_id)
+        if self.cluster is not None:
+            freed += self.cluster.drop_job(request.job_id)
+        if self.job_tokens is not None:
+            self.job_tokens.unbind(request.job_id)
+        return pb.DropJobResponse(bytes_freed=freed)
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuse every call without the right token (health checks excepted)."""
+
+    def __init__(self, token: str, on_refused=None):
+        # Compared with hmac.compare_digest (constant time) below.
+        self._token = token.encode()
+        self._on_refused = on_refused
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(details)
+        got = dict(details.invocation_metadata or ()).get(TOKEN_METADATA_KEY, "")
+        if isinstance(got, str):
+            got = got.encode()
+        if got and hmac.compare_digest(got, self._token):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        if self._on_refused is not None:
+            self._on_refused()
+        msg = "missing snapshotd token" if not got else "wrong snapshotd token"
+        log.warning("%s: %s", details.method, msg)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)

@@ -1,0 +1,149 @@
+"""Validation and checksums of shard manifests (pure: no I/O).
+
+A shard is one rank's state for one version: a payload of raw tensor bytes plus a
+``ShardManifest`` (proto/snapshotd.proto) that says where each tensor lives and holds
+one xxh3-64 checksum per ``block_size_bytes`` block of the payload. Everything here
+works on plain buffers (mmap, memoryview, bytes) and raises
+:class:`~snapshotd.wire.errors.InvalidRequestError` / :class:`ChecksumMismatchError`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import xxhash
+
+from snapshotd.wire.dtypes import DTYPE_ITEMSIZE
+from snapshotd.wire.errors import ChecksumMismatchError, InvalidRequestError
+
+CHECKSUM_ALGO = "xxh3_64"
+DEFAULT_BLOCK_SIZE_BYTES = 4 << 20
+MIN_BLOCK_SIZE_BYTES = 4 << 10
+MAX_BLOCK_SIZE_BYTES = 1 << 30
+MAX_PAYLOAD_BYTES = 1 << 46  # 64 TiB: bounds arithmetic long before any budget does
+MAX_TENSORS = 1 << 20
+MAX_NDIM = 64
+MAX_NAME_CHARS = 4096
+MAX_META_JSON_CHARS = 64 << 20
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+        raise InvalidRequestError(
+            f"invalid job id {job_id!r}: use 1-64 characters of [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return job_id
+
+
+def num_blocks(payload_bytes: int, block_size_bytes: int) -> int:
+    return (payload_bytes + block_size_bytes - 1) // block_size_bytes
+
+
+def validate_manifest(m, *, segment_bytes: int | None = None, require_checksums: bool = False) -> None:
+    """Check a ShardManifest for internal consistency and against its segment size."""
+    validate_job_id(m.job_id)
+    if m.version < 1:
+        raise InvalidRequestError(f"manifest version must be >= 1, got {m.version}")
+    if m.payload_bytes > MAX_PAYLOAD_BYTES:
+        raise InvalidRequestError(
+            f"payload of {m.payload_bytes} bytes exceeds the limit of {MAX_PAYLOAD_BYTES}"
+        )
+    if segment_bytes is not None and m.payload_bytes > segment_bytes:
+        raise InvalidRequestError(
+            f"payload of {m.payload_bytes} bytes does not fit the {segment_bytes}-byte segment"
+        )
+    bs = m.block_size_bytes
+    if not (MIN_BLOCK_SIZE_BYTES <= bs <= MAX_BLOCK_SIZE_BYTES) or bs & (bs - 1):
+        raise InvalidRequestError(
+            f"block_size_bytes must be a power of two in [{MIN_BLOCK_SIZE_BYTES}, "
+            f"{MAX_BLOCK_SIZE_BYTES}], got {bs}"
+        )
+    if m.checksum_algo != CHECKSUM_ALGO:
+        raise InvalidRequestError(
+            f"unsupported checksum_algo {m.checksum_algo!r} (supported: {CHECKSUM_ALGO!r})"
+        )
+    nb = num_blocks(m.payload_bytes, bs)
+    if m.block_checksums or require_checksums:
+        if len(m.block_checksums) != nb:
+            raise InvalidRequestError(
+                f"{len(m.block_checksums)} block checksums for {nb} blocks "
+                f"({m.payload_bytes} bytes in blocks of {bs})"
+            )
+    if len(m.tensors) > MAX_TENSORS:
+        raise InvalidRequestError(f"{len(m.tensors)} tensors exceed the limit of {MAX_TENSORS}")
+    if len(m.meta_json) > MAX_META_JSON_CHARS:
+        raise InvalidRequestError("meta_json is larger than 64 MiB")
+    for t in m.tensors:
+        _validate_tensor(t, m.payload_bytes)
+    if m.replicated_bytes > MAX_PAYLOAD_BYTES or len(m.replicated_tensors) > MAX_TENSORS:
+        raise InvalidRequestError("replicated payload or tensor count over the limit")
+    if m.slice_offset > m.replicated_bytes or m.slice_bytes > m.replicated_bytes - m.slice_offset:
+        raise InvalidRequestError(
+            f"slice [{m.slice_offset}, {m.slice_offset + m.slice_bytes}) overflows the "
+            f"{m.replicated_bytes}-byte replicated payload")
+    if m.slice_bytes > m.payload_bytes:
+        raise InvalidRequestError(f"slice of {m.slice_bytes} bytes exceeds the payload")
+    if m.replicated_bytes and not m.dp_ranks:
+        raise InvalidRequestError("a replicated payload needs dp_ranks")
+    for t in m.replicated_tensors:
+        _validate_tensor(t, m.replicated_bytes)
+
+
+def _validate_tensor(t, payload_bytes: int) -> None:
+    where = f"tensor {t.name[:200]!r}"
+    if not t.name or len(t.name) > MAX_NAME_CHARS:
+        raise InvalidRequestError(f"{where}: name must be 1-{MAX_NAME_CHARS} characters")
+    if t.dtype not in DTYPE_ITEMSIZE:
+        raise InvalidRequestError(
+            f"{where}: unknown dtype {t.dtype[:64]!r} (known: {', '.join(sorted(DTYPE_ITEMSIZE))})"
+        )
+    if len(t.shape) > MAX_NDIM or any(d < 0 for d in t.shape):
+        raise InvalidRequestError(f"{where}: invalid shape {list(t.shape)[:8]}")
+    expected = math.prod(t.shape) * DTYPE_ITEMSIZE[t.dtype]
+    if expected != t.nbytes:
+        raise InvalidRequestError(
+            f"{where}: nbytes {t.nbytes} != {expected} (shape {list(t.shape)} of {t.dtype})"
+        )
+    if t.offset > payload_bytes or t.nbytes > payload_bytes - t.offset:
+        raise InvalidRequestError(
+            f"{where}: bytes [{t.offset}, {t.offset + t.nbytes}) overflow the "
+            f"{payload_bytes}-byte payload"
+        )
+    if t.global_shape or t.global_offset:
+        if len(t.global_shape) != len(t.shape) or len(t.global_offset) not in (0, len(t.shape)):
+            raise InvalidRequestError(f"{where}: global_shape/global_offset rank mismatch")
+        for i, (g, d) in enumerate(zip(t.global_shape, t.shape)):
+            off = t.global_offset[i] if t.global_offset else 0
+            if g < 0 or off < 0 or off + d > g:
+                raise InvalidRequestError(f"{where}: shard exceeds its global shape on dim {i}")
+
+
+def block_checksums(buf, payload_bytes: int, block_size_bytes: int) -> list[int]:
+    """xxh3-64 of each block of ``buf[:payload_bytes]`` (last block may be short)."""
+    mv = memoryview(buf).cast("B")
+    return [
+        xxhash.xxh3_64_intdigest(mv[off : min(off + block_size_bytes, payload_bytes)])
+        for off in range(0, payload_bytes, block_size_bytes)
+    ]
+
+
+def verify_checksums(buf, m, *, what: str = "shard") -> None:
+    """Raise ChecksumMismatchError naming the blocks whose bytes do not match."""
+    got = block_checksums(buf, m.payload_bytes, m.block_size_bytes)
+    bad = [i for i, (a, b) in enumerate(zip(got, m.block_checksums)) if a != b]
+    if bad or len(got) != len(m.block_checksums):
+        raise_mismatch(m, bad, len(got), what)
+
+
+def raise_mismatch(m, bad: list[int], nblocks: int, what: str) -> None:
+    if nblocks != len(m.block_checksums):
+        raise ChecksumMismatchError(f"{what}: {nblocks} blocks but {len(m.block_checksums)} checksums")
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise ChecksumMismatchError(
+            f"{what} (job {m.job_id!r} rank {m.rank} version {m.version}): "
+            f"checksum mismatch in {len(bad)} of {nblocks} blocks: {shown}"
+        )

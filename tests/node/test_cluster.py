@@ -1,0 +1,384 @@
+"""Multi-node mode against real daemon processes (``snapshotd_tools.localcluster``).
+
+Every test brings up its own local cluster in its own tmp dir and pushes shards with
+the raw client API (one rank per node, random bytes of uneven sizes, one empty rank),
+loses nodes the way a machine is lost (SIGKILL, state dir and shared memory gone,
+restarted empty in its slot) and checks what comes back, bit for bit.
+
+Node ids are n0..n{N-1} in every local cluster; the segments of a cluster are
+namespaced by its instance name (``snapshotd.<instance>.nX.*``), so they never collide
+with another cluster on this machine. The fixture checks that no segment of the
+cluster is left at the end, and cleans up after earlier runs that were killed before
+their finalizer (their daemons and segments).
+"""
+
+from __future__ import annotations
+import glob
+import hashlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import grpc
+import pytest
+from conftest import REPO
+from snapshotd.wire import errors
+from snapshotd.wire import shm
+from snapshotd_tools import localcluster as lc
+from snapshotd.core import placement as pl
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd.wire.manifest import block_checksums
+from snapshotd.node.peer import PeerAuthError, PeerClient, RemoteError
+from snapshotd.core.recovery import plan_recovery
+from snapshotd.core.spec import load_spec
+from snapshotd_client.transport import DaemonClient
+
+from clusterkit import (  # noqa: F401 (make_cluster is a fixture)
+    JOB,
+    REBUILD_TIMEOUT_S,
+    Cluster,
+    make_cluster,
+    sha,
+    wait_for,
+    pl_blocks,
+    _segments,
+)
+
+
+# -- 1. every pattern of up to m lost nodes ------------------------------------------------
+@pytest.mark.parametrize("n,m", [(3, 1), (4, 2)])
+def test_every_loss_pattern_up_to_m_is_rebuilt_bit_exact(make_cluster, n, m):
+    c = make_cluster(n, m)
+    patterns = [p for size in range(1, m + 1) for p in itertools.combinations(c.nodes, size)]
+
+    def empty_rank(i: int) -> int:
+        """The rank with an empty payload in the version pattern i will lose: alternately
+        a lost node's and a survivor's."""
+        lost = patterns[i % len(patterns)]
+        pick = lost[0] if i % 2 == 0 else next(x for x in c.nodes if x not in lost)
+        return c.nodes.index(pick)
+
+    v = 1
+    c.push(v)
+    c.wait_committed(v)
+    c.check_restorable(v)
+    # A second version supersedes the first everywhere (and frees its parity).
+    v = 2
+    c.push(v, empty=empty_rank(0))
+    c.wait_committed(v)
+    c.check_restorable(v)
+    c.check_settled(v)
+    for node in c.nodes:
+        with pytest.raises(errors.UnknownJobError, match="version 1 is not held"):
+            c.open(node, 1)
+
+    for i, lost in enumerate(patterns):
+        c.lose(lost)
+        if i % 2 == 0:
+            # Asked at once (a trainer restarted with its node): the restarted node
+            # knows the committed version and OpenShard rebuilds on demand.
+            for node in lost:
+                reg = c.client(node).register_job(JOB, c.n, 1)
+                assert reg.latest_committed_version == v, (node, lost)
+                assert c.open(node, v if i % 4 == 2 else 0)[0].version == v
+            c.check_restorable(v, lost)
+        for node in lost:  # else the catch-up rebuilds without being asked
+            wait_for(lambda: c.committed(node) == v, REBUILD_TIMEOUT_S,
+                     f"{node} (lost with {lost}) to rebuild version {v}")
+            st = c.cluster_status(node)
+            assert st["last_rebuild"]["version"] == v and st["last_rebuild"]["job"] == JOB, st
+            assert st["last_rebuild"]["bytes"] > 0
+            assert not st["degraded"], st["degraded"]
+            if m:
+                assert st["parity_bytes"].get(JOB, 0) > 0, st  # parity rebuilt too
+        c.check_restorable(v)  # survivors untouched, rebuilt nodes bit-exact
+        # The group is whole again: a new version commits on every node.
+        v += 1
+        c.push(v, empty=empty_rank(i + 1))
+        c.wait_committed(v)
+        c.check_restorable(v)
+    c.check_settled(v)
+
+
+# -- 2. m + 1 lost nodes --------------------------------------------------------------------
+def test_more_than_m_lost_is_reported_not_invented(make_cluster):
+    c = make_cluster(4, 1)
+    for v in (1, 2):
+        c.push(v)
+        c.wait_committed(v)
+    lost, survivors = c.nodes[:2], c.nodes[2:]
+    c.lose(lost)
+
+    def degraded(node):
+        why = c.cluster_status(node)["degraded"].get(JOB, "")
+        return why if why and "rebuilding" not in why else None
+
+    for node in lost:
+        why = wait_for(lambda: degraded(node), REBUILD_TIMEOUT_S, f"{node} to report degraded")
+        assert "version 2" in why and "group 0" in why, why
+        assert c.committed(node) == 0
+        # ``snapshotd status`` shows it too.
+        out = subprocess.run([sys.executable, "-m", "snapshotd_tools.cli", "status", "--dir", c.d],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert out.returncode == 0, out.stderr
+        line = next(x for x in out.stdout.splitlines() if x.startswith(node + " "))
+        assert "version 2" in line and "group 0" in line, out.stdout
+
+    for node in lost:
+        with pytest.raises(errors.ConflictError) as ei:
+            c.open(node)
+        err = ei.value
+        assert err.grpc_code == grpc.StatusCode.FAILED_PRECONDITION, (err.grpc_code, str(err))
+        msg = str(err)
+        assert "version 2" in msg and "group 0" in msg, msg
+        assert "lost" in msg and "data block" in msg, msg  # names the missing blocks
+        assert c.committed(node) == 0  # nothing was invented
+    c.check_restorable(2, survivors)
+    for node in survivors:
+        assert c.committed(node) == 2 and not c.cluster_status(node)["degraded"]
+
+    # The job can go on: a new version written everywhere commits on every node.
+    c.push(3)
+    c.wait_committed(3)
+    c.check_restorable(3)
+    wait_for(lambda: all(not c.cluster_status(x)["degraded"] for x in c.nodes), 10,
+             "the degraded marks to clear")
+    c.check_settled(3)
+
+
+def test_shard_of_a_node_that_is_down_is_decoded_from_its_group(make_cluster):
+    """A restore that gathers other ranks' slices does not wait for a lost node's
+    replacement: a survivor decodes that node's shard from the group (a degraded read),
+    bit-exact; with more than m down, the error names the node and the group."""
+    c = make_cluster(4, 2)
+    c.push(1)
+    c.wait_committed(1)
+    down = c.nodes[1]
+    rank = c.nodes.index(down)
+    c.kill(down, wipe=True)  # and no replacement yet
+    want_data, want_m = c.versions[1][rank]
+    asker = c.nodes[3]
+
+    def degraded_read():
+        r = c.client(asker).open_shard(JOB, rank, 0)
+        seg = shm.open_segment(r.segment_name)
+        try:
+            return r.manifest, bytes(seg.buf[:r.manifest.payload_bytes])
+        finally:
+            seg.close()
+
+    m, data = degraded_read()
+    assert m == want_m and sha(data) == sha(want_data)
+    # Two more down (three of four, m = 2): a clear error, nothing invented.
+    for node in c.nodes[:1] + c.nodes[2:3]:
+        c.kill(node, wipe=True)
+    other = c.nodes.index(c.nodes[2])
+    with pytest.raises(errors.SnapshotdError) as ei:
+        c.client(asker).open_shard(JOB, other, 0)
+    assert f"node {c.nodes[2]} is down" in str(ei.value) or "no node" in str(ei.value), str(ei.value)
+
+
+def test_drop_job_frees_parity_too(make_cluster):
+    c = make_cluster(3, 1)
+    for v in (1, 2, 3):  # leaves pooled parity segments behind as well
+        c.push(v)
+        c.wait_committed(v)
+    assert all(any(".parity." in x for x in _segments(c.d, n)) for n in c.nodes)
+    for node in c.nodes:
+        assert c.client(node).drop_job(JOB) > 0
+    for node in c.nodes:
+        assert _segments(c.d, node) == [], (node, _segments(c.d, node))
+        assert not c.cluster_status(node)["parity_bytes"].get(JOB)
+
+
+# -- 3. a node lost in the middle of a snapshot --------------------------------------------
+def test_node_lost_mid_snapshot_keeps_last_version_and_never_commits_torn_one(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    c.push(2, nodes=c.nodes[:2])  # n0, n1 delivered v2, n2 not yet
+    time.sleep(0.5)  # let n0/n1 announce v2
+    c.kill(c.nodes[0], wipe=True)  # n0 is lost with its v2 data
+    c.push(2, nodes=c.nodes[2:])  # the last rank delivers after all
+    c.check_restorable(1, c.nodes[1:])  # the survivors still restore v1, bit-exact
+    c.start(c.nodes[0])
+    wait_for(lambda: c.committed(c.nodes[0]) == 1, REBUILD_TIMEOUT_S, "n0 to rebuild v1")
+    assert c.cluster_status(c.nodes[0])["last_rebuild"]["version"] == 1
+    c.check_restorable(1)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3:  # v2 is torn: it never commits anywhere
+        for node in c.nodes:
+            assert c.committed(node) == 1, node
+            assert c.cluster_status(node)["jobs"][JOB]["committed"] == 1
+            lv = c.client(node).list_versions(JOB)
+            assert lv.latest_committed_version == 1
+            assert not any(x.committed for x in lv.versions if x.version == 2)
+        time.sleep(0.2)
+    # Replaced and caught up: the next version commits everywhere.
+    c.push(3)
+    c.wait_committed(3)
+    c.check_restorable(3)
+    c.check_settled(3)
+
+
+# -- 4. a daemon crash (machine alive) neither loses nor invents a commit ---------------------
+def _parity_reads(c: Cluster, counts) -> list[tuple[str, str]]:
+    """[(source, target)]: rebuilding ``target`` alone reads a parity block of ``source``."""
+    layout = pl.place_group(c.n, c.m, counts)
+    out = []
+    for si, ti in itertools.permutations(range(c.n), 2):
+        plan = plan_recovery(layout, set(range(c.n)) - {ti}, [ti], version=1, group=0)
+        if any(x.kind == "parity" and x.node == si for r in plan.repairs for x in r.fetches()):
+            out.append((c.nodes[si], c.nodes[ti]))
+    assert out, f"no rebuild reads parity for counts {counts}"
+    return out
+
+
+def test_daemon_crash_keeps_commit_and_parity(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    c.push(2)
+    c.wait_committed(2)
+    counts = [pl_blocks(len(c.versions[2][r][0]), c.bs) for r in range(c.n)]
+    reads = _parity_reads(c, counts)
+    crashed, lost = reads[0]
+    before = c.cluster_status(crashed)
+    assert before["parity_bytes"][JOB] > 0
+    # A version only this node delivered must not come back as committed.
+    c.push(3, nodes=[crashed])
+    c.crash_restart(crashed)
+    after = c.cluster_status(crashed)
+    assert c.committed(crashed) == 2 and after["jobs"][JOB]["committed"] == 2, after
+    assert after["parity_bytes"] == before["parity_bytes"], (before, after)
+    assert not after["degraded"], after
+    c.check_restorable(2, [crashed])
+    lv = c.client(crashed).list_versions(JOB)
+    assert lv.latest_committed_version == 2 and [x.version for x in lv.versions] == [2]
+    # Its peers learn nothing new either.
+    time.sleep(1)
+    for node in c.nodes:
+        assert c.committed(node) == 2
+    # The re-adopted parity serves a rebuild: lose a node whose rebuild reads it.
+    c.lose([lost])
+    wait_for(lambda: c.committed(lost) == 2, REBUILD_TIMEOUT_S, f"{lost} to rebuild v2")
+    c.check_restorable(2)
+    # The rebuilt node's data and parity serve the next rebuild in turn (n = 3: every
+    # rebuild reads both other nodes; preferably one reading ``lost``'s parity).
+    nxt = next((t for s, t in reads if s == lost), next(x for x in c.nodes if x not in (lost, crashed)))
+    c.lose([nxt])
+    wait_for(lambda: c.committed(nxt) == 2, REBUILD_TIMEOUT_S, f"{nxt} to rebuild v2")
+    c.check_restorable(2)
+    # And the cluster goes on (v3 was dropped with the crash: the trainer moves on to v4).
+    c.push(4)
+    c.wait_committed(4)
+    c.check_restorable(4)
+    c.check_settled(4)
+
+
+# -- 5. peers outside the spec -------------------------------------------------------------
+def test_unknown_peer_and_wrong_key_are_refused(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    target = c.spec.node("n0")
+    addr = f"tcp://127.0.0.1:{target.peer_port}"
+    key = c.spec.peer_key.encode()
+    forged = {"op": "ping", "committed": {JOB: 99}}
+    with PeerClient(addr, "intruder", "n0", key, timeout_ms=3000) as pc:  # right key
+        for h in (forged, {"op": "vote", "job": JOB, "v": 99, "ranks": [0]}, {"op": "jobs"}):
+            with pytest.raises((PeerAuthError, RemoteError), match="unknown peer"):
+                pc.call(h)
+    with PeerClient(addr, "n1", "n0", b"not-the-key" * 3, timeout_ms=3000) as pc:
+        with pytest.raises((PeerAuthError, RemoteError)):
+            pc.call(forged)
+        with pytest.raises((PeerAuthError, RemoteError)):
+            pc.call({"op": "vote", "job": JOB, "v": 99, "ranks": [1]})
+    with PeerClient(addr, "n1", "n0", None, timeout_ms=3000) as pc:  # no key at all
+        with pytest.raises((PeerAuthError, RemoteError)):
+            pc.call(forged)
+    # The right key and a spec member are answered (the refusals were not a dead socket).
+    with PeerClient(addr, "n2", "n0", key, timeout_ms=3000) as pc:
+        rep, _ = pc.call({"op": "jobs"})
+        assert rep["jobs"][JOB]["committed"] == 1
+    for node in c.nodes:
+        assert c.committed(node) == 1
+        st = c.cluster_status(node)
+        assert "intruder" not in st["peers"]
+        assert all(p["committed"].get(JOB, 0) <= 1 for p in st["peers"].values()), st["peers"]
+    c.push(2)
+    c.wait_committed(2)
+    c.check_restorable(2)
+
+
+# -- 6. snapshotd status ----------------------------------------------------------------------
+def test_status_cli_lists_every_node(make_cluster):
+    c = make_cluster(3, 1)
+    c.push(1)
+    c.wait_committed(1)
+    c.push(2)
+    c.wait_committed(2)
+    cmd = [sys.executable, "-m", "snapshotd_tools.cli", "status", "--dir", c.d]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["node", "alive", "group", "committed"], out.stdout
+    for node in c.nodes:
+        row = next(x for x in lines if x.split()[0] == node).split()
+        assert row[1] == "yes" and row[2] == "0" and row[3] == f"{JOB}@2", out.stdout
+        assert row[-1] == "-", out.stdout  # not degraded
+    js = subprocess.run(cmd + ["--json"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert js.returncode == 0, js.stderr
+    rows = json.loads(js.stdout)
+    assert sorted(r["node_id"] for r in rows) == c.nodes
+    for r in rows:
+        assert r["alive"] is True
+        assert [(j["job_id"], int(j["latest_committed_version"])) for j in r["jobs"]] == [(JOB, 2)]
+        assert r["cluster"]["node"] == r["node_id"] and r["cluster"]["jobs"][JOB]["committed"] == 2
+        assert r["cluster"]["k"] == 2 and r["cluster"]["m"] == 1
+    # A dead node is listed as unreachable, and the exit status says so.
+    c.kill(c.nodes[1], wipe=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 1
+    row = next(x for x in out.stdout.splitlines() if x.split()[0] == c.nodes[1])
+    assert "unreachable" in row and row.split()[1] == "no", out.stdout
+    c.start(c.nodes[1])
+    c.wait_committed(2)
+
+
+# -- 7. corruption at a source is caught by the rebuilding node -----------------------------
+
+def test_corrupt_source_block_is_never_rebuilt_into_a_shard(make_cluster):
+    """Sources send their stored checksum with each block and the rebuilding node
+    verifies it: a bit flipped in a survivor's RAM makes the rebuild fail (degraded,
+    nothing restored), and once the bytes are good again the retry rebuilds exactly."""
+    c = make_cluster(3, 1)
+    c.push(1, empty=2)
+    c.wait_committed(1)
+    r = c.client("n1").open_shard(JOB, 1)
+    seg = shm.open_segment(r.segment_name, writable=True)
+    n = r.manifest.payload_bytes
+    originals = {off: seg.buf[off] for off in range(0, n, c.bs)}
+    try:
+        for off in originals:  # flip a bit in every block of rank 1's shard on n1
+            seg.buf[off] ^= 0x01
+        c.lose(["n0"])
+
+        def failed():
+            why = c.cluster_status("n0")["degraded"].get(JOB, "")
+            return why if "checksum" in why or "corrupt" in why.lower() else None
+
+        why = wait_for(failed, REBUILD_TIMEOUT_S, "n0's rebuild to fail on the corrupt source")
+        assert c.committed("n0") == 0, why
+        with pytest.raises(errors.SnapshotdError):
+            c.open("n0")  # never a shard rebuilt from corrupt bytes
+    finally:
+        for off, b in originals.items():
+            seg.buf[off] = b
+        seg.close()
+    c.wait_committed(1, ["n0"], timeout_s=REBUILD_TIMEOUT_S)  # catch-up retries
+    c.check_restorable(1)

@@ -1,0 +1,128 @@
+"""Fault primitives that are not a plain signal: bit flips in held blocks, garbage on
+both planes, a push beyond the memory budget.
+
+Every function acts on a running ``Rig`` and returns a short description of what it
+did (it goes into the report's "fault" column) or raises when the fault could not be
+injected at all (so a scenario never passes because nothing happened).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+from snapshotd.wire import shm
+from snapshotd_tools.chaos.rig import Rig
+from snapshotd.wire.config import parse_size
+
+
+def flip_data_bit(rig: Rig, node: str, block_size: int) -> str:
+    """Flip one bit in the middle of the first block of ``node``'s committed shard."""
+    rank = rig.nodes.index(node)
+    cl = rig.client(node)
+    try:
+        name = cl.open_shard(rig.job, rank).segment_name
+    finally:
+        cl.close()
+    seg = shm.open_segment(name, writable=True)
+    try:
+        off = min(seg.size - 1, block_size // 2)
+        seg.buf[off] ^= 0x10
+    finally:
+        seg.close()
+    return f"bit flipped in {node}'s data block 0 ({name.rsplit('.', 4)[-4]}..., byte {off})"
+
+
+def flip_parity_bits(rig: Rig, node: str, block_size: int) -> str:
+    """Flip one bit in every parity block ``node`` holds for the job."""
+    names = shm.list_segments(f"{rig.prefix}{node}.{rig.job}.parity.")
+    if not names:
+        raise RuntimeError(f"{node} holds no parity segment for job {rig.job}")
+    blocks = 0
+    for name in names:
+        seg = shm.open_segment(name, writable=True)
+        try:
+            for off in range(block_size // 3, seg.size, block_size):
+                seg.buf[off] ^= 0x01
+                blocks += 1
+        finally:
+            seg.close()
+    return f"bit flipped in each of {node}'s {blocks} parity blocks"
+
+
+def garbage_grpc(rig: Rig, node: str) -> str:
+    """Raw garbage, a truncated HTTP/2 frame, and a real gRPC call with a garbage body."""
+    import grpc
+
+    path = rig.socks[rig.nodes.index(node)]
+    sent = []
+    for payload in (os.urandom(4096),
+                    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x03\xe8\x04\x00\x00\x00\x00\x00" + b"\x00" * 10,
+                    b"\x00\x00\x00\x00\xff"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(path)
+            s.sendall(payload)
+        sent.append(len(payload))
+    codes = []
+    junk = random.Random(7).randbytes(257)  # fixed junk: the same answers every run
+    with grpc.insecure_channel(f"unix:{path}") as ch:
+        for method in ("AdoptShard", "AcquireStaging", "OpenShard", "RegisterJob"):
+            call = ch.unary_unary(f"/snapshotd.v1.Snapshotd/{method}")
+            for body in (junk, b"\x0a\xff\xff\xff\xff\x0f"):  # junk; truncated field
+                try:
+                    call(body, timeout=5)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+    # Junk is the caller's fault: INTERNAL or UNKNOWN would blame the daemon, OK accept junk.
+    wrong = sorted({c for c in codes if c in ("OK", "INTERNAL", "UNKNOWN")})
+    if wrong:
+        raise AssertionError(f"{node} answered junk gRPC bodies with {', '.join(wrong)} "
+                             f"(all answers: {codes})")
+    return (f"garbage to {node}'s gRPC socket: {len(sent)} raw streams, {len(codes)} calls with "
+            f"junk bodies (answers: {', '.join(sorted(set(codes)))})")
+
+
+def garbage_zmq(rig: Rig, node: str) -> str:
+    """Junk, truncated and unsigned messages on ``node``'s peer port (ZeroMQ)."""
+    import zmq
+
+    from snapshotd.core.spec import load_spec
+
+    spec = load_spec(os.path.join(rig.d, "spec.yaml"))
+    nd = next(x for x in spec.nodes if x.id == node)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://{nd.host}:{nd.peer_port}")
+    msgs = [[b"junk"], [os.urandom(1024)], [b"{", b"x"], [b'{"op":"fetch","job":"dp","v":1}', b""],
+            [b'{"op":"round","job":"dp","v":1,"from":"n0","sig":"00"}'], [b"", b"", b""],
+            [b"{" + b"9" * (1 << 20)]]
+    for m in msgs:
+        s.send_multipart(m)
+    s.poll(500)
+    s.close()
+    return f"{len(msgs)} junk/unsigned/truncated messages to {node}'s peer port {nd.peer_port}"
+
+
+def push_over_budget(rig: Rig, node: str) -> str:
+    """Ask ``node`` for a staging segment larger than its whole budget; it must refuse
+    (RESOURCE_EXHAUSTED) and keep everything it holds."""
+    from snapshotd.wire.errors import MemoryBudgetExceededError
+
+    budget = parse_size(rig.budget)
+    cl = rig.client(node, timeout_s=10)
+    try:
+        cl.register_job("pressure", 1, 1)
+        try:
+            cl.acquire_staging("pressure", 0, 1, budget + (1 << 20))
+        except MemoryBudgetExceededError as exc:
+            got = f"refused: {str(exc)[:80]}"
+        else:
+            raise AssertionError(f"{node} accepted a staging segment over its budget")
+        cl.drop_job("pressure")
+    finally:
+        cl.close()
+    return f"staging of {budget / 2**20 + 1:.0f} MiB asked of {node} (budget {rig.budget}): {got}"
