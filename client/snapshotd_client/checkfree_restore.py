@@ -165,7 +165,7 @@ def restore_checkfree(snap, version: int, cause: Exception) -> int:
                     why.append(f"stage {j}: {got}")
                 elif got is not None:
                     infos[j], models[j] = got
-        own = pl.stage_info_from_meta(snap._pipeline_entry())
+        own = pl.stage_info_from_meta(snap.stage_recorder.entry())
         plan = plan_checkfree(infos, lost, settings, lost_info={stage: own})
         if isinstance(plan, CheckFreeImpossible):
             raise CheckFreeUnavailableError(
@@ -180,7 +180,7 @@ def restore_checkfree(snap, version: int, cause: Exception) -> int:
             log.debug("snapshotd: segment still exported, left to the garbage collector")
     snap.restored_approximate = True
     snap.restored_method = rb.method
-    snap._pipeline_meta = {**snap._pipeline_entry(), "grad_norm": None}
+    snap.stage_recorder.last_meta = {**snap.stage_recorder.entry(), "grad_norm": None}
     log.warning("snapshotd: stage %d of job %s rebuilt APPROXIMATELY by %s at step %d (%s); RNG and extra "
                 "state are fresh", stage, snap.cfg.job_id, rb.method, version, rb.note)
     return int(version)

@@ -11,6 +11,7 @@ every snapshot stores, in the rank's local state, a ``"pipeline"`` entry::
 value last given to ``Snapshotter.record_grad_norm``, None if unset or non-finite).
 :func:`stage_info_from_meta` turns it into the planner's :class:`StageInfo`;
 ``Snapshotter.stage_info()`` does so for the last saved or restored snapshot.
+:class:`StageRecorder` holds one Snapshotter's side of it (training thread only).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 
 from snapshotd.core.checkfree import StageInfo
 
-__all__ = ["finite_or_none", "stage_info_from_meta", "stage_meta", "swapped_stage_order"]
+__all__ = ["StageRecorder", "finite_or_none", "stage_info_from_meta", "stage_meta", "swapped_stage_order"]
 
 
 def finite_or_none(x) -> float | None:
@@ -90,3 +91,41 @@ def swapped_stage_order(num_stages: int, microbatch: int) -> list[int]:
     if num_stages >= 4:
         order[-1], order[-2] = order[-2], order[-1]
     return order
+
+
+class StageRecorder:
+    """One Snapshotter's pipeline-stage metadata: the gradient norm last recorded, the
+    stage layout (computed once, on the first save, from ``cfg.pipeline_stage``,
+    ``cfg.edge_copies`` and ``cfg.edge_layers``) and ``last_meta``, the ``"pipeline"``
+    entry of the last save or restore (None: that snapshot had none)."""
+
+    def __init__(self, model, cfg):
+        self.model, self.cfg = model, cfg
+        self._grad_norm = None  # last record_grad_norm() value (float or 0-dim tensor)
+        self._layout = None  # "pipeline" entry less the grad norm, computed once
+        self.last_meta: dict | None = None
+
+    def record_grad_norm(self, norm) -> None:
+        """See ``Snapshotter.record_grad_norm``."""
+        import torch
+
+        if isinstance(norm, torch.Tensor):
+            if norm.numel() != 1:
+                raise ValueError("record_grad_norm: expected a one-element tensor")
+            self._grad_norm = norm.detach()
+        elif norm is None:
+            self._grad_norm = None
+        else:
+            self._grad_norm = float(norm)
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The last recorded gradient norm as a float; None if unset or non-finite."""
+        return finite_or_none(self._grad_norm)
+
+    def entry(self) -> dict:
+        """The ``"pipeline"`` entry of a snapshot taken now (needs ``cfg.pipeline_stage``)."""
+        if self._layout is None:
+            i, n = self.cfg.pipeline_stage
+            self._layout = stage_meta(self.model, i, n, None, self.cfg.edge_copies, self.cfg.edge_layers)
+        return {**self._layout, "grad_norm": self.grad_norm}

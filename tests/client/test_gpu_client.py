@@ -55,11 +55,11 @@ def test_cuda_save_restore_bit_exact(daemon, pinned):
                                 torch.nn.Linear(256, 8)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     snap = Snapshotter(model, opt, job_id="gpu", socket_path=daemon.socket, rank=0, world_size=1)
-    snap._pin_failed = not pinned
+    snap.copier.pin_failed = not pinned
     x = torch.randn(32, 256, device="cuda")
 
     _train_and_save(model, opt, snap, x, range(1, 4))
-    held = dict(snap._pinned)
+    held = snap.copier.pinned()
     if pinned:
         assert held and all(_is_pinned(seg) for seg, _ in held.values())
     else:
@@ -70,8 +70,10 @@ def test_cuda_save_restore_bit_exact(daemon, pinned):
     _train_and_save(model, opt, snap, x, range(4, 6))
     if pinned:
         assert snap.pinned_segments
-        assert all(_is_pinned(seg) for seg, _ in snap._pinned.values())
-        assert not any(snap._pinned[n][0] is held[n][0] for n in snap._pinned if n in held)
+        now = snap.copier.pinned()
+        assert all(_is_pinned(seg) for seg, _ in now.values())
+        assert not any(now[n][0] is held[n][0] for n in now if n in held)
+        del now
     _check_restore(model, snap, 5)
     snap.close()
     assert snap.pinned_segments == ()
@@ -80,7 +82,7 @@ def test_cuda_save_restore_bit_exact(daemon, pinned):
 def test_failed_cuda_call_leaves_no_stale_error():
     """A refused cudaHostRegister is reported as text and does not surface later as an
     unrelated error at PyTorch's next kernel launch (it checks cudaGetLastError)."""
-    from snapshotd_client.snapshotter import _cuda_call
+    from snapshotd_client.device_copy import cuda_call as _cuda_call
 
     torch.ones(1, device="cuda")
     size = 1 << 20

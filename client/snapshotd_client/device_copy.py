@@ -1,0 +1,146 @@
+"""The blocking part of a save: copy one rank's tensors into its staging segment.
+
+``StagingCopier.copy`` writes host tensors straight into the segment. With CUDA tensors
+it issues the copies on a side stream into page-locked (cudaHostRegister) shared memory
+and returns the CUDA event that marks their end; training waits for it (``wait``, the
+optimizer's step pre-hook) only before parameters change again.
+
+Call order: ``copy`` (training thread) -> ``wait`` (training thread, before the next
+optimizer step) ; ``unpin`` is SegmentCache's on_close, called before a mapping is
+unmapped (it waits for the last copy first). Not thread-safe beyond that: one copier
+per Snapshotter, driven from the training thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import warnings
+
+import torch
+
+from snapshotd_client import layout as lo
+
+log = logging.getLogger("snapshotd_client")
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's per-thread last error after a failed call whose error
+    was handled here: PyTorch reads it (cudaGetLastError) after its next kernel launch
+    and would report a stale, unrelated error there. torch.cuda.cudart() does not bind
+    cudaGetLastError, so find the runtime torch already loaded, by its soname."""
+    major = (torch.version.cuda or "").split(".")[0]
+    if not major:
+        return
+    try:
+        lib = ctypes.CDLL(f"libcudart.so.{major}", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:  # linked statically or under another name: nothing to reset
+        return
+    lib.cudaGetLastError()
+
+
+def cuda_call(fn: str, *args) -> str | None:
+    """Call a torch.cuda.cudart() function; None on success, else the error text (and
+    the runtime's last error cleared)."""
+    cudart = torch.cuda.cudart()
+    err = getattr(cudart, fn)(*args)
+    if int(err) == 0:
+        return None
+    _clear_cuda_error()
+    return f"{cudart.cudaGetErrorString(err)} (cudaError {int(err)})"
+
+
+class StagingCopier:
+    """Copies a save's tensors into a staging segment; owns the side stream, the pinned
+    (driver-registered) mappings and the event of the copy still in flight."""
+
+    def __init__(self) -> None:
+        self._copy_done = None  # CUDA event the next optimizer step waits for
+        self._side_stream = None
+        # segment name -> (the mapping, its address): mappings registered with the CUDA
+        # driver. Keyed to the mapping object, not just the name: a name re-mapped after
+        # a restore or a daemon restart is a new mapping and is registered again.
+        self._pinned: dict[str, tuple[object, int]] = {}
+        self.pin_failed = False  # cudaHostRegister refused once: copy unpinned from then on
+
+    def copy(self, seg, lay, rep_tensors, loc_tensors):
+        """Copy this rank's bytes into the staging segment; the CUDA event that marks the
+        end of the copies (None: they are done, all tensors were on the host)."""
+        buf = seg.buf if seg.buf is not None else bytearray(0)
+        cuda = any(t.device.type == "cuda" for t in rep_tensors + loc_tensors)
+        if not cuda:
+            lo.copy_slice(buf, lay.replicated, rep_tensors, lay.slice_lo, lay.slice_hi,
+                          lay.replicated_bytes)
+            lo.copy_local(buf, lay.local, loc_tensors)
+            self._copy_done = None
+            return None
+        self._pin(seg)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            lo.copy_slice(buf, lay.replicated, rep_tensors, lay.slice_lo, lay.slice_hi,
+                          lay.replicated_bytes, non_blocking=True)
+            lo.copy_local(buf, lay.local, loc_tensors, non_blocking=True)
+            for t in rep_tensors + loc_tensors:
+                if t.device.type == "cuda":
+                    t.record_stream(side)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        self._copy_done = ev
+        return ev
+
+    def wait(self) -> None:
+        """Block until the last copy is done (the optimizer's step pre-hook)."""
+        ev = self._copy_done
+        if ev is not None:
+            ev.synchronize()  # parameters may change after this: the copy must be done
+            self._copy_done = None
+
+    @property
+    def pinned_segments(self) -> tuple[str, ...]:
+        """Names of the staging segments currently registered with the CUDA driver."""
+        return tuple(self._pinned)
+
+    def pinned(self) -> dict[str, tuple[object, int]]:
+        """A copy of segment name -> (mapping, address) of the registered mappings."""
+        return dict(self._pinned)
+
+    def _pin(self, seg) -> None:
+        """Page-lock a staging mapping for the CUDA driver (cudaHostRegister), once per
+        mapping. A device-to-host copy into pageable memory goes through a driver bounce
+        buffer and holds the calling thread until it is done; into registered memory it is
+        DMA that runs on the side stream while training goes on. If the driver refuses
+        (a locked-memory limit, say), warn once and copy unpinned: slower, still correct."""
+        if seg.buf is None or self.pin_failed:
+            return
+        held = self._pinned.get(seg.name)
+        if held is not None and held[0] is seg:
+            return
+        if held is not None:  # a mapping SegmentCache never closed through unpin
+            self.unpin(held[0])
+        ptr = ctypes.addressof(ctypes.c_char.from_buffer(seg.buf))
+        err = cuda_call("cudaHostRegister", ptr, seg.size, 0)
+        if err is not None:
+            self.pin_failed = True
+            warnings.warn(f"snapshotd: cudaHostRegister of staging segment {seg.name} "
+                          f"({seg.size} bytes) failed: {err}; device-to-host copies go "
+                          f"unpinned (synchronous, slower)", RuntimeWarning, stacklevel=4)
+            return
+        self._pinned[seg.name] = (seg, ptr)
+
+    def unpin(self, seg) -> None:
+        """SegmentCache's on_close: unregister a mapping before it is unmapped. Copies
+        into it must be finished first (the driver would DMA into unmapped pages)."""
+        held = self._pinned.get(seg.name)
+        if held is None or held[0] is not seg:
+            return
+        ev = self._copy_done
+        if ev is not None:
+            ev.synchronize()
+        del self._pinned[seg.name]
+        err = cuda_call("cudaHostUnregister", held[1])
+        if err is not None:
+            log.warning("snapshotd: cudaHostUnregister of %s failed: %s", seg.name, err)
