@@ -2,7 +2,7 @@
 
 Measures encode and decode-of-m-losses (the first m shards, i.e. data shards, are lost
 and rebuilt from the rest) in GB/s of data (1 GB = 1e9 bytes), median of --repeats,
-single-threaded, for: ErasureCode(backend="isal"), ErasureCode(backend="numpy"), pyeclib's
+single-threaded, for: erasure_code(backend="isal"), erasure_code(backend="numpy"), pyeclib's
 Python API (isa_l_rs_vand), zfec, and reedsolo (pure Python; per-codeword RSCodec with
 nsize=k+m, on a small size only). Missing competitors are skipped with the reason.
 Every library's decode is checked to round-trip the data.
@@ -31,10 +31,11 @@ from typing import Callable
 import numpy as np
 
 try:
-    from snapshotd.core.erasure import ErasureCode, allocate_blocks, isal_library_path
+    from snapshotd.core.erasure import allocate_blocks
 except ImportError:  # run as `python bench/bench_erasure.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from snapshotd.core.erasure import ErasureCode, allocate_blocks, isal_library_path
+    from snapshotd.core.erasure import allocate_blocks
+from snapshotd.node.erasure import erasure_code, isal_library_path
 
 from snapshotd.wire.errors import BackendUnavailableError
 
@@ -65,7 +66,7 @@ def _make_data(k: int, shard: int, seed: int = 1) -> list[np.ndarray]:
 
 
 def bench_ours(backend: str, k: int, m: int, shard: int, repeats: int, one_buffer: bool = False) -> dict:
-    code = ErasureCode(k, m, backend=backend)
+    code = erasure_code(k, m, backend=backend)
     if one_buffer:  # slices of one allocation at power-of-two offsets, 16 B into a page
         raw = np.empty((k + m) * shard + 8192, dtype=np.uint8)
         start = (-raw.ctypes.data) % 4096 + 16

@@ -1,5 +1,7 @@
 """Tests for snapshotd.core.erasure: field arithmetic, MDS property, every erasure pattern,
-backend equivalence (numpy vs ISA-L), incremental update, validation and loading."""
+backend equivalence (numpy vs ISA-L), incremental update, validation. Loading ISA-L is
+I/O and lives in snapshotd.node.erasure (tests/node/test_erasure_loader.py); these tests
+only use it to get an ISA-L backend to compare with numpy."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import reedsolo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapshotd.core.erasure import ErasureCode, allocate_blocks, gf, isal_available, isal_library_path
+from snapshotd.core.erasure import ErasureCode, allocate_blocks, gf
 from snapshotd.core.erasure import backend_isal
+from snapshotd.node.erasure import isal_available, make_backend
 from snapshotd.wire.errors import BackendUnavailableError, InsufficientShardsError, InvalidRequestError
 
 HAVE_ISAL = isal_available()
@@ -21,6 +24,13 @@ requires_isal = pytest.mark.skipif(
     not HAVE_ISAL, reason="ISA-L not loadable (no $SNAPSHOTD_ISAL_LIB, system libisal or pyeclib wheel)"
 )
 BACKENDS = ["numpy", pytest.param("isal", marks=requires_isal)]
+
+
+def code_for(k, m, backend: str) -> ErasureCode:
+    """ErasureCode on the backend named ("numpy" or "isal", the latter loaded by node)."""
+    return ErasureCode(k, m, backend=make_backend(backend))
+
+
 CONFIGS = [(1, 1), (2, 1), (3, 2), (4, 2), (6, 3), (8, 2), (10, 4)]
 
 
@@ -169,7 +179,7 @@ def test_rejects_bad_shapes():
 @pytest.mark.parametrize("k,m", CONFIGS)
 def test_every_erasure_pattern_decodes(k, m, backend):
     n_bytes = 131  # > 64 (SIMD body) and odd (tail)
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     rng = np.random.default_rng(k * 31 + m)
     data = rand_blocks(rng, k, n_bytes)
     parity = empty(m, n_bytes)
@@ -195,7 +205,7 @@ def test_every_erasure_pattern_decodes(k, m, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_k_subset_rebuilds_everything(backend):
     k, m, n_bytes = 4, 3, 77
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     data = rand_blocks(np.random.default_rng(9), k, n_bytes)
     parity = empty(m, n_bytes)
     code.encode(data, parity)
@@ -251,7 +261,7 @@ def test_choose_sources_prefers_data():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,m,n_bytes", [(4, 2, 0), (4, 2, 1), (3, 2, 63), (4, 2, 4097), (6, 3, 300_001), (4, 2, 1 << 20)])
 def test_sizes_encode_and_decode(k, m, n_bytes, backend):
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     data = rand_blocks(np.random.default_rng(n_bytes), k, n_bytes)
     parity = empty(m, n_bytes)
     code.encode(data, parity)
@@ -273,7 +283,7 @@ def test_sizes_encode_and_decode(k, m, n_bytes, backend):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_numpy_and_isal_bit_identical(k, m, n_bytes, seed):
-    a, b = ErasureCode(k, m, backend="numpy"), ErasureCode(k, m, backend="isal")
+    a, b = ErasureCode(k, m, backend="numpy"), code_for(k, m, "isal")
     rng = np.random.default_rng(seed)
     data = rand_blocks(rng, k, n_bytes)
     pa, pb = empty(m, n_bytes, 1), empty(m, n_bytes, 2)
@@ -304,13 +314,20 @@ def test_numpy_and_isal_bit_identical(k, m, n_bytes, seed):
 
 
 def test_backend_names():
+    assert ErasureCode(2, 1).backend_name == "numpy"
     assert ErasureCode(2, 1, backend="numpy").backend_name == "numpy"
-    auto = ErasureCode(2, 1)
     if HAVE_ISAL:
-        assert auto.backend_name.startswith("isal (") and isal_library_path() in auto.backend_name
-        assert ErasureCode(2, 1, backend="isal").backend_name == auto.backend_name
-    else:
-        assert auto.backend_name == "numpy"
+        lib = make_backend("isal").lib
+        code = ErasureCode(2, 1, backend=backend_isal.IsalBackend(lib))
+        assert code.backend_name == f"isal ({lib.path})"
+
+
+def test_backend_by_name_is_not_core():
+    for name in ("auto", "isal", "cuda"):
+        with pytest.raises(InvalidRequestError, match="backend"):
+            ErasureCode(4, 2, backend=name)
+    with pytest.raises(InvalidRequestError, match="lacks"):
+        ErasureCode(4, 2, backend=object())
 
 
 # --- incremental parity ---------------------------------------------------------------
@@ -319,7 +336,7 @@ def test_backend_names():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,m", [(1, 1), (4, 2), (6, 3), (10, 4), (5, 0)])
 def test_update_in_any_order_equals_encode(k, m, backend):
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     rng = np.random.default_rng(k + 7 * m)
     for n_bytes in (0, 1, 97, 5000):
         data = rand_blocks(rng, k, n_bytes)
@@ -339,7 +356,7 @@ def test_update_in_any_order_equals_encode(k, m, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_update_equals_sum_of_partial_products(backend):
     k, m, n_bytes = 5, 3, 333
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     data = rand_blocks(np.random.default_rng(1), k, n_bytes)
     want = empty(m, n_bytes)
     code.encode(data, want)
@@ -352,7 +369,7 @@ def test_update_equals_sum_of_partial_products(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mul_accumulate_all_coefficients(backend):
-    code = ErasureCode(2, 1, backend=backend)
+    code = code_for(2, 1, backend)
     rng = np.random.default_rng(2)
     src = rng.integers(0, 256, 1000, dtype=np.uint8)
     base = rng.integers(0, 256, 1000, dtype=np.uint8)
@@ -378,7 +395,7 @@ def test_mul_accumulate_all_coefficients(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,m", [(2, 1), (4, 2), (6, 3), (3, 0)])
 def test_more_than_m_losses_is_insufficient(k, m, backend):
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     shards = rand_blocks(np.random.default_rng(0), k + m, 10)
     lost = list(range(1, m + 2))
     out = {i: np.zeros(10, dtype=np.uint8) for i in lost}
@@ -443,46 +460,22 @@ def test_reconstruct_copies_available_and_decode_data():
     code.reconstruct({i: data[i] for i in range(4)}, [], {})  # nothing wanted: fine
 
 
-# --- library loading ------------------------------------------------------------------
-
-
-def test_env_var_bad_path_is_an_error(monkeypatch):
-    monkeypatch.setenv(backend_isal.ENV_VAR, "/nonexistent/libisal-missing.so")
-    for backend in ("isal", "auto"):
-        with pytest.raises(BackendUnavailableError, match="libisal-missing.so"):
-            ErasureCode(4, 2, backend=backend)
-    assert ErasureCode(4, 2, backend="numpy").backend_name == "numpy"
-    monkeypatch.setenv(backend_isal.ENV_VAR, "libc.so.6")  # loads, lacks the symbols
-    with pytest.raises(BackendUnavailableError, match="lacks ISA-L symbols"):
-        ErasureCode(4, 2, backend="isal")
-
-
 @requires_isal
-def test_env_var_explicit_path(monkeypatch):
-    path = isal_library_path()
-    monkeypatch.setenv(backend_isal.ENV_VAR, path)
-    code = ErasureCode(4, 2, backend="isal")
-    assert code.backend_name == f"isal ({path})"
+def test_isal_library_binds_a_loaded_cdll():
+    import ctypes
 
-
-def test_pyeclib_candidate_found_without_import():
-    import sys
-
-    pytest.importorskip("pyeclib")  # imports it; check discovery on a clean module table
-    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == "pyeclib"}
-    try:
-        cands = backend_isal._pyeclib_candidates()
-        assert "pyeclib" not in sys.modules
-    finally:
-        sys.modules.update(saved)
-    assert cands and all("pyeclib.libs" in c and "libisal" in c for c in cands)
+    path = make_backend("isal").lib.path
+    lib = backend_isal.IsalLibrary(ctypes.CDLL(path))
+    assert lib.path and backend_isal.IsalBackend(lib).describe().startswith("isal (")
+    with pytest.raises(BackendUnavailableError, match="lacks ISA-L symbols"):
+        backend_isal.IsalLibrary(ctypes.CDLL("libc.so.6"), "libc.so.6")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,m", [(255, 1), (1, 255), (200, 56)])
 def test_extreme_shapes_encode_and_decode(k, m, backend):
     n_bytes = 70
-    code = ErasureCode(k, m, backend=backend)
+    code = code_for(k, m, backend)
     rng = np.random.default_rng(k)
     data = rand_blocks(rng, k, n_bytes)
     parity = empty(m, n_bytes)
@@ -499,7 +492,7 @@ def test_extreme_shapes_encode_and_decode(k, m, backend):
 def test_isal_long_regions_are_cut_into_calls(monkeypatch):
     monkeypatch.setattr(backend_isal, "MAX_CALL_LEN", 128)  # stands in for the 2^31 int limit
     k, m, n_bytes = 5, 3, 1000
-    a, b = ErasureCode(k, m, backend="isal"), ErasureCode(k, m, backend="numpy")
+    a, b = code_for(k, m, "isal"), ErasureCode(k, m, backend="numpy")
     data = rand_blocks(np.random.default_rng(8), k, n_bytes)
     pa, pb, ua = empty(m, n_bytes), empty(m, n_bytes), empty(m, n_bytes, 0)
     a.encode(data, pa)
@@ -514,7 +507,7 @@ def test_isal_long_regions_are_cut_into_calls(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_read_only_inputs_are_accepted(backend):
-    code = ErasureCode(3, 2, backend=backend)
+    code = code_for(3, 2, backend)
     data = rand_blocks(np.random.default_rng(6), 3, 500)
     for d in data:
         d.setflags(write=False)
@@ -541,7 +534,7 @@ def test_allocate_blocks_layout():
 def test_one_code_shared_by_threads(backend):
     from concurrent.futures import ThreadPoolExecutor
 
-    code = ErasureCode(6, 3, backend=backend)
+    code = code_for(6, 3, backend)
 
     def work(seed: int) -> bool:
         rng = np.random.default_rng(seed)
@@ -560,11 +553,9 @@ def test_one_code_shared_by_threads(backend):
 
 @pytest.mark.parametrize("backend", ["numpy", "isal"])
 def test_combine_equals_accumulated_products(backend):
-    from snapshotd.core.erasure import isal_available
-
     if backend == "isal" and not isal_available():
         pytest.skip("ISA-L not loadable")
-    code = ErasureCode(4, 2, backend=backend)
+    code = code_for(4, 2, backend)
     rng = np.random.default_rng(7)
     srcs = [rng.integers(0, 256, 4097, dtype=np.uint8) for _ in range(3)]
     coefs = [1, 37, 200]

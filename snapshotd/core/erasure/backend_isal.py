@@ -1,27 +1,22 @@
 """ISA-L erasure backend via ctypes, on numpy buffers without copies.
 
-Library search order (first that loads, has the symbols and passes a tiny self-check):
-  1. ``$SNAPSHOTD_ISAL_LIB`` -- an explicit path; if set and unusable this is an error
-     (BackendUnavailableError naming it), never a silent fallback;
-  2. the system library: ``ctypes.util.find_library("isal")``, then ``libisal.so.2``;
-  3. the copy bundled in the pyeclib wheel (``site-packages/pyeclib.libs/libisal*.so*``),
-     found with importlib.util.find_spec, without importing pyeclib.
-:func:`isal_library_path` says which one is in use.
+Pure binding of an ALREADY loaded library: :class:`IsalLibrary` takes a ``ctypes.CDLL``,
+checks its symbols and runs a tiny self-check against :mod:`gf`; :class:`IsalBackend`
+drives it. Finding and loading the library (``$SNAPSHOTD_ISAL_LIB``, the system library,
+pyeclib's bundled copy) is file and environment I/O and lives in
+:mod:`snapshotd.node.erasure`.
 
 Calls: ``ec_init_tables(k, rows, a, gftbls)`` expands a rows x k coefficient matrix into
 32*k*rows bytes of tables (cached per matrix by ErasureCode via :meth:`prepare`);
 ``ec_encode_data(len, k, rows, gftbls, data**, coding**)`` computes coding = a @ data;
 ``ec_encode_data_update(len, k, rows, vec_i, gftbls, data*, coding**)`` adds column
 vec_i's contribution of one block. ctypes releases the GIL during these calls.
+Thread-safety: an IsalBackend may be shared by threads (prepared matrices are read-only).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import glob
-import importlib.util
-import os
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +24,6 @@ import numpy as np
 from snapshotd.wire.errors import BackendUnavailableError
 from . import gf
 
-ENV_VAR = "SNAPSHOTD_ISAL_LIB"
 REQUIRED_SYMBOLS = ("ec_init_tables", "ec_encode_data", "ec_encode_data_update")
 # ISA-L takes `int len`; larger regions are cut into pieces of this many bytes.
 MAX_CALL_LEN = 1 << 30
@@ -39,43 +33,16 @@ _c_void_p = ctypes.c_void_p
 _PP = ctypes.POINTER(ctypes.c_void_p)
 
 
-def _pyeclib_candidates() -> list[str]:
-    try:
-        spec = importlib.util.find_spec("pyeclib")
-    except (ImportError, ValueError):
-        return []
-    if spec is None:
-        return []
-    dirs = list(spec.submodule_search_locations or [])
-    if not dirs and spec.origin:
-        dirs = [os.path.dirname(spec.origin)]
-    out: list[str] = []
-    for d in dirs:
-        libs = os.path.join(os.path.dirname(os.path.abspath(d)), "pyeclib.libs")
-        out.extend(sorted(glob.glob(os.path.join(libs, "libisal*.so*"))))
-    return out
-
-
-def candidate_paths() -> list[str]:
-    """Non-explicit candidates in search order (system first, then pyeclib's copy)."""
-    out: list[str] = []
-    found = ctypes.util.find_library("isal")
-    if found:
-        out.append(found)
-    out.append("libisal.so.2")
-    out.extend(_pyeclib_candidates())
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
-
-
 class IsalLibrary:
-    """A loaded, checked ISA-L shared library."""
+    """A loaded ISA-L shared library, its symbols bound and checked.
 
-    def __init__(self, path: str) -> None:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError as e:
-            raise BackendUnavailableError(f"cannot load ISA-L library {path!r}: {e}") from e
+    ``lib``: the library, already loaded (``ctypes.CDLL``); ``path``: what it was loaded
+    from, for messages and :attr:`IsalBackend.name` (default: the CDLL's own name).
+    Raises BackendUnavailableError if the symbols are missing or the self-check fails.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, path: str | None = None) -> None:
+        path = path if path is not None else lib._name
         missing = [s for s in REQUIRED_SYMBOLS if not hasattr(lib, s)]
         if missing:
             raise BackendUnavailableError(f"library {path!r} lacks ISA-L symbols {missing}")
@@ -128,53 +95,6 @@ def _ptrs(arrays: Sequence[np.ndarray], offset: int = 0):
     return (_c_void_p * len(arrays))(*[a.ctypes.data + offset for a in arrays])
 
 
-_cache: dict[str | None, IsalLibrary | BackendUnavailableError] = {}
-
-
-def load_library(explicit: str | None = None) -> IsalLibrary:
-    """Load ISA-L. ``explicit`` (default: $SNAPSHOTD_ISAL_LIB) overrides the search."""
-    if explicit is None:
-        explicit = os.environ.get(ENV_VAR) or None
-    key = explicit
-    hit = _cache.get(key)
-    if hit is None:
-        hit = _load_uncached(explicit)
-        _cache[key] = hit
-    if isinstance(hit, BackendUnavailableError):
-        raise BackendUnavailableError(str(hit))
-    return hit
-
-
-def _load_uncached(explicit: str | None) -> IsalLibrary | BackendUnavailableError:
-    if explicit is not None:
-        try:
-            return IsalLibrary(explicit)
-        except BackendUnavailableError as e:
-            return BackendUnavailableError(f"{ENV_VAR}={explicit!r} is not usable: {e}")
-    errors = []
-    for path in candidate_paths():
-        try:
-            return IsalLibrary(path)
-        except BackendUnavailableError as e:
-            errors.append(str(e))
-    return BackendUnavailableError(
-        "ISA-L not found (set SNAPSHOTD_ISAL_LIB, install libisal2, or pip install pyeclib): "
-        + "; ".join(errors)
-    )
-
-
-def isal_library_path() -> str | None:
-    """Path (or soname) of the ISA-L library the backend uses, or None if unavailable."""
-    try:
-        return load_library().path
-    except BackendUnavailableError:
-        return None
-
-
-def isal_available() -> bool:
-    return isal_library_path() is not None
-
-
 class IsalMatrix:
     """A prepared coefficient matrix: its expanded gftbls (kept alive) and shape."""
 
@@ -192,8 +112,10 @@ class IsalMatrix:
 
 
 class IsalBackend:
-    def __init__(self, lib: IsalLibrary | None = None) -> None:
-        self.lib = lib if lib is not None else load_library()
+    """Erasure backend on a checked :class:`IsalLibrary` (see backend_numpy for the interface)."""
+
+    def __init__(self, lib: IsalLibrary) -> None:
+        self.lib = lib
         self.name = f"isal ({self.lib.path})"
         self._scalar: dict[int, IsalMatrix] = {}
 

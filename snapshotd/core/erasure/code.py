@@ -4,7 +4,7 @@ Shards 0..k-1 are the data blocks, k..k+m-1 the parity blocks; parity = P @ data
 from :func:`gf.cauchy_parity_matrix` (Cauchy, first row all ones so parity 0 = XOR).
 Any k of the k+m shards rebuild all others.
 
-Call order: build one ``ErasureCode(k, m)`` per (k, m) and reuse it (it caches the
+Call order: build one ``ErasureCode(k, m, backend)`` per (k, m) and reuse it (it caches the
 expanded coefficient tables). Then either ``encode(data, parity)`` in one go, or start
 from zeroed parity buffers and ``update(parity, j, block_j)`` once per data block as blocks
 arrive, in any order (a parity holder accumulating contributions); ``mul_accumulate``
@@ -12,40 +12,39 @@ applies one received partial product. ``reconstruct(available, want, out)`` rebu
 shards from any k survivors. All buffers are 1-D, C-contiguous uint8 numpy arrays of one
 length; outputs are overwritten (update/mul_accumulate: XOR-ed into) and must not overlap
 the inputs. Nothing proportional to the data is allocated.
+
+``backend``: the numpy backend by default (or "numpy"), or a backend object such as
+``IsalBackend(IsalLibrary(cdll))``; the daemon gets one from
+:func:`snapshotd.node.erasure.erasure_code`, which finds and loads ISA-L.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from snapshotd.wire.errors import BackendUnavailableError, InsufficientShardsError, InvalidRequestError
+from snapshotd.wire.errors import InsufficientShardsError, InvalidRequestError
 from . import gf
 from .backend_numpy import NumpyBackend
 
-BACKENDS = ("auto", "isal", "numpy")
 _DECODE_CACHE_SIZE = 64
+_BACKEND_METHODS = ("prepare", "dot", "mad", "mul_acc", "describe")
 
 
-def make_backend(backend: str = "auto"):
-    """Backend object for a name; 'auto' prefers ISA-L and falls back to numpy.
-
-    An explicitly configured but broken $SNAPSHOTD_ISAL_LIB is an error even for 'auto'.
-    """
-    if backend not in BACKENDS:
-        raise InvalidRequestError(f"unknown erasure backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "numpy":
+def _backend_object(backend):
+    """``backend``: None or "numpy" (the portable backend), or a backend object (one with
+    prepare/dot/mad/mul_acc/describe, e.g. an IsalBackend on a loaded library)."""
+    if backend is None or (isinstance(backend, str) and backend == "numpy"):
         return NumpyBackend()
-    from . import backend_isal
-
-    try:
-        return backend_isal.IsalBackend()
-    except BackendUnavailableError:
-        if backend == "isal" or os.environ.get(backend_isal.ENV_VAR):
-            raise
-        return NumpyBackend()
+    if isinstance(backend, str):
+        raise InvalidRequestError(
+            f"unknown erasure backend {backend!r} here: core takes a backend object or 'numpy'; "
+            "snapshotd.node.erasure.make_backend / erasure_code find ISA-L ('auto', 'isal')")
+    missing = [a for a in _BACKEND_METHODS if not callable(getattr(backend, a, None))]
+    if missing:
+        raise InvalidRequestError(f"erasure backend {backend!r} lacks {missing}")
+    return backend
 
 
 def _check_buffer(a, what: str, writeable: bool = False) -> np.ndarray:
@@ -109,7 +108,7 @@ def allocate_blocks(count: int, nbytes: int, stagger: bool = True, start: int = 
 class ErasureCode:
     """Systematic (k + m) Reed-Solomon code; see the module docstring."""
 
-    def __init__(self, k: int, m: int, backend: str = "auto") -> None:
+    def __init__(self, k: int, m: int, backend=None) -> None:
         for name, v in (("k", k), ("m", m)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise InvalidRequestError(f"{name} must be an int, got {v!r}")
@@ -119,7 +118,7 @@ class ErasureCode:
         self.k = k
         self.m = m
         self.n = k + m
-        self._backend = make_backend(backend)
+        self._backend = _backend_object(backend)
         self.backend_name: str = self._backend.describe()
         self._p = gf.cauchy_parity_matrix(k, m)
         self._p.setflags(write=False)

@@ -47,7 +47,7 @@ from snapshotd.core import protocol as proto
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.node.cluster.integrity import IntegrityMixin, fetch_header, is_corrupt_reply
 from snapshotd.core.integrity import describe_shard
-from snapshotd.core.erasure import ErasureCode
+from snapshotd.node.erasure import erasure_code
 from snapshotd.node.metrics import NullMetrics, Progress
 from snapshotd.wire.errors import ChecksumMismatchError, InsufficientShardsError, UnknownJobError
 from snapshotd.node.peer import (
@@ -107,7 +107,7 @@ class ClusterNode(IntegrityMixin):
         self.n, self.m = len(self.group), spec.parity
         self.k = self.n - self.m
         self.bs = spec.block_size_bytes
-        self.code = ErasureCode(self.k, self.m) if self.m else None
+        self.code = erasure_code(self.k, self.m) if self.m else None
         self.key = spec.peer_key.encode() if spec.peer_key else None
         me = spec.node(node_id)
         host = bind_host or me.host
