@@ -8,10 +8,14 @@ than m nodes, none adjacent, the daemons must refuse to rebuild those stages, an
 restore must take the CheckFree rung: the lost stages come back flagged approximate, the
 others exactly, and training goes on with a finite loss. (Approximate by design: there
 is no bit-exact reference to compare with, see ``invariants._checkfree``.)
+``run_pipeline_scenario`` is what the Harness calls: it pauses the data-parallel job,
+boots the pipeline's cluster, runs ``run_pipeline`` and tears it all down again.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 from snapshotd_tools.chaos.rig import Rig, Trainers
@@ -45,13 +49,13 @@ def run_pipeline(h, rig: Rig, sc, obs, res, launches: list) -> None:
     res.fault = (f"pipeline job (CheckFree+), m={rig.m}: SIGKILL nodes {','.join(lost)} "
                  f"(stages {ranks}), wiped")
     h.say(f"    fault: {res.fault}")
-    res.detected = h._detect_dead(lost, t_fault, rig=rig)
+    res.detected = h.detect_dead(lost, t_fault, rig=rig)
     time.sleep(1.0)
     g.kill()
     while g.pump(0.05):
         pass
     obs.fault_step = max(g.last.values())
-    obs.committed_at_fault = h._committed_now(skip=lost, job=PP_JOB, rig=rig)
+    obs.committed_at_fault = h.committed_now(skip=lost, job=PP_JOB, rig=rig)
     for x in lost:
         rig.restart(x, wipe=True)
     g2 = launch("pp-resumed")
@@ -67,3 +71,31 @@ def run_pipeline(h, rig: Rig, sc, obs, res, launches: list) -> None:
     h.say("    restored: " + ", ".join(f"stage {k}: {v.get('method')}" for k, v in sorted(obs.rung.items())))
     obs.memory = {n: (before[n], rig.memory(n)) for n in rig.nodes}
     obs.leaks += rig.accounting_leaks()
+
+
+def run_pipeline_scenario(h, sc, obs, res) -> None:
+    """On a cluster of its own; the data-parallel job is paused meanwhile (stopped,
+    then restarted from its last commit: that restore is judged with the next fault)."""
+    g = h.g
+    g.kill()
+    h.drain(g)
+    d = os.path.join(h.workdir, f"pipeline-{h.faults:04d}")
+    shutil.rmtree(d, ignore_errors=True)
+    launches: list[Trainers] = []
+    rig = None
+    try:
+        rig = Rig(d, h.n, sc.params["parity"], h.block_size, h.budget)
+        run_pipeline(h, rig, sc, obs, res, launches)
+    finally:
+        for x in launches:
+            obs.leaks += x.leaked()
+            x.kill()
+        if rig is not None:
+            obs.leaks += rig.down()
+            if not obs.leaks and not h.keep:
+                shutil.rmtree(d, ignore_errors=True)
+        elif os.path.exists(os.path.join(d, "cluster.json")):
+            from snapshotd_tools import localcluster as lc
+
+            lc.down(d)
+        h.launch("after-pipeline")
