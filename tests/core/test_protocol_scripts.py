@@ -286,7 +286,7 @@ SCRIPTS = sorted(TESTDATA.glob("*.txt"))
 def test_the_scripts_are_there():
     names = {p.stem for p in SCRIPTS}
     assert {"clean_commit", "two_groups", "contributions_before_announces", "lost_voter",
-            "late_vote", "restart", "torn_version"} <= names, names
+            "late_vote", "restart", "torn_version", "clean_commit_m2", "half_broadcast"} <= names, names
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
