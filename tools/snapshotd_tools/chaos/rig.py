@@ -22,7 +22,7 @@ import time
 
 from snapshotd_tools import localcluster as lc
 from snapshotd.wire import shm
-from snapshotd_tools.demo.multi_node import TrainerGroup
+from snapshotd_tools.demo.trainer_group import read_json_events
 
 JOB = "dp"
 
@@ -291,10 +291,8 @@ class Trainers:
                     p = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE,
                                          stderr=log, text=True, env=env)
             self.procs.append(p)
-            threading.Thread(target=self._read, args=(r, p), daemon=True).start()
-
-    # A rank's stdout JSON lines onto self.events, then (rank, None): the demo's reader.
-    _read = TrainerGroup._read
+            # A rank's stdout JSON lines onto self.events, then (rank, None): the demo's reader.
+            threading.Thread(target=read_json_events, args=(self.events, r, p), daemon=True).start()
 
     def pump(self, timeout_s: float) -> bool:
         """Fold in the events that arrive within ``timeout_s``; False if none did."""
