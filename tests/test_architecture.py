@@ -115,7 +115,8 @@ def test_a_wrong_import_breaks_its_contract(case, _clean_copy, tmp_path):
 
     rc, out, _kept, broken = lint_imports([tree], cwd=tmp_path)
     assert rc != 0, f"{case}: no contract broke\n{out}"
-    assert must_break <= broken, f"{case}: expected {sorted(must_break)} broken, got {sorted(broken)}\n{out}"
+    assert must_break <= broken, (
+        f"{case}: expected {sorted(must_break)} broken, got {sorted(broken)}\n{out}")
     assert chain in out, f"{case}: the report does not name {chain!r}\n{out}"
 
 
@@ -124,7 +125,8 @@ def test_the_copy_is_what_gets_checked(_clean_copy, tmp_path):
     reported."""
     tree = tmp_path / "tree"
     shutil.copytree(_clean_copy, tree)
-    (tree / "snapshotd" / "core" / "_probe_only_in_copy.py").write_text('"""probe"""\nimport socket\n')
+    probe = tree / "snapshotd" / "core" / "_probe_only_in_copy.py"
+    probe.write_text('"""probe"""\nimport socket\n')
     rc, out, _kept, broken = lint_imports([tree], cwd=tmp_path)
     assert rc != 0 and "core-pure" in broken, out
     assert "snapshotd.core._probe_only_in_copy -> socket" in out, out
@@ -163,7 +165,8 @@ def test_allowed_long_modules_parser():
     assert allowed == {"tools/c.py", "snapshotd/node/a.py", "tools/b.py", "node/cluster/node.py",
                        "snapshotd/e.py"}
     assert is_allowed("snapshotd/node/cluster/node.py", allowed)
-    assert not is_allowed("snapshotd/node/b.py", allowed) and not is_allowed("x/ignored.py", allowed)
+    assert not is_allowed("snapshotd/node/b.py", allowed)
+    assert not is_allowed("x/ignored.py", allowed)
     assert allowed_long_modules("# Architecture\n- snapshotd/a.py\n") == set()
 
 

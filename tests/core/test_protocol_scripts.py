@@ -69,7 +69,8 @@ class ScriptMismatch(AssertionError):
 
 def format_action(a) -> str:
     if isinstance(a, SendAnnounce):
-        return f"SendAnnounce v={a.version} blocks={a.announce.block_count} ranks={_ints(a.announce.ranks)}"
+        ann = a.announce
+        return f"SendAnnounce v={a.version} blocks={ann.block_count} ranks={_ints(ann.ranks)}"
     if isinstance(a, SendContributions):
         return (f"SendContributions v={a.version} counts={_ints(a.block_counts)} "
                 f"stripes={a.layout.num_stripes}")
@@ -152,7 +153,8 @@ class Cluster:
         all_nodes = tuple(self.protos)
         if op == "local":
             (n,) = words[1:]
-            ranks = tuple(int(r) for r in kw["ranks"].split(",")) if kw.get("ranks", "-") != "-" else ()
+            spec = kw.get("ranks", "-")
+            ranks = tuple(int(r) for r in spec.split(",")) if spec != "-" else ()
             acts = self.proto(n).local_data_complete(
                 int(kw["v"]), int(kw["blocks"]), ranks, tuple(b"manifest-%d" % r for r in ranks))
             self.emit(n, acts, out)
@@ -254,7 +256,8 @@ def run_script(text: str, name: str = "<script>", rewrite: bool = False) -> str:
         if words[0] == "group":
             if started:
                 raise ScriptError(f"{where}: groups come before the first event")
-            cluster.groups.append((tuple(words[1:]), int(kw["parity"]), int(kw.get("committed", 0))))
+            cluster.groups.append(
+                (tuple(words[1:]), int(kw["parity"]), int(kw.get("committed", 0))))
             continue
         if not started:
             cluster.start()
@@ -285,8 +288,8 @@ SCRIPTS = sorted(TESTDATA.glob("*.txt"))
 
 def test_the_scripts_are_there():
     names = {p.stem for p in SCRIPTS}
-    assert {"clean_commit", "two_groups", "contributions_before_announces", "lost_voter",
-            "late_vote", "restart", "torn_version", "clean_commit_m2", "half_broadcast"} <= names, names
+    assert {"clean_commit", "clean_commit_m2", "two_groups", "contributions_before_announces",
+            "lost_voter", "half_broadcast", "late_vote", "restart", "torn_version"} <= names, names
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)

@@ -114,7 +114,8 @@ def test_every_class_survives_a_grpc_status(call, cls):
     ("RESOURCE_EXHAUSTED", errors.MemoryBudgetExceededError),
     ("OUT_OF_RANGE", errors.DaemonError),  # a status no class stands for
 ])
-@pytest.mark.parametrize("code", ["", "NO_SUCH_CODE", RemoteError.code], ids=["no-code", "unknown-code", "remote-code"])
+@pytest.mark.parametrize("code", ["", "NO_SUCH_CODE", RemoteError.code],
+                         ids=["no-code", "unknown-code", "remote-code"])
 def test_a_status_without_a_known_code_falls_back_on_the_status(call, status, expected, code):
     err = call(f"status:{status}:{code}")
     assert type(err) is expected, f"{status}/{code!r} came back as {type(err).__name__}: {err}"
@@ -153,7 +154,8 @@ def test_every_class_survives_a_peer_error_reply(cls):
 
 def test_foreign_handler_errors_have_codes_of_their_own():
     assert RemoteError(remote_error_code(KeyError("x")), "m").error_class is errors.NotHeldError
-    assert RemoteError(remote_error_code(ValueError("x")), "m").error_class is errors.InvalidRequestError
+    assert (RemoteError(remote_error_code(ValueError("x")), "m").error_class
+            is errors.InvalidRequestError)
     assert RemoteError(remote_error_code(RuntimeError("x")), "m").error_class is SnapshotdError
     # A RemoteError passed on names the remote class, not itself.
     inner = RemoteError(errors.ChecksumMismatchError.code, "m")
@@ -196,11 +198,13 @@ def test_every_error_class_is_in_the_table_once():
         assert isinstance(getattr(grpc.StatusCode, cls.grpc_code_name), grpc.StatusCode)
 
 
-@pytest.mark.parametrize("code, cls", sorted(ERROR_CLASSES.items()), ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("code, cls", sorted(ERROR_CLASSES.items()),
+                         ids=lambda x: getattr(x, "__name__", x))
 def test_error_for_and_from_code_are_inverse(code, cls):
     assert error_for(cls) == code
     if cls is RemoteError:  # a RemoteError names the remote class; REMOTE itself travels never
-        assert error_for(RemoteError(errors.UnknownJobError.code, "m")) == errors.UnknownJobError.code
+        remote = RemoteError(errors.UnknownJobError.code, "m")
+        assert error_for(remote) == errors.UnknownJobError.code
         assert type(from_code(code, "m", "NOT_FOUND")) is errors.UnknownJobError
         return
     assert error_for(cls("m")) == code
