@@ -1,0 +1,321 @@
+"""The trainer side of the store: jobs, staging and delivery of shards, restores.
+
+Carries out the plans of :class:`snapshotd.core.ledger.JobLedger` on the segments of a
+:class:`~snapshotd.node.store_state.StoreState`. Call order per rank and version:
+``register_job`` once, then ``acquire_staging`` (a segment the trainer writes) and
+``adopt`` it, or ``push`` the payload over the network; then ``commit`` asks whether the
+version committed, ``committed_shard`` reads it back.
+
+Thread-safety: every public method may be called from any gRPC worker thread. State
+changes happen under ``state.lock``; hashing of large payloads happens outside it.
+Budget: a segment's bytes are reserved (and, with posix_fallocate, really allocated)
+before a trainer may write a byte, and a request that would exceed the budget or the
+free space of /dev/shm is refused with MemoryBudgetExceededError. Nothing changes then.
+``commit_hook(job, version)``, when set, is called (outside the lock) once every local
+rank delivered a version that does not commit by itself (cluster mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from snapshotd.wire import manifest as mf
+from snapshotd.wire import shm
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd.wire.errors import (
+    ConflictError,
+    InvalidRequestError,
+    MemoryBudgetExceededError,
+    VersionNotFoundError,
+)
+from snapshotd.core.ledger import SlotState
+from snapshotd.node.store_state import Held, StoreState
+from snapshotd.node.store_verify import PayloadVerifier
+
+log = logging.getLogger("snapshotd.node.store")
+
+
+class TrainerStore:
+    """What the trainers' RPCs do to the store (see the module docstring)."""
+
+    def __init__(self, state: StoreState, verifier: PayloadVerifier, verify_on_adopt: bool = True):
+        self.state = state
+        self.verifier = verifier
+        self.verify_on_adopt = verify_on_adopt
+        self.commit_hook = None
+
+    # -- jobs -----------------------------------------------------------------------
+    def register_job(self, job_id: str, world_size: int, local_world_size: int = 0,
+                     restarting: bool = False) -> int:
+        """``local_world_size``: ranks of the job on this node (0 = all; one node).
+        ``restarting``: drop the job's uncommitted versions (see ``fence``)."""
+        st = self.state
+        mf.validate_job_id(job_id)
+        if not 1 <= world_size <= 1 << 20:
+            raise st.refuse(InvalidRequestError(f"world_size must be in [1, 2^20], got {world_size}"))
+        if not 0 <= local_world_size <= world_size:
+            raise st.refuse(InvalidRequestError(
+                f"local_world_size must be in [0, world_size={world_size}], got {local_world_size}"))
+        with st.lock:
+            led = st.jobs.get(job_id)
+            if led is not None:
+                if led.world_size != world_size or (
+                        local_world_size and led.local_world_size != local_world_size):
+                    raise st.refuse(ConflictError(
+                        f"job {job_id!r} is registered with world_size {led.world_size} "
+                        f"(local {led.local_world_size}), not {world_size} (local "
+                        f"{local_world_size or world_size}); drop it first to change its size"))
+                if restarting:
+                    self.fence(job_id)
+                return led.committed_version
+            st.jobs[job_id] = st.new_ledger(job_id, world_size, local_world_size)
+            st.persist()
+            return 0
+
+    def fence(self, job_id: str, keep_version: int = 0) -> list[tuple[int, int]]:
+        """Free every uncommitted slot of the job (its trainers start over), but those
+        of ``keep_version`` (a version committed elsewhere, being rebuilt here)."""
+        st = self.state
+        with st.lock:
+            led = st.jobs.get(job_id)
+            if led is None:
+                return []
+            freed = led.abandon_uncommitted(keep_version)
+            st.forget_freed(job_id, freed)
+            if freed:
+                st.persist()
+            return freed
+
+    def drop_job(self, job_id: str) -> int:
+        st = self.state
+        with st.lock:
+            led = st.job(job_id)
+            freed = led.bytes_allocated()
+            for r, ss in led.slots.items():
+                for s in ss:
+                    st.release_segment(job_id, r, s)
+            del st.jobs[job_id]
+            st.persist()
+            return freed
+
+    # -- writing a shard --------------------------------------------------------------
+    def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int,
+                        force: bool = False) -> tuple[str, int]:
+        st = self.state
+        with st.lock:
+            led = st.job(job_id)
+            try:
+                plan = led.acquire(rank, version, nbytes, force)
+            except Exception as exc:
+                raise st.refuse(exc)
+            slot = led.slots[rank][plan.slot]
+            if plan.new_size is not None:
+                delta = plan.new_size - plan.old_size
+                st.make_room(max(delta, 0), keep=(job_id, rank, slot.index))
+                if delta > shm.free_bytes():
+                    raise st.refuse(MemoryBudgetExceededError(
+                        f"{shm.SHM_DIR} has {shm.free_bytes()} bytes free, {delta} needed"))
+                st.release_segment(job_id, rank, slot)
+                slot.size = 0
+                name = f"{st.prefix}{job_id}.r{rank}.s{slot.index}.g{plan.generation}"
+                seg = shm.create(name, plan.new_size)
+                try:
+                    # Really allocate the pages now: a full tmpfs must be a clean
+                    # refusal here, not a SIGBUS in the trainer later.
+                    fd = os.open(shm.path_of(name), os.O_RDWR)
+                    try:
+                        os.posix_fallocate(fd, 0, plan.new_size)
+                    finally:
+                        os.close(fd)
+                    shm.populate(seg)  # we hash it at every hand-off: map it once, now
+                except OSError as exc:
+                    seg.close()
+                    shm.unlink(name)
+                    raise st.refuse(MemoryBudgetExceededError(
+                        f"cannot allocate {plan.new_size} bytes in {shm.SHM_DIR}: {exc}"))
+                st.hold(job_id, rank, slot.index, name, Held(seg, None))
+            slot = led.apply_staging(plan, version)
+            name = st.name_at(job_id, rank, slot.index)
+            st.held(name).manifest = None
+            st.persist()
+            return name, slot.size
+
+    def adopt(self, segment_name: str, m: pb.ShardManifest) -> tuple[bool, int]:
+        """Take ownership of a staged segment as ``m.rank``'s shard of ``m.version``."""
+        st = self.state
+        try:
+            mf.validate_manifest(m)
+        except Exception as exc:
+            raise st.refuse(exc)
+        with st.lock:
+            led = st.job(m.job_id)
+            slot = led.slot_of(m.rank, m.version, SlotState.STAGING)
+            name = st.name_at(m.job_id, m.rank, slot.index) if slot else None
+            if name != segment_name:
+                raise st.refuse(ConflictError(
+                    f"segment {segment_name!r} is not the staging segment of job "
+                    f"{m.job_id!r} rank {m.rank} version {m.version}"))
+            seg = st.held(name).segment
+            if m.payload_bytes > slot.size:
+                raise st.refuse(InvalidRequestError(
+                    f"payload of {m.payload_bytes} bytes does not fit the {slot.size}-byte segment"))
+        m = _copy(m)
+        buf = seg.buf if seg.buf is not None else b""
+        try:
+            if m.block_checksums and self.verify_on_adopt:
+                self.verifier.verify_payload(buf, m, f"adopted segment {segment_name}")
+            elif not m.block_checksums:
+                m.block_checksums.extend(self.verifier.checksums(buf, m))
+        except Exception as exc:
+            raise st.refuse(exc)
+        return self._deliver(m, name)
+
+    def _deliver(self, m: pb.ShardManifest, name: str) -> tuple[bool, int]:
+        st = self.state
+        with st.lock:
+            led = st.job(m.job_id)
+            slot = led.slot_of(m.rank, m.version, SlotState.STAGING)
+            if slot is None or st.name_at(m.job_id, m.rank, slot.index) != name:
+                raise st.refuse(ConflictError(
+                    f"job {m.job_id!r} rank {m.rank} version {m.version}: the staging slot "
+                    "was taken over while the shard was verified"))
+            st.write_manifest(name, m)
+            held = st.held(name)
+            held.manifest = m
+            try:
+                d = led.deliver(m.rank, m.version)
+            except Exception as exc:
+                held.manifest = None
+                st.unlink_manifest(name)
+                st.persist()
+                raise st.refuse(exc)
+            st.forget_freed(m.job_id, d.freed)
+            st.persist()
+            hook = self.commit_hook if (d.local_complete and not d.committed) else None
+            result = d.committed, led.committed_version
+        if hook is not None:
+            hook(m.job_id, m.version)
+        return result
+
+    def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
+        """Receive a shard over the network: ``chunks`` yields the payload in order."""
+        st = self.state
+        mf.validate_manifest(m, require_checksums=True)
+        with st.lock:
+            existing = st.held_names()
+            name, size = self.acquire_staging(m.job_id, m.rank, m.version, m.payload_bytes)
+            created = name not in existing
+        seg = st.held(name).segment
+        off = 0
+        try:
+            for data in chunks:
+                if len(data) > m.payload_bytes - off:
+                    raise InvalidRequestError(
+                        f"push carries more than the {m.payload_bytes} bytes its manifest declares")
+                with st.lock:  # the slot may have been taken over by a newer version
+                    if not self._owns_staging(m, name):
+                        raise ConflictError(
+                            f"job {m.job_id!r} rank {m.rank} version {m.version}: the staging "
+                            "slot was taken over while the shard was pushed")
+                    if data:
+                        seg.buf[off:off + len(data)] = data
+                off += len(data)
+            if off != m.payload_bytes:
+                raise InvalidRequestError(
+                    f"push carried {off} bytes, its manifest declares {m.payload_bytes}")
+            self.verifier.verify_payload(seg.buf if seg.buf is not None else b"", m, "pushed shard")
+        except Exception as exc:
+            self._abandon_staging(m.job_id, m.rank, m.version, name, release=created)
+            raise st.refuse(exc)
+        return self._deliver(_copy(m), name)
+
+    def _owns_staging(self, m: pb.ShardManifest, name: str) -> bool:
+        led = self.state.jobs.get(m.job_id)
+        slot = led.slot_of(m.rank, m.version, SlotState.STAGING) if led else None
+        return slot is not None and self.state.name_at(m.job_id, m.rank, slot.index) == name
+
+    def _abandon_staging(self, job: str, rank: int, version: int, name: str,
+                         release: bool = False) -> None:
+        st = self.state
+        with st.lock:
+            led = st.jobs.get(job)
+            slot = led.slot_of(rank, version, SlotState.STAGING) if led else None
+            if slot is not None and st.name_at(job, rank, slot.index) == name:
+                slot.state, slot.version = SlotState.FREE, 0
+                if release:
+                    st.release_segment(job, rank, slot)
+                    slot.size = 0
+                st.persist()
+
+    # -- commit and reading ---------------------------------------------------------------
+    def commit(self, job_id: str, version: int) -> tuple[bool, list[int], int]:
+        with self.state.lock:
+            led = self.state.job(job_id)
+            if version and version == led.committed_version:
+                return True, [], version
+            missing = led.missing_ranks(version)
+            return False, missing, led.committed_version
+
+    def list_versions(self, job_id: str) -> tuple[int, list[tuple[int, bool, list[int], int]]]:
+        with self.state.lock:
+            led = self.state.job(job_id)
+            out = []
+            for v in led.versions():
+                ranks = led.delivered_ranks(v)
+                size = sum(led.slot_of(r, v, SlotState.PENDING, SlotState.COMMITTED).size
+                           for r in ranks)
+                out.append((v, v == led.committed_version, ranks, size))
+            return led.committed_version, out
+
+    def committed_shard(self, job_id: str, rank: int, version: int = 0,
+                        verify: bool = True) -> tuple[str, pb.ShardManifest, shm.Segment]:
+        """The committed shard of ``rank`` (``version`` 0 = latest), checksum-verified."""
+        st = self.state
+        with st.lock:
+            led = st.job(job_id)
+            led._rank_slots(rank)
+            if led.committed_version == 0:
+                raise st.refuse(VersionNotFoundError(f"job {job_id!r} has no committed version"))
+            if version not in (0, led.committed_version):
+                raise st.refuse(VersionNotFoundError(
+                    f"job {job_id!r}: version {version} is not held (latest committed: "
+                    f"{led.committed_version})"))
+            slot = led.committed_slot(rank)
+            if slot is None:  # never expected: a committed version without the rank's slot
+                raise st.refuse(VersionNotFoundError(
+                    f"job {job_id!r}: rank {rank} has no committed shard here (committed version "
+                    f"{led.committed_version})"))
+            name = st.name_at(job_id, rank, slot.index)
+            held = st.held(name)
+        if verify:
+            try:
+                self.verifier.verify_payload(held.segment.buf if held.segment.buf is not None else b"",
+                                             held.manifest, f"segment {name}")
+            except Exception as exc:
+                log.error("%s", exc)
+                raise st.refuse(exc)
+        return name, held.manifest, held.segment
+
+    def stats(self) -> dict:
+        st = self.state
+        with st.lock:
+            jobs = []
+            for job, led in st.jobs.items():
+                jobs.append({
+                    "job_id": job, "world_size": led.world_size,
+                    "latest_committed_version": led.committed_version,
+                    "bytes_held": led.bytes_allocated(), "segments": st.segment_count(job),
+                })
+            return {
+                "node_id": st.node_id, "memory_budget_bytes": st.memory_budget_bytes,
+                "bytes_reserved": st.bytes_reserved(),
+                "bytes_committed": st.bytes_committed(), "jobs": jobs,
+                "requests_refused": st.requests_refused,
+            }
+
+
+def _copy(m: pb.ShardManifest) -> pb.ShardManifest:
+    out = pb.ShardManifest()
+    out.CopyFrom(m)
+    return out
