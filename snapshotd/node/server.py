@@ -25,11 +25,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from snapshotd.wire._proto import snapshotd_pb2_grpc as pb_grpc
+from snapshotd.wire.errors import MalformedRequestError
 from snapshotd.node.metrics import DaemonMetrics
 from snapshotd.node.service import (
     MAX_MESSAGE_BYTES,
     JobTokens,
-    MalformedRequestError,
     SnapshotdServicer,
     TokenInterceptor,
 )
@@ -54,7 +54,7 @@ class DaemonConfig:
     instance: str = ""  # namespace of this daemon's /dev/shm segments
     metrics_addr: str | None = None  # "host:port" of the Prometheus endpoint; None = off
     require_job_token: bool = False  # refuse to register a job without a job token
-    # Cluster mode: background scrubber (snapshotd.node.cluster.integrity); rate 0 = no passes.
+    # Cluster mode: background scrubber (snapshotd.node.cluster.scrub); rate 0 = no passes.
     scrub_rate_bytes_per_s: int = 64 << 20
     scrub_interval_s: float = 600.0
 
@@ -226,7 +226,7 @@ class RequestParseGuard(grpc.ServerInterceptor):
     :class:`MalformedRequest` instead of raising, and a behaviour that refuses one
     (``on_refused(method, detail)`` logs and counts, then the call is aborted). A
     malformed message in a request stream makes the servicer's iterator raise
-    :class:`~snapshotd.node.service.MalformedRequestError`, which the servicer refuses like
+    :class:`~snapshotd.wire.errors.MalformedRequestError`, which the servicer refuses like
     any invalid request (and which is refused here if it escapes). An empty body is a
     valid (empty) message and goes on to the servicer's own validation. The guarded
     handler of each method is built once and reused; thread-safe.
