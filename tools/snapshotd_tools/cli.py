@@ -12,12 +12,16 @@ from snapshotd.node import cli as node_cli
 from snapshotd.wire import config as c
 
 
+# The --help text the command has always shown (the module docstring is for readers).
+DESCRIPTION = "``snapshotd`` command line: serve, stats, demo."
+
+
 def _env(name: str, default=None):
     return os.environ.get(name, default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="snapshotd", description=__doc__)
+    p = argparse.ArgumentParser(prog="snapshotd", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True)
 
     node_cli.add_serve_parser(sub)
