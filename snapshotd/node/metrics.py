@@ -170,20 +170,17 @@ class DaemonMetrics:
         alive = c.alive_peers()
         down_ids = {nd for nd in c.group if nd != c.me and nd not in alive}
         out = {}
-        with c._lock:
-            rounds = [(j, jp.committed_version, jp.rounds.get(jp.committed_version))
-                      for j, jp in c.jobs.items() if jp.committed_version]
-        for job, v, r in rounds:
-            if r is None or r.layout is None:
+        for job, v, layout in c.committed_layouts():
+            if layout is None:
                 continue
             down = set(down_ids)
             if job in c.degraded:
                 down.add(c.me)
             idx = frozenset(c.group.index(nd) for nd in down)
-            key = (job, v, r.layout.block_counts, idx)
+            key = (job, v, layout.block_counts, idx)
             hit = self._redundancy_cache.get(key)
             if hit is None:
-                lost = lost_shards_per_stripe(r.layout, idx)
+                lost = lost_shards_per_stripe(layout, idx)
                 hit = {"version": v, "stripes": len(lost), "degraded_stripes": sum(1 for x in lost if x),
                        "max_lost_shards": max(lost, default=0), "m": c.m}
                 if len(self._redundancy_cache) > 256:
@@ -261,7 +258,7 @@ class _DaemonCollector:
             if curve is not None:
                 refused["curve"] = curve.denied
             yield from self._cluster(c, status, refused)
-        reply_bad = sum(getattr(cl, "checksum_failures", 0) for cl in list(c._clients.values())) if c else 0
+        reply_bad = c.peer_reply_checksum_failures() if c is not None else 0
         cs = CounterMetricFamily("snapshotd_checksum_failures",
                                  "Blocks that failed their checksum", labels=["where"])
         cs.add_metric(["client_api"], m.checksum_api)

@@ -22,7 +22,7 @@ import clusterkit as tc
 from snapshotd.wire import errors
 from snapshotd.wire import shm
 from snapshotd_tools import localcluster as lc
-from snapshotd.node.cluster.integrity import is_corrupt_reply
+from snapshotd.node.cluster.peer_ops import is_corrupt_reply
 from snapshotd.core.erasure import ErasureCode
 from snapshotd.core.integrity import (
     ScrubItem,
