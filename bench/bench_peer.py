@@ -4,11 +4,16 @@ Measures, in GB/s (1 GB = 1e9 bytes), median of --repeats, moving --size-mib of 
 --block-mib blocks between this process (the PeerClient) and a PeerServer running in a
 separate process (so the two sides do not share a GIL):
 
-* upload:   call_many of (header, block) requests, window --window; the handler acks.
-            The server verifies each payload's length and xxh3 before the handler.
-* download: call_many of header-only requests; the handler replies with a block (a
-            memoryview of a numpy array, sent zero-copy); replies are consumed through
-            ``on_reply`` (payload checked for length, then dropped), as a bulk reader would.
+* upload:   call_many of ``contrib`` requests (header + block), window --window; the
+            handler checks the block's size and acks. The server verifies each payload's
+            length and xxh3 before the handler.
+* download: call_many of ``fetch`` requests (header only); the handler replies with a
+            block (a memoryview of a numpy array, sent zero-copy); replies are consumed
+            through ``on_reply`` (payload checked for length, then dropped), as a bulk
+            reader would.
+
+Both go through the dict form of the peer API, so the op codec (dict <-> protobuf,
+snapshotd.node.peer.ops) is part of what is measured, as in the daemon.
 
 each with and without an HMAC key, against raw pyzmq PUSH/PULL with copy=False (one way,
 same block size, to a separate process; the end of a round is acknowledged on a
@@ -64,11 +69,13 @@ def _serve_peer(key: bytes | None, block_bytes: int) -> None:
     view = memoryview(block)
 
     def handler(sender, header, payload):
-        if header.get("op") == "put":
-            return {"ok": True, "n": 0 if payload is None else payload.nbytes}, None
-        if header.get("op") == "get":
-            return {"i": header.get("i")}, view
-        raise ValueError(f"unknown op {header.get('op')!r}")
+        if header["op"] == "contrib":
+            if payload is None or payload.nbytes != block_bytes:
+                raise ValueError(f"upload: got {None if payload is None else payload.nbytes} bytes")
+            return {"ok": True}, None
+        if header["op"] == "fetch":
+            return {"ok": True}, view
+        raise ValueError(f"unknown op {header['op']!r}")
 
     srv = PeerServer("tcp://127.0.0.1:0", SERVER_ID, key, [CLIENT_ID], handler,
                      max_payload_bytes=max(block_bytes, 1 << 20))
@@ -183,10 +190,11 @@ def bench_peer(block: np.ndarray, nblocks: int, window: int, repeats: int, key: 
         view = memoryview(block)
         nbytes = nblocks * block.nbytes
 
-        def upload(check: bool) -> None:
-            replies = cli.call_many([({"op": "put", "i": i}, view) for i in range(nblocks)], window=window)
-            if check and not all(h.get("n") == block.nbytes for h, _ in replies):
-                raise RuntimeError("upload: server saw wrong sizes")
+        counts = [nblocks] * 6
+
+        def upload(check: bool) -> None:  # a wrong size is an error reply: call_many raises
+            cli.call_many([({"op": "contrib", "job": "bench", "v": 1, "s": i, "t": 0, "p": 0,
+                             "counts": counts}, view) for i in range(nblocks)], window=window)
 
         def download(check: bool) -> None:
             def consume(i, header, payload):
@@ -195,8 +203,8 @@ def bench_peer(block: np.ndarray, nblocks: int, window: int, repeats: int, key: 
                 if check and not np.array_equal(np.frombuffer(payload, dtype=np.uint8), block):
                     raise RuntimeError("download: payload differs from the server's block")
 
-            cli.call_many([({"op": "get", "i": i}, None) for i in range(nblocks)], window=window,
-                          on_reply=consume)
+            cli.call_many([({"op": "fetch", "job": "bench", "v": 1, "kind": "data", "j": i}, None)
+                           for i in range(nblocks)], window=window, on_reply=consume)
 
         for direction, fn in (("upload", upload), ("download", download)):
             gbps, rates = _median_rate(fn, nbytes, repeats)

@@ -1,10 +1,10 @@
-"""Peer-plane transport (snapshotd.node.peer): real ZeroMQ sockets on 127.0.0.1, port 0."""
+"""Peer-plane transport (snapshotd.node.peer): real ZeroMQ sockets on 127.0.0.1, port 0,
+the protobuf frame header (proto/peer.proto) and the op dict <-> message codec."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import threading
 import time
 
@@ -13,8 +13,10 @@ import pytest
 import xxhash
 import zmq
 
+from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import SnapshotdError
 from snapshotd.node.peer import (
+    KNOWN_XXH3,
     MAGIC,
     PeerAuthError,
     PeerClient,
@@ -22,22 +24,47 @@ from snapshotd.node.peer import (
     PeerServer,
     PeerUnavailableError,
     RemoteError,
+    ops,
 )
+from snapshotd.node.peer.framing import decode_header, encode_body, payload_fields
 
 KEY = b"k" * 32
 MiB = 1 << 20
 
 
 def echo(sender, header, payload):
-    """Echo handler: returns the header (plus the sender) and the payload as received."""
-    op = header.get("op")
-    if op == "boom":
-        raise ValueError("kaboom: " + header.get("why", ""))
-    if op == "sleep":
-        time.sleep(header["s"])
-    reply = {k: v for k, v in header.items() if k not in ("len", "xxh3")}
-    reply["sender"] = sender
-    return reply, payload
+    """Echo handler on the real ops. ``ping`` answers its ``committed`` map plus
+    ``"sender:<id>": 1``; ``round`` answers ``{"size": v}``; ``jobs`` no jobs; every
+    other op acks; all echo the payload. A ``job`` of ``"boom:<why>"`` raises
+    ValueError("kaboom: <why>"); a ``job`` of ``"sleep"`` sleeps ``v`` ms first."""
+    op, job = header["op"], header.get("job", "")
+    if job.startswith("boom:"):
+        raise ValueError("kaboom: " + job[5:])
+    if job == "sleep":
+        time.sleep(header["v"] / 1000)
+    if op == "ping":
+        return {"committed": {**header["committed"], "sender:" + sender: 1}}, payload
+    if op == "round":
+        return {"size": header["v"]}, payload
+    if op == "jobs":
+        return {"jobs": {}}, payload
+    return {"ok": True}, payload
+
+
+def ping(tag: str = "t", n: int = 0) -> dict:
+    return {"op": "ping", "committed": {tag: n}}
+
+
+def rnd(v: int, job: str = "j") -> dict:
+    return {"op": "round", "job": job, "v": v}
+
+
+def fetch(j: int = 0) -> dict:
+    return {"op": "fetch", "job": "j", "v": 1, "kind": "data", "j": j}
+
+
+def tags(reply) -> dict:
+    return reply[0]["committed"]
 
 
 @pytest.fixture
@@ -85,9 +112,9 @@ def _wait_for(pred, timeout=2.0):
 def test_echo_without_payload(make_server, make_client, key):
     srv = make_server(key=key)
     cli = make_client(srv, key=key)
-    hdr, payload = cli.call({"op": "ping", "n": 7, "s": "é"})
+    hdr, payload = cli.call({"op": "ping", "committed": {"é": 7, "b": 0}})
     assert payload is None
-    assert hdr == {"op": "ping", "n": 7, "s": "é", "sender": "cli"}
+    assert hdr == {"committed": {"é": 7, "b": 0, "sender:cli": 1}}
     assert srv.served == 1 and not srv.refused
 
 
@@ -97,10 +124,10 @@ def test_echo_payload_bit_exact(make_server, make_client, key, size):
     srv = make_server(key=key)
     cli = make_client(srv, key=key)
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    hdr, payload = cli.call({"op": "put"}, data)
+    hdr, payload = cli.call(fetch(), data)
     assert isinstance(payload, memoryview)
     assert payload.nbytes == size and bytes(payload) == data
-    assert hdr["len"] == size and hdr["xxh3"] == xxhash.xxh3_64_intdigest(data)
+    assert hdr == {"ok": True}
 
 
 def test_payload_types_are_sent_as_bytes(make_server, make_client):
@@ -108,54 +135,168 @@ def test_payload_types_are_sent_as_bytes(make_server, make_client):
     cli = make_client(srv)
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     for obj in (bytearray(b"abc"), memoryview(b"xyz"), arr):
-        _, payload = cli.call({}, obj)
+        _, payload = cli.call(fetch(), obj)
         assert bytes(payload) == bytes(memoryview(obj).cast("B"))
     with pytest.raises(PeerProtocolError):
-        cli.call({}, arr[:, ::2])  # not contiguous
+        cli.call(fetch(), arr[:, ::2])  # not contiguous
     with pytest.raises(PeerProtocolError):
-        cli.call({"x": object()})  # not JSON
+        cli.call({"op": "fence", "job": "a" * (64 * 1024)})  # header too big
+    assert srv.served == 3  # refused before anything was sent
+    assert cli.call({"op": "fence", "job": "ok"})[0] == {"ok": True}
+
+
+@pytest.mark.parametrize("bad", [
+    {"op": "nope"}, {"v": 1}, {"op": 3}, "not a dict",
+    {"op": "fetch", "x": 1},                              # unknown field
+    {"op": "fetch", "job": object()},                     # wrong types
+    {"op": "fetch", "v": "3"}, {"op": "fetch", "v": True}, {"op": "fetch", "v": 1.5},
+    {"op": "fetch", "kind": "weird"},
+    {"op": "contrib", "s": -1}, {"op": "contrib", "counts": [1 << 64]},  # out of range
+    {"op": "contrib", "counts": 3}, {"op": "vote", "ranks": ["a"]},
+    {"op": "ping", "committed": {"a": "b"}}, {"op": "ping", "committed": {1: 2}},
+    {"op": "fetch", KNOWN_XXH3: -1}, {"op": "fetch", KNOWN_XXH3: "x"}, {"op": "fetch", KNOWN_XXH3: 1 << 64},
+])
+def test_requests_outside_the_schema_are_refused_before_sending(make_server, make_client, bad):
+    srv = make_server()
+    cli = make_client(srv)
     with pytest.raises(PeerProtocolError):
-        cli.call({"x": "a" * (64 * 1024)})  # header too big
-    assert cli.call({"ok": 1})[0]["ok"] == 1
+        cli.call(bad, b"p" if isinstance(bad, dict) and KNOWN_XXH3 in bad else None)
+    assert cli.call(ping())[0] == {"committed": {"t": 0, "sender:cli": 1}}
+    assert srv.served == 1 and not srv.refused
 
 
 def test_reply_memoryview_of_numpy_array(make_server, make_client):
     arr = np.random.default_rng(3).standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
 
     def handler(sender, header, payload):
-        return {"shape": list(arr.shape)}, memoryview(arr)
+        return {"size": arr.nbytes}, memoryview(arr)
 
     srv = make_server(handler)
     cli = make_client(srv)
-    hdr, payload = cli.call({"op": "get"})
-    got = np.frombuffer(payload, dtype=np.float32).reshape(hdr["shape"])
-    assert np.array_equal(got, arr)
+    hdr, payload = cli.call(rnd(1))
+    got = np.frombuffer(payload, dtype=np.float32).reshape(arr.shape)
+    assert hdr == {"size": arr.nbytes} and np.array_equal(got, arr)
     assert got.tobytes() == arr.tobytes()
 
 
 def test_call_many_order_and_window(make_server, make_client):
-    def handler(sender, header, payload):
-        return {"i": header["i"]}, payload
-
-    srv = make_server(handler)
+    srv = make_server()
     cli = make_client(srv)
-    reqs = [({"i": i}, bytes([i]) * (i * 1000)) for i in range(50)]
+    reqs = [(rnd(i), bytes([i]) * (i * 1000)) for i in range(50)]
     replies = cli.call_many(reqs, window=8)
-    assert [h["i"] for h, _ in replies] == list(range(50))
+    assert [h["size"] for h, _ in replies] == list(range(50))
     for i, (_, p) in enumerate(replies):
         assert bytes(p) == bytes([i]) * (i * 1000)
     assert cli.call_many([], window=8) == []
     # bulk: 4 MiB blocks, distinct contents, window 8
     blocks = [np.full(4 * MiB, i, dtype=np.uint8) for i in range(12)]
-    replies = cli.call_many([({"i": i}, b) for i, b in enumerate(blocks)], window=8)
+    replies = cli.call_many([(rnd(i), b) for i, b in enumerate(blocks)], window=8)
     for i, (h, p) in enumerate(replies):
-        assert h["i"] == i and np.array_equal(np.frombuffer(p, dtype=np.uint8), blocks[i])
+        assert h["size"] == i and np.array_equal(np.frombuffer(p, dtype=np.uint8), blocks[i])
 
 
 def test_call_many_rejects_bad_window(make_server, make_client):
     cli = make_client(make_server())
     with pytest.raises(ValueError):
-        cli.call_many([({}, None)], window=0)
+        cli.call_many([(ping(), None)], window=0)
+
+
+# ------------------------------------------------------------------------ the two API forms
+
+
+def test_every_op_round_trips_through_the_codec():
+    samples = [
+        {"op": "announce", "job": "j", "v": 3, "node": "n1", "block_count": 9, "ranks": [0, 1],
+         "sizes": [10, 20]},
+        {"op": "contrib", "job": "j", "v": 3, "s": 4, "t": 1, "p": 2, "counts": [9, 9, 0]},
+        {"op": "vote", "job": "j", "v": 3, "ranks": [5]},
+        {"op": "ping", "committed": {"j": 2, "k": 0}},
+        {"op": "round", "job": "j", "v": 3},
+        {"op": "fetch", "job": "j", "v": 3, "kind": "data", "j": 7},
+        {"op": "fetch", "job": "j", "v": 3, "kind": "parity", "s": 1, "t": 0},
+        {"op": "jobs"},
+        {"op": "suspect", "job": "j", "v": 3, "kind": "parity", "s": 2, "t": 1},
+        {"op": "fence", "job": "j"},
+        {"op": "rank_manifest", "job": "j", "v": 3, "rank": 4},
+        {"op": "rank_block", "job": "j", "v": 3, "rank": 4, "j": 0},
+    ]
+    assert {d["op"] for d in samples} == set(ops.REQUESTS)
+    for d in samples:
+        req = ops.request_from_dict(d)
+        wire = ppb.PeerRequest.FromString(req.SerializeToString())
+        assert ops.request_to_dict(wire) == d
+    replies = {"ping": {"committed": {"j": 2}}, "round": {"size": 12},
+               "jobs": {"jobs": {"j": {"committed": 2, "world_size": 8, "local_world_size": 4}}},
+               "fetch": {"ok": True}}
+    for op, d in replies.items():
+        assert ops.reply_to_dict(ops.reply_from_dict(op, d)) == d
+    with pytest.raises(PeerProtocolError):
+        ops.reply_from_dict("jobs", {"jobs": {"j": {"committed": 1, "extra": 1}}})
+    with pytest.raises(PeerProtocolError):
+        ops.reply_from_dict("fence", {"ok": False})
+
+
+def test_message_form(make_server, make_client):
+    def handler(sender, req, payload):
+        assert isinstance(req, ppb.PeerRequest)
+        if req.WhichOneof("op") == "round":
+            return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=req.round.version)), payload
+        body = bytes(payload)
+        return ppb.PeerReply(ack=ppb.Ack()), body, xxhash.xxh3_64_intdigest(body)
+
+    srv = make_server(handler=None, message_handler=handler)
+    cli = make_client(srv)
+    rep, payload = cli.call_message(ppb.PeerRequest(round=ppb.RoundRequest(job="j", version=5)))
+    assert rep.round.doc_bytes == 5 and payload is None
+    data = b"block" * 100
+    req = ppb.PeerRequest(fetch=ppb.FetchRequest(job="j", version=1, kind=ppb.BLOCK_KIND_DATA))
+    rep, payload = cli.call_message(req, data, payload_xxh3=xxhash.xxh3_64_intdigest(data))
+    assert rep.WhichOneof("body") == "ack" and bytes(payload) == data
+    seen = []
+    out = cli.call_many_messages(
+        [(ppb.PeerRequest(round=ppb.RoundRequest(version=i)), None) for i in range(10)],
+        on_reply=lambda i, r, p: seen.append(r.round.doc_bytes) or i)
+    assert out == list(range(10)) and seen == list(range(10))
+    with pytest.raises(PeerProtocolError):
+        cli.call_message(ppb.PeerRequest())  # no op
+    with pytest.raises(PeerProtocolError):
+        cli.call_message(ppb.PeerReply(ack=ppb.Ack()))  # not a request
+    with pytest.raises(ValueError):
+        PeerServer("tcp://127.0.0.1:0", "x", None, None)  # no handler at all
+
+
+def test_known_xxh3_is_sent_and_verified(make_server, make_client):
+    srv = make_server()
+    cli = make_client(srv)
+    data = b"stored block"
+    hdr = {**fetch(), KNOWN_XXH3: xxhash.xxh3_64_intdigest(data)}
+    assert bytes(cli.call(hdr, data)[1]) == data
+    assert bytes(cli.call({**fetch(), KNOWN_XXH3: np.uint64(hdr[KNOWN_XXH3])}, data)[1]) == data
+    assert KNOWN_XXH3 in hdr  # the caller's dict is never changed (requests are resent)
+    with pytest.raises(RemoteError) as ei:  # a stored checksum that does not match: at rest
+        cli.call({**fetch(), KNOWN_XXH3: 12345}, data)
+    assert ei.value.error_code == "PEER_PROTOCOL" and "xxh3 mismatch" in str(ei.value)
+    assert "stored checksum" in str(ei.value) and srv.refused["checksum"] == 1
+
+    def lying(sender, header, payload):
+        return {"ok": True, KNOWN_XXH3: 1}, b"rotten"
+
+    liar = make_client(make_server(lying))
+    with pytest.raises(PeerProtocolError, match="xxh3 mismatch"):
+        liar.call(fetch())
+    assert liar.checksum_failures == 1
+
+
+def test_frame_header_carries_payload_fields():
+    body = encode_body("request", ops.request_from_dict(fetch()), True)
+    raw = body + payload_fields(memoryview(b"abc"))
+    h = decode_header(raw)
+    assert h.payload_bytes == 3 and h.payload_xxh3 == xxhash.xxh3_64_intdigest(b"abc")
+    assert not h.payload_xxh3_stored and ops.request_to_dict(h.request) == fetch()
+    h = decode_header(body + payload_fields(memoryview(b"abc"), stored_xxh3=7))
+    assert h.payload_xxh3 == 7 and h.payload_xxh3_stored
+    assert not decode_header(encode_body("request", ops.request_from_dict(ping()), False)).HasField(
+        "payload_bytes")
 
 
 # ------------------------------------------------------------------------ errors
@@ -165,12 +306,12 @@ def test_handler_exception_becomes_remote_error(make_server, make_client):
     srv = make_server()
     cli = make_client(srv)
     with pytest.raises(RemoteError) as ei:
-        cli.call({"op": "boom", "why": "bad block"})
+        cli.call({"op": "fence", "job": "boom:bad block"})
     e = ei.value
     assert isinstance(e, SnapshotdError)
     assert e.error_code == "INVALID_REQUEST" and e.message == "kaboom: bad block"
     assert "kaboom: bad block" in str(e) and e.peer_id == "srv"
-    assert cli.call({"op": "ping"})[0]["op"] == "ping"  # server still serves
+    assert tags(cli.call(ping("x"))) == {"x": 0, "sender:cli": 1}  # server still serves
     assert srv.handler_errors == 1 and srv.served == 2
     assert cli.resets == 0  # nothing was left in flight: the connection is kept
 
@@ -183,25 +324,29 @@ def test_snapshotd_error_code_travels(make_server, make_client):
 
     cli = make_client(make_server(handler))
     with pytest.raises(RemoteError) as ei:
-        cli.call_many([({}, None)] * 3)
+        cli.call_many([(ping(), None)] * 3)
     assert ei.value.error_code == "UNKNOWN_JOB" and ei.value.grpc_code_name == "NOT_FOUND"
 
 
 def test_bad_handler_return_is_an_error_reply(make_server, make_client):
     def handler(sender, header, payload):
-        if header.get("bad") == "shape":
+        job = header.get("job")
+        if job == "shape":
             return "nope"
-        if header.get("bad") == "json":
-            return {"x": {1, 2}}, None
+        if job == "field":
+            return {"x": 1}, None  # not a field of the op's reply
+        if job == "type":
+            return {"size": "big"}, None
         return {"ok": True}, None
 
     cli = make_client(make_server(handler))
     with pytest.raises(RemoteError):
-        cli.call({"bad": "shape"})
-    with pytest.raises(RemoteError) as ei:
-        cli.call({"bad": "json"})
-    assert ei.value.error_code == "PEER_PROTOCOL"
-    assert cli.call({})[0] == {"ok": True}
+        cli.call({"op": "fence", "job": "shape"})
+    for job, op in (("field", "fence"), ("type", "round")):
+        with pytest.raises(RemoteError) as ei:
+            cli.call({"op": op, "job": job})
+        assert ei.value.error_code == "PEER_PROTOCOL"
+    assert cli.call({"op": "fence", "job": "fine"})[0] == {"ok": True}
 
 
 # ------------------------------------------------------------------------ auth
@@ -211,23 +356,23 @@ def test_wrong_key_is_refused(make_server, make_client):
     srv = make_server(key=KEY)
     bad = make_client(srv, key=b"x" * 32)
     with pytest.raises(PeerAuthError):  # reply is signed with a key the client lacks
-        bad.call({"op": "ping"})
+        bad.call(ping())
     assert srv.refused["auth"] == 1 and srv.served == 0
     nokey = make_client(srv, key=None)
     with pytest.raises(RemoteError) as ei:  # no key: the error reply is readable
-        nokey.call({"op": "ping"}, b"data")
+        nokey.call(fetch(), b"data")
     assert ei.value.message == "unauthenticated" and ei.value.error_code == "PEER_AUTH"
     assert ei.value.grpc_code_name == "UNAUTHENTICATED"
     assert srv.refused["auth"] == 2 and srv.served == 0
     good = make_client(srv, key=KEY)
-    assert good.call({"op": "ping"})[0]["op"] == "ping"
+    assert tags(good.call(ping())) == {"t": 0, "sender:cli": 1}
 
 
 def test_client_with_key_rejects_unsigned_server(make_server, make_client):
     srv = make_server(key=None)
     cli = make_client(srv, key=KEY)
     with pytest.raises(PeerAuthError):
-        cli.call({"op": "ping"})
+        cli.call(ping())
     assert srv.served == 1  # the server (no key) accepted it; the reply was rejected
 
 
@@ -235,18 +380,18 @@ def test_client_rejects_unexpected_server_id(make_server, make_client):
     srv = make_server(node_id="impostor", key=KEY)
     cli = make_client(srv, peer_id="srv", key=KEY)
     with pytest.raises(PeerAuthError):
-        cli.call({"op": "ping"})
+        cli.call(ping())
 
 
 def test_unknown_sender_is_refused(make_server, make_client):
     srv = make_server(key=KEY, allowed={"n1", "n2"})
     stranger = make_client(srv, node_id="n3", key=KEY)
     with pytest.raises(RemoteError) as ei:
-        stranger.call({"op": "ping"})
+        stranger.call(ping())
     assert ei.value.error_code == "PEER_AUTH"
     assert srv.refused["unknown_peer"] == 1 and srv.served == 0
     friend = make_client(srv, node_id="n1", key=KEY)
-    assert friend.call({"op": "ping"})[0]["sender"] == "n1"
+    assert "sender:n1" in tags(friend.call(ping()))
 
 
 # ------------------------------------------------------------------------ garbage
@@ -259,8 +404,24 @@ def _raw_dealer(port):
     return s
 
 
-def _hdr(d):
-    return json.dumps(d).encode()
+def _hdr(request=None, **fields) -> bytes:
+    """A PeerFrameHeader built by hand: ``request`` a dict (through the codec) or a
+    PeerRequest, plus frame header fields."""
+    h = ppb.PeerFrameHeader(**fields)
+    if isinstance(request, dict):
+        request = ops.request_from_dict(request)
+    if request is not None:
+        h.request.CopyFrom(request)
+    return h.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["nokey", "key"])
@@ -271,23 +432,39 @@ def test_garbage_frames_do_not_stop_the_server(make_server, make_client, key):
     def mac(sender, rid, header):
         return hmac.new(key, MAGIC + sender + rid + header, hashlib.sha256).digest() if key else b""
 
+    def signed(header, *payload):
+        return [MAGIC, b"cli", rid, header, mac(b"cli", rid, header), *payload]
+
     rid = b"\0" * 8
-    big = _hdr({"pad": "x" * (64 * 1024)})
-    bad_json = b"{not json"
-    good_hdr = _hdr({"len": 3, "xxh3": xxhash.xxh3_64_intdigest(b"abd")})
-    over_hdr = _hdr({"len": 5000, "xxh3": 0})
+    ok = _hdr(ping())
+    big = _hdr({"op": "fence", "job": "x" * (64 * 1024)})
+    unknown_op = b"\x22" + _varint(4) + _varint((99 << 3) | 2) + b"\x01\x00"  # request.<field 99>
+    bad_kind = b"\x22\x04\x32\x02\x18\x07"  # request.fetch.kind = 7
+    reply = ppb.PeerFrameHeader(reply=ppb.PeerReply(ack=ppb.Ack())).SerializeToString()
+    no_op = ppb.PeerFrameHeader(request=ppb.PeerRequest()).SerializeToString()
+    deep = b"\x7b" * 30000 + b"\x7c" * 30000  # groups nested 30000 deep
+    good_hdr = _hdr(fetch(), payload_bytes=3, payload_xxh3=xxhash.xxh3_64_intdigest(b"abd"))
+    over_hdr = _hdr(fetch(), payload_bytes=5000, payload_xxh3=0)
     garbage = [
-        [b"hello"],                                               # 1 frame
-        [b"XXX", b"cli", rid, b"{}", b""],                         # bad magic
-        [MAGIC, b"cli", b"short", b"{}", b""],                     # bad request id
-        [MAGIC, b"cli", rid, b"{}", b"", b"p", b"extra"],           # too many frames
-        [MAGIC, b"cli", rid, bad_json, mac(b"cli", rid, bad_json)],  # invalid JSON
-        [MAGIC, b"cli", rid, b"[1]", mac(b"cli", rid, b"[1]")],    # JSON but not an object
-        [MAGIC, b"cli", rid, big, mac(b"cli", rid, big)],           # header > 64 KiB
-        [MAGIC, b"\xff\xfe", rid, b"{}", b""],                     # sender not UTF-8
-        [MAGIC, b"cli", rid, good_hdr, mac(b"cli", rid, good_hdr), b"abc"],  # xxh3 mismatch
-        [MAGIC, b"cli", rid, over_hdr, mac(b"cli", rid, over_hdr), b"z" * 5000],  # > max payload
-        [MAGIC, b"cli", rid, b"{}", mac(b"cli", rid, b"{}"), b"nolen"],  # payload, no len
+        [b"hello"],                                                # 1 frame
+        [b"XXX", b"cli", rid, ok, b""],                            # bad magic
+        [b"SD1", b"cli", rid, b'{"op":"jobs"}', b""],              # the old JSON framing
+        [MAGIC, b"cli", b"short", ok, b""],                        # bad request id
+        [MAGIC, b"cli", rid, ok, b"", b"p", b"extra"],             # too many frames
+        signed(b"\xff\xff\xff"),                                   # not protobuf
+        signed(b"\x20\x01"),                                       # request field, wrong wire type
+        signed(b"\x78\x01"),                                       # unknown header field
+        signed(unknown_op),                                        # an op this node lacks
+        signed(no_op),                                             # a request without an op
+        signed(b""),                                               # no body at all
+        signed(reply),                                             # a reply, not a request
+        signed(bad_kind),                                          # enum value out of the schema
+        signed(deep),                                              # nesting bomb
+        signed(big),                                               # header > 64 KiB
+        [MAGIC, b"\xff\xfe", rid, ok, b""],                        # sender not UTF-8
+        signed(good_hdr, b"abc"),                                  # xxh3 mismatch
+        signed(over_hdr, b"z" * 5000),                             # > max payload
+        signed(ok, b"nolen"),                                      # payload, no length/xxh3
     ]
     for msg in garbage:
         raw.send_multipart(msg)
@@ -297,22 +474,39 @@ def test_garbage_frames_do_not_stop_the_server(make_server, make_client, key):
     assert srv.refused["malformed"] == n_expected - 1
     assert srv.served == 0
     # A frame far over MAXMSGSIZE drops that connection only.
-    raw.send_multipart([MAGIC, b"cli", rid, b"{}", b"", b"\0" * (1 << 20)])
+    raw.send_multipart([MAGIC, b"cli", rid, ok, b"", b"\0" * (1 << 20)])
     raw.close()
     cli = make_client(srv, key=key)
     for _ in range(3):
-        assert bytes(cli.call({"op": "echo"}, b"fine")[1]) == b"fine"
+        assert bytes(cli.call(fetch(), b"fine")[1]) == b"fine"
     assert srv.served == 3
+
+
+def test_refusals_are_answered_with_a_code(make_server):
+    srv = make_server(key=KEY)
+    raw = _raw_dealer(srv.port)
+    try:
+        rid = b"\1" * 8
+        header = _hdr({"op": "jobs"}, payload_bytes=1 << 40, payload_xxh3=0)
+        raw.send_multipart([MAGIC, b"cli", rid, header,
+                            hmac.new(KEY, MAGIC + b"cli" + rid + header, hashlib.sha256).digest(), b"abcd"])
+        assert raw.poll(3000)
+        magic, sender, rrid, reply, mac = raw.recv_multipart()
+        assert (magic, sender, rrid) == (MAGIC, b"srv", rid)
+        err = decode_header(reply).error
+        assert err.code == "PEER_PROTOCOL" and "header says" in err.message
+    finally:
+        raw.close()
 
 
 def test_too_big_payload_from_client_gets_error(make_server, make_client):
     srv = make_server(max_payload_bytes=1000)
     cli = make_client(srv)
     with pytest.raises(RemoteError) as ei:
-        cli.call({}, b"x" * 2000)  # over the limit but under MAXMSGSIZE: error reply
+        cli.call(fetch(), b"x" * 2000)  # over the limit but under MAXMSGSIZE: error reply
     assert ei.value.error_code == "PEER_PROTOCOL"
     assert srv.refused["malformed"] == 1
-    assert bytes(cli.call({}, b"x" * 1000)[1]) == b"x" * 1000
+    assert bytes(cli.call(fetch(), b"x" * 1000)[1]) == b"x" * 1000
 
 
 # ------------------------------------------------------------------------ timeouts
@@ -323,27 +517,25 @@ def test_timeout_then_next_call_gets_its_own_reply(make_server, make_client):
     cli = make_client(srv, timeout_ms=300)
     t0 = time.monotonic()
     with pytest.raises(PeerUnavailableError):
-        cli.call({"op": "sleep", "s": 1.0, "tag": "old"})
+        cli.call({"op": "round", "job": "sleep", "v": 1000})
     took = time.monotonic() - t0
     assert 0.25 <= took < 0.9, took
     assert cli.resets == 1
-    # The server is still sleeping; this call must wait for its own reply, never "old".
-    hdr, _ = cli.call({"op": "ping", "tag": "new"}, timeout_ms=3000)
-    assert hdr["tag"] == "new"
+    # The server is still sleeping; this call must wait for its own reply, never the old one.
+    assert tags(cli.call(ping("new"), timeout_ms=3000)) == {"new": 0, "sender:cli": 1}
     time.sleep(0.1)
-    hdr, _ = cli.call({"op": "ping", "tag": "newer"})
-    assert hdr["tag"] == "newer"
+    assert tags(cli.call(ping("newer"))) == {"newer": 0, "sender:cli": 1}
     assert srv.served == 3
 
 
 def test_timeout_in_call_many_resets(make_server, make_client):
     srv = make_server()
     cli = make_client(srv, timeout_ms=250)
-    reqs = [({"op": "ping", "i": i}, None) for i in range(4)] + [({"op": "sleep", "s": 0.6}, None)]
+    reqs = [(rnd(i), None) for i in range(4)] + [({"op": "round", "job": "sleep", "v": 600}, None)]
     with pytest.raises(PeerUnavailableError):
         cli.call_many(reqs, window=8)
-    replies = cli.call_many([({"op": "ping", "i": i}, None) for i in range(5)], timeout_ms=3000)
-    assert [h["i"] for h, _ in replies] == list(range(5))
+    replies = cli.call_many([(rnd(i), None) for i in range(5)], timeout_ms=3000)
+    assert [h["size"] for h, _ in replies] == list(range(5))
 
 
 def test_nothing_listening(make_client):
@@ -353,27 +545,27 @@ def test_nothing_listening(make_client):
     try:
         t0 = time.monotonic()
         with pytest.raises(PeerUnavailableError):
-            cli.call({"op": "ping"})
+            cli.call(ping())
         assert time.monotonic() - t0 < 1.0
         with pytest.raises(PeerUnavailableError):
-            cli.call_many([({"op": "ping"}, b"x" * 100)] * 3, timeout_ms=200)
+            cli.call_many([(fetch(), b"x" * 100)] * 3, timeout_ms=200)
     finally:
         cli.close()
     with pytest.raises(PeerUnavailableError):
-        cli.call({"op": "ping"})  # closed
+        cli.call(ping())  # closed
 
 
 def test_server_restart_on_same_port(make_server, make_client):
     srv = make_server(key=KEY)
     port = srv.port
     cli = make_client(srv, key=KEY, timeout_ms=300)
-    assert cli.call({"op": "ping"})[0]["op"] == "ping"
+    assert "t" in tags(cli.call(ping()))
     srv.stop()
     with pytest.raises(PeerUnavailableError):
-        cli.call({"op": "ping"})
+        cli.call(ping())
     srv2 = PeerServer(f"tcp://127.0.0.1:{port}", "srv", KEY, None, echo).start()
     try:
-        assert cli.call({"op": "ping"}, timeout_ms=3000)[0]["op"] == "ping"
+        assert "t" in tags(cli.call(ping(), timeout_ms=3000))
     finally:
         srv2.stop()
 
@@ -391,12 +583,13 @@ def test_threads_share_one_client(make_server, make_client):
             for i in range(25):
                 data = bytes([t, i]) * (1000 + 97 * i)
                 if i % 5 == 0:
-                    replies = cli.call_many([({"t": t, "i": i, "j": j}, data) for j in range(4)], window=2)
-                    assert [(h["t"], h["i"], h["j"]) for h, _ in replies] == [(t, i, j) for j in range(4)]
+                    vs = [t * 10000 + i * 10 + j for j in range(4)]
+                    replies = cli.call_many([(rnd(v), data) for v in vs], window=2)
+                    assert [h["size"] for h, _ in replies] == vs
                     assert all(bytes(p) == data for _, p in replies)
                 else:
-                    hdr, p = cli.call({"t": t, "i": i}, data)
-                    assert (hdr["t"], hdr["i"]) == (t, i) and bytes(p) == data
+                    hdr, p = cli.call(rnd(t * 10000 + i * 10), data)
+                    assert hdr["size"] == t * 10000 + i * 10 and bytes(p) == data
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -419,7 +612,7 @@ def test_server_lifecycle():
     with PeerServer("tcp://*:0", "srv", None, None, echo) as s2:
         assert s2.port
         with PeerClient(f"tcp://127.0.0.1:{s2.port}", "c", "srv", None) as c:
-            assert c.call({"a": 1})[0]["a"] == 1
+            assert c.call({"op": "jobs"})[0] == {"jobs": {}}
 
 
 def test_mismatched_request_ids_are_discarded():
@@ -429,20 +622,23 @@ def test_mismatched_request_ids_are_discarded():
     port = router.bind_to_random_port("tcp://127.0.0.1")
     seen = []
 
+    def reply(size):
+        return ppb.PeerFrameHeader(reply=ppb.PeerReply(round=ppb.RoundReply(doc_bytes=size))).SerializeToString()
+
     def fake_server():
         ident, magic, sender, rid, header, mac = router.recv_multipart()
         seen.append((magic, sender, header, mac))
         stale = (int.from_bytes(rid, "big") ^ 1).to_bytes(8, "big")
-        router.send_multipart([ident, MAGIC, b"srv", stale, b'{"who":"stale"}', b""])
-        router.send_multipart([ident, MAGIC, b"srv", rid, b'{"who":"mine"}', b""])
+        router.send_multipart([ident, MAGIC, b"srv", stale, reply(1), b""])
+        router.send_multipart([ident, MAGIC, b"srv", rid, reply(2), b""])
 
     th = threading.Thread(target=fake_server)
     th.start()
     cli = PeerClient(f"tcp://127.0.0.1:{port}", "cli", "srv", None, timeout_ms=3000)
     try:
-        hdr, payload = cli.call({"q": 1})
-        assert hdr == {"who": "mine"} and payload is None and cli.discarded == 1
-        assert seen == [(MAGIC, b"cli", b'{"q":1}', b"")]
+        hdr, payload = cli.call(rnd(1, job="q"))
+        assert hdr == {"size": 2} and payload is None and cli.discarded == 1
+        assert seen == [(MAGIC, b"cli", _hdr(rnd(1, job="q")), b"")]
     finally:
         th.join(5)
         cli.close()
@@ -457,24 +653,24 @@ def test_handler_gets_memoryview_of_frame(make_server, make_client):
         return {}, None
 
     cli = make_client(make_server(handler))
-    cli.call({}, b"abc")
-    cli.call({})
+    cli.call(fetch(), b"abc")
+    cli.call(fetch())
     assert kinds == [(memoryview, b"abc"), (type(None), None)]
 
 
 def test_call_many_on_reply_streams_in_order(make_server, make_client):
     def handler(sender, header, payload):
-        return {"i": header["i"]}, bytes([header["i"]]) * 1000
+        return {"size": header["v"]}, bytes([header["v"]]) * 1000
 
     cli = make_client(make_server(handler))
     seen = []
 
     def on_reply(i, header, payload):
         seen.append(i)
-        assert header["i"] == i and bytes(payload) == bytes([i]) * 1000
+        assert header["size"] == i and bytes(payload) == bytes([i]) * 1000
         return i * 10
 
-    out = cli.call_many([({"i": i}, None) for i in range(30)], window=8, on_reply=on_reply)
+    out = cli.call_many([(rnd(i), None) for i in range(30)], window=8, on_reply=on_reply)
     assert out == [i * 10 for i in range(30)] and seen == list(range(30))
 
     def failing(i, header, payload):
@@ -482,6 +678,6 @@ def test_call_many_on_reply_streams_in_order(make_server, make_client):
             raise KeyError("consumer failed")
 
     with pytest.raises(KeyError):
-        cli.call_many([({"i": i}, None) for i in range(30)], window=8, on_reply=failing)
+        cli.call_many([(rnd(i), None) for i in range(30)], window=8, on_reply=failing)
     assert cli.resets == 1
-    assert [h["i"] for h, _ in cli.call_many([({"i": i}, None) for i in range(5)])] == list(range(5))
+    assert [h["size"] for h, _ in cli.call_many([(rnd(i), None) for i in range(5)])] == list(range(5))

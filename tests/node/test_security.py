@@ -3,8 +3,8 @@
 Real daemon processes, real gRPC, real ZeroMQ (see docs/SECURITY.md for the model):
 1. a client without (or with a wrong) daemon token;
 2. a peer without the peer key (wrong key, no key, a sender outside the spec);
-3. oversized length claims: a shard bigger than the budget, a peer header whose "len"
-   lies, and a raw ZMTP frame whose 8-byte length prefix says 1 TiB;
+3. oversized length claims: a shard bigger than the budget, a peer header whose
+   payload_bytes lies, and a raw ZMTP frame whose 8-byte length prefix says 1 TiB;
 4. a request for another job's snapshot (jobs bound to job tokens);
 5. a cluster with ``peer_encryption: curve`` commits and rebuilds; peers with a wrong
    key, or talking plaintext, are refused at the handshake.
@@ -33,8 +33,9 @@ from snapshotd.wire import shm
 from snapshotd_tools import localcluster as lc
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.manifest import block_checksums
-from snapshotd.node.peer import MAGIC, PeerAuthError, PeerClient, PeerUnavailableError, RemoteError, _mac
-from snapshotd.node.peer_curve import CurvePeers, derive_keypair
+from snapshotd.node.peer import MAGIC, PeerAuthError, PeerClient, PeerUnavailableError, RemoteError
+from snapshotd.node.peer import frame_mac as _mac, ops as peer_ops, peer_pb2
+from snapshotd.node.peer.curve import CurvePeers, derive_keypair
 from snapshotd.core.spec import load_spec
 from snapshotd_client.transport import DaemonClient
 
@@ -184,29 +185,31 @@ def test_oversized_length_claims_are_refused_before_allocation(daemon_factory, t
         cl.register_job("huge", 1 << 21)
     assert cl.stats().bytes_reserved == 0
     assert metric(port, "snapshotd_requests_refused_total", reason="RESOURCE_EXHAUSTED") == 4
-    # (b) peer plane: a header whose "len" claims 1 TiB for a 4-byte payload.
+    # (b) peer plane: a header whose payload_bytes claims 1 TiB for a 4-byte payload.
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://127.0.0.1:{peer_port}")
     try:
         rid = os.urandom(8)
-        header = json.dumps({"op": "jobs", "len": 1 << 40, "xxh3": 0}).encode()
+        header = peer_pb2.PeerFrameHeader(request=peer_ops.request_from_dict({"op": "jobs"}),
+                                          payload_bytes=1 << 40, payload_xxh3=0).SerializeToString()
         sock.send_multipart([MAGIC, node.encode(), rid, header, _mac(key.encode(), node.encode(), rid, header), b"abcd"])
         assert sock.poll(5000), "no reply"
-        reply = sock.recv_multipart()
-        assert b"PeerProtocolError" in reply[3] and b"header says" in reply[3], reply[3]
+        err = peer_pb2.PeerFrameHeader.FromString(sock.recv_multipart()[3]).error
+        assert err.code == "PEER_PROTOCOL" and "header says" in err.message, err
     finally:
         sock.close(linger=0)
-    # ... and a header nested 30000 deep (json would overflow the stack): refused, no traceback.
+    # ... and a header of groups nested 30000 deep (a recursion bomb): refused, no traceback.
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://127.0.0.1:{peer_port}")
     try:
         rid = os.urandom(8)
-        header = b'{"a":' + b"[" * 30000 + b"]" * 30000 + b"}"
+        header = b"\x7b" * 30000 + b"\x7c" * 30000  # field 15, start-group / end-group
         sock.send_multipart([MAGIC, node.encode(), rid, header, _mac(key.encode(), node.encode(), rid, header)])
         assert sock.poll(5000), "no reply"
-        assert b"not valid JSON" in sock.recv_multipart()[3]
+        err = peer_pb2.PeerFrameHeader.FromString(sock.recv_multipart()[3]).error
+        assert "not a valid PeerFrameHeader" in err.message, err
     finally:
         sock.close(linger=0)
     assert metric(port, "snapshotd_peer_messages_refused_total", reason="malformed") == 2
@@ -219,7 +222,7 @@ def test_oversized_length_claims_are_refused_before_allocation(daemon_factory, t
         s.sendall(_zmtp_null_greeting())
         s.recv(64)
         s.sendall(_zmtp_ready(b"DEALER"))
-        s.sendall(b"\x00\x03SD1")  # a well-framed one-frame message: proves the handshake took
+        s.sendall(b"\x00\x03" + MAGIC)  # a well-framed one-frame message: proves the handshake took
         wait_for(lambda: metric(port, "snapshotd_peer_messages_refused_total", reason="malformed") == 3,
                  what="the raw ZMTP message to arrive")
         s.sendall(b"\x02" + struct.pack(">Q", 1 << 40) + b"\0" * 4096)  # long frame, 1 TiB claimed

@@ -1,0 +1,306 @@
+"""The peer server: one ROUTER socket answering peer requests from one thread.
+
+Call order: ``PeerServer(...)`` binds (port 0 is fine: read ``port`` back), ``start()``
+starts the thread, ``stop()`` (idempotent; also ``close`` and the context manager)
+stops it and closes the socket. The handler runs in the server thread, one request at
+a time, so it must be quick and must not call out to peers.
+
+Two handler forms (give one):
+
+* ``handler(sender_id, header_dict, payload) -> (reply_dict, reply_payload_or_None)``:
+  the dict form of :mod:`.ops` (a reply dict may carry ``KNOWN_XXH3``);
+* ``message_handler(sender_id, request, payload) -> (reply, reply_payload_or_None[,
+  payload_xxh3])``: ``request`` a ``peer_pb2.PeerRequest``, ``reply`` a ``PeerReply``.
+
+``payload`` is a memoryview of the received frame (zero copy) or None. Handler exceptions
+become error replies carrying the error's code (:func:`remote_error_code`); messages
+that are malformed, unauthenticated, from an unknown sender or carry an unknown op are
+refused, counted in :attr:`PeerServer.refused`, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections import Counter
+from typing import Callable, Collection
+
+import zmq
+
+from snapshotd.node.peer import ops
+from snapshotd.node.peer.framing import (
+    DEFAULT_MAX_PAYLOAD,
+    KNOWN_XXH3,
+    MAC_BYTES,
+    MAGIC,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_HEADER_BYTES,
+    MAX_NODE_ID_BYTES,
+    MAXMSGSIZE_SLACK,
+    RID_BYTES,
+    as_byte_view,
+    check_key,
+    check_payload,
+    checksum_mismatch,
+    decode_header,
+    known_xxh3,
+    encode_body,
+    frame_mac,
+    node_id_bytes,
+    payload_checksum_ok,
+    payload_fields,
+)
+from snapshotd.wire._proto import peer_pb2 as ppb
+from snapshotd.wire.errors import (
+    InvalidRequestError,
+    NotHeldError,
+    PeerAuthError,
+    PeerProtocolError,
+    SnapshotdError,
+    error_for,
+)
+
+log = logging.getLogger("snapshotd.node.peer")
+
+_POLL_MS = 50  # server loop wake-up interval (bounds stop() latency)
+
+Handler = Callable[[str, dict, "memoryview | None"], "tuple[dict, object | None]"]
+MessageHandler = Callable[[str, ppb.PeerRequest, "memoryview | None"], tuple]
+
+
+def remote_error_code(exc: BaseException) -> str:
+    """The code an error reply carries (see :mod:`snapshotd.wire.errors`). A handler's
+    KeyError ("not held here") and ValueError (a bad request) have codes of their own;
+    anything else foreign is the base code (an internal error)."""
+    if isinstance(exc, SnapshotdError):
+        return error_for(exc)
+    if isinstance(exc, KeyError):
+        return NotHeldError.code
+    if isinstance(exc, ValueError):
+        return InvalidRequestError.code
+    return SnapshotdError.code
+
+
+class _MessageCalls:
+    """Calls a message handler: the request as received, the reply as returned."""
+
+    def __init__(self, handler: MessageHandler):
+        self._handler = handler
+
+    def decode(self, request: ppb.PeerRequest) -> ppb.PeerRequest:
+        ops.request_op(request)
+        return request
+
+    def call(self, sender: str, request: ppb.PeerRequest, payload):
+        result = self._handler(sender, request, payload)
+        reply, reply_payload, known = (*result, None) if len(result) == 2 else result
+        return reply, reply_payload, known_xxh3(known)
+
+
+class _DictCalls:
+    """Calls a dict handler through the :mod:`.ops` codec."""
+
+    def __init__(self, handler: Handler):
+        self._handler = handler
+
+    def decode(self, request: ppb.PeerRequest) -> dict:
+        return ops.request_to_dict(request)
+
+    def call(self, sender: str, header: dict, payload):
+        reply, reply_payload = self._handler(sender, header, payload)
+        known = None
+        if isinstance(reply, dict) and KNOWN_XXH3 in reply:
+            reply = dict(reply)
+            known = known_xxh3(reply.pop(KNOWN_XXH3))
+        return ops.reply_from_dict(header["op"], reply), reply_payload, known
+
+
+class PeerServer:
+    """ROUTER socket answering peer requests from one daemon thread.
+
+    ``refused`` counts refused messages by reason: ``"malformed"`` (framing, magic,
+    header size/schema, unknown op, payload over ``max_payload_bytes`` or length
+    mismatch), ``"checksum"`` (payload xxh3 mismatch), ``"auth"`` (missing/wrong MAC),
+    ``"unknown_peer"`` (sender not in ``allowed_peers``), ``"internal"`` (unexpected
+    failure while processing; logged). ``served`` counts requests that reached the
+    handler (``handler_errors`` of them raised).
+    """
+
+    def __init__(self, bind: str, node_id: str, key: bytes | None,
+                 allowed_peers: Collection[str] | None, handler: Handler | None = None,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None, *,
+                 message_handler: MessageHandler | None = None):
+        if (handler is None) == (message_handler is None):
+            raise ValueError("give exactly one of handler and message_handler")
+        self.node_id = node_id
+        self._node_raw = node_id_bytes(node_id, "node_id")
+        self._key = check_key(key)
+        self._allowed = None if allowed_peers is None else frozenset(allowed_peers)
+        self._calls = _DictCalls(handler) if handler is not None else _MessageCalls(message_handler)
+        if max_payload_bytes < 0:
+            raise ValueError("max_payload_bytes must be >= 0")
+        self.max_payload_bytes = int(max_payload_bytes)
+        self.refused: Counter[str] = Counter()
+        self.served = 0
+        self.handler_errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload_bytes + MAXMSGSIZE_SLACK)
+            if curve is not None:  # snapshotd.node.peer.curve.CurvePeers: encrypt, admit spec nodes only
+                curve.setup_server(sock)
+            sock.bind(bind)
+            self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._sock = sock
+        tail = self.endpoint.rsplit(":", 1)[-1]
+        self.port: int | None = int(tail) if self.endpoint.startswith("tcp://") and tail.isdigit() else None
+
+    # -- lifecycle
+
+    def start(self) -> "PeerServer":
+        if self._closed:
+            raise RuntimeError("server is stopped")
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self._thread = threading.Thread(target=self._run, name=f"peer-server-{self.node_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, close the socket (LINGER 0) and join the thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is None:
+            self._sock.close(linger=0)
+        elif self._thread is not threading.current_thread():  # stop() from the handler: no join
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("peer server %s: thread did not stop within %.1fs (busy handler?)",
+                            self.node_id, timeout)
+
+    close = stop
+
+    def __enter__(self) -> "PeerServer":
+        if self._thread is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- loop
+
+    def _run(self) -> None:
+        sock = self._sock
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(_POLL_MS, zmq.POLLIN):
+                    continue
+                while not self._stop.is_set():
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        self._process(frames)
+                    except Exception:  # never let one message kill the loop
+                        self.refused["internal"] += 1
+                        log.exception("peer server %s: failed to process a message", self.node_id)
+                    finally:
+                        del frames
+        except Exception:
+            log.exception("peer server %s: loop failed", self.node_id)
+        finally:
+            sock.close(linger=0)
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        n = self.refused[reason]  # a flood must not flood the log: the first 10, then every 100th
+        (log.warning if n <= 10 or n % 100 == 0 else log.debug)(
+            "peer server %s: refused (%s): %s", self.node_id, reason, detail)
+
+    def _process(self, frames: list) -> None:
+        # frames[0] is the ROUTER routing identity; the protocol frames follow.
+        if len(frames) not in (6, 7):
+            return self._refuse("malformed", f"{len(frames) - 1} frames")
+        ident = frames[0].bytes
+        if len(frames[1]) != len(MAGIC) or frames[1].bytes != MAGIC:
+            return self._refuse("malformed", "bad magic")
+        if len(frames[3]) != RID_BYTES:
+            return self._refuse("malformed", "bad request id")
+        rid = frames[3].bytes
+        # From here on the message is framed well enough to answer.
+        try:
+            if not 0 < len(frames[2]) <= MAX_NODE_ID_BYTES:
+                raise PeerProtocolError("bad sender id length")
+            sender_raw = frames[2].bytes
+            sender = sender_raw.decode("utf-8")
+            if len(frames[4]) > MAX_HEADER_BYTES:
+                raise PeerProtocolError(f"header over {MAX_HEADER_BYTES} bytes")
+        except (PeerProtocolError, UnicodeDecodeError) as e:
+            self._refuse("malformed", str(e))
+            return self._reply_error(ident, rid, PeerProtocolError(str(e)))
+        header_raw = frames[4].bytes
+        mac = frames[5].bytes if len(frames[5]) <= MAC_BYTES else b"!"
+        if self._key is not None and not (
+                len(mac) == MAC_BYTES
+                and hmac.compare_digest(mac, frame_mac(self._key, sender_raw, rid, header_raw))):
+            self._refuse("auth", f"bad or missing mac from {sender!r}")
+            return self._reply_error(ident, rid, PeerAuthError("unauthenticated"))
+        if self._allowed is not None and sender not in self._allowed:
+            self._refuse("unknown_peer", sender)
+            return self._reply_error(ident, rid, PeerAuthError(f"unknown peer {sender!r}"))
+        payload = frames[6].buffer if len(frames) == 7 else None
+        try:
+            header = decode_header(header_raw)
+            if header.WhichOneof("body") != "request":
+                raise PeerProtocolError("header carries no request")
+            request = self._calls.decode(header.request)
+            if payload is not None:
+                check_payload(header, payload, self.max_payload_bytes)
+        except PeerProtocolError as e:
+            self._refuse("malformed", str(e))
+            return self._reply_error(ident, rid, e)
+        if payload is not None and not payload_checksum_ok(header, payload):
+            self._refuse("checksum", f"payload xxh3 mismatch from {sender!r}")
+            return self._reply_error(ident, rid, checksum_mismatch(header, "payload"))
+
+        self.served += 1
+        try:
+            reply, reply_payload, known = self._calls.call(sender, request, payload)
+            del payload
+            reply_view = None if reply_payload is None else as_byte_view(reply_payload)
+            reply_raw = encode_body("reply", reply, reply_view is not None)
+            if reply_view is not None:
+                reply_raw += payload_fields(reply_view, known)
+        except Exception as e:
+            self.handler_errors += 1
+            log.debug("peer server %s: handler raised for %r", self.node_id, sender, exc_info=True)
+            return self._reply_error(ident, rid, e)
+        self._send(ident, rid, reply_raw, reply_view)
+
+    def _send(self, ident: bytes, rid: bytes, header_raw: bytes, payload: memoryview | None) -> None:
+        mac = frame_mac(self._key, self._node_raw, rid, header_raw) if self._key is not None else b""
+        out = [ident, MAGIC, self._node_raw, rid, header_raw, mac]
+        if payload is not None:
+            out.append(payload)
+        try:
+            self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
+            log.warning("peer server %s: reply not sent: %s", self.node_id, e)
+
+    def _reply_error(self, ident: bytes, rid: bytes, exc: BaseException) -> None:
+        message = (str(exc) or type(exc).__name__)[:MAX_ERROR_MESSAGE_CHARS]
+        body = ppb.PeerError(code=remote_error_code(exc),
+                             message=message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_CHARS]
+                             .decode("utf-8", "ignore"))
+        self._send(ident, rid, encode_body("error", body, False), None)
