@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import threading
 
-from snapshotd.core.erasure import ErasureCode
+from snapshotd.node.erasure import erasure_code
 from snapshotd.core.spec import ClusterSpec
 from snapshotd.node.metrics import NullMetrics
 from snapshotd.node.peer import PeerServer, tune_malloc_for_bulk_transfers
@@ -62,7 +62,7 @@ class ClusterNode:
         self.n, self.m = len(self.group), spec.parity
         self.k = self.n - self.m
         self.bs = spec.block_size_bytes
-        code = ErasureCode(self.k, self.m) if self.m else None
+        code = erasure_code(self.k, self.m) if self.m else None
         key = spec.peer_key.encode() if spec.peer_key else None
         me = spec.node(node_id)
         host = bind_host or me.host
