@@ -76,8 +76,6 @@ class ShardStore:
     def verify_payload(self, buf, m: pb.ShardManifest, what: str) -> None:
         self.verifier.verify_payload(buf, m, what)
 
-    _verify = verify_payload  # old name, still called by node/cluster/node.py; drop with it
-
     # -- the trainers' side (TrainerStore) ------------------------------------------------
     def register_job(self, job_id: str, world_size: int, local_world_size: int = 0,
                      restarting: bool = False) -> int:
