@@ -5,7 +5,7 @@ Why: a block fetched for a rebuild or a degraded read that fails its xxh3 is cor
 its holder and must never be decoded. The erasure code needs any k of a stripe's k + m
 shards, so with a spare live source the stripe is still whole: :func:`replan_stripe`
 picks k sources again, leaving out the ones known bad. The I/O side
-(``snapshotd.node.cluster.node`` / ``snapshotd.node.cluster.integrity``) carries the plans out.
+(``snapshotd.node.cluster.repairs`` / ``snapshotd.node.cluster.scrub``) carries the plans out.
 
 The scrubber re-hashes every block a node holds for its committed versions, so that a
 corrupt block nothing reads is found (and repaired) before a failure needs it.

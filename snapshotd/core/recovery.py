@@ -13,6 +13,9 @@ with the least load so far in this plan (ties: lower t). Feed them to
 ``ErasureCode.reconstruct`` with zero buffers for the "zero" sources. Any stripe with a
 target output and more than m unavailable real shards makes the plan
 :class:`Unrecoverable` (virtual zero blocks are never lost).
+
+The daemon's rebuild and degraded read plan through :func:`snapshotd.core.repair.plan_repair`,
+which calls :func:`plan_recovery` and keeps the outputs each wants.
 """
 
 from __future__ import annotations

@@ -382,3 +382,43 @@ def test_corrupt_source_block_is_never_rebuilt_into_a_shard(make_cluster):
         seg.close()
     c.wait_committed(1, ["n0"], timeout_s=REBUILD_TIMEOUT_S)  # catch-up retries
     c.check_restorable(1)
+
+
+# -- the peer-op schema and its dispatch table, in-process ------------------------------------
+def test_peer_ops_table_serves_every_op_and_refuses_unknown_ones():
+    from snapshotd.core.recovery import Shard
+    from snapshotd.node.cluster import peer_ops
+
+    seen, fenced, suspects = [], [], []
+
+    class _Membership:
+        def seen(self, node):
+            seen.append(node)
+
+    class _Suspects:
+        def queue_suspect(self, s):
+            suspects.append(s)
+
+    ops = peer_ops.PeerOps(me="n0", n=3, block_size_bytes=4, store=None, jobs_table=None,
+                           membership=_Membership(), commit=None, parity=None, records=None,
+                           suspects=_Suspects(), rebuilder=None, fence_job=fenced.append,
+                           bounded_counts=tuple)
+    assert set(ops.table) == {"announce", "contrib", "vote", "ping", "round", "fetch", "jobs",
+                              "suspect", "fence", "rank_manifest", "rank_block"}
+    for bad in ({"op": "nope"}, {}, {"op": ["fence"]}):
+        with pytest.raises(ValueError, match="unknown op"):
+            ops.handle("n1", bad, None)
+    assert ops.handle("n2", peer_ops.fence("j"), None) == ({"ok": True}, None)
+    assert fenced == ["j"] and seen[-1] == "n2"
+    ops.handle("n1", peer_ops.suspect("j", 3, 5, Shard("parity", 1, 0, 1)), None)
+    ops.handle("n1", peer_ops.suspect("j", 3, 5, Shard("data", 0, 0, 7)), None)
+    assert suspects == [{"job": "j", "v": 3, "kind": "parity", "stripe": 5, "row": 1},
+                        {"job": "j", "v": 3, "kind": "data", "j": 7}]
+    assert peer_ops.fetch("j", 3, 5, Shard("data", 0, 2, 7)) == {"op": "fetch", "job": "j", "v": 3,
+                                                                   "kind": "data", "j": 7}
+    assert peer_ops.fetch("j", 3, 5, Shard("parity", 1, 2, 1)) == {"op": "fetch", "job": "j", "v": 3,
+                                                                     "kind": "parity", "s": 5, "t": 1}
+    sizes, blob = peer_ops.pack_blobs([b"ab", b"", b"cde"])
+    assert peer_ops.unpack_blobs(sizes, memoryview(blob)) == [b"ab", b"", b"cde"]
+    with pytest.raises(ValueError):
+        peer_ops.unpack_blobs([1, 2], b"ab")
