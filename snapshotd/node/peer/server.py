@@ -108,12 +108,13 @@ class _DictCalls:
         return ops.request_to_dict(request)
 
     def call(self, sender: str, header: dict, payload):
+        op = header["op"]  # before the handler sees (and might change) the dict
         reply, reply_payload = self._handler(sender, header, payload)
         known = None
         if isinstance(reply, dict) and KNOWN_XXH3 in reply:
             reply = dict(reply)
             known = known_xxh3(reply.pop(KNOWN_XXH3))
-        return ops.reply_from_dict(header["op"], reply), reply_payload, known
+        return ops.reply_from_dict(op, reply), reply_payload, known
 
 
 class PeerServer:
