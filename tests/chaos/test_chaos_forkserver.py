@@ -16,7 +16,7 @@ import pytest
 
 from snapshotd_tools.chaos.forkserver import ForkServer
 from snapshotd_tools.chaos.rig import Trainers, _alive
-from snapshotd_tools.localcluster import _free_port
+from snapshotd_tools.localcluster import free_port
 
 TRAINER = "snapshotd_tools.chaos.trainer"  # what the harness forks (dp_trainer plus digests)
 
@@ -43,7 +43,7 @@ def test_exit_status_stdout_and_stderr_of_a_forked_rank(server, tmp_path):
 def test_a_killed_rank_reports_the_signal_and_its_pid_is_gone(server, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Rank 0 of 2 waits forever in the gloo rendezvous: a live process to kill.
-    p = server.spawn(TRAINER, ["--rank", "0", "--world-size", "2", "--master-port", str(_free_port()),
+    p = server.spawn(TRAINER, ["--rank", "0", "--world-size", "2", "--master-port", str(free_port()),
                                "--steps", "1", "--no-snapshot", "--gloo-timeout-s", "300"],
                      env, str(tmp_path / "r0.log"))
     with pytest.raises(subprocess.TimeoutExpired):

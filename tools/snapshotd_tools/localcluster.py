@@ -24,7 +24,8 @@ from snapshotd.wire import shm
 DEFAULT_DIR = os.path.join(f"/tmp/snapshotd-{os.getuid()}", "cluster")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,7 +41,7 @@ def write_spec(path: str, nodes: int, parity: int, block_size: str, peer_key: st
            "peer_key": peer_key, "peer_encryption": peer_encryption,
            "heartbeat_interval_ms": heartbeat_interval_ms,
            "heartbeat_timeout_ms": heartbeat_timeout_ms,
-           "nodes": [{"id": i, "host": "127.0.0.1", "port": _free_port(), "peer_port": _free_port(),
+           "nodes": [{"id": i, "host": "127.0.0.1", "port": free_port(), "peer_port": free_port(),
                       "failure_domain": f"host-{i}"} for i in ids]}
     text = dump_spec(parse_spec(doc))  # validates
     with open(path, "w") as f:
@@ -165,14 +166,15 @@ def down(d: str) -> int:
     with open(path) as f:
         info = json.load(f)
     for n, v in info["nodes"].items():
-        _stop_pid(v["pid"])
+        stop_pid(v["pid"])
         for name in shm.list_segments(shm_prefix(d, n)):
             shm.unlink(name)
     os.unlink(path)
     return 0
 
 
-def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
+def stop_pid(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM ``pid``, SIGKILL it after ``grace_s`` if it is still there."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -193,6 +195,9 @@ def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+_free_port, _stop_pid = free_port, stop_pid  # the names other code used before
 
 
 def collect_status(d: str) -> list[dict]:

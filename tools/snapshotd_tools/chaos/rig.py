@@ -276,7 +276,7 @@ class Trainers:
         self.restore_errors: list[str] = []
         self.ended: dict[int, int] = {}  # rank -> exit code
         self.t_restored: float | None = None
-        port = lc._free_port()
+        port = lc.free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"

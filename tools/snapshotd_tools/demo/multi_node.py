@@ -85,7 +85,7 @@ def _sweep(d: str, node_ids: list[str]) -> None:
         except OSError:
             continue
         if "snapshotd.node" in cmd and os.path.join(d, f"{n}.sock") in cmd:
-            lc._stop_pid(pid)
+            lc.stop_pid(pid)
 
 
 def run_multi_node_demo(workdir: str | None = None, steps: int = 30, kill_at: int = 12,

@@ -13,21 +13,15 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 from snapshotd_tools.demo.console import say, tail
+from snapshotd_tools.localcluster import free_port
 
 JOB = "dp"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_json_events(events: queue.Queue, rank: int, p: subprocess.Popen) -> None:
