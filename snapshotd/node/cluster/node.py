@@ -37,7 +37,7 @@ from snapshotd.node.erasure import erasure_code
 from snapshotd.core.spec import ClusterSpec
 from snapshotd.node.metrics import NullMetrics
 from snapshotd.node.peer import PeerServer, tune_malloc_for_bulk_transfers
-from snapshotd.node.peer_curve import CurvePeers
+from snapshotd.node.peer.curve import CurvePeers
 
 from .commit import CommitDriver
 from .copies import RemoteCopies
