@@ -168,9 +168,6 @@ class ClusterNode:
     def ensure_restorable(self, job_id: str, version: int = 0) -> None:
         self.rebuilder.ensure_restorable(job_id, version)
 
-    def rebuild(self, job_id: str, v: int) -> dict:
-        return self.rebuilder.rebuild(job_id, v)
-
     def owner_of(self, job_id: str, rank: int, version: int = 0) -> str | None:
         return self.reads.owner_of(job_id, rank, version)
 
