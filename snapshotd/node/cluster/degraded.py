@@ -39,13 +39,6 @@ from .repairs import RepairRunner
 log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
 
 
-def verify_payload(store, buf, manifest, what: str) -> None:
-    """The store's check of a whole payload against its manifest's block checksums
-    (``verify_payload``; ``_verify`` before the store's rename)."""
-    check = getattr(store, "verify_payload", None) or store._verify
-    check(buf, manifest, what)
-
-
 class DegradedReads:
     def __init__(self, *, spec, me: str, group: tuple[str, ...], block_size_bytes: int, store, jobs: JobTable,
                  membership: Membership, records: RoundRecords, commit: CommitDriver,
@@ -137,7 +130,7 @@ class DegradedReads:
 
         try:
             client.call_many(reqs, window=8, on_reply=put)
-            verify_payload(self.store, seg.buf, m, f"copy of rank {rank} from {owner}")
+            self.store.verify_payload(seg.buf, m, f"copy of rank {rank} from {owner}")
         except BaseException:
             self.store.release_aux(name)
             raise
@@ -189,7 +182,7 @@ class DegradedReads:
         try:
             self.repairs.run(job_id, v, plan, spans, None, group=group, layout=layout, alive=alive_idx,
                              found_by="degraded read")
-            verify_payload(self.store, seg.buf, m, f"degraded read of rank {rank} (node {owner} down)")
+            self.store.verify_payload(seg.buf, m, f"degraded read of rank {rank} (node {owner} down)")
         except Exception:
             self.store.release_aux(name)
             raise
