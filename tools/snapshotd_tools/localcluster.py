@@ -26,9 +26,24 @@ DEFAULT_DIR = os.path.join(f"/tmp/snapshotd-{os.getuid()}", "cluster")
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago. All are
+    bound at once before any is released: asked one at a time, the kernel can hand out
+    the port it just took back, and two nodes of one spec got the same port (a flaky
+    cluster test)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def write_spec(path: str, nodes: int, parity: int, block_size: str, peer_key: str,
@@ -37,12 +52,13 @@ def write_spec(path: str, nodes: int, parity: int, block_size: str, peer_key: st
     from snapshotd.core.spec import dump_spec, parse_spec
 
     ids = [f"n{i}" for i in range(nodes)]
+    ports = free_ports(2 * nodes)
     doc = {"group_size": nodes, "parity": parity, "block_size_bytes": block_size,
            "peer_key": peer_key, "peer_encryption": peer_encryption,
            "heartbeat_interval_ms": heartbeat_interval_ms,
            "heartbeat_timeout_ms": heartbeat_timeout_ms,
-           "nodes": [{"id": i, "host": "127.0.0.1", "port": free_port(), "peer_port": free_port(),
-                      "failure_domain": f"host-{i}"} for i in ids]}
+           "nodes": [{"id": i, "host": "127.0.0.1", "port": ports[2 * x], "peer_port": ports[2 * x + 1],
+                      "failure_domain": f"host-{i}"} for x, i in enumerate(ids)]}
     text = dump_spec(parse_spec(doc))  # validates
     with open(path, "w") as f:
         f.write(text)
