@@ -27,7 +27,7 @@ from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.manifest import block_checksums
 from snapshotd.node.peer import PeerAuthError, PeerClient, RemoteError
 from snapshotd.core.recovery import plan_recovery
-from snapshotd.core.spec import load_spec
+from snapshotd.node.spec_file import load_spec
 from snapshotd_client.transport import DaemonClient
 
 JOB = "train"

@@ -16,7 +16,7 @@ What it does, for version V (the latest committed version RegisterJob reported):
    sees the same class as the daemon's error) with the planner's reason, and changes
    nothing;
 3. :func:`apply_checkfree` (also what ``bench/bench_checkfree.py`` calls): the plan's
-   tensors (:func:`snapshotd.core.checkfree.apply_rebuild`: the weighted average for CheckFree,
+   tensors (:func:`snapshotd_client.checkfree_apply.apply_rebuild`: the weighted average for CheckFree,
    the partner's body and edge copies for CheckFree+) are copied into this stage's
    parameters by position; the optimizer state is cleared and every param group's lr (and
    the LR scheduler's ``base_lrs``) multiplied by ``lr_scale``; unless ``restart_warmup``,
@@ -42,7 +42,8 @@ import logging
 
 import torch
 
-from snapshotd.core.checkfree import CheckFreeImpossible, StageRebuild, apply_rebuild, plan_checkfree, swap_partner
+from snapshotd.core.checkfree import CheckFreeImpossible, StageRebuild, plan_checkfree, swap_partner
+from snapshotd_client.checkfree_apply import apply_rebuild
 from snapshotd.wire.errors import CheckFreeUnavailableError, SnapshotdError  # noqa: F401 (re-exported)
 from snapshotd_client import layout as lo
 from snapshotd_client import pipeline as pl

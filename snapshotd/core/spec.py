@@ -1,6 +1,6 @@
 """Cluster spec: the nodes, their addresses and failure domains, and the code (n, m).
 
-Loaded from YAML (``load_spec(path)``, ``parse_spec(text or dict)``), validated with
+Parsed from YAML (``parse_spec(text or dict)``; a file: ``snapshotd.node.spec_file.load_spec``), validated with
 errors that name the offending entry, and dumped back (``dump_spec``) in the same shape:
 
     group_size: 4      # n
@@ -282,16 +282,3 @@ def parse_spec(source: Mapping | str) -> ClusterSpec:
     opt = {key: source[key] for key in _TOP_OPTIONAL if key in source and source[key] is not None}
     return ClusterSpec(tuple(nodes), source["group_size"], source["parity"],
                        parse_block_size(source["block_size_bytes"]), **opt)
-
-
-def load_spec(path: str) -> ClusterSpec:
-    """Read and validate a YAML cluster spec file; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise InvalidRequestError(f"cannot read cluster spec {path}: {e.strerror or e}") from None
-    try:
-        return parse_spec(text)
-    except InvalidRequestError as e:
-        raise InvalidRequestError(f"{path}: {e}") from None

@@ -76,7 +76,7 @@ class Daemon:
         self.cluster = None
         spec = None
         if cfg.spec_path:
-            from snapshotd.core.spec import load_spec
+            from snapshotd.node.spec_file import load_spec
 
             spec = load_spec(cfg.spec_path)
             spec.node(cfg.node_id)  # a clear error if this node is not in the spec

@@ -14,12 +14,11 @@ from snapshotd.core.checkfree import (
     CheckFreePlan,
     CheckFreeSettings,
     StageInfo,
-    apply_average,
-    apply_rebuild,
     plan_checkfree,
     scaled_lr,
 )
 from snapshotd.wire.errors import InvalidRequestError
+from snapshotd_client.checkfree_apply import apply_average, apply_rebuild  # the plan, carried out
 
 NAMES = ("attn.w", "mlp.w", "norm.b")
 SHAPES = ((4, 3), (3, 2), (5,))

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from snapshotd.wire.errors import InvalidRequestError
-from snapshotd.core.spec import ClusterSpec, NodeSpec, dump_spec, form_groups, load_spec, parse_spec
+from snapshotd.core.spec import ClusterSpec, NodeSpec, dump_spec, form_groups, parse_spec
+from snapshotd.node.spec_file import load_spec
 
 EXAMPLE = """
 group_size: 4      # n

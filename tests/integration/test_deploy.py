@@ -40,7 +40,8 @@ import yaml
 
 from snapshotd_tools import cli
 from snapshotd.wire import config as cfg
-from snapshotd.core.spec import load_spec, parse_spec
+from snapshotd.core.spec import parse_spec
+from snapshotd.node.spec_file import load_spec
 
 try:
     import kubernetes_validate as kv

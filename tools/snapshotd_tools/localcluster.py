@@ -226,7 +226,7 @@ def collect_status(d: str) -> list[dict]:
 
     groups: dict[str, int] = {}
     try:
-        from snapshotd.core.spec import load_spec
+        from snapshotd.node.spec_file import load_spec
 
         spec = load_spec(os.path.join(d, "spec.yaml"))
         groups = {nid: g for g, ids in enumerate(spec.groups) for nid in ids}

@@ -89,7 +89,7 @@ def garbage_zmq(rig: Rig, node: str) -> str:
     """Junk, truncated and unsigned messages on ``node``'s peer port (ZeroMQ)."""
     import zmq
 
-    from snapshotd.core.spec import load_spec
+    from snapshotd.node.spec_file import load_spec
 
     spec = load_spec(os.path.join(rig.d, "spec.yaml"))
     nd = next(x for x in spec.nodes if x.id == node)
