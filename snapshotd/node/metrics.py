@@ -50,7 +50,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-log = logging.getLogger("snapshotd.node.metrics")
+log = logging.getLogger("snapshotd.metrics")
 
 ENV_METRICS_ADDR = "SNAPSHOTD_METRICS_ADDR"
 DEFAULT_METRICS_PORT = 9464

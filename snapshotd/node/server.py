@@ -35,7 +35,7 @@ from snapshotd.node.service import (
 )
 from snapshotd.node.store import ShardStore
 
-log = logging.getLogger("snapshotd.node.server")
+log = logging.getLogger("snapshotd.server")
 
 
 @dataclass

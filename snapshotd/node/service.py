@@ -57,7 +57,7 @@ from snapshotd.wire.limits import (
 )
 from snapshotd.node.store import ShardStore
 
-log = logging.getLogger("snapshotd.node.service")
+log = logging.getLogger("snapshotd.service")
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, SnapshotdError):

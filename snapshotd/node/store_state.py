@@ -29,7 +29,7 @@ from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.errors import InvalidRequestError, MemoryBudgetExceededError, UnknownJobError
 from snapshotd.core.ledger import JobLedger, Slot, SlotState
 
-log = logging.getLogger("snapshotd.node.store")
+log = logging.getLogger("snapshotd.store")
 INDEX_FORMAT = 1
 
 

@@ -33,7 +33,7 @@ from snapshotd.core.ledger import SlotState
 from snapshotd.node.store_state import Held, StoreState
 from snapshotd.node.store_verify import PayloadVerifier
 
-log = logging.getLogger("snapshotd.node.store")
+log = logging.getLogger("snapshotd.store")
 
 
 class TrainerStore:

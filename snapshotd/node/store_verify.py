@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from snapshotd.wire import manifest as mf
 
-log = logging.getLogger("snapshotd.node.store")
+log = logging.getLogger("snapshotd.store")
 # Test-only: a deliberately broken build for the chaos harness (tests/chaos).
 # "1" turns off every checksum check of held and fetched blocks. Never set it in use.
 ENV_UNSAFE_SKIP_VERIFY = "SNAPSHOTD_UNSAFE_SKIP_VERIFY"

@@ -573,7 +573,7 @@ def read_env_file(path: str) -> dict[str, str]:
 
 
 def test_systemd_unit_is_hardened_and_its_command_and_environment_parse():
-    unit = read_unit(os.path.join(DEPLOY, "systemd", "snapshotd.node.service"))
+    unit = read_unit(os.path.join(DEPLOY, "systemd", "snapshotd.service"))
     svc = unit["Service"]
     assert svc["Restart"] == "on-failure"
     assert svc["NoNewPrivileges"] == "yes"
@@ -607,12 +607,12 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed (the unit is still parsed above)")
-    src = open(os.path.join(DEPLOY, "systemd", "snapshotd.node.service")).read()
+    src = open(os.path.join(DEPLOY, "systemd", "snapshotd.service")).read()
     exe = shlex.split(re.search(r"^ExecStart=(.*)$", src, re.M).group(1))[0]
-    path = tmp_path / "snapshotd.node.service"
+    path = tmp_path / "snapshotd.service"
     path.write_text(src.replace(exe, shutil.which("true")))  # the binary is not installed here
     r = subprocess.run([tool, "verify", str(path)], capture_output=True, text=True, timeout=60)
-    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if str(path) in ln or "snapshotd.node.service" in ln]
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if str(path) in ln or "snapshotd.service" in ln]
     assert r.returncode == 0 and not lines, "\n".join(lines)
 
 
