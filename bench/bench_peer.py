@@ -12,8 +12,9 @@ separate process (so the two sides do not share a GIL):
             through ``on_reply`` (payload checked for length, then dropped), as a bulk
             reader would.
 
-Both go through the dict form of the peer API, so the op codec (dict <-> protobuf,
-snapshotd.node.peer.ops) is part of what is measured, as in the daemon.
+Both send and serve ``peer_pb2`` messages as the daemon does, so building the requests,
+the checks on them (snapshotd.node.peer.checks) and the protobuf frame header are part
+of what is measured.
 
 each with and without an HMAC key, against raw pyzmq PUSH/PULL with copy=False (one way,
 same block size, to a separate process; the end of a round is acknowledged on a
@@ -44,10 +45,10 @@ import numpy as np
 import zmq
 
 try:
-    from snapshotd.node.peer import PeerClient, PeerServer, tune_malloc_for_bulk_transfers
+    from snapshotd.node.peer import PeerClient, PeerServer, peer_pb2 as ppb, tune_malloc_for_bulk_transfers
 except ImportError:  # run as `python bench/bench_peer.py` from anywhere
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from snapshotd.node.peer import PeerClient, PeerServer, tune_malloc_for_bulk_transfers
+    from snapshotd.node.peer import PeerClient, PeerServer, peer_pb2 as ppb, tune_malloc_for_bulk_transfers
 
 _HERE = os.path.abspath(__file__)
 _REPO = os.path.dirname(os.path.dirname(_HERE))
@@ -68,14 +69,15 @@ def _serve_peer(key: bytes | None, block_bytes: int) -> None:
     block = _block(block_bytes)
     view = memoryview(block)
 
-    def handler(sender, header, payload):
-        if header["op"] == "contrib":
+    def handler(sender, request, payload):
+        op = request.WhichOneof("op")
+        if op == "contrib":
             if payload is None or payload.nbytes != block_bytes:
                 raise ValueError(f"upload: got {None if payload is None else payload.nbytes} bytes")
-            return {"ok": True}, None
-        if header["op"] == "fetch":
-            return {"ok": True}, view
-        raise ValueError(f"unknown op {header['op']!r}")
+            return ppb.PeerReply(ack=ppb.Ack()), None
+        if op == "fetch":
+            return ppb.PeerReply(ack=ppb.Ack()), view
+        raise ValueError(f"unknown op {op!r}")
 
     srv = PeerServer("tcp://127.0.0.1:0", SERVER_ID, key, [CLIENT_ID], handler,
                      max_payload_bytes=max(block_bytes, 1 << 20))
@@ -193,18 +195,20 @@ def bench_peer(block: np.ndarray, nblocks: int, window: int, repeats: int, key: 
         counts = [nblocks] * 6
 
         def upload(check: bool) -> None:  # a wrong size is an error reply: call_many raises
-            cli.call_many([({"op": "contrib", "job": "bench", "v": 1, "s": i, "t": 0, "p": 0,
-                             "counts": counts}, view) for i in range(nblocks)], window=window)
+            cli.call_many([(ppb.PeerRequest(contrib=ppb.ContribRequest(
+                job="bench", version=1, stripe=i, row=0, position=0, block_counts=counts)), view)
+                for i in range(nblocks)], window=window)
 
         def download(check: bool) -> None:
-            def consume(i, header, payload):
+            def consume(i, reply, payload):
                 if payload is None or payload.nbytes != block.nbytes:
                     raise RuntimeError("download: wrong payload size")
                 if check and not np.array_equal(np.frombuffer(payload, dtype=np.uint8), block):
                     raise RuntimeError("download: payload differs from the server's block")
 
-            cli.call_many([({"op": "fetch", "job": "bench", "v": 1, "kind": "data", "j": i}, None)
-                           for i in range(nblocks)], window=window, on_reply=consume)
+            cli.call_many([(ppb.PeerRequest(fetch=ppb.FetchRequest(
+                job="bench", version=1, kind=ppb.BLOCK_KIND_DATA, block_index=i)), None)
+                for i in range(nblocks)], window=window, on_reply=consume)
 
         for direction, fn in (("upload", upload), ("download", download)):
             gbps, rates = _median_rate(fn, nbytes, repeats)

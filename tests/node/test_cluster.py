@@ -32,9 +32,10 @@ from snapshotd_tools import localcluster as lc
 from snapshotd.core import placement as pl
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.manifest import block_checksums
+from snapshotd.node.cluster import peer_ops
 from snapshotd.node.peer import PeerAuthError, PeerClient, RemoteError
 from snapshotd.core.recovery import plan_recovery
-from snapshotd.core.spec import load_spec
+from snapshotd.node.spec_file import load_spec
 from snapshotd_client.transport import DaemonClient
 
 from clusterkit import (  # noqa: F401 (make_cluster is a fixture)
@@ -288,23 +289,23 @@ def test_unknown_peer_and_wrong_key_are_refused(make_cluster):
     target = c.spec.node("n0")
     addr = f"tcp://127.0.0.1:{target.peer_port}"
     key = c.spec.peer_key.encode()
-    forged = {"op": "ping", "committed": {JOB: 99}}
+    forged = peer_ops.ping({JOB: 99})
     with PeerClient(addr, "intruder", "n0", key, timeout_ms=3000) as pc:  # right key
-        for h in (forged, {"op": "vote", "job": JOB, "v": 99, "ranks": [0]}, {"op": "jobs"}):
+        for h in (forged, peer_ops.vote(JOB, 99, [0]), peer_ops.jobs()):
             with pytest.raises((PeerAuthError, RemoteError), match="unknown peer"):
                 pc.call(h)
     with PeerClient(addr, "n1", "n0", b"not-the-key" * 3, timeout_ms=3000) as pc:
         with pytest.raises((PeerAuthError, RemoteError)):
             pc.call(forged)
         with pytest.raises((PeerAuthError, RemoteError)):
-            pc.call({"op": "vote", "job": JOB, "v": 99, "ranks": [1]})
+            pc.call(peer_ops.vote(JOB, 99, [1]))
     with PeerClient(addr, "n1", "n0", None, timeout_ms=3000) as pc:  # no key at all
         with pytest.raises((PeerAuthError, RemoteError)):
             pc.call(forged)
     # The right key and a spec member are answered (the refusals were not a dead socket).
     with PeerClient(addr, "n2", "n0", key, timeout_ms=3000) as pc:
-        rep, _ = pc.call({"op": "jobs"})
-        assert rep["jobs"][JOB]["committed"] == 1
+        rep, _ = pc.call(peer_ops.jobs())
+        assert rep.jobs.jobs[JOB].committed_version == 1
     for node in c.nodes:
         assert c.committed(node) == 1
         st = c.cluster_status(node)
@@ -386,8 +387,9 @@ def test_corrupt_source_block_is_never_rebuilt_into_a_shard(make_cluster):
 
 # -- the peer-op schema and its dispatch table, in-process ------------------------------------
 def test_peer_ops_table_serves_every_op_and_refuses_unknown_ones():
+    from snapshotd.core.protocol import Announce
     from snapshotd.core.recovery import Shard
-    from snapshotd.node.cluster import peer_ops
+    from snapshotd.node.peer import check_request, peer_pb2 as ppb
 
     seen, fenced, suspects = [], [], []
 
@@ -405,19 +407,27 @@ def test_peer_ops_table_serves_every_op_and_refuses_unknown_ones():
                            bounded_counts=tuple)
     assert set(ops.table) == {"announce", "contrib", "vote", "ping", "round", "fetch", "jobs",
                               "suspect", "fence", "rank_manifest", "rank_block"}
-    for bad in ({"op": "nope"}, {}, {"op": ["fence"]}):
+    assert set(ops.table) == {f.name for f in ppb.PeerRequest.DESCRIPTOR.oneofs_by_name["op"].fields}
+    for bad in (ppb.PeerRequest(), {"op": "fence"}, None):
         with pytest.raises(ValueError, match="unknown op"):
             ops.handle("n1", bad, None)
-    assert ops.handle("n2", peer_ops.fence("j"), None) == ({"ok": True}, None)
+    assert ops.handle("n2", peer_ops.fence("j"), None) == (ppb.PeerReply(ack=ppb.Ack()), None)
     assert fenced == ["j"] and seen[-1] == "n2"
     ops.handle("n1", peer_ops.suspect("j", 3, 5, Shard("parity", 1, 0, 1)), None)
     ops.handle("n1", peer_ops.suspect("j", 3, 5, Shard("data", 0, 0, 7)), None)
     assert suspects == [{"job": "j", "v": 3, "kind": "parity", "stripe": 5, "row": 1},
                         {"job": "j", "v": 3, "kind": "data", "j": 7}]
-    assert peer_ops.fetch("j", 3, 5, Shard("data", 0, 2, 7)) == {"op": "fetch", "job": "j", "v": 3,
-                                                                   "kind": "data", "j": 7}
-    assert peer_ops.fetch("j", 3, 5, Shard("parity", 1, 2, 1)) == {"op": "fetch", "job": "j", "v": 3,
-                                                                     "kind": "parity", "s": 5, "t": 1}
+    assert peer_ops.fetch("j", 3, 5, Shard("data", 0, 2, 7)) == ppb.PeerRequest(fetch=ppb.FetchRequest(
+        job="j", version=3, kind=ppb.BLOCK_KIND_DATA, block_index=7))
+    assert peer_ops.fetch("j", 3, 5, Shard("parity", 1, 2, 1)) == ppb.PeerRequest(fetch=ppb.FetchRequest(
+        job="j", version=3, kind=ppb.BLOCK_KIND_PARITY, stripe=5, row=1))
+    ann = Announce("n1", 4, (0, 1), (b"ab", b"c"))
+    builders = [peer_ops.announce("j", 3, ann)[0], peer_ops.contrib("j", 3, 1, 0, 2, [4, 4, 0]),
+                peer_ops.vote("j", 3, [0, 1]), peer_ops.ping({"j": 2}), peer_ops.round_("j", 3),
+                peer_ops.fetch("j", 3, 5, Shard("data", 0, 2, 7)), peer_ops.jobs(),
+                peer_ops.suspect("j", 3, 5, Shard("parity", 1, 2, 1)), peer_ops.fence("j"),
+                peer_ops.rank_manifest("j", 3, 1), peer_ops.rank_block("j", 3, 1, 0)]
+    assert sorted(check_request(r) for r in builders) == sorted(ops.table)  # every op, each valid
     sizes, blob = peer_ops.pack_blobs([b"ab", b"", b"cde"])
     assert peer_ops.unpack_blobs(sizes, memoryview(blob)) == [b"ab", b"", b"cde"]
     with pytest.raises(ValueError):

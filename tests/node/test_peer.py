@@ -1,5 +1,5 @@
 """Peer-plane transport (snapshotd.node.peer): real ZeroMQ sockets on 127.0.0.1, port 0,
-the protobuf frame header (proto/peer.proto) and the op dict <-> message codec."""
+the protobuf frame header (proto/peer.proto) and the checks on peer messages (checks.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import zmq
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import SnapshotdError
 from snapshotd.node.peer import (
-    KNOWN_XXH3,
     MAGIC,
     PeerAuthError,
     PeerClient,
@@ -24,7 +23,7 @@ from snapshotd.node.peer import (
     PeerServer,
     PeerUnavailableError,
     RemoteError,
-    ops,
+    checks,
 )
 from snapshotd.node.peer.framing import decode_header, encode_body, payload_fields
 
@@ -32,39 +31,62 @@ KEY = b"k" * 32
 MiB = 1 << 20
 
 
-def echo(sender, header, payload):
-    """Echo handler on the real ops. ``ping`` answers its ``committed`` map plus
-    ``"sender:<id>": 1``; ``round`` answers ``{"size": v}``; ``jobs`` no jobs; every
-    other op acks; all echo the payload. A ``job`` of ``"boom:<why>"`` raises
-    ValueError("kaboom: <why>"); a ``job`` of ``"sleep"`` sleeps ``v`` ms first."""
-    op, job = header["op"], header.get("job", "")
+def echo(sender, req, payload):
+    """Echo handler. ``ping`` answers its ``committed_versions`` plus ``"sender:<id>": 1``;
+    ``round`` answers ``doc_bytes=version``; ``jobs`` no jobs; every other op acks; all
+    echo the payload. A ``job`` of ``"boom:<why>"`` raises ValueError("kaboom: <why>"); a
+    ``job`` of ``"sleep"`` sleeps ``version`` ms first."""
+    op = req.WhichOneof("op")
+    msg = getattr(req, op)
+    job = msg.job if "job" in msg.DESCRIPTOR.fields_by_name else ""
     if job.startswith("boom:"):
         raise ValueError("kaboom: " + job[5:])
     if job == "sleep":
-        time.sleep(header["v"] / 1000)
+        time.sleep(msg.version / 1000)
     if op == "ping":
-        return {"committed": {**header["committed"], "sender:" + sender: 1}}, payload
+        committed = {**msg.committed_versions, "sender:" + sender: 1}
+        return ppb.PeerReply(ping=ppb.PingReply(committed_versions=committed)), payload
     if op == "round":
-        return {"size": header["v"]}, payload
+        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=msg.version)), payload
     if op == "jobs":
-        return {"jobs": {}}, payload
-    return {"ok": True}, payload
+        return ppb.PeerReply(jobs=ppb.JobsReply()), payload
+    return ack(), payload
 
 
-def ping(tag: str = "t", n: int = 0) -> dict:
-    return {"op": "ping", "committed": {tag: n}}
+def ack() -> ppb.PeerReply:
+    return ppb.PeerReply(ack=ppb.Ack())
 
 
-def rnd(v: int, job: str = "j") -> dict:
-    return {"op": "round", "job": job, "v": v}
+def ping(tag: str = "t", n: int = 0) -> ppb.PeerRequest:
+    return ppb.PeerRequest(ping=ppb.PingRequest(committed_versions={tag: n}))
 
 
-def fetch(j: int = 0) -> dict:
-    return {"op": "fetch", "job": "j", "v": 1, "kind": "data", "j": j}
+def rnd(v: int, job: str = "j") -> ppb.PeerRequest:
+    return ppb.PeerRequest(round=ppb.RoundRequest(job=job, version=v))
+
+
+def fetch(j: int = 0) -> ppb.PeerRequest:
+    return ppb.PeerRequest(fetch=ppb.FetchRequest(job="j", version=1, kind=ppb.BLOCK_KIND_DATA, block_index=j))
+
+
+def fence(job: str) -> ppb.PeerRequest:
+    return ppb.PeerRequest(fence=ppb.FenceRequest(job=job))
+
+
+def jobs() -> ppb.PeerRequest:
+    return ppb.PeerRequest(jobs=ppb.JobsRequest())
+
+
+def form(reply: ppb.PeerReply) -> str:
+    return reply.WhichOneof("body")
 
 
 def tags(reply) -> dict:
-    return reply[0]["committed"]
+    return dict(reply[0].ping.committed_versions)
+
+
+def size(reply) -> int:
+    return reply[0].round.doc_bytes
 
 
 @pytest.fixture
@@ -112,9 +134,9 @@ def _wait_for(pred, timeout=2.0):
 def test_echo_without_payload(make_server, make_client, key):
     srv = make_server(key=key)
     cli = make_client(srv, key=key)
-    hdr, payload = cli.call({"op": "ping", "committed": {"é": 7, "b": 0}})
+    rep, payload = cli.call(ppb.PeerRequest(ping=ppb.PingRequest(committed_versions={"é": 7, "b": 0})))
     assert payload is None
-    assert hdr == {"committed": {"é": 7, "b": 0, "sender:cli": 1}}
+    assert dict(rep.ping.committed_versions) == {"é": 7, "b": 0, "sender:cli": 1}
     assert srv.served == 1 and not srv.refused
 
 
@@ -124,10 +146,10 @@ def test_echo_payload_bit_exact(make_server, make_client, key, size):
     srv = make_server(key=key)
     cli = make_client(srv, key=key)
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    hdr, payload = cli.call(fetch(), data)
+    rep, payload = cli.call(fetch(), data)
     assert isinstance(payload, memoryview)
     assert payload.nbytes == size and bytes(payload) == data
-    assert hdr == {"ok": True}
+    assert form(rep) == "ack"
 
 
 def test_payload_types_are_sent_as_bytes(make_server, make_client):
@@ -140,42 +162,52 @@ def test_payload_types_are_sent_as_bytes(make_server, make_client):
     with pytest.raises(PeerProtocolError):
         cli.call(fetch(), arr[:, ::2])  # not contiguous
     with pytest.raises(PeerProtocolError):
-        cli.call({"op": "fence", "job": "a" * (64 * 1024)})  # header too big
+        cli.call(fence("a" * (64 * 1024)))  # header too big
     assert srv.served == 3  # refused before anything was sent
-    assert cli.call({"op": "fence", "job": "ok"})[0] == {"ok": True}
+    assert form(cli.call(fence("ok"))[0]) == "ack"
+
+
+def _req(op: str, **fields) -> ppb.PeerRequest:
+    req = ppb.PeerRequest()
+    getattr(req, op).SetInParent()
+    for name, value in fields.items():
+        setattr(getattr(req, op), name, value)
+    return req
 
 
 @pytest.mark.parametrize("bad", [
-    {"op": "nope"}, {"v": 1}, {"op": 3}, "not a dict",
-    {"op": "fetch", "x": 1},                              # unknown field
-    {"op": "fetch", "job": object()},                     # wrong types
-    {"op": "fetch", "v": "3"}, {"op": "fetch", "v": True}, {"op": "fetch", "v": 1.5},
-    {"op": "fetch", "kind": "weird"},
-    {"op": "contrib", "s": -1}, {"op": "contrib", "counts": [1 << 64]},  # out of range
-    {"op": "contrib", "counts": 3}, {"op": "vote", "ranks": ["a"]},
-    {"op": "ping", "committed": {"a": "b"}}, {"op": "ping", "committed": {1: 2}},
-    {"op": "fetch", KNOWN_XXH3: -1}, {"op": "fetch", KNOWN_XXH3: "x"}, {"op": "fetch", KNOWN_XXH3: 1 << 64},
+    (ppb.PeerRequest(), None, None),                                        # no op
+    ("not a request", None, None), (ppb.PeerReply(ack=ppb.Ack()), None, None),
+    (_req("fetch", job="j", version=1), None, None),                        # no kind
+    (_req("fetch", job="j", version=1, kind=ppb.BLOCK_KIND_DATA), None, None),  # no block_index
+    (_req("fetch", job="j", version=1, kind=ppb.BLOCK_KIND_PARITY, stripe=1), None, None),  # no row
+    (_req("suspect", job="j", version=1, kind=7, block_index=0), None, None),  # kind out of the enum
+    (_req("round", job="j", version=-1), None, None),                       # negative version
+    (_req("round", job="j"), None, None), (_req("fence"), None, None),      # required fields missing
+    (_req("contrib", job="j", version=1, stripe=0, row=0), None, None),
+    (_req("rank_block", job="j", version=1, rank=0), None, None),
+    (fetch(), b"p", -1), (fetch(), b"p", "x"), (fetch(), b"p", 1 << 64),    # payload_xxh3 out of range
 ])
 def test_requests_outside_the_schema_are_refused_before_sending(make_server, make_client, bad):
     srv = make_server()
     cli = make_client(srv)
     with pytest.raises(PeerProtocolError):
-        cli.call(bad, b"p" if isinstance(bad, dict) and KNOWN_XXH3 in bad else None)
-    assert cli.call(ping())[0] == {"committed": {"t": 0, "sender:cli": 1}}
+        cli.call(*bad)
+    assert tags(cli.call(ping())) == {"t": 0, "sender:cli": 1}
     assert srv.served == 1 and not srv.refused
 
 
 def test_reply_memoryview_of_numpy_array(make_server, make_client):
     arr = np.random.default_rng(3).standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
 
-    def handler(sender, header, payload):
-        return {"size": arr.nbytes}, memoryview(arr)
+    def handler(sender, req, payload):
+        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=arr.nbytes)), memoryview(arr)
 
     srv = make_server(handler)
     cli = make_client(srv)
-    hdr, payload = cli.call(rnd(1))
+    rep, payload = cli.call(rnd(1))
     got = np.frombuffer(payload, dtype=np.float32).reshape(arr.shape)
-    assert hdr == {"size": arr.nbytes} and np.array_equal(got, arr)
+    assert rep.round.doc_bytes == arr.nbytes and np.array_equal(got, arr)
     assert got.tobytes() == arr.tobytes()
 
 
@@ -184,7 +216,7 @@ def test_call_many_order_and_window(make_server, make_client):
     cli = make_client(srv)
     reqs = [(rnd(i), bytes([i]) * (i * 1000)) for i in range(50)]
     replies = cli.call_many(reqs, window=8)
-    assert [h["size"] for h, _ in replies] == list(range(50))
+    assert [size(r) for r in replies] == list(range(50))
     for i, (_, p) in enumerate(replies):
         assert bytes(p) == bytes([i]) * (i * 1000)
     assert cli.call_many([], window=8) == []
@@ -192,7 +224,7 @@ def test_call_many_order_and_window(make_server, make_client):
     blocks = [np.full(4 * MiB, i, dtype=np.uint8) for i in range(12)]
     replies = cli.call_many([(rnd(i), b) for i, b in enumerate(blocks)], window=8)
     for i, (h, p) in enumerate(replies):
-        assert h["size"] == i and np.array_equal(np.frombuffer(p, dtype=np.uint8), blocks[i])
+        assert h.round.doc_bytes == i and np.array_equal(np.frombuffer(p, dtype=np.uint8), blocks[i])
 
 
 def test_call_many_rejects_bad_window(make_server, make_client):
@@ -201,85 +233,84 @@ def test_call_many_rejects_bad_window(make_server, make_client):
         cli.call_many([(ping(), None)], window=0)
 
 
-# ------------------------------------------------------------------------ the two API forms
+# ------------------------------------------------------------------------ the checks
 
 
-def test_every_op_round_trips_through_the_codec():
-    samples = [
-        {"op": "announce", "job": "j", "v": 3, "node": "n1", "block_count": 9, "ranks": [0, 1],
-         "sizes": [10, 20]},
-        {"op": "contrib", "job": "j", "v": 3, "s": 4, "t": 1, "p": 2, "counts": [9, 9, 0]},
-        {"op": "vote", "job": "j", "v": 3, "ranks": [5]},
-        {"op": "ping", "committed": {"j": 2, "k": 0}},
-        {"op": "round", "job": "j", "v": 3},
-        {"op": "fetch", "job": "j", "v": 3, "kind": "data", "j": 7},
-        {"op": "fetch", "job": "j", "v": 3, "kind": "parity", "s": 1, "t": 0},
-        {"op": "jobs"},
-        {"op": "suspect", "job": "j", "v": 3, "kind": "parity", "s": 2, "t": 1},
-        {"op": "fence", "job": "j"},
-        {"op": "rank_manifest", "job": "j", "v": 3, "rank": 4},
-        {"op": "rank_block", "job": "j", "v": 3, "rank": 4, "j": 0},
-    ]
-    assert {d["op"] for d in samples} == set(ops.REQUESTS)
-    for d in samples:
-        req = ops.request_from_dict(d)
+SAMPLES = {
+    "announce": ppb.AnnounceRequest(job="j", version=3, node="n1", block_count=9, ranks=[0, 1],
+                                    manifest_sizes_bytes=[10, 20]),
+    "contrib": ppb.ContribRequest(job="j", version=3, stripe=4, row=1, position=2, block_counts=[9, 9, 0]),
+    "vote": ppb.VoteRequest(job="j", version=3, ranks=[5]),
+    "ping": ppb.PingRequest(committed_versions={"j": 2, "k": 0}),
+    "round": ppb.RoundRequest(job="j", version=3),
+    "fetch": ppb.FetchRequest(job="j", version=3, kind=ppb.BLOCK_KIND_PARITY, stripe=1, row=0),
+    "jobs": ppb.JobsRequest(),
+    "suspect": ppb.SuspectRequest(job="j", version=3, kind=ppb.BLOCK_KIND_DATA, block_index=7),
+    "fence": ppb.FenceRequest(job="j"),
+    "rank_manifest": ppb.RankManifestRequest(job="j", version=3, rank=4),
+    "rank_block": ppb.RankBlockRequest(job="j", version=3, rank=4, block_index=0),
+}
+
+
+def test_the_checks_know_every_op_of_the_schema_and_its_required_fields():
+    schema_ops = {f.name for f in ppb.PeerRequest.DESCRIPTOR.oneofs_by_name["op"].fields}
+    assert set(checks.REQUIRED) == set(checks.REPLY_OF) == set(SAMPLES) == schema_ops
+    replies = {f.name for f in ppb.PeerReply.DESCRIPTOR.oneofs_by_name["body"].fields}
+    assert set(checks.REPLY_OF.values()) == replies
+    for op, msg in SAMPLES.items():
+        req = ppb.PeerRequest(**{op: msg})
         wire = ppb.PeerRequest.FromString(req.SerializeToString())
-        assert ops.request_to_dict(wire) == d
-    replies = {"ping": {"committed": {"j": 2}}, "round": {"size": 12},
-               "jobs": {"jobs": {"j": {"committed": 2, "world_size": 8, "local_world_size": 4}}},
-               "fetch": {"ok": True}}
-    for op, d in replies.items():
-        assert ops.reply_to_dict(ops.reply_from_dict(op, d)) == d
-    with pytest.raises(PeerProtocolError):
-        ops.reply_from_dict("jobs", {"jobs": {"j": {"committed": 1, "extra": 1}}})
-    with pytest.raises(PeerProtocolError):
-        ops.reply_from_dict("fence", {"ok": False})
+        assert checks.check_request(wire) == op and wire == req
+        for name in checks.REQUIRED[op] + checks.BLOCK_AT.get(getattr(msg, "kind", None), ()):
+            lacking = ppb.PeerRequest()
+            lacking.CopyFrom(req)
+            getattr(lacking, op).ClearField(name)
+            with pytest.raises(PeerProtocolError, match=f"lacks {name}"):
+                checks.check_request(lacking)
+    checks.check_reply("jobs", ppb.PeerReply(jobs=ppb.JobsReply()))
+    checks.check_reply("fetch", ack())
+    for op, bad in (("fetch", ppb.PeerReply()), ("round", ack()), ("fence", ppb.PeerReply(jobs={})), ("ping", {})):
+        with pytest.raises(PeerProtocolError):
+            checks.check_reply(op, bad)
 
 
-def test_message_form(make_server, make_client):
+def test_payload_xxh3_and_on_reply_with_messages(make_server, make_client):
     def handler(sender, req, payload):
         assert isinstance(req, ppb.PeerRequest)
         if req.WhichOneof("op") == "round":
             return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=req.round.version)), payload
         body = bytes(payload)
-        return ppb.PeerReply(ack=ppb.Ack()), body, xxhash.xxh3_64_intdigest(body)
+        return ack(), body, xxhash.xxh3_64_intdigest(body)
 
-    srv = make_server(handler=None, message_handler=handler)
+    srv = make_server(handler=handler)
     cli = make_client(srv)
-    rep, payload = cli.call_message(ppb.PeerRequest(round=ppb.RoundRequest(job="j", version=5)))
+    rep, payload = cli.call(rnd(5))
     assert rep.round.doc_bytes == 5 and payload is None
     data = b"block" * 100
-    req = ppb.PeerRequest(fetch=ppb.FetchRequest(job="j", version=1, kind=ppb.BLOCK_KIND_DATA))
-    rep, payload = cli.call_message(req, data, payload_xxh3=xxhash.xxh3_64_intdigest(data))
-    assert rep.WhichOneof("body") == "ack" and bytes(payload) == data
+    rep, payload = cli.call(fetch(), data, payload_xxh3=xxhash.xxh3_64_intdigest(data))
+    assert form(rep) == "ack" and bytes(payload) == data
     seen = []
-    out = cli.call_many_messages(
-        [(ppb.PeerRequest(round=ppb.RoundRequest(version=i)), None) for i in range(10)],
-        on_reply=lambda i, r, p: seen.append(r.round.doc_bytes) or i)
+    out = cli.call_many([(rnd(i), None) for i in range(10)],
+                        on_reply=lambda i, r, p: seen.append(r.round.doc_bytes) or i)
     assert out == list(range(10)) and seen == list(range(10))
-    with pytest.raises(PeerProtocolError):
-        cli.call_message(ppb.PeerRequest())  # no op
-    with pytest.raises(PeerProtocolError):
-        cli.call_message(ppb.PeerReply(ack=ppb.Ack()))  # not a request
     with pytest.raises(ValueError):
-        PeerServer("tcp://127.0.0.1:0", "x", None, None)  # no handler at all
+        PeerServer("tcp://127.0.0.1:0", "x", None, None, None)  # no handler at all
 
 
 def test_known_xxh3_is_sent_and_verified(make_server, make_client):
     srv = make_server()
     cli = make_client(srv)
     data = b"stored block"
-    hdr = {**fetch(), KNOWN_XXH3: xxhash.xxh3_64_intdigest(data)}
-    assert bytes(cli.call(hdr, data)[1]) == data
-    assert bytes(cli.call({**fetch(), KNOWN_XXH3: np.uint64(hdr[KNOWN_XXH3])}, data)[1]) == data
-    assert KNOWN_XXH3 in hdr  # the caller's dict is never changed (requests are resent)
+    known = xxhash.xxh3_64_intdigest(data)
+    assert bytes(cli.call(fetch(), data, known)[1]) == data
+    assert bytes(cli.call(fetch(), data, np.uint64(known))[1]) == data
     with pytest.raises(RemoteError) as ei:  # a stored checksum that does not match: at rest
-        cli.call({**fetch(), KNOWN_XXH3: 12345}, data)
+        cli.call(fetch(), data, 12345)
     assert ei.value.error_code == "PEER_PROTOCOL" and "xxh3 mismatch" in str(ei.value)
     assert "stored checksum" in str(ei.value) and srv.refused["checksum"] == 1
 
-    def lying(sender, header, payload):
-        return {"ok": True, KNOWN_XXH3: 1}, b"rotten"
+    def lying(sender, req, payload):
+        return ack(), b"rotten", 1
 
     liar = make_client(make_server(lying))
     with pytest.raises(PeerProtocolError, match="xxh3 mismatch"):
@@ -288,14 +319,14 @@ def test_known_xxh3_is_sent_and_verified(make_server, make_client):
 
 
 def test_frame_header_carries_payload_fields():
-    body = encode_body("request", ops.request_from_dict(fetch()), True)
+    body = encode_body("request", fetch(), True)
     raw = body + payload_fields(memoryview(b"abc"))
     h = decode_header(raw)
     assert h.payload_bytes == 3 and h.payload_xxh3 == xxhash.xxh3_64_intdigest(b"abc")
-    assert not h.payload_xxh3_stored and ops.request_to_dict(h.request) == fetch()
+    assert not h.payload_xxh3_stored and h.request == fetch()
     h = decode_header(body + payload_fields(memoryview(b"abc"), stored_xxh3=7))
     assert h.payload_xxh3 == 7 and h.payload_xxh3_stored
-    assert not decode_header(encode_body("request", ops.request_from_dict(ping()), False)).HasField(
+    assert not decode_header(encode_body("request", ping(), False)).HasField(
         "payload_bytes")
 
 
@@ -306,7 +337,7 @@ def test_handler_exception_becomes_remote_error(make_server, make_client):
     srv = make_server()
     cli = make_client(srv)
     with pytest.raises(RemoteError) as ei:
-        cli.call({"op": "fence", "job": "boom:bad block"})
+        cli.call(fence("boom:bad block"))
     e = ei.value
     assert isinstance(e, SnapshotdError)
     assert e.error_code == "INVALID_REQUEST" and e.message == "kaboom: bad block"
@@ -319,7 +350,7 @@ def test_handler_exception_becomes_remote_error(make_server, make_client):
 def test_snapshotd_error_code_travels(make_server, make_client):
     from snapshotd.wire.errors import UnknownJobError
 
-    def handler(sender, header, payload):
+    def handler(sender, req, payload):
         raise UnknownJobError("job j1")
 
     cli = make_client(make_server(handler))
@@ -329,24 +360,47 @@ def test_snapshotd_error_code_travels(make_server, make_client):
 
 
 def test_bad_handler_return_is_an_error_reply(make_server, make_client):
-    def handler(sender, header, payload):
-        job = header.get("job")
+    def handler(sender, req, payload):
+        job = req.fence.job
         if job == "shape":
             return "nope"
-        if job == "field":
-            return {"x": 1}, None  # not a field of the op's reply
-        if job == "type":
-            return {"size": "big"}, None
-        return {"ok": True}, None
+        if job == "dict":
+            return {"ok": True}, None  # not a PeerReply
+        if job == "form":
+            return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=1)), None  # not what fence answers
+        if job == "empty":
+            return ppb.PeerReply(), None
+        return ack(), None
 
     cli = make_client(make_server(handler))
     with pytest.raises(RemoteError):
-        cli.call({"op": "fence", "job": "shape"})
-    for job, op in (("field", "fence"), ("type", "round")):
+        cli.call(fence("shape"))
+    for job in ("dict", "form", "empty"):
         with pytest.raises(RemoteError) as ei:
-            cli.call({"op": op, "job": job})
+            cli.call(fence(job))
         assert ei.value.error_code == "PEER_PROTOCOL"
-    assert cli.call({"op": "fence", "job": "fine"})[0] == {"ok": True}
+    assert form(cli.call(fence("fine"))[0]) == "ack"
+
+
+def test_a_reply_of_the_wrong_form_is_refused_by_the_client():
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def fake_server():  # answers a round with an Ack
+        ident, magic, sender, rid, header, mac = router.recv_multipart()
+        router.send_multipart([ident, MAGIC, b"srv", rid, ppb.PeerFrameHeader(reply=ack()).SerializeToString(), b""])
+
+    th = threading.Thread(target=fake_server)
+    th.start()
+    cli = PeerClient(f"tcp://127.0.0.1:{port}", "cli", "srv", None, timeout_ms=3000)
+    try:
+        with pytest.raises(PeerProtocolError, match="must be 'round'"):
+            cli.call(rnd(1))
+    finally:
+        th.join(5)
+        cli.close()
+        router.close()
 
 
 # ------------------------------------------------------------------------ auth
@@ -405,11 +459,8 @@ def _raw_dealer(port):
 
 
 def _hdr(request=None, **fields) -> bytes:
-    """A PeerFrameHeader built by hand: ``request`` a dict (through the codec) or a
-    PeerRequest, plus frame header fields."""
+    """A PeerFrameHeader built by hand: ``request`` a PeerRequest, plus frame header fields."""
     h = ppb.PeerFrameHeader(**fields)
-    if isinstance(request, dict):
-        request = ops.request_from_dict(request)
     if request is not None:
         h.request.CopyFrom(request)
     return h.SerializeToString()
@@ -437,7 +488,9 @@ def test_garbage_frames_do_not_stop_the_server(make_server, make_client, key):
 
     rid = b"\0" * 8
     ok = _hdr(ping())
-    big = _hdr({"op": "fence", "job": "x" * (64 * 1024)})
+    big = _hdr(fence("x" * (64 * 1024)))
+    no_kind = _hdr(_req("fetch", job="j", version=1))
+    negative = _hdr(_req("round", job="j", version=-5))
     unknown_op = b"\x22" + _varint(4) + _varint((99 << 3) | 2) + b"\x01\x00"  # request.<field 99>
     bad_kind = b"\x22\x04\x32\x02\x18\x07"  # request.fetch.kind = 7
     reply = ppb.PeerFrameHeader(reply=ppb.PeerReply(ack=ppb.Ack())).SerializeToString()
@@ -459,6 +512,8 @@ def test_garbage_frames_do_not_stop_the_server(make_server, make_client, key):
         signed(b""),                                               # no body at all
         signed(reply),                                             # a reply, not a request
         signed(bad_kind),                                          # enum value out of the schema
+        signed(no_kind),                                           # a required field missing
+        signed(negative),                                          # a negative version
         signed(deep),                                              # nesting bomb
         signed(big),                                               # header > 64 KiB
         [MAGIC, b"\xff\xfe", rid, ok, b""],                        # sender not UTF-8
@@ -487,7 +542,7 @@ def test_refusals_are_answered_with_a_code(make_server):
     raw = _raw_dealer(srv.port)
     try:
         rid = b"\1" * 8
-        header = _hdr({"op": "jobs"}, payload_bytes=1 << 40, payload_xxh3=0)
+        header = _hdr(jobs(), payload_bytes=1 << 40, payload_xxh3=0)
         raw.send_multipart([MAGIC, b"cli", rid, header,
                             hmac.new(KEY, MAGIC + b"cli" + rid + header, hashlib.sha256).digest(), b"abcd"])
         assert raw.poll(3000)
@@ -517,7 +572,7 @@ def test_timeout_then_next_call_gets_its_own_reply(make_server, make_client):
     cli = make_client(srv, timeout_ms=300)
     t0 = time.monotonic()
     with pytest.raises(PeerUnavailableError):
-        cli.call({"op": "round", "job": "sleep", "v": 1000})
+        cli.call(rnd(1000, job="sleep"))
     took = time.monotonic() - t0
     assert 0.25 <= took < 0.9, took
     assert cli.resets == 1
@@ -531,11 +586,11 @@ def test_timeout_then_next_call_gets_its_own_reply(make_server, make_client):
 def test_timeout_in_call_many_resets(make_server, make_client):
     srv = make_server()
     cli = make_client(srv, timeout_ms=250)
-    reqs = [(rnd(i), None) for i in range(4)] + [({"op": "round", "job": "sleep", "v": 600}, None)]
+    reqs = [(rnd(i), None) for i in range(4)] + [(rnd(600, job="sleep"), None)]
     with pytest.raises(PeerUnavailableError):
         cli.call_many(reqs, window=8)
     replies = cli.call_many([(rnd(i), None) for i in range(5)], timeout_ms=3000)
-    assert [h["size"] for h, _ in replies] == list(range(5))
+    assert [size(r) for r in replies] == list(range(5))
 
 
 def test_nothing_listening(make_client):
@@ -585,11 +640,11 @@ def test_threads_share_one_client(make_server, make_client):
                 if i % 5 == 0:
                     vs = [t * 10000 + i * 10 + j for j in range(4)]
                     replies = cli.call_many([(rnd(v), data) for v in vs], window=2)
-                    assert [h["size"] for h, _ in replies] == vs
+                    assert [size(r) for r in replies] == vs
                     assert all(bytes(p) == data for _, p in replies)
                 else:
-                    hdr, p = cli.call(rnd(t * 10000 + i * 10), data)
-                    assert hdr["size"] == t * 10000 + i * 10 and bytes(p) == data
+                    rep, p = cli.call(rnd(t * 10000 + i * 10), data)
+                    assert rep.round.doc_bytes == t * 10000 + i * 10 and bytes(p) == data
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -612,7 +667,8 @@ def test_server_lifecycle():
     with PeerServer("tcp://*:0", "srv", None, None, echo) as s2:
         assert s2.port
         with PeerClient(f"tcp://127.0.0.1:{s2.port}", "c", "srv", None) as c:
-            assert c.call({"op": "jobs"})[0] == {"jobs": {}}
+            rep = c.call(jobs())[0]
+            assert form(rep) == "jobs" and not rep.jobs.jobs
 
 
 def test_mismatched_request_ids_are_discarded():
@@ -636,8 +692,8 @@ def test_mismatched_request_ids_are_discarded():
     th.start()
     cli = PeerClient(f"tcp://127.0.0.1:{port}", "cli", "srv", None, timeout_ms=3000)
     try:
-        hdr, payload = cli.call(rnd(1, job="q"))
-        assert hdr == {"size": 2} and payload is None and cli.discarded == 1
+        rep, payload = cli.call(rnd(1, job="q"))
+        assert rep.round.doc_bytes == 2 and payload is None and cli.discarded == 1
         assert seen == [(MAGIC, b"cli", _hdr(rnd(1, job="q")), b"")]
     finally:
         th.join(5)
@@ -648,9 +704,9 @@ def test_mismatched_request_ids_are_discarded():
 def test_handler_gets_memoryview_of_frame(make_server, make_client):
     kinds = []
 
-    def handler(sender, header, payload):
+    def handler(sender, req, payload):
         kinds.append((type(payload), None if payload is None else bytes(payload)))
-        return {}, None
+        return ack(), None
 
     cli = make_client(make_server(handler))
     cli.call(fetch(), b"abc")
@@ -659,25 +715,26 @@ def test_handler_gets_memoryview_of_frame(make_server, make_client):
 
 
 def test_call_many_on_reply_streams_in_order(make_server, make_client):
-    def handler(sender, header, payload):
-        return {"size": header["v"]}, bytes([header["v"]]) * 1000
+    def handler(sender, req, payload):
+        v = req.round.version
+        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=v)), bytes([v]) * 1000
 
     cli = make_client(make_server(handler))
     seen = []
 
-    def on_reply(i, header, payload):
+    def on_reply(i, reply, payload):
         seen.append(i)
-        assert header["size"] == i and bytes(payload) == bytes([i]) * 1000
+        assert reply.round.doc_bytes == i and bytes(payload) == bytes([i]) * 1000
         return i * 10
 
     out = cli.call_many([(rnd(i), None) for i in range(30)], window=8, on_reply=on_reply)
     assert out == [i * 10 for i in range(30)] and seen == list(range(30))
 
-    def failing(i, header, payload):
+    def failing(i, reply, payload):
         if i == 3:
             raise KeyError("consumer failed")
 
     with pytest.raises(KeyError):
         cli.call_many([(rnd(i), None) for i in range(30)], window=8, on_reply=failing)
     assert cli.resets == 1
-    assert [h["size"] for h, _ in cli.call_many([(rnd(i), None) for i in range(5)])] == list(range(5))
+    assert [size(r) for r in cli.call_many([(rnd(i), None) for i in range(5)])] == list(range(5))

@@ -34,9 +34,10 @@ from snapshotd_tools import localcluster as lc
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.manifest import block_checksums
 from snapshotd.node.peer import MAGIC, PeerAuthError, PeerClient, PeerUnavailableError, RemoteError
-from snapshotd.node.peer import frame_mac as _mac, ops as peer_ops, peer_pb2
+from snapshotd.node.cluster import peer_ops
+from snapshotd.node.peer import frame_mac as _mac, peer_pb2
 from snapshotd.node.peer.curve import CurvePeers, derive_keypair
-from snapshotd.core.spec import load_spec
+from snapshotd.node.spec_file import load_spec
 from snapshotd_client.transport import DaemonClient
 
 BS = 64 << 10
@@ -135,7 +136,7 @@ def test_peer_without_key_is_refused_logged_counted(daemon_factory, tmp_path):
         "--spec", str(tmp_path / "spec.yaml"), "--metrics-addr", "127.0.0.1:0"]).start()
     port = d.info["metrics_port"]
     addr = f"tcp://127.0.0.1:{peer_port}"
-    forged = {"op": "jobs"}
+    forged = peer_ops.jobs()
     for k in (b"not-the-key", None):
         with PeerClient(addr, node, node, k, timeout_ms=3000) as pc:
             with pytest.raises((PeerAuthError, RemoteError)):
@@ -144,7 +145,7 @@ def test_peer_without_key_is_refused_logged_counted(daemon_factory, tmp_path):
         with pytest.raises((PeerAuthError, RemoteError), match="unknown peer"):
             pc.call(forged)
     with PeerClient(addr, node, node, key.encode(), timeout_ms=3000) as pc:  # the right key: answered
-        assert "jobs" in pc.call(forged)[0]
+        assert pc.call(forged)[0].WhichOneof("body") == "jobs"
     assert metric(port, "snapshotd_peer_messages_refused_total", reason="auth") == 2
     assert metric(port, "snapshotd_peer_messages_refused_total", reason="unknown_peer") == 1
     assert metric(port, "snapshotd_peer_auth_failures_total") == 3
@@ -191,7 +192,7 @@ def test_oversized_length_claims_are_refused_before_allocation(daemon_factory, t
     sock.connect(f"tcp://127.0.0.1:{peer_port}")
     try:
         rid = os.urandom(8)
-        header = peer_pb2.PeerFrameHeader(request=peer_ops.request_from_dict({"op": "jobs"}),
+        header = peer_pb2.PeerFrameHeader(request=peer_ops.jobs(),
                                           payload_bytes=1 << 40, payload_xxh3=0).SerializeToString()
         sock.send_multipart([MAGIC, node.encode(), rid, header, _mac(key.encode(), node.encode(), rid, header), b"abcd"])
         assert sock.poll(5000), "no reply"
@@ -239,7 +240,7 @@ def test_oversized_length_claims_are_refused_before_allocation(daemon_factory, t
         assert dropped, "the daemon kept reading a 1 TiB frame"
     assert psutil.Process(d.proc.pid).memory_info().rss < rss0 + (64 << 20)
     with PeerClient(f"tcp://127.0.0.1:{peer_port}", node, node, key.encode(), timeout_ms=3000) as pc:
-        assert JOB in pc.call({"op": "jobs"})[0]["jobs"]  # still serving
+        assert JOB in pc.call(peer_ops.jobs())[0].jobs.jobs  # still serving
     cl.close()
 
 
@@ -361,13 +362,13 @@ def test_curve_cluster_commits_rebuilds_and_refuses_wrong_keys(tmp_path):
         for curve in (wrong, None):
             with PeerClient(addr, "n2", "n0", key, timeout_ms=1500, curve=curve) as pc:
                 with pytest.raises(PeerUnavailableError):
-                    pc.call({"op": "jobs"})
+                    pc.call(peer_ops.jobs())
         # A client that knows n0's public key but not an allowed keypair: ZAP says no.
         mixed = CurvePeers(key, "n2", nodes)
         mixed.public, mixed.secret = zmq.curve_keypair()
         with PeerClient(addr, "n2", "n0", key, timeout_ms=1500, curve=mixed) as pc:
             with pytest.raises(PeerUnavailableError):
-                pc.call({"op": "jobs"})
+                pc.call(peer_ops.jobs())
         wait_for(lambda: metric(n0_port, "snapshotd_peer_messages_refused_total", reason="curve") >= 2,
                  what="CURVE refusals counted")
         assert metric(n0_port, "snapshotd_peer_auth_failures_total") >= 2
@@ -375,7 +376,7 @@ def test_curve_cluster_commits_rebuilds_and_refuses_wrong_keys(tmp_path):
             assert "CURVE handshake refused" in f.read()
         # The right derived keypair is served.
         with PeerClient(addr, "n2", "n0", key, timeout_ms=3000, curve=CurvePeers(key, "n2", nodes)) as pc:
-            assert pc.call({"op": "jobs"})[0]["jobs"][JOB]["committed"] == 1
+            assert pc.call(peer_ops.jobs())[0].jobs.jobs[JOB].committed_version == 1
         for nd in nodes:
             with open(os.path.join(d, f"{nd}.log")) as f:
                 assert "Traceback" not in f.read()

@@ -21,7 +21,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from snapshotd.node.peer import PeerClient, PeerServer, remote_error_code
+from snapshotd.node.peer import PeerClient, PeerServer, peer_pb2, remote_error_code
 from snapshotd.node.service import _abort
 from snapshotd.wire import errors
 from snapshotd.wire.errors import (
@@ -167,8 +167,8 @@ def test_every_class_survives_a_real_peer():
     request is a plain "fence" op whose job names the class to raise: any op of the
     peer schema would do.)"""
 
-    def handler(sender, header, payload):
-        cls = ERROR_CLASSES[header["job"]]
+    def handler(sender, request, payload):
+        cls = ERROR_CLASSES[request.fence.job]
         raise cls(message_for(cls))
 
     server = PeerServer("tcp://127.0.0.1:0", "srv", None, None, handler).start()
@@ -176,7 +176,7 @@ def test_every_class_survives_a_real_peer():
     try:
         for cls in RAISED:
             with pytest.raises(RemoteError) as ei:
-                client.call({"op": "fence", "job": cls.code})
+                client.call(peer_pb2.PeerRequest(fence=peer_pb2.FenceRequest(job=cls.code)))
             e = ei.value
             assert e.error_class is cls, (cls, e.error_code)
             assert e.error_code == cls.code and e.message == message_for(cls) and e.peer_id == "srv"

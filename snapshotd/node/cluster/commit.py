@@ -149,18 +149,20 @@ class CommitDriver:
             except Exception as exc:  # a dead peer stalls this version; newer ones go on
                 log.warning("job %s v%d: %s failed: %s", job_id, a.version, type(a).__name__, exc)
 
-    def broadcast(self, nodes, header: dict, payload=None) -> None:
+    def broadcast(self, nodes, request, payload=None, job_id: str | None = None, v: int | None = None) -> None:
+        """Deliver one ``PeerRequest`` of version ``v`` of the job to every node of ``nodes`` but us."""
         for node in nodes:
             if node == self.me:
                 continue
             try:
-                self.deliver(node, [(header, payload)], header.get("job"), header.get("v"))
+                self.deliver(node, [(request, payload)], job_id, v)
             except (PeerUnavailableError, RemoteError) as exc:
-                log.warning("%s to %s failed: %s", header["op"], node, exc)
+                log.warning("%s to %s failed: %s", request.WhichOneof("op"), node, exc)
 
     def deliver(self, node: str, reqs: list, job_id: str | None = None, v: int | None = None,
                 window: int = 8) -> None:
-        """Send requests the peer must all execute (announce, contributions, votes).
+        """Send requests the peer must all execute (announce, contributions, votes):
+        ``reqs`` are ``(PeerRequest, payload[, payload_xxh3])``.
 
         A stall (no reply within the heartbeat timeout) is not a verdict on the peer:
         under load a busy receiver can fall behind a bulk window. While heartbeats (their
@@ -175,7 +177,7 @@ class CommitDriver:
             batch = pending
             try:
                 self.membership.peer(node).call_many([reqs[i] for i in batch], window=window,
-                                                     on_reply=lambda i, h, d: acked.add(batch[i]))
+                                                     on_reply=lambda i, rep, d: acked.add(batch[i]))
                 return
             except PeerUnavailableError as exc:
                 pending = [i for i in batch if i not in acked]
@@ -196,8 +198,8 @@ class CommitDriver:
             return jp is not None and v > jp.committed_version and v in jp.rounds
 
     def _send_announce(self, job_id: str, a: proto.SendAnnounce) -> None:
-        hdr, blob = peer_ops.announce(job_id, a.version, a.announce)
-        self.broadcast(self.group, hdr, blob)
+        req, blob = peer_ops.announce(job_id, a.version, a.announce)
+        self.broadcast(self.group, req, blob, job_id, a.version)
 
     def _send_contributions(self, job_id: str, a: proto.SendContributions) -> None:
         blocks = self.store.block_reader(job_id, a.version, self.bs, with_checksum=True)
@@ -205,11 +207,11 @@ class CommitDriver:
         for j, s, p in a.layout.data_blocks(self.my_index):
             data, known = blocks(j)
             for t, holder in enumerate(pl.stripe_parity_nodes(self.n, self.m, s)):
-                hdr = peer_ops.contrib(job_id, a.version, s, t, p, a.block_counts, known)
                 if holder == self.my_index:
                     self.accumulate(job_id, a.version, s, t, p, tuple(a.block_counts), data)
-                else:
-                    per_holder.setdefault(self.group[holder], []).append((hdr, data))
+                else:  # with the adopt-time checksum: the holder verifies it
+                    req = peer_ops.contrib(job_id, a.version, s, t, p, a.block_counts)
+                    per_holder.setdefault(self.group[holder], []).append((req, data, known))
         errs = []
 
         def send(node, reqs):
@@ -231,7 +233,8 @@ class CommitDriver:
 
     def _send_vote(self, job_id: str, a: proto.SendVote) -> None:
         self.parity.seal(job_id, a.version)
-        self.broadcast([nd.id for nd in self.spec.nodes], peer_ops.vote(job_id, a.version, a.ranks))
+        self.broadcast([nd.id for nd in self.spec.nodes], peer_ops.vote(job_id, a.version, a.ranks),
+                       None, job_id, a.version)
 
     def _commit(self, job_id: str, v: int) -> None:
         # Our own vote counts as soon as the protocol emits it, so the peers' votes can
@@ -259,7 +262,7 @@ class CommitDriver:
         if dropped:
             log.info("job %s: fenced, dropped uncommitted versions %s", job_id, dropped)
         if broadcast:
-            self.broadcast([nd.id for nd in self.spec.nodes], peer_ops.fence(job_id))
+            self.broadcast([nd.id for nd in self.spec.nodes], peer_ops.fence(job_id), None, job_id)
 
     def drop_job(self, job_id: str) -> int:
         """The job is dropped on this node (DropJob): release its parity buffers, the

@@ -59,10 +59,10 @@ class DegradedReads:
             if node == self.me or not v:
                 continue
             try:
-                rep = self.membership.peer(node).call(peer_ops.round_(job_id, v))
+                _, doc = self.membership.peer(node).call(peer_ops.round_(job_id, v))
             except (PeerUnavailableError, RemoteError):
                 continue
-            known = json.loads(bytes(rep[1])).get("rank_nodes", {})
+            known = json.loads(bytes(doc)).get("rank_nodes", {})
             with self.jobs.lock:
                 jp = self.jobs.job(job_id)
                 for rk, nd in known.items():
@@ -117,15 +117,15 @@ class DegradedReads:
     def _copy_from_owner(self, job_id: str, rank: int, v: int, owner: str):
         """Copy ``owner``'s shard of ``rank`` into a local aux segment, checksum-verified."""
         client = self.membership.peer(owner)
-        rep = client.call(peer_ops.rank_manifest(job_id, v, rank))
-        m = pb.ShardManifest.FromString(bytes(rep[1]))
+        _, raw = client.call(peer_ops.rank_manifest(job_id, v, rank))
+        m = pb.ShardManifest.FromString(bytes(raw))
         name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
         bs = m.block_size_bytes
         reqs = [(peer_ops.rank_block(job_id, v, rank, j), None)
                 for j in range((m.payload_bytes + bs - 1) // bs)]
         mv = memoryview(seg.buf)
 
-        def put(i, header, data):
+        def put(i, reply, data):
             mv[i * bs:i * bs + len(data)] = data
 
         try:

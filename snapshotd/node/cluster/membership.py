@@ -114,7 +114,7 @@ class Membership:
                     peer_ops.ping(self._committed_versions()),
                     timeout_ms=self.spec.heartbeat_timeout_ms)
                 self.seen(node)
-                self.gossip(node, rep.get("committed", {}))
+                self.gossip(node, dict(rep.ping.committed_versions))
             except (PeerUnavailableError, RemoteError):
                 pass
             except Exception as exc:  # never let one peer's trouble stop the heartbeats

@@ -1,28 +1,18 @@
-"""The peer operations' schema: every request header we send, and the table that serves them.
+"""The cluster's side of the peer plane: the requests it sends, and the table that serves them.
 
-All peer-op encoding lives here (and the transport in :mod:`snapshotd.node.peer`), so
-that the headers can move from JSON dicts to protobuf messages by editing this module
-alone. The parts of the cluster build requests with the functions below and are served
-through :class:`PeerOps`, one handler per op (a dict, not an if-chain); each handler
-decodes its header and calls a part with plain arguments.
+The ops, their fields and their replies are listed once, in the docstring of
+:mod:`snapshotd.node.peer` (schema: proto/peer.proto; required fields and other checks:
+:mod:`snapshotd.node.peer.checks`). The parts of the cluster build ``PeerRequest``
+messages with the functions below and read replies as ``PeerReply`` messages; the peer
+server calls :meth:`PeerOps.handle`, which maps the request's op
+(``request.WhichOneof("op")``) to one handler (a dict, not an if-chain) taking that
+op's message and calling a part with plain arguments.
 
-Peer operations (header "op"):
-  announce       {job, v, node, block_count, ranks, sizes} + packed manifests -> ack
-  contrib        {job, v, s, t, p, counts} + one block                      -> ack (idempotent)
-  vote           {job, v, ranks}                                            -> ack
-  ping           {committed: {job: v}}                       -> {committed: {...}}
-  round          {job, v}          -> {size} + the JSON round record of a retained version
-  fetch          {job, v, kind: data, j} | {job, v, kind: parity, s, t}     -> the block
-  jobs           {}                -> {jobs: {job: {committed, world_size, ...}}}
-  suspect        {job, v, kind, j|s,t}  -> ack; a fetcher found that block of ours corrupt
-  fence          {job}             -> ack; drop the job's uncommitted rounds
-  rank_manifest  {job, v, rank}    -> the rank's ShardManifest
-  rank_block     {job, v, rank, j} -> block j of the rank's payload
-
-A block travels with its stored checksum (``KNOWN_XXH3``): the receiver verifies it.
+A block travels with its stored checksum (the request's or the reply's
+``payload_xxh3``): the receiver verifies it.
 
 Thread-safety: :meth:`PeerOps.handle` runs in the peer server thread; every handler is
-fast (queues work, or reads what is held) and idempotent.
+fast (queues work, or reads what is held) and idempotent. The builders are pure.
 """
 
 from __future__ import annotations
@@ -31,73 +21,75 @@ from typing import Callable
 
 from snapshotd.core import protocol as proto
 from snapshotd.core.recovery import Shard
+from snapshotd.node.peer import PeerProtocolError, RemoteError, peer_pb2 as ppb
 from snapshotd.wire.errors import ChecksumMismatchError
-from snapshotd.node.peer import KNOWN_XXH3, PeerProtocolError, RemoteError
 
-OK = {"ok": True}
+KINDS = {"data": ppb.BLOCK_KIND_DATA, "parity": ppb.BLOCK_KIND_PARITY}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
 # -- requests ------------------------------------------------------------------------------
-def announce(job_id: str, v: int, ann: proto.Announce) -> tuple[dict, bytes]:
+def announce(job_id: str, v: int, ann: proto.Announce) -> tuple[ppb.PeerRequest, bytes]:
     sizes, blob = pack_blobs(ann.manifests)
-    return {"op": "announce", "job": job_id, "v": v, "node": ann.node,
-            "block_count": ann.block_count, "ranks": list(ann.ranks), "sizes": sizes}, blob
+    return ppb.PeerRequest(announce=ppb.AnnounceRequest(
+        job=job_id, version=v, node=ann.node, block_count=ann.block_count, ranks=list(ann.ranks),
+        manifest_sizes_bytes=sizes)), blob
 
 
-def contrib(job_id: str, v: int, s: int, t: int, p: int, counts, known: int | None) -> dict:
-    hdr = {"op": "contrib", "job": job_id, "v": v, "s": s, "t": t, "p": p, "counts": list(counts)}
-    if known is not None:  # the adopt-time checksum; the holder verifies it
-        hdr[KNOWN_XXH3] = known
-    return hdr
+def contrib(job_id: str, v: int, s: int, t: int, p: int, counts) -> ppb.PeerRequest:
+    """One contribution; send it with the block's adopt-time checksum as its payload_xxh3."""
+    return ppb.PeerRequest(contrib=ppb.ContribRequest(job=job_id, version=v, stripe=s, row=t, position=p,
+                                                      block_counts=list(counts)))
 
 
-def vote(job_id: str, v: int, ranks) -> dict:
-    return {"op": "vote", "job": job_id, "v": v, "ranks": list(ranks)}
+def vote(job_id: str, v: int, ranks) -> ppb.PeerRequest:
+    return ppb.PeerRequest(vote=ppb.VoteRequest(job=job_id, version=v, ranks=list(ranks)))
 
 
-def ping(committed: dict) -> dict:
-    return {"op": "ping", "committed": committed}
+def ping(committed: dict) -> ppb.PeerRequest:
+    return ppb.PeerRequest(ping=ppb.PingRequest(committed_versions=committed))
 
 
-def round_(job_id: str, v: int) -> dict:
-    return {"op": "round", "job": job_id, "v": v}
+def round_(job_id: str, v: int) -> ppb.PeerRequest:
+    return ppb.PeerRequest(round=ppb.RoundRequest(job=job_id, version=v))
 
 
-def fetch(job_id: str, v: int, stripe: int, src: Shard) -> dict:
-    hdr = {"op": "fetch", "job": job_id, "v": v, "kind": src.kind}
+def _block_at(msg, stripe: int, src: Shard):
+    msg.kind = KINDS[src.kind]
     if src.kind == "data":
-        hdr["j"] = src.block
+        msg.block_index = src.block
     else:
-        hdr["s"], hdr["t"] = stripe, src.index
-    return hdr
+        msg.stripe, msg.row = stripe, src.index
+    return msg
 
 
-def jobs() -> dict:
-    return {"op": "jobs"}
+def fetch(job_id: str, v: int, stripe: int, src: Shard) -> ppb.PeerRequest:
+    return ppb.PeerRequest(fetch=_block_at(ppb.FetchRequest(job=job_id, version=v), stripe, src))
 
 
-def suspect(job_id: str, v: int, stripe: int, src: Shard) -> dict:
-    hdr = {"op": "suspect", "job": job_id, "v": v, "kind": src.kind}
-    hdr.update({"j": src.block} if src.kind == "data" else {"s": stripe, "t": src.index})
-    return hdr
+def jobs() -> ppb.PeerRequest:
+    return ppb.PeerRequest(jobs=ppb.JobsRequest())
 
 
-def fence(job_id: str) -> dict:
-    return {"op": "fence", "job": job_id}
+def suspect(job_id: str, v: int, stripe: int, src: Shard) -> ppb.PeerRequest:
+    return ppb.PeerRequest(suspect=_block_at(ppb.SuspectRequest(job=job_id, version=v), stripe, src))
 
 
-def rank_manifest(job_id: str, v: int, rank: int) -> dict:
-    return {"op": "rank_manifest", "job": job_id, "v": v, "rank": rank}
+def fence(job_id: str) -> ppb.PeerRequest:
+    return ppb.PeerRequest(fence=ppb.FenceRequest(job=job_id))
 
 
-def rank_block(job_id: str, v: int, rank: int, j: int) -> dict:
-    return {"op": "rank_block", "job": job_id, "v": v, "rank": rank, "j": j}
+def rank_manifest(job_id: str, v: int, rank: int) -> ppb.PeerRequest:
+    return ppb.PeerRequest(rank_manifest=ppb.RankManifestRequest(job=job_id, version=v, rank=rank))
+
+
+def rank_block(job_id: str, v: int, rank: int, j: int) -> ppb.PeerRequest:
+    return ppb.PeerRequest(rank_block=ppb.RankBlockRequest(job=job_id, version=v, rank=rank, block_index=j))
 
 
 # -- replies -------------------------------------------------------------------------------
-def jobs_of(reply) -> dict:
-    """{job: {"committed": v, ...}} from a ``jobs`` reply."""
-    return reply[0].get("jobs", {})
+def ack() -> ppb.PeerReply:
+    return ppb.PeerReply(ack=ppb.Ack())
 
 
 def is_corrupt_reply(exc: BaseException) -> bool:
@@ -143,82 +135,85 @@ class PeerOps:
             "rank_block": self._rank_block,
         }
 
-    def handle(self, sender: str, h: dict, payload):
+    def handle(self, sender: str, request: ppb.PeerRequest, payload):
+        """The server's handler: ``(reply, payload[, payload_xxh3])`` for ``request``."""
         self.membership.seen(sender)
-        op = h.get("op")
-        fn = self.table.get(op) if isinstance(op, str) else None
+        op = request.WhichOneof("op") if isinstance(request, ppb.PeerRequest) else None
+        fn = self.table.get(op) if op is not None else None
         if fn is None:
             raise ValueError(f"unknown op {op!r}")
-        return fn(sender, h, payload)
+        return fn(sender, getattr(request, op), payload)
 
-    def _ping(self, sender, h, payload):
-        self.membership.gossip(sender, h.get("committed", {}))
-        return {"committed": self.jobs_table.committed_versions()}, None
+    def _ping(self, sender, msg: ppb.PingRequest, payload):
+        self.membership.gossip(sender, dict(msg.committed_versions))
+        return ppb.PeerReply(ping=ppb.PingReply(committed_versions=self.jobs_table.committed_versions())), None
 
-    def _contrib(self, sender, h, payload):
-        counts = self.bounded_counts(h.get("counts"))
+    def _contrib(self, sender, msg: ppb.ContribRequest, payload):
+        counts = self.bounded_counts(list(msg.block_counts))
         if payload is None or len(payload) != self.bs:
             raise ValueError(f"contribution must carry exactly {self.bs} bytes")
-        self.commit.accumulate(h["job"], h["v"], h["s"], h["t"], h["p"], counts, payload)
-        return OK, None
+        self.commit.accumulate(msg.job, msg.version, msg.stripe, msg.row, msg.position, counts, payload)
+        return ack(), None
 
-    def _announce(self, sender, h, payload):
-        self.bounded_counts([h["block_count"]] * self.n)
-        ann = proto.Announce(h["node"], int(h["block_count"]), tuple(h["ranks"]),
-                             tuple(unpack_blobs(h["sizes"], payload)))
-        self.commit.on_announce(h["job"], int(h["v"]), ann)
-        return OK, None
+    def _announce(self, sender, msg: ppb.AnnounceRequest, payload):
+        self.bounded_counts([msg.block_count] * self.n)
+        ann = proto.Announce(msg.node, msg.block_count, tuple(msg.ranks),
+                             tuple(unpack_blobs(list(msg.manifest_sizes_bytes), payload)))
+        self.commit.on_announce(msg.job, msg.version, ann)
+        return ack(), None
 
-    def _vote(self, sender, h, payload):
-        self.commit.on_vote(h["job"], int(h["v"]), sender, h["ranks"])
-        return OK, None
+    def _vote(self, sender, msg: ppb.VoteRequest, payload):
+        self.commit.on_vote(msg.job, msg.version, sender, list(msg.ranks))
+        return ack(), None
 
-    def _fence(self, sender, h, payload):  # inline: when the restarting trainer's restore
-        self.fence_job(h["job"])  # returns, every node has dropped the old run's rounds
-        return OK, None
+    def _fence(self, sender, msg: ppb.FenceRequest, payload):  # inline: when the restarting trainer's
+        self.fence_job(msg.job)  # restore returns, every node has dropped the old run's rounds
+        return ack(), None
 
-    def _jobs(self, sender, h, payload):
-        return {"jobs": self.store.jobs_summary()}, None
+    def _jobs(self, sender, msg: ppb.JobsRequest, payload):
+        rep = ppb.PeerReply(jobs=ppb.JobsReply())
+        for job_id, s in self.store.jobs_summary().items():
+            rep.jobs.jobs[job_id].CopyFrom(ppb.JobSummary(
+                committed_version=s["committed"], world_size=s["world_size"],
+                local_world_size=s["local_world_size"]))
+        return rep, None
 
-    def _round(self, sender, h, payload):
-        info = self.records.round_info(h["job"], int(h["v"]))
-        return {"size": len(info)}, info
+    def _round(self, sender, msg: ppb.RoundRequest, payload):
+        info = self.records.round_info(msg.job, msg.version)
+        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=len(info))), info
 
-    def _fetch(self, sender, h, payload):
-        job_id, v, kind = h["job"], int(h["v"]), h["kind"]
-        if kind == "data":
-            data, known = self.store.block_reader(job_id, v, self.bs, with_checksum=True)(int(h["j"]))
-            hdr = {"ok": True}
-            if known is not None:
-                hdr[KNOWN_XXH3] = known  # the stored checksum: the receiver verifies it
-            return hdr, data
+    def _fetch(self, sender, msg: ppb.FetchRequest, payload):
+        if msg.kind == ppb.BLOCK_KIND_DATA:
+            data, known = self.store.block_reader(msg.job, msg.version, self.bs,
+                                                  with_checksum=True)(msg.block_index)
+            return ack(), data, known  # the stored checksum: the receiver verifies it
         # The stored checksum travels as the payload's xxh3: a corrupt block is refused
         # by the receiver (and never decoded), without hashing it twice here.
-        view, want = self.parity.sealed_block(job_id, v, int(h["s"]), int(h["t"]), self.me)
-        return {"ok": True, KNOWN_XXH3: want}, view
+        view, want = self.parity.sealed_block(msg.job, msg.version, msg.stripe, msg.row, self.me)
+        return ack(), view, want
 
-    def _suspect(self, sender, h, payload):
-        kind = h.get("kind")
+    def _suspect(self, sender, msg: ppb.SuspectRequest, payload):
+        kind = KIND_NAMES.get(msg.kind)
         if kind == "data":
-            where = {"j": int(h["j"])}
+            where = {"j": msg.block_index}
         elif kind == "parity":
-            where = {"stripe": int(h["s"]), "row": int(h["t"])}
+            where = {"stripe": msg.stripe, "row": msg.row}
         else:
-            raise ValueError(f"suspect: kind must be data or parity, got {kind!r}")
-        self.suspects.queue_suspect({"job": str(h["job"]), "v": int(h["v"]), "kind": kind, **where})
-        return OK, None
+            raise ValueError(f"suspect: kind must be data or parity, got {msg.kind!r}")
+        self.suspects.queue_suspect({"job": msg.job, "v": msg.version, "kind": kind, **where})
+        return ack(), None
 
-    def _rank_manifest(self, sender, h, payload):
-        _, m, _ = self.rebuilder.local_rank(h["job"], int(h["v"]), int(h["rank"]))
-        return {"ok": True}, m.SerializeToString()
+    def _rank_manifest(self, sender, msg: ppb.RankManifestRequest, payload):
+        _, m, _ = self.rebuilder.local_rank(msg.job, msg.version, msg.rank)
+        return ack(), m.SerializeToString()
 
-    def _rank_block(self, sender, h, payload):
-        _, m, seg = self.rebuilder.local_rank(h["job"], int(h["v"]), int(h["rank"]))
-        j, bs = int(h["j"]), m.block_size_bytes
+    def _rank_block(self, sender, msg: ppb.RankBlockRequest, payload):
+        _, m, seg = self.rebuilder.local_rank(msg.job, msg.version, msg.rank)
+        j, bs = msg.block_index, m.block_size_bytes
         if not 0 <= j * bs < m.payload_bytes:
             raise ValueError(f"rank {m.rank} has no block {j}")
         mv = memoryview(seg.buf)[j * bs:min((j + 1) * bs, m.payload_bytes)]
         if self.store.unsafe_skip_verify:  # test-only broken build (store.py): unchecked
-            return {"ok": True}, mv
+            return ack(), mv
         # The stored checksum is sent as the payload's: the receiver verifies it.
-        return {"ok": True, KNOWN_XXH3: m.block_checksums[j]}, mv
+        return ack(), mv, m.block_checksums[j]

@@ -70,13 +70,13 @@ class Rebuilder:
                 if node == self.me:
                     continue
                 try:
-                    rep = self.membership.peer(node).call(peer_ops.jobs())
+                    rep, _ = self.membership.peer(node).call(peer_ops.jobs())
                 except Exception as exc:  # any failure: ask the next peer, retry later
                     log.debug("catch-up: %s did not answer: %s", node, exc)
                     continue
                 pending = False
-                for job_id, j in peer_ops.jobs_of(rep).items():
-                    v = int(j["committed"])
+                for job_id, summary in rep.jobs.jobs.items():
+                    v = summary.committed_version
                     if v > self.store.committed_version(job_id):
                         try:
                             self.ensure_restorable(job_id, v)

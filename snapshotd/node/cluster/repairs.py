@@ -142,7 +142,7 @@ class RepairRunner:
         return out
 
     def fetch_verified(self, node: str, items: list, got: dict, corrupt: list) -> None:
-        """Fetch ``items`` [(key, (header, None))] from ``node`` into ``got[key]``; a block
+        """Fetch ``items`` [(key, (PeerRequest, None))] from ``node`` into ``got[key]``; a block
         that fails its checksum goes to ``corrupt`` instead. Pipelined; after a corrupt
         reply the batch is resumed after that block (the client stops at the first bad
         reply, so the next unanswered request is fetched alone to pinpoint it)."""
@@ -151,7 +151,7 @@ class RepairRunner:
         while rest:
             batch = rest
 
-            def put(i, h, d, batch=batch):
+            def put(i, reply, d, batch=batch):
                 got[batch[i][0]] = np.frombuffer(d, np.uint8)
 
             try:
@@ -165,7 +165,7 @@ class RepairRunner:
                 return
             key, req = rest.pop(0)
             try:
-                h, d = client.call(*req)
+                _, d = client.call(*req)
                 got[key] = np.frombuffer(d, np.uint8)
             except Exception as exc:
                 if not peer_ops.is_corrupt_reply(exc):
@@ -220,11 +220,11 @@ class RepairRunner:
             return
         if self.corrupt.note(job_id, v, x.kind, holder, found_by, where) is None:
             return  # already known, its holder already told
-        hdr = peer_ops.suspect(job_id, v, stripe, x)
+        req = peer_ops.suspect(job_id, v, stripe, x)
 
         def tell():
             try:
-                self.membership.peer(holder).call(hdr)
+                self.membership.peer(holder).call(req)
             except Exception as exc:  # best effort: its scrubber finds it anyway
                 log.info("could not tell %s about its corrupt block: %s", holder, exc)
 

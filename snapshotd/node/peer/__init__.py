@@ -7,38 +7,38 @@ every daemon runs one :class:`PeerServer` (a ROUTER socket served by one thread,
 peer it talks to. One schema: ``proto/peer.proto`` (package ``snapshotd.peer``,
 generated into ``snapshotd.wire._proto.peer_pb2``).
 
-Modules: :mod:`.framing` (frame header codec, HMAC, payload checks), :mod:`.ops` (the
-op dicts <-> protobuf messages, each op's fields named once), :mod:`.server`,
-:mod:`.client`, :mod:`.curve` (optional CURVE encryption), :mod:`.malloc`.
+Modules: :mod:`.framing` (frame header codec, HMAC, payload checks), :mod:`.checks`
+(what a request and a reply must carry beyond what protobuf parsing checks),
+:mod:`.server`, :mod:`.client`, :mod:`.curve` (optional CURVE encryption), :mod:`.malloc`.
+The cluster builds the requests and serves them: :mod:`snapshotd.node.cluster.peer_ops`.
 
-Operations (``PeerRequest.op``; dict form ``{"op": name, key: value}``, dict keys in
-brackets where they differ from the message's field names; the reply is ``Ack``
-(dict ``{"ok": True}``) unless named):
+Operations (``PeerRequest.op``, one message per op; this table is the one place they
+are listed beside the schema itself). Fields marked * are required (:mod:`.checks`
+refuses a request without them); the reply is ``Ack`` unless named:
 
   ==============  =========================================================  ================
   op              request fields                                             reply
   ==============  =========================================================  ================
-  announce        job, version [v], node, block_count, ranks,                ack
-                  manifest_sizes_bytes [sizes]; payload: the manifests
-  contrib         job, version [v], stripe [s], row [t], position [p],       ack (idempotent)
-                  block_counts [counts]; payload: one block
-  vote            job, version [v], ranks                                    ack
-  ping            committed_versions [committed] {job: v}                    PingReply
-                                                                             {committed}
-  round           job, version [v]                                           RoundReply
-                                                                             {size}; payload:
-                                                                             JSON round doc
-  fetch           job, version [v], kind (data|parity), block_index [j] or   ack; payload:
-                  stripe [s] + row [t]                                       the block
+  announce        job*, version*, node*, block_count*, ranks,                Ack
+                  manifest_sizes_bytes; payload: the manifests
+  contrib         job*, version*, stripe*, row*, position*, block_counts;    Ack (idempotent)
+                  payload: one block (sent with its stored xxh3)
+  vote            job*, version*, ranks                                      Ack
+  ping            committed_versions {job: version}                          PingReply
+                                                                             {committed_versions}
+  round           job*, version*                                             RoundReply
+                                                                             {doc_bytes};
+                                                                             payload: JSON
+                                                                             round doc
+  fetch           job*, version*, kind* (BLOCK_KIND_DATA: block_index*;      Ack; payload:
+                  BLOCK_KIND_PARITY: stripe* + row*)                         the block
   jobs            (none)                                                     JobsReply {jobs:
-                                                                             {job: {committed,
-                                                                             world_size,
-                                                                             local_world_size}}}
-  suspect         as fetch: that block of the receiver arrived corrupt       ack
-  fence           job                                                        ack
-  rank_manifest   job, version [v], rank                                     ack; payload:
+                                                                             {job: JobSummary}}
+  suspect         as fetch: that block of the receiver arrived corrupt       Ack
+  fence           job*                                                       Ack
+  rank_manifest   job*, version*, rank*                                      Ack; payload:
                                                                              ShardManifest
-  rank_block      job, version [v], rank, block_index [j]                    ack; payload:
+  rank_block      job*, version*, rank*, block_index*                        Ack; payload:
                                                                              the block
   ==============  =========================================================  ================
 
@@ -58,7 +58,7 @@ identity in front, which is not part of the protocol)::
 
 * A message that has a payload frame carries ``payload_bytes`` and ``payload_xxh3``
   (``xxhash.xxh3_64_intdigest(payload)``, or the sender's stored checksum passed as
-  ``KNOWN_XXH3``, flagged ``payload_xxh3_stored``); the receiver checks both (the server
+  ``payload_xxh3``, flagged ``payload_xxh3_stored``); the receiver checks both (the server
   replies with a ``PEER_PROTOCOL`` error; the client raises :class:`PeerProtocolError`).
   This module sets them; callers need not.
 * When a key is configured, ``mac = HMAC-SHA256(key, b"SD2" + sender + request_id +
@@ -69,8 +69,9 @@ identity in front, which is not part of the protocol)::
   :mod:`snapshotd.wire.errors` (:func:`remote_error_code`); the client raises
   :class:`RemoteError`, whose ``error_class`` is the remote class.
 * A header that does not parse, has fields the schema lacks (or known fields of the
-  wrong wire type), carries no known op, or a value the op's table refuses, is refused
-  as ``malformed`` (counted in ``PeerServer.refused``, answered ``PEER_PROTOCOL``).
+  wrong wire type), or a request that fails :mod:`.checks` (no known op, a required
+  field missing, a negative version, an unknown block kind) is refused as
+  ``malformed`` (counted in ``PeerServer.refused``, answered ``PEER_PROTOCOL``).
 
 Security notes: the MAC authenticates the sender and the header. It does NOT make the
 payload tamper-proof against an active attacker: xxh3 is a fast non-cryptographic
@@ -95,10 +96,10 @@ blocks are released as they are consumed; daemons moving multi-MiB blocks should
 
 from __future__ import annotations
 
+from snapshotd.node.peer.checks import REPLY_OF, check_reply, check_request
 from snapshotd.node.peer.client import PeerClient, Reply
 from snapshotd.node.peer.framing import (
     DEFAULT_MAX_PAYLOAD,
-    KNOWN_XXH3,
     MAC_BYTES,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -108,7 +109,7 @@ from snapshotd.node.peer.framing import (
     frame_mac,
 )
 from snapshotd.node.peer.malloc import tune_malloc_for_bulk_transfers
-from snapshotd.node.peer.server import Handler, MessageHandler, PeerServer, remote_error_code
+from snapshotd.node.peer.server import Handler, PeerServer, remote_error_code
 from snapshotd.wire._proto import peer_pb2
 from snapshotd.wire.errors import (  # re-exported: the peer plane's errors
     PeerAuthError,
@@ -120,21 +121,22 @@ from snapshotd.wire.errors import (  # re-exported: the peer plane's errors
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
     "Handler",
-    "KNOWN_XXH3",
     "MAC_BYTES",
     "MAGIC",
     "MAX_HEADER_BYTES",
     "MAX_NODE_ID_BYTES",
     "MAXMSGSIZE_SLACK",
-    "MessageHandler",
     "PeerAuthError",
     "PeerClient",
     "PeerProtocolError",
     "PeerServer",
     "PeerUnavailableError",
+    "REPLY_OF",
     "RID_BYTES",
     "RemoteError",
     "Reply",
+    "check_reply",
+    "check_request",
     "frame_mac",
     "peer_pb2",
     "remote_error_code",

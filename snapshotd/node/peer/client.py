@@ -1,13 +1,11 @@
 """The peer client: one DEALER connection to one peer's :class:`~.server.PeerServer`.
 
-Two forms of the same calls:
-
-* dict form (the cluster code's, for now): ``call(header_dict, payload)`` and
-  ``call_many([(header_dict, payload), ...], window, on_reply=...)``; the dicts are
-  converted by :mod:`.ops` (a request dict may carry ``KNOWN_XXH3``);
-* message form: ``call_message(PeerRequest, payload, payload_xxh3=None)`` and
-  ``call_many_messages([(PeerRequest, payload[, payload_xxh3]), ...], ...)``, replies
-  as ``PeerReply``.
+Calls: ``call(PeerRequest, payload=None, payload_xxh3=None)`` and
+``call_many([(PeerRequest, payload[, payload_xxh3]), ...], window, on_reply=...)``;
+replies are ``(PeerReply, payload)``. Requests are checked by :mod:`.checks` before
+anything is sent, replies on arrival (a reply of the wrong form is a
+:class:`PeerProtocolError`). ``payload_xxh3`` is the payload's stored checksum when the
+caller has one (sent instead of hashing again; the receiver still verifies).
 
 Thread-safety: one lock per client, so concurrent calls serialise (a heartbeat queued
 behind a bulk ``call_many`` waits for it: keep a separate client for latency-sensitive
@@ -21,14 +19,13 @@ import hmac
 import os
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import zmq
 
-from snapshotd.node.peer import ops
+from snapshotd.node.peer.checks import check_reply, check_request
 from snapshotd.node.peer.framing import (
     DEFAULT_MAX_PAYLOAD,
-    KNOWN_XXH3,
     MAC_BYTES,
     MAGIC,
     MAX_HEADER_BYTES,
@@ -56,7 +53,7 @@ from snapshotd.wire.errors import (
     SnapshotdError,
 )
 
-Reply = tuple[dict, "memoryview | None"]
+Reply = tuple[ppb.PeerReply, "memoryview | None"]
 
 
 class PeerClient:
@@ -89,19 +86,21 @@ class PeerClient:
         self.resets = 0     # sockets closed and recreated after a failure
         self.checksum_failures = 0  # reply payloads that failed their xxh3
 
-    # -- dict form
+    # -- calls
 
-    def call(self, header: dict, payload=None, timeout_ms: int | None = None) -> Reply:
-        """Send one request and wait for its reply: ``(reply_header, reply_payload)``."""
-        return self.call_many([(header, payload)], window=1, timeout_ms=timeout_ms)[0]
+    def call(self, request: ppb.PeerRequest, payload=None, payload_xxh3: int | None = None,
+             timeout_ms: int | None = None) -> Reply:
+        """Send one request and wait for its reply: ``(PeerReply, reply_payload)``."""
+        return self.call_many([(request, payload, payload_xxh3)], window=1, timeout_ms=timeout_ms)[0]
 
-    def call_many(self, requests: Sequence[tuple[dict, object]] | Iterable[tuple[dict, object]],
-                  window: int = 8, timeout_ms: int | None = None,
-                  on_reply: Callable[[int, dict, "memoryview | None"], object] | None = None) -> list:
-        """Pipeline requests, at most ``window`` in flight; replies in request order.
+    def call_many(self, requests: Iterable[tuple], window: int = 8, timeout_ms: int | None = None,
+                  on_reply: Callable[[int, ppb.PeerReply, "memoryview | None"], object] | None = None
+                  ) -> list:
+        """Pipeline ``(PeerRequest, payload[, payload_xxh3])`` requests, at most ``window``
+        in flight.
 
-        Returns ``[(reply_header, reply_payload), ...]`` in request order. For bulk
-        downloads pass ``on_reply(index, header, payload)``: it is called for each reply
+        Returns ``[(PeerReply, reply_payload), ...]`` in request order. For bulk
+        downloads pass ``on_reply(index, reply, payload)``: it is called for each reply
         in request order as soon as it can be, the payload is not retained (so ZeroMQ
         reuses warm memory instead of holding every block), and the returned list holds
         the callback's return values instead. An exception from ``on_reply`` aborts the
@@ -111,38 +110,14 @@ class PeerClient:
         Raises on the first failed reply (:class:`RemoteError`, :class:`PeerAuthError`,
         :class:`PeerProtocolError`) or on a stall (:class:`PeerUnavailableError`); the
         connection is then reset, and requests that were already sent may or may not
-        have been executed by the peer. A request the schema refuses
+        have been executed by the peer. A request that fails :mod:`.checks`
         (:class:`PeerProtocolError`) fails the batch before anything is sent.
         """
         encoded = []
-        for header, payload in requests:
-            known = None
-            if isinstance(header, dict) and KNOWN_XXH3 in header:
-                known = known_xxh3(header[KNOWN_XXH3])
-                header = {k: v for k, v in header.items() if k != KNOWN_XXH3}  # never the caller's
-            encoded.append(self._encode(ops.request_from_dict(header), payload, known))
-        return self._call(encoded, window, timeout_ms, ops.reply_to_dict, on_reply)
-
-    # -- message form
-
-    def call_message(self, request: ppb.PeerRequest, payload=None, payload_xxh3: int | None = None,
-                     timeout_ms: int | None = None) -> tuple[ppb.PeerReply, "memoryview | None"]:
-        """:meth:`call` with a ``PeerRequest``; returns ``(PeerReply, reply_payload)``."""
-        return self.call_many_messages([(request, payload, payload_xxh3)], window=1,
-                                       timeout_ms=timeout_ms)[0]
-
-    def call_many_messages(self, requests: Iterable[tuple], window: int = 8,
-                           timeout_ms: int | None = None,
-                           on_reply: Callable[[int, ppb.PeerReply, "memoryview | None"], object] | None = None
-                           ) -> list:
-        """:meth:`call_many` with ``(PeerRequest, payload[, payload_xxh3])`` requests;
-        replies (and ``on_reply``'s second argument) are ``PeerReply`` messages."""
-        encoded = []
         for item in requests:
             request, payload, known = (*item, None) if len(item) == 2 else item
-            ops.request_op(request)
             encoded.append(self._encode(request, payload, known_xxh3(known)))
-        return self._call(encoded, window, timeout_ms, None, on_reply)
+        return self._call(encoded, window, timeout_ms, on_reply)
 
     # -- lifecycle
 
@@ -161,12 +136,13 @@ class PeerClient:
 
     @staticmethod
     def _encode(request: ppb.PeerRequest, payload, known: int | None) -> tuple:
-        """(header body bytes, payload view, known xxh3): validated before anything is sent;
-        the payload is hashed just before sending (overlapping the transfer)."""
+        """(op, header body bytes, payload view, known xxh3): checked before anything is
+        sent; the payload is hashed just before sending (overlapping the transfer)."""
+        op = check_request(request)
         view = None if payload is None else as_byte_view(payload)
-        return encode_body("request", request, view is not None), view, known
+        return op, encode_body("request", request, view is not None), view, known
 
-    def _call(self, encoded: list, window: int, timeout_ms: int | None, convert, on_reply) -> list:
+    def _call(self, encoded: list, window: int, timeout_ms: int | None, on_reply) -> list:
         if window < 1:
             raise ValueError("window must be >= 1")
         timeout = self.timeout_ms if timeout_ms is None else int(timeout_ms)
@@ -177,7 +153,7 @@ class PeerClient:
                 raise PeerUnavailableError(f"client for peer {self.peer_id} is closed")
             if not encoded:
                 return []
-            return self._exchange(encoded, window, timeout, convert, on_reply)
+            return self._exchange(encoded, window, timeout, on_reply)
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -205,10 +181,11 @@ class PeerClient:
         return PeerUnavailableError(
             f"peer {self.peer_id} at {self.address}: {what} within {timeout} ms")
 
-    def _exchange(self, encoded: list, window: int, timeout: int, convert, on_reply) -> list:
+    def _exchange(self, encoded: list, window: int, timeout: int, on_reply) -> list:
         n = len(encoded)
         sock = self._socket()
         results: list = [None] * n
+        ops = [e[0] for e in encoded]
         pending: dict[bytes, int] = {}
         early: dict[int, tuple] = {}  # replies that overtook an earlier one (on_reply only)
         sent = done = delivered = 0
@@ -216,7 +193,7 @@ class PeerClient:
             while done < n:
                 while sent < n and len(pending) < window:
                     rid = self._next_rid()
-                    header_raw, view, known = encoded[sent]
+                    _, header_raw, view, known = encoded[sent]
                     if view is not None:
                         header_raw += payload_fields(view, known)
                     mac = frame_mac(self._key, self._node_raw, rid, header_raw) if self._key is not None else b""
@@ -242,7 +219,8 @@ class PeerClient:
                         continue
                     body, payload = self._decode_reply(frames, rid)
                     del frames
-                    reply = (body if convert is None else convert(body), payload)
+                    check_reply(ops[idx], body)
+                    reply = (body, payload)
                     del payload
                     done += 1
                     if on_reply is None:

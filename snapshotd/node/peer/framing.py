@@ -33,11 +33,9 @@ DEFAULT_MAX_PAYLOAD = 1 << 30
 MAXMSGSIZE_SLACK = 128 * 1024
 
 # A sender that already knows its payload's xxh3 (a stored block checksum) passes it as
-# header[KNOWN_XXH3] in the dict API (``payload_xxh3=`` in the message API); it is sent
-# as the header's payload_xxh3 (flagged payload_xxh3_stored) instead of hashing the
-# payload again. The receiver still verifies, so bytes corrupted at rest are caught end
-# to end.
-KNOWN_XXH3 = "known_xxh3"
+# ``payload_xxh3=`` (a handler: as its reply's third item); it is sent as the header's
+# payload_xxh3 (flagged payload_xxh3_stored) instead of hashing the payload again. The
+# receiver still verifies, so bytes corrupted at rest are caught end to end.
 _U64 = 1 << 64
 
 
@@ -95,7 +93,7 @@ def known_xxh3(value) -> int | None:
     except TypeError:
         value = -1
     if not 0 <= value < _U64:
-        raise PeerProtocolError(f"{KNOWN_XXH3} must be an unsigned 64-bit integer")
+        raise PeerProtocolError("payload_xxh3 must be an unsigned 64-bit integer")
     return value
 
 
@@ -144,7 +142,7 @@ def payload_checksum_ok(header: ppb.PeerFrameHeader, payload: memoryview) -> boo
 
 def checksum_mismatch(header: ppb.PeerFrameHeader, what: str) -> PeerProtocolError:
     """The error for a payload that failed its xxh3 (the text "xxh3 mismatch" is matched by
-    snapshotd.node.cluster.integrity.is_corrupt_reply)."""
+    snapshotd.node.cluster.peer_ops.is_corrupt_reply)."""
     where = " (the sender's stored checksum: corrupt at rest there)" if header.payload_xxh3_stored else ""
     return PeerProtocolError(f"{what}: xxh3 mismatch{where}")
 

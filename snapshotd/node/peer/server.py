@@ -5,16 +5,14 @@ starts the thread, ``stop()`` (idempotent; also ``close`` and the context manage
 stops it and closes the socket. The handler runs in the server thread, one request at
 a time, so it must be quick and must not call out to peers.
 
-Two handler forms (give one):
-
-* ``handler(sender_id, header_dict, payload) -> (reply_dict, reply_payload_or_None)``:
-  the dict form of :mod:`.ops` (a reply dict may carry ``KNOWN_XXH3``);
-* ``message_handler(sender_id, request, payload) -> (reply, reply_payload_or_None[,
-  payload_xxh3])``: ``request`` a ``peer_pb2.PeerRequest``, ``reply`` a ``PeerReply``.
+The handler: ``handler(sender_id, request, payload) -> (reply, reply_payload_or_None[,
+payload_xxh3])``, ``request`` a ``peer_pb2.PeerRequest`` that passed :mod:`.checks`,
+``reply`` the ``PeerReply`` its op answers (:data:`.checks.REPLY_OF`), ``payload_xxh3``
+the reply payload's stored checksum when there is one (sent instead of hashing it).
 
 ``payload`` is a memoryview of the received frame (zero copy) or None. Handler exceptions
 become error replies carrying the error's code (:func:`remote_error_code`); messages
-that are malformed, unauthenticated, from an unknown sender or carry an unknown op are
+that are malformed, unauthenticated, from an unknown sender or fail :mod:`.checks` are
 refused, counted in :attr:`PeerServer.refused`, and the loop keeps serving.
 """
 
@@ -28,10 +26,9 @@ from typing import Callable, Collection
 
 import zmq
 
-from snapshotd.node.peer import ops
+from snapshotd.node.peer.checks import check_reply, check_request
 from snapshotd.node.peer.framing import (
     DEFAULT_MAX_PAYLOAD,
-    KNOWN_XXH3,
     MAC_BYTES,
     MAGIC,
     MAX_ERROR_MESSAGE_CHARS,
@@ -65,8 +62,7 @@ log = logging.getLogger("snapshotd.node.peer")
 
 _POLL_MS = 50  # server loop wake-up interval (bounds stop() latency)
 
-Handler = Callable[[str, dict, "memoryview | None"], "tuple[dict, object | None]"]
-MessageHandler = Callable[[str, ppb.PeerRequest, "memoryview | None"], tuple]
+Handler = Callable[[str, ppb.PeerRequest, "memoryview | None"], tuple]
 
 
 def remote_error_code(exc: BaseException) -> str:
@@ -82,46 +78,11 @@ def remote_error_code(exc: BaseException) -> str:
     return SnapshotdError.code
 
 
-class _MessageCalls:
-    """Calls a message handler: the request as received, the reply as returned."""
-
-    def __init__(self, handler: MessageHandler):
-        self._handler = handler
-
-    def decode(self, request: ppb.PeerRequest) -> ppb.PeerRequest:
-        ops.request_op(request)
-        return request
-
-    def call(self, sender: str, request: ppb.PeerRequest, payload):
-        result = self._handler(sender, request, payload)
-        reply, reply_payload, known = (*result, None) if len(result) == 2 else result
-        return reply, reply_payload, known_xxh3(known)
-
-
-class _DictCalls:
-    """Calls a dict handler through the :mod:`.ops` codec."""
-
-    def __init__(self, handler: Handler):
-        self._handler = handler
-
-    def decode(self, request: ppb.PeerRequest) -> dict:
-        return ops.request_to_dict(request)
-
-    def call(self, sender: str, header: dict, payload):
-        op = header["op"]  # before the handler sees (and might change) the dict
-        reply, reply_payload = self._handler(sender, header, payload)
-        known = None
-        if isinstance(reply, dict) and KNOWN_XXH3 in reply:
-            reply = dict(reply)
-            known = known_xxh3(reply.pop(KNOWN_XXH3))
-        return ops.reply_from_dict(op, reply), reply_payload, known
-
-
 class PeerServer:
     """ROUTER socket answering peer requests from one daemon thread.
 
     ``refused`` counts refused messages by reason: ``"malformed"`` (framing, magic,
-    header size/schema, unknown op, payload over ``max_payload_bytes`` or length
+    header size/schema, a request that fails :mod:`.checks`, payload over ``max_payload_bytes`` or length
     mismatch), ``"checksum"`` (payload xxh3 mismatch), ``"auth"`` (missing/wrong MAC),
     ``"unknown_peer"`` (sender not in ``allowed_peers``), ``"internal"`` (unexpected
     failure while processing; logged). ``served`` counts requests that reached the
@@ -129,16 +90,15 @@ class PeerServer:
     """
 
     def __init__(self, bind: str, node_id: str, key: bytes | None,
-                 allowed_peers: Collection[str] | None, handler: Handler | None = None,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None, *,
-                 message_handler: MessageHandler | None = None):
-        if (handler is None) == (message_handler is None):
-            raise ValueError("give exactly one of handler and message_handler")
+                 allowed_peers: Collection[str] | None, handler: Handler,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None):
+        if not callable(handler):
+            raise ValueError("handler must be callable")
         self.node_id = node_id
         self._node_raw = node_id_bytes(node_id, "node_id")
         self._key = check_key(key)
         self._allowed = None if allowed_peers is None else frozenset(allowed_peers)
-        self._calls = _DictCalls(handler) if handler is not None else _MessageCalls(message_handler)
+        self._handler = handler
         if max_payload_bytes < 0:
             raise ValueError("max_payload_bytes must be >= 0")
         self.max_payload_bytes = int(max_payload_bytes)
@@ -265,7 +225,8 @@ class PeerServer:
             header = decode_header(header_raw)
             if header.WhichOneof("body") != "request":
                 raise PeerProtocolError("header carries no request")
-            request = self._calls.decode(header.request)
+            request = header.request
+            op = check_request(request)
             if payload is not None:
                 check_payload(header, payload, self.max_payload_bytes)
         except PeerProtocolError as e:
@@ -277,8 +238,11 @@ class PeerServer:
 
         self.served += 1
         try:
-            reply, reply_payload, known = self._calls.call(sender, request, payload)
+            result = self._handler(sender, request, payload)
             del payload
+            reply, reply_payload, known = (*result, None) if len(result) == 2 else result
+            check_reply(op, reply)
+            known = known_xxh3(known)
             reply_view = None if reply_payload is None else as_byte_view(reply_payload)
             reply_raw = encode_body("reply", reply, reply_view is not None)
             if reply_view is not None:
