@@ -16,7 +16,7 @@ errors that name the offending entry, and dumped back (``dump_spec``) in the sam
 ``port`` serves gRPC to clients and status tools, ``peer_port`` the peer plane; both must
 be 1..65535 (0, "pick any", is not allowed in a spec). ``peer_encryption: curve`` runs
 the peer plane over ZeroMQ CURVE with keypairs derived from ``peer_key`` and the node
-ids (see ``snapshotd.node.peer_curve`` and docs/SECURITY.md). Groups are formed by
+ids (see ``snapshotd.node.peer.curve`` and docs/SECURITY.md). Groups are formed by
 :func:`form_groups` (see there and ``snapshotd.core.placement``).
 """
 
