@@ -86,9 +86,14 @@ def garbage_grpc(rig: Rig, node: str) -> str:
 
 
 def garbage_zmq(rig: Rig, node: str) -> str:
-    """Junk, truncated and unsigned messages on ``node``'s peer port (ZeroMQ)."""
+    """Junk, truncated and unsigned messages on ``node``'s peer port (ZeroMQ), then
+    protobuf-shaped junk: well-framed, signed messages from a spec node whose header
+    parses but names no op, an op this node lacks, a field the schema lacks, a field of
+    the wrong wire type, lacks a required field, carries an unknown block kind or a
+    negative version, or is a reply. Each of those must be answered ``PEER_PROTOCOL``."""
     import zmq
 
+    from snapshotd.node.peer import MAGIC, frame_mac, peer_pb2 as ppb
     from snapshotd.node.spec_file import load_spec
 
     spec = load_spec(os.path.join(rig.d, "spec.yaml"))
@@ -103,8 +108,44 @@ def garbage_zmq(rig: Rig, node: str) -> str:
     for m in msgs:
         s.send_multipart(m)
     s.poll(500)
-    s.close()
-    return f"{len(msgs)} junk/unsigned/truncated messages to {node}'s peer port {nd.peer_port}"
+    if spec.peer_encryption == "curve":  # a plain socket gets no answers: the junk above is all
+        s.close()
+        return (f"{len(msgs)} junk/unsigned/truncated messages to {node}'s peer port {nd.peer_port} "
+                "(CURVE: no protobuf junk)")
+    sender = next(x.id for x in spec.nodes if x.id != node) if len(spec.nodes) > 1 else node
+    key = spec.peer_key.encode() if spec.peer_key else None
+    unknown_op = b"\x9a\x06\x01\x00"  # PeerRequest field 99 (length-delimited, 1 byte)
+    headers = {
+        "no op": ppb.PeerFrameHeader(request=ppb.PeerRequest()).SerializeToString(),
+        "unknown op": b"\x22" + bytes([len(unknown_op)]) + unknown_op,
+        "unknown field": b"\x78\x01",
+        "wrong type": b"\x20\x01",  # request (a message) sent as a varint
+        "missing field": ppb.PeerFrameHeader(request=ppb.PeerRequest(
+            fetch=ppb.FetchRequest(job=rig.job, version=1))).SerializeToString(),
+        "unknown kind": b"\x22\x04\x32\x02\x18\x07",  # request.fetch.kind = 7
+        "negative version": ppb.PeerFrameHeader(request=ppb.PeerRequest(
+            round=ppb.RoundRequest(job=rig.job, version=-1))).SerializeToString(),
+        "a reply": ppb.PeerFrameHeader(reply=ppb.PeerReply(ack=ppb.Ack())).SerializeToString(),
+    }
+    answers = {}
+    try:
+        for i, (what, header) in enumerate(headers.items()):
+            rid = i.to_bytes(8, "big")
+            mac = frame_mac(key, sender.encode(), rid, header) if key else b""
+            s.send_multipart([MAGIC, sender.encode(), rid, header, mac])
+            reply = []
+            while len(reply) < 4 or reply[2] != rid:  # skip a late answer to earlier junk
+                if not s.poll(5000):
+                    raise AssertionError(f"{node} did not answer protobuf junk ({what})")
+                reply = s.recv_multipart()
+            answers[what] = ppb.PeerFrameHeader.FromString(reply[3]).error.code
+    finally:
+        s.close()
+    wrong = {w: c for w, c in answers.items() if c != "PEER_PROTOCOL"}
+    if wrong:
+        raise AssertionError(f"{node} answered protobuf junk with {wrong} (want PEER_PROTOCOL)")
+    return (f"{len(msgs)} junk/unsigned/truncated messages and {len(headers)} protobuf-shaped junk "
+            f"headers to {node}'s peer port {nd.peer_port} (all answered PEER_PROTOCOL)")
 
 
 def push_over_budget(rig: Rig, node: str) -> str:
