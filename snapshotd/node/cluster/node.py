@@ -12,7 +12,7 @@ what the service, the server, the store and the metrics call. The parts (one job
   rebuild.Rebuilder       catch up, make restorable, rebuild our data and parity
   degraded.DegradedReads  copies of other nodes' ranks, decoded when the owner cannot serve
   scrub.Scrubber          re-hash what we hold, repair our corrupt blocks
-  peer_ops.PeerOps        the peer server's op -> handler table (the peer-op schema)
+  peer_ops.PeerOps        the peer requests we send; the server's op -> handler table
 
 The pure core decides, the parts carry out: :mod:`snapshotd.core.protocol` (commit),
 :mod:`snapshotd.core.placement`, :mod:`snapshotd.core.repair` /
