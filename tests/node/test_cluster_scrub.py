@@ -36,7 +36,7 @@ from snapshotd.node.peer import PeerProtocolError, PeerUnavailableError, RemoteE
 from snapshotd.core import placement as pl
 from snapshotd.core.placement import place_group
 from snapshotd.core.recovery import plan_recovery
-from snapshotd.core.spec import load_spec
+from snapshotd.node.spec_file import load_spec
 
 JOB = tc.JOB
 REPO = tc.REPO

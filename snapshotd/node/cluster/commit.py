@@ -33,7 +33,7 @@ from .membership import Membership
 from .parity import ParityBuffers
 from .records import RoundRecords
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 # How long (in heartbeat timeouts) a sender keeps re-sending unanswered requests to a
 # peer that its heartbeats still see alive (see CommitDriver.deliver).

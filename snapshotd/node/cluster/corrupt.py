@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 CORRUPT_LOG_MAX = 100  # entries of the status JSON's "corrupt" list (newest kept)
 _SUSPECTS_MAX = 1024

@@ -36,7 +36,7 @@ from .membership import Membership
 from .records import RoundRecords
 from .repairs import RepairRunner
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 
 class DegradedReads:

@@ -26,7 +26,7 @@ from snapshotd.node.peer import PeerClient, PeerUnavailableError, RemoteError
 
 from . import peer_ops
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 
 class Membership:

@@ -34,7 +34,7 @@ from .parity import ParityBuffers
 from .records import RoundRecords
 from .repairs import RepairRunner
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 
 class Rebuilder:

@@ -27,7 +27,7 @@ from . import peer_ops
 from .jobs import JobTable
 from .parity import ParityBuffers
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 
 class RoundRecords:

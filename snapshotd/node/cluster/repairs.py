@@ -32,7 +32,7 @@ from snapshotd.wire.errors import InsufficientShardsError
 from . import peer_ops
 from .corrupt import CorruptBlocks
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 
 class RepairRunner:

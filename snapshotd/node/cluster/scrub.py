@@ -38,7 +38,7 @@ from .jobs import JobTable
 from .parity import ParityBuffers
 from .repairs import RepairRunner
 
-log = logging.getLogger("snapshotd.node.cluster.node")  # the name operators filter on
+log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
 DEFAULT_SCRUB_RATE_BYTES_PER_S = 64 << 20
 DEFAULT_SCRUB_INTERVAL_S = 600.0

@@ -29,7 +29,7 @@ import threading
 import zmq
 from zmq.utils import z85
 
-log = logging.getLogger("snapshotd.node.peer")
+log = logging.getLogger("snapshotd.peer")
 
 _SALT = b"snapshotd-peer-curve-v1"
 

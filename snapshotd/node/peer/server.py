@@ -58,7 +58,7 @@ from snapshotd.wire.errors import (
     error_for,
 )
 
-log = logging.getLogger("snapshotd.node.peer")
+log = logging.getLogger("snapshotd.peer")
 
 _POLL_MS = 50  # server loop wake-up interval (bounds stop() latency)
 
