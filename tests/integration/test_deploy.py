@@ -713,6 +713,14 @@ def test_dockerfile_lints():
         if i == "COPY" and "--from" not in r:
             for src in r.split()[:-1]:
                 assert os.path.exists(os.path.join(REPO, src)), f"COPY {src}: not in the repository"
+    # `pip install .` in the image needs every package folder pyproject names.
+    copied = {os.path.normpath(src) for i, r in ins if i == "COPY" and "--from" not in r
+              for src in r.split()[:-1]}
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"].values()
+    for d in package_dirs:
+        top = os.path.normpath(d).split(os.sep)[0]
+        assert top in copied, f"the image builds from pyproject, which needs {d}/, but no COPY brings {top}"
     users = [r for i, r in ins if i == "USER"]
     _, pod, _ = daemonset_parts()
     assert users and users[-1].split(":")[0] == str(pod["securityContext"]["runAsUser"])
