@@ -101,6 +101,10 @@ class JobLedger:
             self.slots.setdefault(r, [])
 
     # -- queries -------------------------------------------------------------
+    def check_rank(self, rank: int) -> None:
+        """UnknownRankError unless ``rank`` is one of the job's ranks."""
+        self._rank_slots(rank)
+
     def _rank_slots(self, rank: int) -> list[Slot]:
         if not 0 <= rank < self.world_size:
             raise UnknownRankError(

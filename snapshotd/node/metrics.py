@@ -145,6 +145,11 @@ class DaemonMetrics:
         if t0 is not None:
             self.snapshot_seconds.observe(now - t0)
 
+    def last_commits(self) -> dict[str, tuple[int, float]]:
+        """job -> (version, wall time) of the last commit this daemon saw (a copy)."""
+        with self._lock:
+            return dict(self._last_commit)
+
     def restore_served(self, op: str, seconds: float) -> None:
         self.restore_seconds.labels(op).observe(seconds)
 
@@ -235,8 +240,7 @@ class _DaemonCollector:
         age = GaugeMetricFamily("snapshotd_job_last_commit_age_seconds",
                                 "Seconds since this daemon last saw the job commit (absent until "
                                 "a commit is seen after the daemon started)", labels=["job"])
-        with m._lock:
-            last = dict(m._last_commit)
+        last = m.last_commits()
         now = time.time()
         for j in st["jobs"]:
             job = j["job_id"]

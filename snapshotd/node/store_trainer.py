@@ -274,7 +274,7 @@ class TrainerStore:
         st = self.state
         with st.lock:
             led = st.job(job_id)
-            led._rank_slots(rank)
+            led.check_rank(rank)
             if led.committed_version == 0:
                 raise st.refuse(VersionNotFoundError(f"job {job_id!r} has no committed version"))
             if version not in (0, led.committed_version):
