@@ -33,7 +33,7 @@ MiB = 1 << 20
 
 def echo(sender, req, payload):
     """Echo handler. ``ping`` answers its ``committed_versions`` plus ``"sender:<id>": 1``;
-    ``round`` answers ``doc_bytes=version``; ``jobs`` no jobs; every other op acks; all
+    ``round`` answers ``record_bytes=version``; ``jobs`` no jobs; every other op acks; all
     echo the payload. A ``job`` of ``"boom:<why>"`` raises ValueError("kaboom: <why>"); a
     ``job`` of ``"sleep"`` sleeps ``version`` ms first."""
     op = req.WhichOneof("op")
@@ -47,7 +47,7 @@ def echo(sender, req, payload):
         committed = {**msg.committed_versions, "sender:" + sender: 1}
         return ppb.PeerReply(ping=ppb.PingReply(committed_versions=committed)), payload
     if op == "round":
-        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=msg.version)), payload
+        return ppb.PeerReply(round=ppb.RoundReply(record_bytes=msg.version)), payload
     if op == "jobs":
         return ppb.PeerReply(jobs=ppb.JobsReply()), payload
     return ack(), payload
@@ -86,7 +86,7 @@ def tags(reply) -> dict:
 
 
 def size(reply) -> int:
-    return reply[0].round.doc_bytes
+    return reply[0].round.record_bytes
 
 
 @pytest.fixture
@@ -201,13 +201,13 @@ def test_reply_memoryview_of_numpy_array(make_server, make_client):
     arr = np.random.default_rng(3).standard_normal((512, 1024)).astype(np.float32)  # 2 MiB
 
     def handler(sender, req, payload):
-        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=arr.nbytes)), memoryview(arr)
+        return ppb.PeerReply(round=ppb.RoundReply(record_bytes=arr.nbytes)), memoryview(arr)
 
     srv = make_server(handler)
     cli = make_client(srv)
     rep, payload = cli.call(rnd(1))
     got = np.frombuffer(payload, dtype=np.float32).reshape(arr.shape)
-    assert rep.round.doc_bytes == arr.nbytes and np.array_equal(got, arr)
+    assert rep.round.record_bytes == arr.nbytes and np.array_equal(got, arr)
     assert got.tobytes() == arr.tobytes()
 
 
@@ -224,7 +224,7 @@ def test_call_many_order_and_window(make_server, make_client):
     blocks = [np.full(4 * MiB, i, dtype=np.uint8) for i in range(12)]
     replies = cli.call_many([(rnd(i), b) for i, b in enumerate(blocks)], window=8)
     for i, (h, p) in enumerate(replies):
-        assert h.round.doc_bytes == i and np.array_equal(np.frombuffer(p, dtype=np.uint8), blocks[i])
+        assert h.round.record_bytes == i and np.array_equal(np.frombuffer(p, dtype=np.uint8), blocks[i])
 
 
 def test_call_many_rejects_bad_window(make_server, make_client):
@@ -278,20 +278,20 @@ def test_payload_xxh3_and_on_reply_with_messages(make_server, make_client):
     def handler(sender, req, payload):
         assert isinstance(req, ppb.PeerRequest)
         if req.WhichOneof("op") == "round":
-            return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=req.round.version)), payload
+            return ppb.PeerReply(round=ppb.RoundReply(record_bytes=req.round.version)), payload
         body = bytes(payload)
         return ack(), body, xxhash.xxh3_64_intdigest(body)
 
     srv = make_server(handler=handler)
     cli = make_client(srv)
     rep, payload = cli.call(rnd(5))
-    assert rep.round.doc_bytes == 5 and payload is None
+    assert rep.round.record_bytes == 5 and payload is None
     data = b"block" * 100
     rep, payload = cli.call(fetch(), data, payload_xxh3=xxhash.xxh3_64_intdigest(data))
     assert form(rep) == "ack" and bytes(payload) == data
     seen = []
     out = cli.call_many([(rnd(i), None) for i in range(10)],
-                        on_reply=lambda i, r, p: seen.append(r.round.doc_bytes) or i)
+                        on_reply=lambda i, r, p: seen.append(r.round.record_bytes) or i)
     assert out == list(range(10)) and seen == list(range(10))
     with pytest.raises(ValueError):
         PeerServer("tcp://127.0.0.1:0", "x", None, None, None)  # no handler at all
@@ -367,7 +367,7 @@ def test_bad_handler_return_is_an_error_reply(make_server, make_client):
         if job == "dict":
             return {"ok": True}, None  # not a PeerReply
         if job == "form":
-            return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=1)), None  # not what fence answers
+            return ppb.PeerReply(round=ppb.RoundReply(record_bytes=1)), None  # not what fence answers
         if job == "empty":
             return ppb.PeerReply(), None
         return ack(), None
@@ -644,7 +644,7 @@ def test_threads_share_one_client(make_server, make_client):
                     assert all(bytes(p) == data for _, p in replies)
                 else:
                     rep, p = cli.call(rnd(t * 10000 + i * 10), data)
-                    assert rep.round.doc_bytes == t * 10000 + i * 10 and bytes(p) == data
+                    assert rep.round.record_bytes == t * 10000 + i * 10 and bytes(p) == data
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -679,7 +679,7 @@ def test_mismatched_request_ids_are_discarded():
     seen = []
 
     def reply(size):
-        return ppb.PeerFrameHeader(reply=ppb.PeerReply(round=ppb.RoundReply(doc_bytes=size))).SerializeToString()
+        return ppb.PeerFrameHeader(reply=ppb.PeerReply(round=ppb.RoundReply(record_bytes=size))).SerializeToString()
 
     def fake_server():
         ident, magic, sender, rid, header, mac = router.recv_multipart()
@@ -693,7 +693,7 @@ def test_mismatched_request_ids_are_discarded():
     cli = PeerClient(f"tcp://127.0.0.1:{port}", "cli", "srv", None, timeout_ms=3000)
     try:
         rep, payload = cli.call(rnd(1, job="q"))
-        assert rep.round.doc_bytes == 2 and payload is None and cli.discarded == 1
+        assert rep.round.record_bytes == 2 and payload is None and cli.discarded == 1
         assert seen == [(MAGIC, b"cli", _hdr(rnd(1, job="q")), b"")]
     finally:
         th.join(5)
@@ -717,14 +717,14 @@ def test_handler_gets_memoryview_of_frame(make_server, make_client):
 def test_call_many_on_reply_streams_in_order(make_server, make_client):
     def handler(sender, req, payload):
         v = req.round.version
-        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=v)), bytes([v]) * 1000
+        return ppb.PeerReply(round=ppb.RoundReply(record_bytes=v)), bytes([v]) * 1000
 
     cli = make_client(make_server(handler))
     seen = []
 
     def on_reply(i, reply, payload):
         seen.append(i)
-        assert reply.round.doc_bytes == i and bytes(payload) == bytes([i]) * 1000
+        assert reply.round.record_bytes == i and bytes(payload) == bytes([i]) * 1000
         return i * 10
 
     out = cli.call_many([(rnd(i), None) for i in range(30)], window=8, on_reply=on_reply)

@@ -15,8 +15,6 @@ job table and the copies (both under ``JobTable.lock``).
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 
@@ -59,14 +57,16 @@ class DegradedReads:
             if node == self.me or not v:
                 continue
             try:
-                _, doc = self.membership.peer(node).call(peer_ops.round_(job_id, v))
+                rec = self.records.fetch_record(node, job_id, v)
             except (PeerUnavailableError, RemoteError):
                 continue
-            known = json.loads(bytes(doc)).get("rank_nodes", {})
+            except ValueError as exc:
+                log.warning("job %s v%d: refused the round record %s served: %s", job_id, v, node, exc)
+                continue
             with self.jobs.lock:
                 jp = self.jobs.job(job_id)
-                for rk, nd in known.items():
-                    jp.rank_nodes.setdefault(int(rk), nd)
+                for rk, nd in rec.rank_nodes.items():
+                    jp.rank_nodes.setdefault(rk, nd)
                 return jp.rank_nodes.get(rank)
         return None
 
@@ -159,16 +159,16 @@ class DegradedReads:
         gi, oi = self.spec.group_of(owner)
         group = tuple(self.spec.groups[gi])
         alive = self.membership.alive_peers() | {self.me}
-        info, holders = self.records.retained_round(job_id, v, [x for x in group if x != owner and x in alive])
+        record, holders = self.records.retained_round(job_id, v, [x for x in group if x != owner and x in alive])
         what = (f"job {job_id!r} rank {rank} version {v}: its node {owner} "
                 + ("no longer holds it" if owner_up else "is down"))
-        if info is None or owner not in info.get("announces", {}):
+        if record is None or owner not in record.announces:
             raise InsufficientShardsError(f"{what} and no live node of its group {gi} retains the version")
-        layout = self.records.layout_of(info)
+        layout = self.records.layout_of(record)
         alive_idx = {group.index(x) for x in holders}
-        ann = info["announces"][owner]
-        ranks = [int(r) for r in ann["ranks"]]
-        manifests = [pb.ShardManifest.FromString(base64.b64decode(blob)) for blob in ann["manifests"]]
+        ann = record.announces[owner]
+        ranks = list(ann.ranks)
+        manifests = [pb.ShardManifest.FromString(blob) for blob in ann.manifests]
         span = map_manifests(ranks, manifests, self.bs).span_of(rank)
         plan = plan_repair(layout, alive_idx, oi, version=v, group=gi, span=span)
         if isinstance(plan, Unrecoverable):

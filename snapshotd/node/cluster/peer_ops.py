@@ -179,8 +179,8 @@ class PeerOps:
         return rep, None
 
     def _round(self, sender, msg: ppb.RoundRequest, payload):
-        info = self.records.round_info(msg.job, msg.version)
-        return ppb.PeerReply(round=ppb.RoundReply(doc_bytes=len(info))), info
+        record = self.records.round_record(msg.job, msg.version).SerializeToString()
+        return ppb.PeerReply(round=ppb.RoundReply(record_bytes=len(record))), record
 
     def _fetch(self, sender, msg: ppb.FetchRequest, payload):
         if msg.kind == ppb.BLOCK_KIND_DATA:

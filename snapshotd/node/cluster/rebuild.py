@@ -13,7 +13,6 @@ marked in the job table (a fence keeps its slots, peers may not copy from them).
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -125,12 +124,15 @@ class Rebuilder:
     def _rebuild_locked(self, job_id: str, v: int) -> dict:
         self.degraded[job_id] = f"rebuilding version {v}"
         t0 = time.monotonic()
-        info, holders = self.records.retained_round(job_id, v, [x for x in self.group if x != self.me])
-        if info is None:
+        record, holders = self.records.retained_round(job_id, v, [x for x in self.group if x != self.me])
+        if record is None:
             raise InsufficientShardsError(
                 f"job {job_id!r} version {v}: no live node of group {self.group_index} "
                 f"({', '.join(self.group)}) retains it")
-        layout = self.records.layout_of(info)
+        if self.me not in record.announces:
+            raise InsufficientShardsError(f"job {job_id!r} version {v}: the round record {holders[0]} "
+                                          f"served has no announce of {self.me}")
+        layout = self.records.layout_of(record)
         alive = {self.group.index(n) for n in holders}
         plan = plan_repair(layout, alive, self.my_index, version=v, group=self.group_index)
         if isinstance(plan, Unrecoverable):
@@ -140,13 +142,13 @@ class Rebuilder:
                  holders, len(plan.repairs), sum(plan.fetch_counts(self.bs).values()) / 2**20)
         try:
             t_plan = time.monotonic()
-            mine = info["announces"][self.me]
-            ranks = [int(r) for r in mine["ranks"]]
-            manifests = [pb.ShardManifest.FromString(base64.b64decode(x)) for x in mine["manifests"]]
+            mine = record.announces[self.me]
+            ranks = list(mine.ranks)
+            manifests = [pb.ShardManifest.FromString(x) for x in mine.manifests]
             blocks = map_manifests(ranks, manifests, self.bs)
             spans, segs = {}, []  # node block j -> (segment, offset, length)
             for rank, m, span in zip(ranks, manifests, blocks.spans):
-                _, seg = self.store.install_rebuilt(job_id, int(info["world_size"]), len(manifests),
+                _, seg = self.store.install_rebuilt(job_id, record.world_size, len(manifests),
                                                     v, rank, m, prefault=False)
                 segs.append(seg)
                 for i in range(span.count):
@@ -167,7 +169,7 @@ class Rebuilder:
             t_repair = time.monotonic()
             for rank in ranks:
                 self.store.verify_shard(job_id, rank, v)
-            self.records.install_round(job_id, v, info)
+            self.records.install_round(job_id, v, record)
             self.parity.seal(job_id, v)
             t_seal = time.monotonic()
             phases = {"plan": t_plan - t0, "allocate": t_alloc - t_plan,

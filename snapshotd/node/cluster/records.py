@@ -1,11 +1,25 @@
 """Round records: what a node keeps of a committed version to rebuild a peer or itself.
 
-A round record is the layout's block counts, every group member's announce (ranks and
-manifests), the rank -> node map and, in the persisted copy, our parity buffer's index
-and checksums. :class:`RoundRecords` serves it to peers (peer op ``round``), asks peers
-for it (:meth:`retained_round`, the sources of a rebuild or a degraded read), saves it
-at each commit (one JSON file per job under the store's state directory) and loads it
-after a restart (:meth:`load`), installing the round into the job's protocol state.
+A round record (``RoundRecord`` in proto/peer.proto) is the layout's block counts, the
+job's world size, the rank -> node map and every group member's announce (ranks and
+manifests). :class:`RoundRecords` serves it to peers (peer op ``round``: the serialised
+message is the reply's payload), asks peers for it (:meth:`retained_round`, the sources
+of a rebuild or a degraded read; :meth:`fetch_record`), saves it at each commit and loads
+it after a restart (:meth:`load`), installing the round into the job's protocol state.
+
+A record from the network is checked whole before anything reads it
+(:meth:`parse_record`: it parses, names the job and version asked for, has no field the
+schema lacks, and its block counts are bounded as the ``contrib`` and ``announce`` ops'
+are, :meth:`bounded_counts`); one that fails is refused (``ValueError`` naming what is
+wrong), never half-installed. Manifests stay the bytes their node announced: the readers
+parse and check them (rebuild, degraded reads), as before.
+
+On disk the record stays a JSON document, one file per job under the store's state
+directory (``cluster/<job>.json``: the keys ``v``, ``counts``, ``world_size``,
+``rank_nodes``, ``announces`` of earlier versions, plus our parity buffer's ``parity``
+index and checksums), so a daemon restarted over a state directory written by an earlier
+version re-adopts its commit and parity, and operators can read it. The one conversion
+each way is :func:`record_to_json` / :func:`record_from_json`.
 
 Thread-safety: :meth:`save` and :meth:`install_round` run under ``JobTable.lock`` (they
 take it themselves; callers may hold it). :meth:`load` runs once, before the threads start.
@@ -14,20 +28,51 @@ take it themselves; callers may hold it). :meth:`load` runs once, before the thr
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
 
+from google.protobuf.message import DecodeError
+
 from snapshotd.core import placement as pl
 from snapshotd.core import protocol as proto
 from snapshotd.core.repair import block_count_limit, check_block_counts
-from snapshotd.node.peer import PeerUnavailableError, RemoteError
+from snapshotd.node.peer import PeerUnavailableError, RemoteError, peer_pb2 as ppb
 
 from . import peer_ops
 from .jobs import JobTable
 from .parity import ParityBuffers
 
 log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
+
+
+# -- the one conversion between the message and its JSON file ---------------------------------
+def record_to_json(rec: ppb.RoundRecord) -> dict:
+    """The JSON document a round record is persisted as (the file format of earlier
+    versions: manifests in base64, ranks as string keys)."""
+    return {"v": rec.version, "counts": list(rec.block_counts), "world_size": rec.world_size,
+            "rank_nodes": {str(k): n for k, n in sorted(rec.rank_nodes.items())},
+            "announces": {n: {"block_count": a.block_count, "ranks": list(a.ranks),
+                              "manifests": [base64.b64encode(x).decode() for x in a.manifests]}
+                          for n, a in sorted(rec.announces.items())}}
+
+
+def record_from_json(job_id: str, doc) -> ppb.RoundRecord:
+    """The round record a JSON document (:func:`record_to_json`'s, or an earlier version's
+    file) describes; ``ValueError`` when it is not one."""
+    try:
+        rec = ppb.RoundRecord(job=job_id, version=int(doc["v"]),
+                              block_counts=[int(c) for c in doc["counts"]],
+                              world_size=int(doc.get("world_size", 0)),
+                              rank_nodes={int(k): str(n) for k, n in doc.get("rank_nodes", {}).items()})
+        for node, a in doc["announces"].items():
+            rec.announces[str(node)].CopyFrom(ppb.RoundAnnounce(
+                block_count=int(a["block_count"]), ranks=[int(r) for r in a["ranks"]],
+                manifests=[base64.b64decode(x, validate=True) for x in a["manifests"]]))
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+        raise ValueError(f"not a round record of job {job_id!r}: {type(exc).__name__}: {exc}") from None
+    return rec
 
 
 class RoundRecords:
@@ -38,50 +83,87 @@ class RoundRecords:
         self.store, self.jobs, self.parity, self.membership = store, jobs, parity, membership
         self.degraded = degraded
 
-    # -- the round document ---------------------------------------------------------------
-    def round_info(self, job_id: str, v: int) -> bytes:
-        """The JSON round record of a retained version (KeyError if it is not retained)."""
+    # -- the round record -------------------------------------------------------------------
+    def round_record(self, job_id: str, v: int) -> ppb.RoundRecord:
+        """The round record of a retained version (KeyError if it is not retained)."""
         with self.jobs.lock:
             jp = self.jobs.get(job_id)
             r = jp.rounds.get(v) if jp else None
             if r is None or r.layout is None:
                 raise KeyError(f"job {job_id!r} version {v} is not retained here")
-            return json.dumps(self._round_doc(job_id, r)).encode()
-
-    def _round_doc(self, job_id: str, r) -> dict:
-        summary = self.store.jobs_summary().get(job_id, {})
-        jp = self.jobs.get(job_id)
-        return {"counts": list(r.layout.block_counts), "world_size": summary.get("world_size", 0),
-                "rank_nodes": {str(k): n for k, n in (jp.rank_nodes.items() if jp else ())},
-                "announces": {n: {"block_count": a.block_count, "ranks": list(a.ranks),
-                                  "manifests": [base64.b64encode(x).decode() for x in a.manifests]}
-                              for n, a in r.announces.items()}}
+            summary = self.store.jobs_summary().get(job_id, {})
+            rec = ppb.RoundRecord(job=job_id, version=v, block_counts=list(r.layout.block_counts),
+                                  world_size=summary.get("world_size", 0), rank_nodes=dict(jp.rank_nodes))
+            for node, a in r.announces.items():
+                rec.announces[node].CopyFrom(ppb.RoundAnnounce(
+                    block_count=a.block_count, ranks=list(a.ranks), manifests=list(a.manifests)))
+            return rec
 
     def bounded_counts(self, counts) -> tuple[int, ...]:
         """Block counts from the network, checked before anything is sized from them:
         one per group member, each at most what this node's budget could hold parity for."""
         return check_block_counts(counts, self.n, block_count_limit(self.store.memory_budget_bytes, self.bs, self.k))
 
-    def layout_of(self, info: dict):
+    def layout_of(self, rec: ppb.RoundRecord):
         """The group layout a round record describes (its counts checked first)."""
-        return pl.place_group(self.n, self.m, self.bounded_counts(info["counts"]))
+        return pl.place_group(self.n, self.m, self.bounded_counts(list(rec.block_counts)))
 
-    def retained_round(self, job_id: str, v: int, nodes) -> tuple[dict | None, list[str]]:
+    def parse_record(self, job_id: str, v: int, raw) -> ppb.RoundRecord:
+        """The round record in a ``round`` reply's payload, checked whole (see the module
+        docstring); ``ValueError`` naming what is wrong when it is not a sound one."""
+        if raw is None:
+            raise ValueError("the round reply carries no record")
+        rec = ppb.RoundRecord()
+        try:
+            rec.ParseFromString(bytes(raw))
+        except (DecodeError, RecursionError) as exc:
+            raise ValueError(f"the round record does not parse: {type(exc).__name__}") from None
+        size = rec.ByteSize()
+        rec.DiscardUnknownFields()
+        if rec.ByteSize() != size:
+            raise ValueError("the round record has fields the peer schema does not know")
+        if rec.job != job_id or rec.version != v:
+            raise ValueError(f"the round record is of job {rec.job!r} version {rec.version}, "
+                             f"not of job {job_id!r} version {v}")
+        if not rec.HasField("world_size"):
+            raise ValueError("the round record lacks world_size")
+        self.bounded_counts(list(rec.block_counts))
+        for node, a in rec.announces.items():
+            if not node or len(a.manifests) != len(a.ranks) or len(set(a.ranks)) != len(a.ranks):
+                raise ValueError(f"the round record's announce of {node!r} does not list one "
+                                 "manifest per rank, each rank once")
+            self.bounded_counts([a.block_count] * self.n)
+        if not all(rec.rank_nodes.values()):
+            raise ValueError("the round record maps a rank to no node")
+        return rec
+
+    def fetch_record(self, node: str, job_id: str, v: int) -> ppb.RoundRecord:
+        """Peer ``node``'s round record of version v, checked (:meth:`parse_record`).
+        Raises what the call raises (RemoteError: it does not retain v) or ValueError."""
+        reply, payload = self.membership.peer(node).call(peer_ops.round_(job_id, v))
+        if payload is not None and reply.round.record_bytes != len(payload):
+            raise ValueError(f"the round reply says {reply.round.record_bytes} bytes, "
+                             f"its payload is {len(payload)}")
+        return self.parse_record(job_id, v, payload)
+
+    def retained_round(self, job_id: str, v: int, nodes) -> tuple[ppb.RoundRecord | None, list[str]]:
         """The round record of version v (layout, every member's manifests) and which of
-        ``nodes`` retain it (ourselves included, asked locally): the sources of a rebuild."""
-        info, holders = None, []
+        ``nodes`` retain it (ourselves included, asked locally): the sources of a rebuild.
+        A node that serves a malformed record is refused as a source (logged)."""
+        rec, holders = None, []
         for node in nodes:
             try:
-                if node == self.me:
-                    doc = json.loads(self.round_info(job_id, v))
-                else:
-                    doc = json.loads(bytes(self.membership.peer(node).call(peer_ops.round_(job_id, v))[1]))
+                got = self.round_record(job_id, v) if node == self.me else self.fetch_record(node, job_id, v)
             except (KeyError, PeerUnavailableError, RemoteError) as exc:
                 log.info("job %s v%d: %s cannot serve it: %s", job_id, v, node, exc)
                 continue
-            info = info or doc
+            except ValueError as exc:
+                log.warning("job %s v%d: refused the round record %s served: %s", job_id, v, node, exc)
+                continue
+            if rec is None:
+                rec = got
             holders.append(node)
-        return info, holders
+        return rec, holders
 
     # -- persisted records -------------------------------------------------------------------
     def _dir(self) -> str:
@@ -97,11 +179,10 @@ class RoundRecords:
         layout, every group member's announce and our parity buffer's index."""
         with self.jobs.lock:
             try:
-                info = json.loads(self.round_info(job_id, v))
+                info = record_to_json(self.round_record(job_id, v))
             except KeyError:
                 return
             buf = self.parity.get(job_id, v)
-            info["v"] = v
             if buf is not None:
                 info["parity"] = {"name": buf.name, "blocks": [list(b) for b in buf.index],
                                   "checksums": [buf.checksums.get(i) for i in range(len(buf.index))]}
@@ -133,12 +214,17 @@ class RoundRecords:
             if not fn.endswith(".json"):
                 continue
             job_id = fn[:-5]
-            with open(os.path.join(d, fn)) as f:
+            path = os.path.join(d, fn)
+            with open(path) as f:
                 info = json.load(f)
             v = int(info["v"])
             if self.store.committed_version(job_id) != v:
                 continue
-            self.install_round(job_id, v, info)
+            try:
+                rec = record_from_json(job_id, info)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+            self.install_round(job_id, v, rec)
             par = info.get("parity")
             if par:
                 seg = self.store.aux(par["name"])
@@ -148,17 +234,20 @@ class RoundRecords:
                     continue
                 self.parity.adopt(job_id, v, par["name"], seg, par["blocks"], par["checksums"])
 
-    def install_round(self, job_id: str, v: int, info: dict) -> None:
-        """Make version v's round (from a record) the job's committed, retained round."""
+    def install_round(self, job_id: str, v: int, rec: ppb.RoundRecord) -> None:
+        """Make version v's round (from a checked record) the job's committed, retained
+        round. Everything is built from the record before the job table changes."""
+        layout = pl.place_group(self.n, self.m, tuple(rec.block_counts))
+        announces = {node: proto.Announce(node, a.block_count, tuple(a.ranks), tuple(a.manifests))
+                     for node, a in rec.announces.items()}
+        rank_nodes = dict(rec.rank_nodes)
         with self.jobs.lock:
             jp = self.jobs.job(job_id)
             jp.committed_version = max(jp.committed_version, v)
             r = jp.round(v)
-            r.layout = pl.place_group(self.n, self.m, tuple(info["counts"]))
-            for node, a in info["announces"].items():
-                r.announces[node] = proto.Announce(node, a["block_count"], tuple(a["ranks"]),
-                                                   tuple(base64.b64decode(x) for x in a["manifests"]))
-            for rk, node in info.get("rank_nodes", {}).items():
-                jp.rank_nodes.setdefault(int(rk), node)
+            r.layout = layout
+            r.announces.update(announces)
+            for rk, node in rank_nodes.items():
+                jp.rank_nodes.setdefault(rk, node)
             r.local_data = r.parity_done = r.contributions_started = True
             r.contributions_sent = r.voted = True

@@ -14,7 +14,9 @@ The cluster builds the requests and serves them: :mod:`snapshotd.node.cluster.pe
 
 Operations (``PeerRequest.op``, one message per op; this table is the one place they
 are listed beside the schema itself). Fields marked * are required (:mod:`.checks`
-refuses a request without them); the reply is ``Ack`` unless named:
+refuses a request without them); the reply is ``Ack`` unless named. Every payload is raw
+bytes or a message of the schema (``RoundRecord``, ``snapshotd.v1.ShardManifest``); a
+payload, unlike the header, is not bounded at 64 KiB:
 
   ==============  =========================================================  ================
   op              request fields                                             reply
@@ -27,9 +29,9 @@ refuses a request without them); the reply is ``Ack`` unless named:
   ping            committed_versions {job: version}                          PingReply
                                                                              {committed_versions}
   round           job*, version*                                             RoundReply
-                                                                             {doc_bytes};
-                                                                             payload: JSON
-                                                                             round doc
+                                                                             {record_bytes};
+                                                                             payload: a
+                                                                             RoundRecord
   fetch           job*, version*, kind* (BLOCK_KIND_DATA: block_index*;      Ack; payload:
                   BLOCK_KIND_PARITY: stripe* + row*)                         the block
   jobs            (none)                                                     JobsReply {jobs:

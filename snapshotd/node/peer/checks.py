@@ -14,7 +14,8 @@ schema lacks or of the wrong wire type. What is left is checked here, on the mes
 
 Unsigned fields cannot be negative (protobuf refuses to set them), and the header's
 64 KiB bound caps every repeated field. Block counts are bounded by the receiving
-node's memory budget, which only it knows (``RoundRecords.bounded_counts``).
+node's memory budget, which only it knows (``RoundRecords.bounded_counts``); so is the
+``round`` reply's payload, a ``RoundRecord`` checked whole by ``RoundRecords.parse_record``.
 
 A failed check is a :class:`PeerProtocolError`: the client raises it before anything is
 sent (or on a reply that fails), the server refuses the message as ``malformed``. Pure:
