@@ -432,3 +432,122 @@ def test_peer_ops_table_serves_every_op_and_refuses_unknown_ones():
     assert peer_ops.unpack_blobs(sizes, memoryview(blob)) == [b"ab", b"", b"cde"]
     with pytest.raises(ValueError):
         peer_ops.unpack_blobs([1, 2], b"ab")
+
+
+# -- the round record: the message the ``round`` op serves, its JSON file, its checks ---------
+def test_round_record_is_served_typed_checked_whole_and_persisted_as_before(tmp_path):
+    import base64
+    from google.protobuf.internal.encoder import _VarintBytes
+    from snapshotd.node.cluster.jobs import JobTable
+    from snapshotd.node.cluster.records import RoundRecords, record_from_json, record_to_json
+    from snapshotd.node.peer import peer_pb2 as ppb
+
+    group, mans = ("n0", "n1", "n2"), {"n0": [b"m0"], "n1": [b"m1a", b""], "n2": []}
+
+    class _Store:
+        state_dir, memory_budget_bytes, committed = str(tmp_path), 64, {"j": 3}
+
+        def committed_version(self, job):
+            return self.committed.get(job, 0)
+
+        def jobs_summary(self):
+            return {"j": {"committed": 3, "world_size": 3, "local_world_size": 1}}
+
+        def aux_names(self):
+            return []
+
+    class _Parity:
+        def get(self, job, v):
+            return None
+
+        def names(self):
+            return set()
+
+    served = {}  # node -> the payload its round reply carries
+
+    class _Peer:
+        def __init__(self, node):
+            self.node = node
+
+        def call(self, req):
+            if self.node not in served:
+                raise RemoteError("KeyError", "not retained")
+            raw = served[self.node]
+            return ppb.PeerReply(round=ppb.RoundReply(record_bytes=len(raw))), memoryview(raw)
+
+    class _Membership:
+        def peer(self, node):
+            return _Peer(node)
+
+    def records(store):
+        return RoundRecords(me="n0", n=3, m=1, block_size_bytes=4, store=store,
+                            jobs=JobTable("n0", group, group, 1, store), parity=_Parity(),
+                            membership=_Membership(), degraded={})
+
+    rec = ppb.RoundRecord(job="j", version=3, block_counts=[2, 3, 0], world_size=3,
+                          rank_nodes={0: "n0", 1: "n1", 2: "n1"})
+    for node, ms in mans.items():
+        rec.announces[node].CopyFrom(ppb.RoundAnnounce(
+            block_count=len(ms) + 1 if ms else 0, ranks=[0] if node == "n0" else list(range(1, 1 + len(ms))),
+            manifests=ms))
+    # A file written by the previous version (keys, base64 manifests, ranks as string keys).
+    old_doc = {"counts": [2, 3, 0], "world_size": 3, "rank_nodes": {"1": "n1", "0": "n0", "2": "n1"},
+               "announces": {n: {"block_count": a.block_count, "ranks": list(a.ranks),
+                                 "manifests": [base64.b64encode(x).decode() for x in a.manifests]}
+                             for n, a in rec.announces.items()}, "v": 3}
+    assert record_from_json("j", old_doc) == rec and record_from_json("j", record_to_json(rec)) == rec
+    os.makedirs(tmp_path / "cluster")
+    (tmp_path / "cluster" / "j.json").write_text(json.dumps(old_doc))
+    rr = records(_Store())
+    rr.load()  # a restart over the old file re-adopts the round
+    assert rr.round_record("j", 3) == rec and rr.jobs.job("j").committed_version == 3
+    rr.save("j", 3)  # and writes the same document back (no parity buffer here)
+    assert json.loads((tmp_path / "cluster" / "j.json").read_text()) == {
+        **old_doc, "rank_nodes": {"0": "n0", "1": "n1", "2": "n1"}}
+
+    # The round op serves the message as its payload; a peer reads it back checked.
+    ops = peer_ops.PeerOps(me="n0", n=3, block_size_bytes=4, store=None, jobs_table=None,
+                           membership=type("M", (), {"seen": lambda self, n: None})(), commit=None,
+                           parity=None, records=rr, suspects=None, rebuilder=None,
+                           fence_job=None, bounded_counts=rr.bounded_counts)
+    reply, payload = ops.handle("n1", peer_ops.round_("j", 3), None)
+    assert reply.round.record_bytes == len(payload) and rr.parse_record("j", 3, payload) == rec
+    with pytest.raises(KeyError):
+        ops.handle("n1", peer_ops.round_("j", 2), None)
+
+    def variant(**kw):
+        bad = ppb.RoundRecord()
+        bad.CopyFrom(rec)
+        for k, v in kw.items():
+            bad.ClearField(k)
+            if isinstance(v, list):
+                getattr(bad, k).extend(v)
+            elif v is not None:
+                setattr(bad, k, v)
+        return bad.SerializeToString()
+
+    bad_ann = ppb.RoundRecord()
+    bad_ann.CopyFrom(rec)
+    bad_ann.announces["n1"].ranks.append(7)  # two manifests, three ranks
+    refused = {
+        "carries no record": None, "does not parse": b"\xff\xff", "not of job": variant(version=2),
+        "block counts": variant(block_counts=[1, 2]), "lacks world_size": variant(world_size=None),
+        "one manifest per rank": bad_ann.SerializeToString(),
+        "does not know": rec.SerializeToString() + _VarintBytes(99 << 3) + b"\x01",
+    }
+    variant_limit = variant(block_counts=[2, 3, 10**6])  # over what the budget could hold parity for
+    for why, raw in [*refused.items(), ("block counts", variant_limit)]:
+        with pytest.raises(ValueError, match=why):
+            rr.parse_record("j", 3, raw)
+    # A rebuild's sources: a node serving a malformed record is refused, never installed.
+    fresh = records(_Store())
+    served.update(n1=variant_limit, n2=rec.SerializeToString())
+    got, holders = fresh.retained_round("j", 3, ["n1", "n2"])
+    assert got == rec and holders == ["n2"] and fresh.jobs.get("j") is None
+    served.update(n2=refused["does not parse"])
+    assert fresh.retained_round("j", 3, ["n1", "n2"]) == (None, [])
+    # A damaged file is refused at load, naming it, with nothing installed.
+    (tmp_path / "cluster" / "j.json").write_text(json.dumps({**old_doc, "announces": {"n0": {}}}))
+    with pytest.raises(ValueError, match="j.json: not a round record"):
+        fresh.load()
+    assert fresh.jobs.get("j") is None
