@@ -45,12 +45,11 @@ from snapshotd_client import layout as lo
 from snapshotd_client import pipeline as pl
 from snapshotd_client import state as st
 from snapshotd_client.config import SnapshotterConfig, default_rank_world
-from snapshotd_client.device_copy import StagingCopier, cuda_call
+from snapshotd_client.device_copy import StagingCopier
 from snapshotd_client.loader import ShardLoader
 from snapshotd_client.transport import DaemonClient, SegmentCache
 
 __all__ = ["SaveStats", "Snapshotter", "SnapshotterConfig"]
-_cuda_call = cuda_call  # kept importable from here
 
 log = logging.getLogger("snapshotd_client")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,20 +20,15 @@ from snapshotd.wire import errors
 from snapshotd.core.checkfree import CheckFreeSettings
 from snapshotd_client.checkfree_restore import CheckFreeUnavailableError
 from snapshotd_client.snapshotter import Snapshotter
+from snapshotd_tools import localcluster as lc
 from clusterkit import JOB, make_cluster  # noqa: F401 (fixture)
 
 S = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_pp(c, steps: int, tmp_path, tag: str, checkfree: bool = False, extra=(), ranks=None,
             expect_rc: int = 0) -> dict[int, list[dict]]:
-    port = _free_port()
+    port = lc.free_port()
     socks = [os.path.join(c.d, f"{n}.sock") for n in c.nodes]
     procs = []
     ranks = list(range(S)) if ranks is None else ranks

@@ -26,6 +26,8 @@ import time
 
 import pytest
 
+from snapshotd_tools import localcluster as lc
+
 from conftest import REPO
 SBATCH = os.path.join(REPO, "deploy", "slurm", "snapshotd.sbatch")
 TRAIN = os.path.join(REPO, "deploy", "examples", "train_ddp.py")
@@ -44,19 +46,6 @@ def _require(ok: bool, why: str) -> None:
         pytest.fail(f"{why}; CI is set, so the Slurm example must run here "
                     "(run scripts/setup-slurm as root first)")
     pytest.skip(why)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -113,7 +102,7 @@ class SlurmCluster:
 
         host = socket.gethostname().split(".")[0]
         self.node = host
-        ctl_port, slurmd_port = _free_ports(2)
+        ctl_port, slurmd_port = lc.free_ports(2)
         mem_mib = max(1024, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (2 << 20))
         with open(self.conf, "w") as f:
             f.write(f"""\
@@ -203,7 +192,7 @@ def _stats(text: str) -> dict:
 
 
 def test_sbatch_example_restores_after_a_crash_and_ends_healthy(slurm):
-    grpc_port, peer_port, rdzv = _free_ports(3)
+    grpc_port, peer_port, rdzv = lc.free_ports(3)
     env = dict(slurm.env)
     env.update({
         "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),

@@ -94,7 +94,7 @@ def open_bytes(cl: DaemonClient, job: str, rank: int) -> bytes:
 
 
 def one_node_spec(path: str, node: str, key: str, encryption: str = "none") -> tuple[int, int]:
-    ports = [lc._free_port(), lc._free_port()]
+    ports = lc.free_ports(2)
     with open(path, "w") as f:
         json.dump({"group_size": 1, "parity": 0, "block_size_bytes": "64KiB", "peer_key": key,
                    "peer_encryption": encryption, "heartbeat_interval_ms": 200,

@@ -213,9 +213,6 @@ def stop_pid(pid: int, grace_s: float = 5.0) -> None:
         pass
 
 
-_free_port, _stop_pid = free_port, stop_pid  # the names other code used before
-
-
 def collect_status(d: str) -> list[dict]:
     """Each node's stats (``alive``: it answered); unreachable nodes keep their group
     from the spec, so the redundancy of their group can still be judged."""
