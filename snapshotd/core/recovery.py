@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Collection, NamedTuple
 
 from snapshotd.wire.errors import InvalidRequestError
-from .placement import GroupLayout, block_of, data_stripe_of
+from .placement import GroupLayout, data_stripe_of
 
 _SHOWN = 4  # missing blocks named in an Unrecoverable reason
 
@@ -102,25 +102,31 @@ def _describe(x: tuple[int, str, int]) -> str:
 def _repair(layout: GroupLayout, s: int, alive: frozenset[int], wanted: Callable[[Shard], bool],
             load: Counter):
     """(StripeRepair or None, lost shards) for stripe s; ``wanted(shard)`` picks outputs."""
-    data_nodes, parity_nodes = layout.stripe_nodes(s)
-    zeros, data, parity, lost = [], [], [], []
-    for p, node in enumerate(data_nodes):
-        j = block_of(layout.n, layout.m, s, p)[1]
-        if j >= layout.block_counts[node]:
-            zeros.append(Shard("zero", p, node, j))
+    n = layout.n
+    known, data, parity, lost = [], [], [], []  # known: zero and alive data shards, by p
+    for p, (node, j, real) in enumerate(layout.stripe_blocks(s)):
+        if not real:
+            known.append(Shard("zero", p, node, j))
+        elif node in alive:
+            x = Shard("data", p, node, j)
+            known.append(x)
+            data.append(x)
         else:
-            (data if node in alive else lost).append(Shard("data", p, node, j))
-    for t, node in enumerate(parity_nodes):
+            lost.append(Shard("data", p, node, j))
+    for t in range(layout.m):
+        node = (s + t) % n  # placement.stripe_parity_nodes, unchecked
         (parity if node in alive else lost).append(Shard("parity", t, node, t))
     outputs = tuple(x for x in lost if wanted(x))
     if not outputs or len(lost) > layout.m:
         return None, lost
-    need = layout.k - len(zeros) - len(data)
-    chosen = sorted(parity, key=lambda x: (load[x.node], x.index))[:need]
+    need = layout.k - len(known)
+    chosen = sorted(parity, key=lambda x: (load[x.node], x.index))[:need] if need else []
     chosen.sort(key=lambda x: x.index)
-    for x in data + chosen:
+    for x in data:
         load[x.node] += 1
-    return StripeRepair(s, tuple(sorted(zeros + data, key=lambda x: x.index) + chosen), outputs), lost
+    for x in chosen:
+        load[x.node] += 1
+    return StripeRepair(s, tuple(known + chosen), outputs), lost
 
 
 def _unrecoverable(version: int, group: int, m: int, failed: list[tuple[int, list[Shard]]]) -> Unrecoverable:
