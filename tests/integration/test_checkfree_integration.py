@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,47 +99,44 @@ def test_lost_middle_stage_is_rebuilt_by_checkfree_and_training_goes_on(make_clu
     print(f"checkfree run: {time.monotonic() - t0:.1f} s; losses before {pre[-3:]}, after {post}")
 
 
-class _FakeClient:
-    """Daemon stub: the job's latest version is 5 and this rank's shard is lost."""
+def _stage_snapshotter(c, j: int, **kw) -> tuple[torch.nn.Module, Snapshotter]:
+    """A fresh stage ``j`` (no trained state) pointed at node ``j``'s real daemon."""
+    from snapshotd_tools.demo import pp_trainer as pp
 
-    target = "fake"
-
-    def register_job(self, *a, **k):
-        return SimpleNamespace(latest_committed_version=5, block_size_bytes=0)
-
-    def open_shard(self, job, rank, version=0):
-        if rank != 0:  # the neighbours are alive but this stub cannot serve them
-            raise errors.UnknownRankError(f"OpenShard: rank {rank} unknown to the stub")
-        raise errors.ConflictError(f"OpenShard: job {job!r} version {version}: rank {rank} lost, "
-                                   "cannot rebuild (0 parity blocks)")
-
-    def close(self):
-        pass
+    stage, opt, sched = pp.build(j, S, 99, plus=True)
+    return stage, Snapshotter(stage, opt, lr_scheduler=sched, job_id=JOB, socket_path=os.path.join(c.d, f"n{j}.sock"),
+                       rank=j, world_size=S, local_world_size=1, pipeline_stage=(j, S),
+                       edge_layers=stage.edge_layers, edge_copies=stage.edge_copies,
+                       on_daemon_unavailable="raise", **kw)
 
 
-def _fake_snap(tmp_path, **kw) -> Snapshotter:
-    s = Snapshotter(torch.nn.Linear(2, 2), job_id="j", socket_path=str(tmp_path / "none.sock"), rank=0,
-                    world_size=3, local_world_size=1, on_daemon_unavailable="raise", **kw)
-    s.client.close()
-    s.client = _FakeClient()
-    return s
-
-
-def test_lost_shard_without_checkfree_raises_the_daemons_error(tmp_path):
-    with _fake_snap(tmp_path, pipeline_stage=(0, 3)) as s:
-        with pytest.raises(errors.ConflictError, match="cannot rebuild"):
+@pytest.mark.timeout(300)
+def test_lost_edge_stage_with_no_parity_gives_the_daemons_error_or_checkfrees(make_cluster):
+    """Real daemons (m=0): stage 0's node is lost, so its daemon can rebuild nothing.
+    Without CheckFree restore() raises the daemon's own error; with plain CheckFree (which
+    cannot rebuild an edge stage) one ConflictError names both rungs. Nothing is loaded."""
+    c = make_cluster(3, 0)
+    _seed_version(c, 2)
+    c.lose([c.nodes[0]])
+    stage, snap = _stage_snapshotter(c, 0)
+    with snap as s:
+        before = [p.detach().clone() for p in stage.parameters()]
+        with pytest.raises(errors.ConflictError) as ei:
             s.restore()
-        assert not s.restored_approximate
-
-
-def test_checkfree_impossible_raises_clear_error(tmp_path):
-    # stage 0 is an edge stage: plain CheckFree cannot rebuild it
-    with _fake_snap(tmp_path, pipeline_stage=(0, 3), checkfree=CheckFreeSettings()) as s:
+        assert not isinstance(ei.value, CheckFreeUnavailableError)
+        daemon_error = str(ei.value)
+        assert "lost 1 shards (m=0)" in daemon_error, daemon_error
+        assert not s.restored_approximate and s.restored_method is None
+        assert all(torch.equal(a, b) for a, b in zip(before, stage.parameters()))
+    with _stage_snapshotter(c, 0, checkfree=CheckFreeSettings())[1] as s:
         with pytest.raises(CheckFreeUnavailableError, match="CheckFree cannot rebuild it") as ei:
             s.restore()
-        assert "edge stage" in str(ei.value) and "cannot rebuild (0 parity" in str(ei.value)
         assert isinstance(ei.value, errors.ConflictError)
-        assert not s.restored_approximate
+        assert "edge stage" in str(ei.value), str(ei.value)
+        # the daemon's reason is carried in the message, word for word
+        assert daemon_error.split(": ", 1)[-1] in str(ei.value), (daemon_error, str(ei.value))
+        assert not s.restored_approximate and s.restored_method is None
+    assert c.committed(c.nodes[1]) == 2 and c.committed(c.nodes[2]) == 2
 
 
 def _seed_version(c, steps: int, seed: int = 7, keep: dict | None = None) -> list[float]:
@@ -236,7 +232,9 @@ def test_adjacent_lost_stages_give_the_clear_error_and_change_nothing(make_clust
         (fail,) = [x for x in out[r] if x["event"] == "restore_failed"]
         assert "stages 0 and 1 are both lost" in fail["error"], fail
         assert "fall through to the next recovery rung" in fail["error"], fail
-        assert "[stage 1: CheckFree: cannot read neighbour rank 1" in fail["error"] if r == 0 else True
+        other = 1 - r  # each rank names the neighbour it could not read: the other lost one
+        assert f"stage {r} of job '{JOB}' version 6 is lost" in fail["error"], fail
+        assert f"[stage {other}: CheckFree: cannot read neighbour rank {other}" in fail["error"], fail
         assert not [x for x in out[r] if x["event"] in ("restored", "step")]
     # in process: the failed restore is a ConflictError (what the next rung catches) and
     # leaves the model, optimizer and scheduler untouched
