@@ -16,6 +16,14 @@ For each version v of a job, a node goes through:
                            word from any peer that v committed (gossip / restore query)
                            -> free everything older than v
 
+Nothing a node sends is lost for good: the caller reports each peer's acknowledgement
+(``delivered(v, kind, node)``), and while v is open :meth:`JobProtocol.resend` returns
+the announce, contributions and vote again, each addressed (``to``) only to the peers
+that have not acknowledged it. The caller calls it with a backoff after a delivery
+failed (a busy receiver, a peer that looked dead for a while); a committed, fenced or
+dropped version returns nothing. Handlers are idempotent, so a resend of something
+that did arrive (its acknowledgement lost) changes nothing.
+
 Every node decides the commit by itself from the votes: there is no coordinator to
 lose. A node that heard all votes commits; one that missed a vote (the voter died
 mid-broadcast) still holds v complete and promotes it as soon as any peer reports v
@@ -41,10 +49,17 @@ class Announce:
     manifests: tuple[bytes, ...]  # serialized ShardManifest per local rank
 
 
+# What a node sends, as ``delivered`` and ``SendX.kind`` name it.
+ANNOUNCE, CONTRIB, VOTE = "announce", "contrib", "vote"
+KINDS = (ANNOUNCE, CONTRIB, VOTE)
+
+
 @dataclass(frozen=True)
 class SendAnnounce:
     version: int
     announce: Announce
+    to: tuple[str, ...] | None = None  # None: every other node of the group
+    kind = ANNOUNCE
 
 
 @dataclass(frozen=True)
@@ -52,12 +67,16 @@ class SendContributions:
     version: int
     layout: GroupLayout
     block_counts: tuple[int, ...]
+    to: tuple[str, ...] | None = None  # None: every parity holder of our blocks (us too)
+    kind = CONTRIB
 
 
 @dataclass(frozen=True)
 class SendVote:
     version: int
     ranks: tuple[int, ...]
+    to: tuple[str, ...] | None = None  # None: every other node of the job
+    kind = VOTE
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,7 @@ class VersionRound:
     parity_done: bool = False
     voted: bool = False
     votes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # node -> its ranks
+    acked: dict[str, set] = field(default_factory=dict)  # kind -> peers that acknowledged ours
 
 
 @dataclass
@@ -143,6 +163,76 @@ class JobProtocol:
             return []
         r.contributions_sent = True
         return self._advance(r)
+
+    def delivered(self, v: int, kind: str, node: str) -> list:
+        """``node`` acknowledged our ``kind`` (ANNOUNCE, CONTRIB: all our contributions
+        it holds parity for, VOTE) of v. Once every holder acknowledged our
+        contributions, they count as delivered."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} (one of {KINDS})")
+        r = self.rounds.get(v)
+        if r is None or v <= self.committed_version:
+            return []
+        acked = r.acked.setdefault(kind, set())
+        acked.add(node)
+        if kind == CONTRIB and r.contributions_started and self.contribution_holders(v) <= acked:
+            r.contributions_sent = True
+        return self._advance(r)
+
+    def resend(self, v: int) -> list:
+        """What we sent for v and a peer has not acknowledged yet, addressed to those
+        peers only: [] once v is committed, fenced or dropped, or all was acknowledged."""
+        r = self.rounds.get(v)
+        if r is None or v <= self.committed_version:
+            return []
+        acts: list = []
+        acked = {k: r.acked.get(k, set()) for k in KINDS}
+        if r.local_data:
+            to = tuple(n for n in self.group if n != self.me and n not in acked[ANNOUNCE])
+            if to:
+                acts.append(SendAnnounce(v, r.announces[self.me], to))
+        if r.contributions_started and not r.contributions_sent:
+            to = tuple(sorted(self.contribution_holders(v) - acked[CONTRIB]))
+            if to:
+                acts.append(SendContributions(v, r.layout, r.layout.block_counts, to))
+        if r.voted:
+            to = tuple(n for n in self.job_nodes if n != self.me and n not in acked[VOTE])
+            if to:
+                acts.append(SendVote(v, r.announces[self.me].ranks, to))
+        return acts
+
+    def contribution_holders(self, v: int) -> set[str]:
+        """The other nodes that hold parity of our data blocks of v (layout known)."""
+        r = self.rounds[v]
+        if r.layout is None:
+            return set()
+        holders = {h for _j, s, _p in r.layout.data_blocks(self.my_index)
+                   for h in r.layout.stripe_nodes(s)[1]}
+        return {self.group[h] for h in holders} - {self.me}
+
+    def pending(self, v: int) -> dict:
+        """What round v waits for (for status and diagnostics): who has not announced,
+        how many contributions are still due here, whose votes are missing, and which
+        peers have not acknowledged what we sent."""
+        r = self.rounds.get(v)
+        if r is None:
+            return {}
+        acked = {k: r.acked.get(k, set()) for k in KINDS}
+        unacked: dict[str, list] = {}
+        if r.local_data:
+            unacked[ANNOUNCE] = [n for n in self.group if n != self.me and n not in acked[ANNOUNCE]]
+        if r.contributions_started and not r.contributions_sent:
+            unacked[CONTRIB] = sorted(self.contribution_holders(v) - acked[CONTRIB])
+        if r.voted:
+            unacked[VOTE] = [n for n in self.job_nodes if n != self.me and n not in acked[VOTE]]
+        return {"local_data": r.local_data,
+                "announces_missing": [n for n in self.group if n not in r.announces],
+                "contributions_awaited": None if r.layout is None else len(r.expected),
+                "contributions_started": r.contributions_started,
+                "contributions_delivered": r.contributions_sent,
+                "voted": r.voted,
+                "votes_missing": [n for n in self.job_nodes if n not in r.votes],
+                "unacknowledged": {k: x for k, x in unacked.items() if x}}
 
     def vote_received(self, v: int, node: str, ranks) -> list:
         for rk in ranks:

@@ -17,6 +17,9 @@ Script syntax (one statement a line; ``#`` starts a comment)::
                                             (only DESTS); one to a dead holder is lost
     contrib DEST <- SRC v=V s=S t=T p=P     one contribution (stripe, parity row, position)
     delivered N v=V                         every holder acknowledged N's contributions
+    ack N <- DESTS what=W v=V               DESTS acknowledged N's W (announce, contrib
+                                            or vote) of V
+    resend N v=V                            N's retry timer fired: what it sends again
     vote DESTS <- SRC v=V                   SRC's vote for V reaches DESTS
     gossip DESTS v=V                        a peer tells DESTS that V committed
     fence DESTS                             the job restarted from its committed version
@@ -68,14 +71,15 @@ class ScriptMismatch(AssertionError):
 
 
 def format_action(a) -> str:
+    to = "" if getattr(a, "to", None) is None else f" to={_ints(a.to)}"
     if isinstance(a, SendAnnounce):
         ann = a.announce
-        return f"SendAnnounce v={a.version} blocks={ann.block_count} ranks={_ints(ann.ranks)}"
+        return f"SendAnnounce v={a.version} blocks={ann.block_count} ranks={_ints(ann.ranks)}{to}"
     if isinstance(a, SendContributions):
         return (f"SendContributions v={a.version} counts={_ints(a.block_counts)} "
-                f"stripes={a.layout.num_stripes}")
+                f"stripes={a.layout.num_stripes}{to}")
     if isinstance(a, SendVote):
-        return f"SendVote v={a.version} ranks={_ints(a.ranks)}"
+        return f"SendVote v={a.version} ranks={_ints(a.ranks)}{to}"
     if isinstance(a, Commit):
         return f"Commit v={a.version}"
     return repr(a)
@@ -195,6 +199,18 @@ class Cluster:
         elif op == "delivered":
             (n,) = words[1:]
             self.emit(n, self.proto(n).contributions_delivered(int(kw["v"])), out)
+        elif op == "ack":
+            src, arrow, dests = words[1:]
+            if arrow != "<-":
+                raise ScriptError("expected 'ack N <- DESTS what=W'")
+            v, what = int(kw["v"]), kw["what"]
+            table = {"announce": self.announces, "contrib": self.contributions, "vote": self.votes}
+            self.sent(table[what], src, v, f"a {what}")
+            for d in self.dests(dests, all_nodes, src):
+                self.emit(src, self.proto(src).delivered(v, what, d), out)
+        elif op == "resend":
+            (n,) = words[1:]
+            self.emit(n, self.proto(n).resend(int(kw["v"])), out)
         elif op == "gossip":
             for d in self.dests(words[1], all_nodes):
                 self.emit(d, self.proto(d).committed_elsewhere(int(kw["v"])), out)
@@ -289,7 +305,8 @@ SCRIPTS = sorted(TESTDATA.glob("*.txt"))
 def test_the_scripts_are_there():
     names = {p.stem for p in SCRIPTS}
     assert {"clean_commit", "clean_commit_m2", "two_groups", "contributions_before_announces",
-            "lost_voter", "half_broadcast", "late_vote", "restart", "torn_version"} <= names, names
+            "lost_voter", "half_broadcast", "late_vote", "restart", "torn_version",
+            "resend_until_acknowledged"} <= names, names
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)
