@@ -1,13 +1,17 @@
 """``SnapshotterConfig``: every option of the training-side Snapshotter, with its default.
 
-Defaults come from the environment where a launcher sets them (``$SNAPSHOTD_JOB_ID``,
-``$SNAPSHOTD_TOKEN``, ``$RANK`` / ``$WORLD_SIZE`` via :func:`default_rank_world`).
-A plain dataclass: the Snapshotter validates and normalises it in its constructor.
+Defaults come from the environment where a launcher sets them (``$SNAPSHOTD_TOKEN``,
+``$RANK`` / ``$WORLD_SIZE`` via :func:`default_rank_world`, the job id via
+:func:`resolve_job_id`). A plain dataclass: the Snapshotter validates and normalises it
+in its constructor (``job_id=None`` is resolved there, and refused when nothing names
+the job).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +23,8 @@ from snapshotd.core.checkfree import CheckFreeSettings  # noqa: F401 (Snapshotte
 
 @dataclass
 class SnapshotterConfig:
-    job_id: str = field(default_factory=lambda: os.environ.get(cfgmod.ENV_JOB_ID, "default"))
+    # None: from the launcher (resolve_job_id); a run no launcher names needs one explicitly.
+    job_id: str | None = None
     rank: int | None = None  # default: torch.distributed rank, else $RANK, else 0
     world_size: int | None = None  # ranks of the job
     local_world_size: int | None = None  # ranks on this node (default $LOCAL_WORLD_SIZE, else all)
@@ -59,3 +64,52 @@ def default_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class JobIdentityError(ValueError):
+    """No job id given and no launcher in the environment names the job."""
+
+
+# Where a job id comes from when none is passed, most stable first: an explicit id, then
+# the outermost scheduler (its id survives the relaunches of the launchers inside it: a
+# Kubernetes pod retry starts a new `torchrun --standalone` with a new run id, and the
+# Slurm example retries torchrun with a new --rdzv-id), then torchrun's own run id (the
+# same across its --max-restarts).
+JOB_ID_SOURCES = (
+    ("SNAPSHOTD_JOB_ID", ""),  # explicit (cfgmod.ENV_JOB_ID)
+    ("SNAPSHOTD_K8S_JOB_NAME", "k8s-"),  # set from the downward API, see the README
+    ("SLURM_JOB_ID", "slurm-"),  # the same across `scontrol requeue` and every srun step
+    ("TORCHELASTIC_RUN_ID", "torchrun-"),  # torchrun --rdzv-id; "none" (its default) is no id
+)
+_BAD = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _job_id_from(raw: str, prefix: str) -> str:
+    """``prefix + raw`` made a valid job id: other characters become '-', and an id over
+    64 characters keeps its first 55 plus 8 hex digits of its hash (still unique)."""
+    jid = prefix + _BAD.sub("-", raw.strip())
+    if len(jid) > 64:
+        jid = f"{jid[:55]}-{hashlib.sha256(jid.encode()).hexdigest()[:8]}"
+    if not jid[0].isalnum():
+        jid = "j" + jid[1:]
+    return jid
+
+
+def resolve_job_id(environ=None) -> tuple[str, str]:
+    """(job id, the variable it came from) from the environment; JobIdentityError when
+    none of ``JOB_ID_SOURCES`` is set. Every rank of a job must get the same id, and a
+    relaunch of the same job too: that is what lets a restarted run restore."""
+    env = os.environ if environ is None else environ
+    for name, prefix in JOB_ID_SOURCES:
+        raw = (env.get(name) or "").strip()
+        if not raw or (name == "TORCHELASTIC_RUN_ID" and raw == "none"):
+            continue
+        if name == "SNAPSHOTD_JOB_ID":
+            return mf.validate_job_id(raw), name
+        return _job_id_from(raw, prefix), name
+    raise JobIdentityError(
+        "snapshotd: no job id. Pass Snapshotter(..., job_id=\"my-run\") or set "
+        "$SNAPSHOTD_JOB_ID; under a launcher it is taken from $SNAPSHOTD_K8S_JOB_NAME "
+        "(Kubernetes, set it from the downward API), $SLURM_JOB_ID or $TORCHELASTIC_RUN_ID "
+        "(torchrun). The same id on a relaunch resumes that job's last snapshot; a new id "
+        "starts fresh.")

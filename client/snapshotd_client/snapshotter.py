@@ -39,19 +39,26 @@ from snapshotd.wire.errors import (
     DaemonUnavailableError,
     SnapshotdError,
     SnapshotInFlightError,
+    SnapshotSkippedError,
     UnknownJobError,
 )
+from snapshotd.wire.ratelimit import WarningLimiter
 from snapshotd_client import layout as lo
 from snapshotd_client import pipeline as pl
 from snapshotd_client import state as st
-from snapshotd_client.config import SnapshotterConfig, default_rank_world
+from snapshotd_client.config import SnapshotterConfig, default_rank_world, resolve_job_id
 from snapshotd_client.device_copy import StagingCopier
 from snapshotd_client.loader import ShardLoader
+from snapshotd_client.providers import (ProvidingLoader, StateProviders, ensure_visible_logging,
+                                        unwrap_model)
 from snapshotd_client.transport import DaemonClient, SegmentCache
 
 __all__ = ["SaveStats", "Snapshotter", "SnapshotterConfig"]
 
 log = logging.getLogger("snapshotd_client")
+# One line per condition per 10 s, not one per step: a daemon away for a while, or ranks
+# converging after it came back, repeat on every save.
+_warn_limiter = WarningLimiter(10.0)
 
 
 @dataclass
@@ -67,13 +74,19 @@ class SaveStats:
 class Snapshotter:
     """Snapshot a training process's state into the node's snapshotd daemon.
 
-    ``extra_state``: a dict name -> object with state_dict()/load_state_dict(), or a
-    plain JSON-able value / tensor structure (then read it back from
-    ``snapshotter.extra_state`` after ``restore()``).
+    ``model``: the module or its DDP / DataParallel / torch.compile wrapper (the same
+    state is saved either way). ``state``: named providers read at every save, objects
+    with state_dict()/load_state_dict() (loaded in place by ``restore()``) or callables
+    returning the current value (their values come back in ``snapshotter.restored``);
+    see ``providers.py``. ``extra_state`` (older form): a dict name -> object with
+    state_dict()/load_state_dict(), or a plain value read when the dict is read, at each
+    save (read it back from ``snapshotter.extra_state`` after ``restore()``).
+    ``job_id`` (option): by default from the launcher (``config.resolve_job_id``).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer=None, lr_scheduler=None,
-                 extra_state: dict | None = None, config: SnapshotterConfig | None = None, **kw):
+                 extra_state: dict | None = None, config: SnapshotterConfig | None = None, *,
+                 state: dict | None = None, **kw):
         self.cfg = config or SnapshotterConfig()
         for k, v in kw.items():
             if not hasattr(self.cfg, k):
@@ -81,12 +94,17 @@ class Snapshotter:
             setattr(self.cfg, k, v)
         if self.cfg.on_daemon_unavailable not in ("warn", "raise"):
             raise ValueError("on_daemon_unavailable must be 'warn' or 'raise'")
+        if self.cfg.job_id is None:
+            self.cfg.job_id, source = resolve_job_id()
+            log.debug("snapshotd: job id %s from $%s", self.cfg.job_id, source)
         mf.validate_job_id(self.cfg.job_id)
+        ensure_visible_logging()
         r, w = default_rank_world()
         self.rank = r if self.cfg.rank is None else self.cfg.rank
         self.world_size = w if self.cfg.world_size is None else self.cfg.world_size
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.model, self.optimizer, self.lr_scheduler = unwrap_model(model), optimizer, lr_scheduler
         self.extra_state = dict(extra_state or {})
+        self.providers = StateProviders(state, self.extra_state)
         if self.cfg.address:
             target = self.cfg.address
         else:
@@ -94,7 +112,8 @@ class Snapshotter:
         self.client = DaemonClient(target, token=self.cfg.token, timeout_s=self.cfg.timeout_s)
         self.copier = StagingCopier()
         self.segments = SegmentCache(on_close=self.copier.unpin)
-        self.loader = ShardLoader(self.client, self.segments, self.cfg.job_id, self.rank)
+        self.loader = ProvidingLoader(ShardLoader(self.client, self.segments, self.cfg.job_id,
+                                                  self.rank), self.providers)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-handoff")
         self._pending: Future | None = None
         self._registered = False
@@ -106,7 +125,7 @@ class Snapshotter:
         self.restored_approximate = False
         self.restored_method: str | None = None  # "exact", "CheckFree" or "CheckFree+" after restore()
         # grad norm, stage layout and the "pipeline" entry of the last save/restore
-        self.stage_recorder = pl.StageRecorder(model, self.cfg)
+        self.stage_recorder = pl.StageRecorder(self.model, self.cfg)
         if self.cfg.pipeline_stage is not None:
             i, n = (int(x) for x in self.cfg.pipeline_stage)
             if not 0 <= i < n:
@@ -121,8 +140,10 @@ class Snapshotter:
     def _unavailable(self, what: str, exc: Exception) -> None:
         if self.cfg.on_daemon_unavailable == "raise":
             raise exc
-        warnings.warn(f"snapshotd: {what} skipped, daemon unavailable at {self.client.target}: "
-                      f"{exc}", RuntimeWarning, stacklevel=3)
+        ok, held = _warn_limiter.allow(("unavailable", self.client.target))
+        if ok:
+            warnings.warn(f"snapshotd: {what} skipped, daemon unavailable at {self.client.target}: "
+                          f"{exc}{_warn_limiter.held_note(held)}", RuntimeWarning, stacklevel=3)
 
     def _ensure_registered(self, restarting: bool = False) -> int:
         lws = self.cfg.local_world_size
@@ -144,12 +165,19 @@ class Snapshotter:
         local = {"step": step, "rng": st.capture_rng_state()}
         if self.lr_scheduler is not None:
             local["lr_scheduler"] = self.lr_scheduler.state_dict()
-        if self.extra_state:
+        if self.extra_state or self.providers.objects or self.providers.getters:
             local["extra"] = {k: (v.state_dict() if hasattr(v, "state_dict") else v)
                               for k, v in self.extra_state.items()}
+            local["extra"].update(self.providers.collect())
         if self.cfg.pipeline_stage is not None:
             local["pipeline"] = self.stage_recorder.entry()
         return rep, local
+
+    @property
+    def restored(self) -> dict:
+        """The values of the callable ``state`` providers in the snapshot the last
+        ``restore()`` loaded (name -> value); empty when nothing was restored."""
+        return self.providers.restored
 
     # -- pipeline stage metadata (CheckFree) ---------------------------------------------
     def record_grad_norm(self, norm) -> None:
@@ -230,7 +258,9 @@ class Snapshotter:
             return None
         except SnapshotInFlightError as exc:  # only if even a forced acquire failed
             self.skipped += 1
-            log.warning("snapshotd: step %d skipped: %s", step, exc)
+            ok, held = _warn_limiter.allow(("skipped", self.cfg.job_id, self.rank))
+            if ok:
+                log.warning("snapshotd: step %d skipped: %s%s", step, exc, _warn_limiter.held_note(held))
             return None
         blocking = time.perf_counter() - t0
         self.last_blocking_s = blocking
@@ -250,6 +280,8 @@ class Snapshotter:
         while True:
             try:
                 return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total)
+            except SnapshotSkippedError:
+                raise  # waiting would not help (the daemon says why): skip this step now
             except SnapshotInFlightError as exc:
                 if time.monotonic() >= deadline:
                     log.warning("snapshotd: %s; giving up the oldest uncommitted version", exc)
@@ -275,7 +307,10 @@ class Snapshotter:
         except SnapshotdError as exc:
             if isinstance(exc, DaemonUnavailableError):
                 self._registered = False
-            log.warning("snapshotd: hand-off of step %d failed: %s", m.version, exc)
+            ok, held = _warn_limiter.allow(("handoff", self.cfg.job_id, self.rank))
+            if ok:
+                log.warning("snapshotd: hand-off of step %d failed: %s%s", m.version, exc,
+                            _warn_limiter.held_note(held))
             raise
         stats.committed = resp.committed
         stats.handoff_s = time.perf_counter() - t0
