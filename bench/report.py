@@ -1,8 +1,11 @@
 """The markdown summary (results.md) and the goals of issue 6, from a suite result.
 
 Goals, each evaluated at every measured size (a goal passes when it holds at all of
-them; the margin is given per size):
-  G1  blocking time of snapshotd (m=0) <= 1.2 x one warm copy of the state (CPU);
+them; the margin is given per size). A size whose measurement failed (an error, a
+version that did not commit) counts as a miss of every goal that needed it; a size that
+was skipped (too big for this machine) is listed as skipped and counts for nothing.
+  G1  blocking time of snapshotd (m=0) <= 1.2 x one warm copy of the state (CPU): the
+      warm copy is the table's "floor" row, the same figure wherever it is quoted;
   G2  snapshot safe with m=2 in less time than DCP async_save needs to reach disk;
   G3  restore from the local daemon faster than torch.load from /dev/shm;
   G4  GPU: time until the device-to-host copy is done <= 1.2 x the raw pinned copy.
@@ -36,28 +39,41 @@ def goals(res: dict) -> list[dict]:
     g1, g2, g3 = [], [], []
     for s in snaps:
         S = s["state_bytes"]
+        failed = s.get("failed", {})
+
+        def miss(labels, target):
+            """A per-size miss when a measurement this goal needs failed at this size."""
+            why = [f"{x}: {failed[x]}" for x in labels if x in failed]
+            if not why:
+                return None
+            return {"state_bytes": S, "value": None, "target": target, "ok": False,
+                    "detail": "measurement failed -- " + "; ".join(why)[:300]}
+
         ours = _row(s["rows"], "snapshotd m=0")
-        if ours and ours.get("blocked_over_copy"):  # paired: a warm copy right before each save
-            ratio = ours["blocked_over_copy"]
-            g1.append({"state_bytes": S, "value": ratio, "target": 1.2, "ok": ratio <= 1.2,
-                       "detail": f"{_ms(ours['blocked_s'])} ms vs a warm copy made just before each save "
-                                 f"{_ms(ours['paired_warm_copy_s'])} ms = {ratio:.2f}x (medians)"})
-        elif ours and s.get("warm_copy_s"):
+        if ours and s.get("warm_copy_s"):
             ratio = ours["blocked_s"] / s["warm_copy_s"]
+            paired = (f"; a copy made just before each save took {_ms(ours['paired_warm_copy_s'])} ms"
+                      if ours.get("paired_warm_copy_s") else "")
             g1.append({"state_bytes": S, "value": ratio, "target": 1.2, "ok": ratio <= 1.2,
-                       "detail": f"{_ms(ours['blocked_s'])} ms vs warm copy {_ms(s['warm_copy_s'])} ms = {ratio:.2f}x"})
+                       "detail": f"{_ms(ours['blocked_s'])} ms vs one warm copy (the floor row) "
+                                 f"{_ms(s['warm_copy_s'])} ms = {ratio:.2f}x (medians){paired}"})
+        else:
+            g1.append(miss(["snapshotd m=0", "start daemon"], 1.2))
         m2, da = _row(s["rows"], "snapshotd m=2"), _row(s["rows"], "DCP async_save disk")
         if m2 and da:
             ratio = m2["safe_s"] / da["safe_s"]
             g2.append({"state_bytes": S, "value": ratio, "target": 1.0, "ok": ratio < 1.0,
                        "detail": f"{_ms(m2['safe_s'])} ms vs DCP async_save {_ms(da['safe_s'])} ms = {ratio:.2f}x"})
+        else:
+            g2.append(miss(["snapshotd m=2", "DCP async_save"], 1.0))
         rs = rest.get(S)
-        if rs:
-            a, b = _row(rs["rows"], "snapshotd (local daemon)"), _row(rs["rows"], "torch.load /dev/shm")
-            if a and b:
-                ratio = a["restore_s"] / b["restore_s"]
-                g3.append({"state_bytes": S, "value": ratio, "target": 1.0, "ok": ratio < 1.0,
-                           "detail": f"{_ms(a['restore_s'])} ms vs torch.load {_ms(b['restore_s'])} ms = {ratio:.2f}x"})
+        a, b = (_row(rs["rows"], "snapshotd (local daemon)"), _row(rs["rows"], "torch.load /dev/shm")) if rs else (None, None)
+        if a and b:
+            ratio = a["restore_s"] / b["restore_s"]
+            g3.append({"state_bytes": S, "value": ratio, "target": 1.0, "ok": ratio < 1.0,
+                       "detail": f"{_ms(a['restore_s'])} ms vs torch.load {_ms(b['restore_s'])} ms = {ratio:.2f}x"})
+        else:
+            g3.append(miss(["restore", "snapshotd m=0", "start daemon", "torch.save /dev/shm"], 1.0))
     add("G1", "blocking of snapshotd (m=0) <= 1.2x one warm copy of the state (CPU)", g1)
     add("G2", "safe with m=2 sooner than DCP async_save reaches disk", g2)
     add("G3", "restore from the local daemon faster than torch.load from /dev/shm", g3)

@@ -142,7 +142,7 @@ def run_size(S: int, a, res: dict) -> None:
     from bench import compare_restore as cr
     from bench import compare_snapshot as cs
 
-    snap = {"state_bytes": S, "rows": [], "skipped": []}
+    snap = {"state_bytes": S, "rows": [], "skipped": [], "failed": {}}
     rest = {"state_bytes": S, "rows": []}
     memo = {"state_bytes": S, "rows": []}
     skipped = snap["skipped"]
@@ -172,6 +172,7 @@ def run_size(S: int, a, res: dict) -> None:
             msg = f"{cm.fmt_bytes(S)} {label}: {type(exc).__name__}: {exc}"
             cm.say("ERROR " + msg)
             res["errors"].append(msg)
+            snap["failed"][label] = f"{type(exc).__name__}: {exc}"  # its goals miss at this size
             traceback.print_exc()
             return None
 
