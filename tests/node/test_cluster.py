@@ -202,7 +202,8 @@ def test_node_lost_mid_snapshot_keeps_last_version_and_never_commits_torn_one(ma
     c.push(1)
     c.wait_committed(1)
     c.push(2, nodes=c.nodes[:2])  # n0, n1 delivered v2, n2 not yet
-    time.sleep(0.5)  # let n0/n1 announce v2
+    # n2 has not delivered v2 itself: it knows of v2 only from n0's and n1's announces
+    wait_for(lambda: 2 in c.cluster_status(c.nodes[2])["jobs"][JOB]["pending"], 10, "n2 to hear of v2")
     c.kill(c.nodes[0], wipe=True)  # n0 is lost with its v2 data
     c.push(2, nodes=c.nodes[2:])  # the last rank delivers after all
     c.check_restorable(1, c.nodes[1:])  # the survivors still restore v1, bit-exact
@@ -260,8 +261,17 @@ def test_daemon_crash_keeps_commit_and_parity(make_cluster):
     c.check_restorable(2, [crashed])
     lv = c.client(crashed).list_versions(JOB)
     assert lv.latest_committed_version == 2 and [x.version for x in lv.versions] == [2]
-    # Its peers learn nothing new either.
-    time.sleep(1)
+    # Its peers learn nothing new either. The restarted daemon starts with no reports from
+    # its peers; once it has one from each (their heartbeats carry what they committed),
+    # a commit it invented would have reached them and theirs would have reached it.
+    others = [n for n in c.nodes if n != crashed]
+
+    def heard_from_all() -> bool:
+        peers = c.cluster_status(crashed)["peers"]
+        return all(peers[n]["alive"] and peers[n]["committed"] for n in others)
+
+    wait_for(heard_from_all, 10, f"{crashed} to hear from every peer after its restart")
+    assert all(c.cluster_status(crashed)["peers"][n]["committed"] == {JOB: 2} for n in others)
     for node in c.nodes:
         assert c.committed(node) == 2
     # The re-adopted parity serves a rebuild: lose a node whose rebuild reads it.
