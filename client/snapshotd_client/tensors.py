@@ -164,7 +164,9 @@ def view_from(buf: Any, slot: TensorSlot) -> torch.Tensor:
 
     ``buf`` may be read-only (e.g. an mmap opened read-only); the view must then never
     be written (clone it first if it will be modified, e.g. loaded into an optimizer).
-    The view keeps a buffer export alive: an mmap cannot be closed while it exists.
+    The view holds a reference to ``buf`` but NO buffer export (``torch.frombuffer``):
+    an mmap closed meanwhile is unmapped under it, and reading it then reads freed
+    memory. Use it only for copies that end before the mapping is closed.
     """
     dtype = torch_dtype(slot.dtype)
     with warnings.catch_warnings():

@@ -30,7 +30,14 @@ def path_of(name: str) -> str:
 
 
 class Segment:
-    """An open mapping of one segment. ``buf`` is the mmap (buffer protocol)."""
+    """An open mapping of one segment. ``buf`` is the mmap (buffer protocol).
+
+    ``close()`` unmaps at once unless a buffer export of ``buf`` is alive (a memoryview,
+    a numpy array made with ``np.frombuffer``): then ``mmap.close()`` raises BufferError,
+    ``close()`` lets go of the mmap and the mapping goes with the last export. A tensor
+    made with ``torch.frombuffer`` holds NO export (only a reference to the mmap object):
+    it reads freed memory after ``close()``, so such views must never outlive it; hand
+    out copies, or views anchored on a numpy array (``snapshotd_client.loader``)."""
 
     __slots__ = ("name", "size", "buf", "writable")
 
@@ -41,7 +48,7 @@ class Segment:
         if self.buf is not None:
             try:
                 self.buf.close()
-            except BufferError:  # views still exported; the mapping dies with them
+            except BufferError:  # exports still alive: the mapping dies with the last one
                 pass
             self.buf = None
 
