@@ -6,6 +6,7 @@ only use it to get an ISA-L backend to compare with numpy."""
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import numpy as np
@@ -20,8 +21,11 @@ from snapshotd.node.erasure import isal_available, make_backend
 from snapshotd.wire.errors import BackendUnavailableError, InsufficientShardsError, InvalidRequestError
 
 HAVE_ISAL = isal_available()
+# Skipped only off CI: under CI (.ci/run sets CI=1) the fast backend is required, so a
+# broken ISA-L load fails these cases instead of passing the suite without them.
 requires_isal = pytest.mark.skipif(
-    not HAVE_ISAL, reason="ISA-L not loadable (no $SNAPSHOTD_ISAL_LIB, system libisal or pyeclib wheel)"
+    not HAVE_ISAL and not os.environ.get("CI"),
+    reason="ISA-L not loadable (no $SNAPSHOTD_ISAL_LIB, system libisal or pyeclib wheel)"
 )
 BACKENDS = ["numpy", pytest.param("isal", marks=requires_isal)]
 
@@ -553,7 +557,7 @@ def test_one_code_shared_by_threads(backend):
 
 @pytest.mark.parametrize("backend", ["numpy", "isal"])
 def test_combine_equals_accumulated_products(backend):
-    if backend == "isal" and not isal_available():
+    if backend == "isal" and not isal_available() and not os.environ.get("CI"):
         pytest.skip("ISA-L not loadable")
     code = code_for(4, 2, backend)
     rng = np.random.default_rng(7)

@@ -32,8 +32,17 @@ def test_bench_quick_runs_and_writes_json(tmp_path, capsys, k, m):
     assert "snapshotd numpy" in libs
     reported = set(libs) | {s["library"] for s in doc["skipped"]}
     assert {"snapshotd isal", "pyeclib isa_l_rs_vand", "zfec", "reedsolo"} <= reported
+    # every library coded the same payload (bench_erasure asserts each one round-trips:
+    # a failed decode is rc != 0 above), and the ratios are relative to the ISA-L row
+    for r in doc["results"]:  # reedsolo is pure Python: it gets --reedsolo-kib; sizes round down to k
+        want = 512 if r["library"] == "reedsolo" else 64 * 1024
+        assert want - k < r["size_bytes"] <= want, r
+    base = libs.get("snapshotd isal")
     for r in doc["results"]:
-        assert r["encode_gbps"] > 0 and r["decode_gbps"] > 0 and r["size_bytes"] > 0
+        assert r["encode_gbps"] > 0 and r["decode_gbps"] > 0
+        if base:
+            assert r["encode_vs_isal"] == pytest.approx(r["encode_gbps"] / base["encode_gbps"], rel=1e-6)
+            assert r["decode_vs_isal"] == pytest.approx(r["decode_gbps"] / base["decode_gbps"], rel=1e-6)
     text = capsys.readouterr().out
     assert "encode GB/s" in text and "decode GB/s" in text
 
