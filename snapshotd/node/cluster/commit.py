@@ -5,11 +5,13 @@
 contributions, votes, commits seen by peers) and carries out the frozen actions it
 returns: a ``Commit`` at once, every action that talks to peers (announce, parity
 contributions, vote) on one worker thread, in order. Contributions to ourselves go
-straight into our parity buffers. It also fences (drops uncommitted rounds) and drops
-jobs.
+straight into our parity buffers. Each peer's acknowledgement goes back into the
+protocol; what a peer did not acknowledge is re-sent by the :class:`~.resend.Resender`
+until it is, or the version is committed or dropped: a failed delivery is never
+dropped (issue 18). It also fences (drops uncommitted rounds) and drops jobs.
 
-Call order: construct; :meth:`start` (the worker thread); events from any thread;
-:meth:`stop_worker` then join the thread. Thread-safety: protocol state only under
+Call order: construct; :meth:`start` (the worker and resend threads); events from any
+thread; :meth:`stop_worker` then join the threads. Thread-safety: protocol state only under
 ``JobTable.lock``; sending (``deliver``) never holds it.
 """
 
@@ -32,6 +34,7 @@ from .jobs import JobTable
 from .membership import Membership
 from .parity import ParityBuffers
 from .records import RoundRecords
+from .resend import Resender
 
 log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
@@ -52,15 +55,23 @@ class CommitDriver:
         self._stop = stop
         self._actions: queue.Queue = queue.Queue()
         self.metrics = NullMetrics()  # set by ClusterNode.metrics
+        # (job, v, holder) -> {(s, t, p)} the holder acknowledged: a resend skips them.
+        self._acked_contribs: dict[tuple[str, int, str], set] = {}
+        self.resender = Resender(jobs=jobs, enqueue=self._enqueue_resent, alive_peers=membership.alive_peers,
+                                 min_backoff_s=spec.heartbeat_interval_ms / 1000, stop=stop)
+        self._resend_thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> threading.Thread:
+        """Start the worker (returned) and the resend thread (stopped by stop_worker)."""
+        self._resend_thread = self.resender.start()
         t = threading.Thread(target=self.run_worker, name="snapshotd-cluster", daemon=True)
         t.start()
         return t
 
     def stop_worker(self) -> None:
         self._actions.put(None)
+        self.resender.stop()
 
     # -- events ---------------------------------------------------------------------------
     def on_local_complete(self, job_id: str, v: int) -> None:
@@ -133,34 +144,57 @@ class CommitDriver:
             else:
                 self._actions.put((job_id, a))
 
+    def _enqueue_resent(self, job_id: str, acts: list) -> None:
+        for a in acts:
+            self._actions.put((job_id, a))
+
     def run_worker(self) -> None:
         while not self._stop.is_set():
             item = self._actions.get()
             if item is None:
                 return
             job_id, a = item
+            failures: list = []
             try:
                 if isinstance(a, proto.SendAnnounce):
-                    self._send_announce(job_id, a)
+                    failures = self._send_announce(job_id, a)
                 elif isinstance(a, proto.SendContributions):
-                    self._send_contributions(job_id, a)
+                    failures = self._send_contributions(job_id, a)
                 elif isinstance(a, proto.SendVote):
-                    self._send_vote(job_id, a)
-            except Exception as exc:  # a dead peer stalls this version; newer ones go on
+                    failures = self._send_vote(job_id, a)
+            except Exception as exc:  # e.g. the version was fenced meanwhile: the resend finds out
                 log.warning("job %s v%d: %s failed: %s", job_id, a.version, type(a).__name__, exc)
+                failures = [("-", exc)]
+            self.resender.finished(job_id, a.version, a.kind, a.to is not None, failures)
 
-    def broadcast(self, nodes, request, payload=None, job_id: str | None = None, v: int | None = None) -> None:
-        """Deliver one ``PeerRequest`` of version ``v`` of the job to every node of ``nodes`` but us."""
+    def broadcast(self, nodes, request, payload=None, job_id: str | None = None, v: int | None = None,
+                  kind: str | None = None) -> list:
+        """Deliver one ``PeerRequest`` of version ``v`` of the job to every node of
+        ``nodes`` but us. With ``kind``, each acknowledgement goes into the protocol.
+        Returns [(node, exc)] of the nodes it could not deliver to."""
+        failures = []
         for node in nodes:
             if node == self.me:
                 continue
             try:
                 self.deliver(node, [(request, payload)], job_id, v)
             except (PeerUnavailableError, RemoteError) as exc:
-                log.warning("%s to %s failed: %s", request.WhichOneof("op"), node, exc)
+                failures.append((node, exc))
+                if kind is None:
+                    log.warning("%s to %s failed: %s", request.WhichOneof("op"), node, exc)
+                continue
+            if kind is not None:
+                self._delivered(job_id, v, kind, node)
+        return failures
+
+    def _delivered(self, job_id: str, v: int, kind: str, node: str) -> None:
+        with self.jobs.lock:
+            jp = self.jobs.get(job_id)
+            acts = jp.delivered(v, kind, node) if jp is not None else []
+        self.enqueue(job_id, acts)
 
     def deliver(self, node: str, reqs: list, job_id: str | None = None, v: int | None = None,
-                window: int = 8) -> None:
+                window: int = 8, on_acked=None) -> None:
         """Send requests the peer must all execute (announce, contributions, votes):
         ``reqs`` are ``(PeerRequest, payload[, payload_xxh3])``.
 
@@ -168,16 +202,24 @@ class CommitDriver:
         under load a busy receiver can fall behind a bulk window. While heartbeats (their
         own connection) still see the peer and version ``v`` is still being committed,
         the requests not yet acknowledged are sent again -- every handler is idempotent
-        -- for up to BULK_RETRY_TIMEOUTS heartbeat timeouts. Before this, one slow reply
-        stalled a version for good."""
+        -- for up to BULK_RETRY_TIMEOUTS heartbeat timeouts; then it raises, and the
+        caller's :class:`~.resend.Resender` sends what is left later. ``on_acked(i)`` is
+        called for each request ``reqs[i]`` the peer acknowledged."""
         pending = list(range(len(reqs)))
         deadline = time.monotonic() + BULK_RETRY_TIMEOUTS * self.spec.heartbeat_timeout_ms / 1000
+        retries = 0
         while True:
             acked: set[int] = set()
             batch = pending
+
+            def on_reply(i, rep, d, batch=batch, acked=acked):
+                acked.add(batch[i])
+                if on_acked is not None:
+                    on_acked(batch[i])
+
             try:
                 self.membership.peer(node).call_many([reqs[i] for i in batch], window=window,
-                                                     on_reply=lambda i, rep, d: acked.add(batch[i]))
+                                                     on_reply=on_reply)
                 return
             except PeerUnavailableError as exc:
                 pending = [i for i in batch if i not in acked]
@@ -186,8 +228,10 @@ class CommitDriver:
                 if (self._stop.is_set() or time.monotonic() > deadline
                         or node not in self.membership.alive_peers() or not self._still_open(job_id, v)):
                     raise
-                log.info("%s: %d of %d requests unanswered (%s); sending them again",
-                         node, len(pending), len(reqs), exc)
+                retries += 1
+                (log.info if retries == 1 else log.debug)(
+                    "%s: %d of %d requests unanswered (%s); sending them again", node, len(pending),
+                    len(reqs), exc)
 
     def _still_open(self, job_id: str | None, v: int | None) -> bool:
         """Version v of the job is neither committed nor dropped (nothing to retry for)."""
@@ -197,44 +241,79 @@ class CommitDriver:
             jp = self.jobs.get(job_id)
             return jp is not None and v > jp.committed_version and v in jp.rounds
 
-    def _send_announce(self, job_id: str, a: proto.SendAnnounce) -> None:
+    def _send_announce(self, job_id: str, a: proto.SendAnnounce) -> list:
         req, blob = peer_ops.announce(job_id, a.version, a.announce)
-        self.broadcast(self.group, req, blob, job_id, a.version)
+        return self.broadcast(a.to or self.group, req, blob, job_id, a.version, kind=proto.ANNOUNCE)
 
-    def _send_contributions(self, job_id: str, a: proto.SendContributions) -> None:
-        blocks = self.store.block_reader(job_id, a.version, self.bs, with_checksum=True)
+    def _send_contributions(self, job_id: str, a: proto.SendContributions) -> list:
+        """Each real data block to the m parity holders of its stripe (``a.to``: only
+        to those, and only what they have not acknowledged). [(holder, exc)] of the
+        holders not (wholly) delivered to."""
+        v = a.version
+        blocks = self.store.block_reader(job_id, v, self.bs, with_checksum=True)
+        targets = None if a.to is None else set(a.to)
+        prebuild = None
+        if targets is None and self.m and a.layout.parity_blocks(self.my_index):  # our own parity buffer: built beside the sends, not on demand
+            prebuild = threading.Thread(target=self._prebuild, args=(job_id, v, a.layout), daemon=True)
+            prebuild.start()
         per_holder: dict[str, list] = {}
+        keys: dict[str, list] = {}
         for j, s, p in a.layout.data_blocks(self.my_index):
-            data, known = blocks(j)
             for t, holder in enumerate(pl.stripe_parity_nodes(self.n, self.m, s)):
+                node = self.group[holder]
                 if holder == self.my_index:
-                    self.accumulate(job_id, a.version, s, t, p, tuple(a.block_counts), data)
-                else:  # with the adopt-time checksum: the holder verifies it
-                    req = peer_ops.contrib(job_id, a.version, s, t, p, a.block_counts)
-                    per_holder.setdefault(self.group[holder], []).append((req, data, known))
+                    if targets is None:
+                        data, _known = blocks(j)
+                        self.accumulate(job_id, v, s, t, p, tuple(a.block_counts), data)
+                elif targets is None or node in targets:
+                    if (s, t, p) in self._acked_contribs.get((job_id, v, node), ()):
+                        continue
+                    data, known = blocks(j)  # with the adopt-time checksum: the holder verifies it
+                    per_holder.setdefault(node, []).append(
+                        (peer_ops.contrib(job_id, v, s, t, p, a.block_counts), data, known))
+                    keys.setdefault(node, []).append((s, t, p))
         errs = []
 
         def send(node, reqs):
+            got = self._acked_contribs.setdefault((job_id, v, node), set())
             try:
-                self.deliver(node, reqs, job_id, a.version)
+                self.deliver(node, reqs, job_id, v, on_acked=lambda i: got.add(keys[node][i]))
             except Exception as exc:
                 errs.append((node, exc))
+                return
+            self._delivered(job_id, v, proto.CONTRIB, node)
 
         ts = [threading.Thread(target=send, args=(nd, r)) for nd, r in per_holder.items()]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
+        if targets is not None:  # holders with nothing left to send had acknowledged it all
+            for node in targets - set(per_holder):
+                self._delivered(job_id, v, proto.CONTRIB, node)
+        if prebuild is not None:
+            prebuild.join()
         if errs:
-            raise RuntimeError(f"contributions not delivered: {errs}")
+            return errs
         with self.jobs.lock:
-            acts = self.jobs.job(job_id).contributions_delivered(a.version)
+            jp = self.jobs.get(job_id)
+            acts = jp.contributions_delivered(v) if jp is not None else []
         self.enqueue(job_id, acts)
+        return []
 
-    def _send_vote(self, job_id: str, a: proto.SendVote) -> None:
+    def _prebuild(self, job_id: str, v: int, layout) -> None:
+        """Create our parity buffer of v before the peers' contributions need it."""
+        try:
+            if self._still_open(job_id, v):
+                self.parity.buffer(job_id, v, layout)
+        except Exception as exc:  # the first contribution builds it then
+            log.warning("job %s v%d: parity buffer not built ahead: %s", job_id, v, exc)
+
+    def _send_vote(self, job_id: str, a: proto.SendVote) -> list:
         self.parity.seal(job_id, a.version)
-        self.broadcast([nd.id for nd in self.spec.nodes], peer_ops.vote(job_id, a.version, a.ranks),
-                       None, job_id, a.version)
+        return self.broadcast(a.to or [nd.id for nd in self.spec.nodes],
+                              peer_ops.vote(job_id, a.version, a.ranks), None, job_id, a.version,
+                              kind=proto.VOTE)
 
     def _commit(self, job_id: str, v: int) -> None:
         # Our own vote counts as soon as the protocol emits it, so the peers' votes can
@@ -246,6 +325,7 @@ class CommitDriver:
             self.parity.release_older(job_id, v)
             self.copies.release_older(job_id, v)
             self.records.save(job_id, v)
+        self._forget_acks(job_id, lambda x: x <= v)
         self.degraded.pop(job_id, None)
         self.metrics.committed(job_id, v)
         log.info("job %s: version %d committed", job_id, v)
@@ -259,6 +339,7 @@ class CommitDriver:
             for v in dropped:
                 self.parity.release((job_id, v))
         self.store.fence(job_id, keep_version=self.jobs.rebuilding_version(job_id))
+        self._forget_acks(job_id, lambda x: x in dropped)
         if dropped:
             log.info("job %s: fenced, dropped uncommitted versions %s", job_id, dropped)
         if broadcast:
@@ -273,4 +354,9 @@ class CommitDriver:
             self.jobs.drop(job_id)
             self.degraded.pop(job_id, None)
         self.records.delete(job_id)
+        self._forget_acks(job_id, lambda x: True)
         return freed
+
+    def _forget_acks(self, job_id: str, which) -> None:
+        for key in [k for k in list(self._acked_contribs) if k[0] == job_id and which(k[1])]:
+            self._acked_contribs.pop(key, None)

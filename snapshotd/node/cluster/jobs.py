@@ -65,11 +65,15 @@ class JobTable:
             return out
 
     def summary(self) -> dict:
-        """{job: {"committed": v, "pending": [versions above it]}} for the status JSON."""
+        """{job: {"committed": v, "pending": [versions above it], "waiting": {v: what
+        round v waits for (JobProtocol.pending)}}} for the status JSON."""
         with self.lock:
-            return {j: {"committed": jp.committed_version,
-                        "pending": sorted(x for x in jp.rounds if x > jp.committed_version)}
-                    for j, jp in self._jobs.items()}
+            out = {}
+            for j, jp in self._jobs.items():
+                pending = sorted(x for x in jp.rounds if x > jp.committed_version)
+                out[j] = {"committed": jp.committed_version, "pending": pending,
+                          "waiting": {str(v): jp.pending(v) for v in pending}}
+            return out
 
     # -- the version a rebuild is filling in ---------------------------------------------------
     # Until it commits, a job restart's fence must not free the slots being rebuilt (the

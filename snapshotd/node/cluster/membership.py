@@ -28,6 +28,8 @@ from . import peer_ops
 
 log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 
+PING_FAILURE_LOG_EVERY_S = 30.0  # while a peer keeps failing pings: one line per this
+
 
 class Membership:
     def __init__(self, spec: ClusterSpec, me: str, group: tuple[str, ...], key: bytes | None, curve,
@@ -44,6 +46,8 @@ class Membership:
         self.last_seen: dict[str, float] = {}
         self.peer_committed: dict[str, dict[str, int]] = {}
         self.first_round = threading.Event()  # every group peer was pinged once since start
+        # node -> [failed pings in a row, when we last logged it]; see _ping_failed.
+        self.ping_failures: dict[str, list] = {}
         self._thread: threading.Thread | None = None
 
     def peer(self, node: str, control: bool = False) -> PeerClient:
@@ -91,6 +95,21 @@ class Membership:
         """Replies from peers whose payload failed its checksum, over all clients."""
         return sum(getattr(cl, "checksum_failures", 0) for cl in list(self._clients.values()))
 
+    def _ping_failed(self, node: str, exc: BaseException) -> None:
+        """Log a failed ping: the first of a run at once, then one line per
+        PING_FAILURE_LOG_EVERY_S while the peer keeps failing (with the count)."""
+        now = time.monotonic()
+        st = self.ping_failures.setdefault(node, [0, None])
+        st[0] += 1
+        if st[1] is None or now - st[1] >= PING_FAILURE_LOG_EVERY_S:
+            st[1] = now
+            log.warning("heartbeat to %s failed (%d in a row): %s", node, st[0], exc)
+
+    def _ping_answered(self, node: str) -> None:
+        st = self.ping_failures.pop(node, None)
+        if st is not None:
+            log.info("heartbeat to %s answered again after %d failed", node, st[0])
+
     def close(self) -> None:
         for c in self._clients.values():
             c.close()
@@ -114,9 +133,10 @@ class Membership:
                     peer_ops.ping(self._committed_versions()),
                     timeout_ms=self.spec.heartbeat_timeout_ms)
                 self.seen(node)
+                self._ping_answered(node)
                 self.gossip(node, dict(rep.ping.committed_versions))
-            except (PeerUnavailableError, RemoteError):
-                pass
+            except (PeerUnavailableError, RemoteError) as exc:
+                self._ping_failed(node, exc)
             except Exception as exc:  # never let one peer's trouble stop the heartbeats
                 log.warning("heartbeat to %s: %s", node, exc)
             finally:

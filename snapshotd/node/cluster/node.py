@@ -23,8 +23,10 @@ plane (:mod:`snapshotd.node.peer`).
 Call order: construct; ``load_records()``; set ``metrics``, ``scrub_rate_bytes_per_s``,
 ``scrub_interval_s``; ``start()``; hooks and calls from any thread; ``stop()``.
 
-Threads: the peer server thread runs :meth:`PeerOps.handle` (fast, never calls out); the
-commit worker carries out protocol actions that talk to peers; the heartbeat thread pings
+Threads: the peer server thread answers pings; its bulk thread runs :meth:`PeerOps.handle`
+for every other op (never calls out), so a slow one cannot make us look dead; the
+commit worker carries out protocol actions that talk to peers, the resend thread
+re-sends what a peer did not acknowledge; the heartbeat thread pings
 peers and gossips committed versions; the catch-up thread rebuilds what we missed; the
 scrub thread checks what we hold. All protocol state is guarded by ``JobTable.lock``.
 """
@@ -107,7 +109,8 @@ class ClusterNode:
                            fence_job=self.fence, bounded_counts=self.records.bounded_counts)
         self.server = PeerServer(f"tcp://{host}:{me.peer_port}", node_id, key,
                                  allowed_peers={nd.id for nd in spec.nodes}, handler=self.ops.handle,
-                                 max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20), curve=self.curve)
+                                 max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20), curve=self.curve,
+                                 inline_ops={"ping"})  # heartbeats never wait behind bulk work
 
     # -- settings the server attaches ------------------------------------------------------
     @property
@@ -204,6 +207,7 @@ class ClusterNode:
                                   "committed": self.membership.peer_committed.get(nd.id, {})}
                           for nd in self.spec.nodes if nd.id != self.me},
                 "jobs": jobs, "parity_bytes": parity, "degraded": dict(self.degraded),
+                "resending": self.commit.resender.status(),
                 "last_rebuild": self.rebuilder.stats,
                 "accumulate": {"cpu_seconds": round(self.parity.accumulate_stats[0], 4),
                                "bytes": self.parity.accumulate_stats[1]},

@@ -62,6 +62,9 @@ class ParityBuffers:
         self.my_index, self.bs, self.m = my_index, block_size_bytes, m
         self._buffers: dict[tuple[str, int], ParityBuffer] = {}
         self._pool: dict[str, list] = {}  # job -> [(name, segment)] free for reuse
+        # (job, v) -> set once its buffer is made: a second caller waits instead of
+        # allocating a second one (the commit worker builds ahead, contributions on demand).
+        self._creating: dict[tuple[str, int], threading.Event] = {}
         self.accumulate_stats = [0.0, 0]  # CPU seconds spent combining contributions, bytes in
 
     # -- lookup ---------------------------------------------------------------------------
@@ -109,10 +112,26 @@ class ParityBuffers:
         which must not stall the heartbeats (they take the lock) -- a peer whose
         heartbeats stall is taken for dead."""
         key = (job_id, v)
+        while True:
+            with self.jobs.lock:
+                pb_ = self._buffers.get(key)
+                if pb_ is not None:
+                    return pb_
+                making = self._creating.get(key)
+                if making is None:
+                    making = self._creating[key] = threading.Event()
+                    break
+            making.wait(30)  # another thread makes it (or gave up: then we try)
+        try:
+            return self._make(key, layout, prefault)
+        finally:
+            with self.jobs.lock:
+                self._creating.pop(key, None)
+            making.set()
+
+    def _make(self, key: tuple[str, int], layout, prefault: bool) -> ParityBuffer:
+        job_id, v = key
         with self.jobs.lock:
-            pb_ = self._buffers.get(key)
-            if pb_ is not None:
-                return pb_
             blocks = layout.parity_blocks(self.my_index)
             size = max(1, len(blocks)) * self.bs
             pool = self._pool.setdefault(job_id, [])

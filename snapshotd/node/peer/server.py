@@ -1,9 +1,23 @@
-"""The peer server: one ROUTER socket answering peer requests from one thread.
+"""The peer server: one ROUTER socket answering peer requests.
 
 Call order: ``PeerServer(...)`` binds (port 0 is fine: read ``port`` back), ``start()``
-starts the thread, ``stop()`` (idempotent; also ``close`` and the context manager)
-stops it and closes the socket. The handler runs in the server thread, one request at
-a time, so it must be quick and must not call out to peers.
+starts the threads, ``stop()`` (idempotent; also ``close`` and the context manager)
+stops them and closes the socket. The handler runs one request at a time and must not
+call out to peers.
+
+Threads: the serving thread receives, checks and answers. With ``inline_ops`` given,
+only those ops (e.g. ``{"ping"}``) are handled on the serving thread; every other
+request goes, in arrival order, to one bulk thread whose replies the serving thread
+sends. A slow bulk handler (building a parity buffer of hundreds of MiB, a page-fault
+storm) then cannot delay a heartbeat's answer, so it cannot make a live daemon look
+dead (issue 18). Without ``inline_ops`` every request is handled on the serving thread.
+
+Fault hook, for tests only: the environment variable :data:`STALL_ENV` set to
+``NODE:OP:SECONDS[:COUNT[:MODE]]`` makes the serving thread of node NODE stall SECONDS
+before it takes a request of op OP, COUNT times (default 1). MODE ``sleep`` (the
+default) stalls that thread alone; ``gil`` sleeps holding the GIL, so the whole daemon
+stops (its heartbeats too) as it does behind a long allocation or a page-fault storm
+under the GIL. Unset (the default), nothing changes.
 
 The handler: ``handler(sender_id, request, payload) -> (reply, reply_payload_or_None[,
 payload_xxh3])``, ``request`` a ``peer_pb2.PeerRequest`` that passed :mod:`.checks`,
@@ -20,6 +34,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
+import queue
 import threading
 from collections import Counter
 from typing import Callable, Collection
@@ -64,6 +80,26 @@ _POLL_MS = 50  # server loop wake-up interval (bounds stop() latency)
 
 Handler = Callable[[str, ppb.PeerRequest, "memoryview | None"], tuple]
 
+# Test-only fault hook (see the module docstring). Never set it in production.
+STALL_ENV = "SNAPSHOTD_TEST_STALL_PEER_SERVER"
+
+
+def _stall_from_env(node_id: str) -> dict | None:
+    """{"op", "seconds", "left"} when :data:`STALL_ENV` names this node, else None."""
+    spec = os.environ.get(STALL_ENV, "")
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) not in (3, 4, 5) or (len(parts) == 5 and parts[4] not in ("sleep", "gil")):
+        raise ValueError(f"{STALL_ENV}={spec!r}: expected NODE:OP:SECONDS[:COUNT[:sleep|gil]]")
+    if parts[0] != node_id:
+        return None
+    stall = {"op": parts[1], "seconds": float(parts[2]), "left": int(parts[3]) if len(parts) >= 4 else 1,
+             "gil": len(parts) == 5 and parts[4] == "gil"}
+    log.warning("peer server %s: TEST FAULT armed (%s=%s): the serving thread will stall %.1f s "
+                "on %d %r request(s)", node_id, STALL_ENV, spec, stall["seconds"], stall["left"], stall["op"])
+    return stall
+
 
 def remote_error_code(exc: BaseException) -> str:
     """The code an error reply carries (see :mod:`snapshotd.wire.errors`). A handler's
@@ -91,7 +127,8 @@ class PeerServer:
 
     def __init__(self, bind: str, node_id: str, key: bytes | None,
                  allowed_peers: Collection[str] | None, handler: Handler,
-                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None):
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD, curve=None,
+                 inline_ops: Collection[str] | None = None):
         if not callable(handler):
             raise ValueError("handler must be callable")
         self.node_id = node_id
@@ -108,6 +145,20 @@ class PeerServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stall = _stall_from_env(node_id)
+        self.stalls = 0  # times the test fault hook stalled the serving thread
+        # Requests handled off the serving thread (None: all handled on it), and the
+        # inproc socket the bulk thread's replies come back through.
+        self._inline = None if inline_ops is None else frozenset(inline_ops)
+        self._bulk: queue.Queue | None = None
+        self._bulk_thread: threading.Thread | None = None
+        self._replies = self._replies_addr = None
+        if self._inline is not None:
+            self._bulk = queue.Queue()
+            self._replies_addr = f"inproc://peer-server-replies-{id(self):x}-{os.urandom(4).hex()}"
+            self._replies = zmq.Context.instance().socket(zmq.PULL)
+            self._replies.setsockopt(zmq.LINGER, 0)
+            self._replies.bind(self._replies_addr)
         sock = zmq.Context.instance().socket(zmq.ROUTER)
         try:
             sock.setsockopt(zmq.LINGER, 0)
@@ -118,6 +169,8 @@ class PeerServer:
             self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         except BaseException:
             sock.close(linger=0)
+            if self._replies is not None:
+                self._replies.close(linger=0)
             raise
         self._sock = sock
         tail = self.endpoint.rsplit(":", 1)[-1]
@@ -130,6 +183,10 @@ class PeerServer:
             raise RuntimeError("server is stopped")
         if self._thread is not None:
             raise RuntimeError("server already started")
+        if self._bulk is not None:
+            self._bulk_thread = threading.Thread(target=self._run_bulk, name=f"peer-bulk-{self.node_id}",
+                                                 daemon=True)
+            self._bulk_thread.start()
         self._thread = threading.Thread(target=self._run, name=f"peer-server-{self.node_id}", daemon=True)
         self._thread.start()
         return self
@@ -140,8 +197,14 @@ class PeerServer:
             return
         self._closed = True
         self._stop.set()
+        if self._bulk is not None:
+            self._bulk.put(None)
+            if self._bulk_thread is not None and self._bulk_thread is not threading.current_thread():
+                self._bulk_thread.join(timeout)
         if self._thread is None:
             self._sock.close(linger=0)
+            if self._replies is not None:
+                self._replies.close(linger=0)
         elif self._thread is not threading.current_thread():  # stop() from the handler: no join
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -161,10 +224,17 @@ class PeerServer:
     # -- loop
 
     def _run(self) -> None:
-        sock = self._sock
+        sock, replies = self._sock, self._replies
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if replies is not None:
+            poller.register(replies, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not sock.poll(_POLL_MS, zmq.POLLIN):
+                ready = dict(poller.poll(_POLL_MS))
+                if replies is not None and replies in ready:
+                    self._forward_replies()
+                if sock not in ready:
                     continue
                 while not self._stop.is_set():
                     try:
@@ -182,6 +252,62 @@ class PeerServer:
             log.exception("peer server %s: loop failed", self.node_id)
         finally:
             sock.close(linger=0)
+            if replies is not None:
+                replies.close(linger=0)
+
+    def _forward_replies(self) -> None:
+        """Send the replies the bulk thread made (already framed and signed)."""
+        while True:
+            try:
+                out = self._replies.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
+                log.warning("peer server %s: reply not sent: %s", self.node_id, e)
+
+    def _run_bulk(self) -> None:
+        """The bulk thread: handle queued requests in arrival order; the replies go back
+        to the serving thread through an inproc socket (a ZeroMQ socket has one user)."""
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(self._replies_addr)
+
+        def send(out: list) -> None:
+            try:
+                push.send_multipart(out, copy=False)
+            except zmq.ZMQError as e:
+                log.warning("peer server %s: reply not queued: %s", self.node_id, e)
+
+        try:
+            while True:
+                item = self._bulk.get()
+                if item is None or self._stop.is_set():
+                    return
+                try:
+                    self._serve(*item, send=send)
+                except Exception:
+                    self.refused["internal"] += 1
+                    log.exception("peer server %s: failed to serve a request", self.node_id)
+                finally:
+                    del item
+        finally:
+            push.close(linger=0)
+
+    def _maybe_stall(self, op: str) -> None:
+        st = self._stall
+        if st is not None and st["left"] > 0 and op == st["op"]:
+            st["left"] -= 1
+            self.stalls += 1
+            log.warning("peer server %s: TEST FAULT: serving thread stalls %.1f s on a %r request%s",
+                        self.node_id, st["seconds"], op, " holding the GIL" if st["gil"] else "")
+            if st["gil"]:  # a PyDLL call keeps the GIL: every thread of the daemon waits
+                import ctypes
+
+                ctypes.PyDLL(None).usleep(ctypes.c_uint(int(st["seconds"] * 1e6)))
+            else:
+                self._stop.wait(st["seconds"])
 
     def _refuse(self, reason: str, detail: str) -> None:
         self.refused[reason] += 1
@@ -236,6 +362,15 @@ class PeerServer:
             self._refuse("checksum", f"payload xxh3 mismatch from {sender!r}")
             return self._reply_error(ident, rid, checksum_mismatch(header, "payload"))
 
+        if self._stall is not None:
+            self._maybe_stall(op)
+        if self._bulk is not None and op not in self._inline:
+            self._bulk.put((ident, rid, op, sender, request, payload))
+            return
+        self._serve(ident, rid, op, sender, request, payload, send=self._send_frames)
+
+    def _serve(self, ident: bytes, rid: bytes, op: str, sender: str, request, payload, send) -> None:
+        """Run the handler and send its reply (or an error reply) with ``send``."""
         self.served += 1
         try:
             result = self._handler(sender, request, payload)
@@ -250,22 +385,25 @@ class PeerServer:
         except Exception as e:
             self.handler_errors += 1
             log.debug("peer server %s: handler raised for %r", self.node_id, sender, exc_info=True)
-            return self._reply_error(ident, rid, e)
-        self._send(ident, rid, reply_raw, reply_view)
+            return self._reply_error(ident, rid, e, send)
+        send(self._frames(ident, rid, reply_raw, reply_view))
 
-    def _send(self, ident: bytes, rid: bytes, header_raw: bytes, payload: memoryview | None) -> None:
+    def _frames(self, ident: bytes, rid: bytes, header_raw: bytes, payload: memoryview | None) -> list:
         mac = frame_mac(self._key, self._node_raw, rid, header_raw) if self._key is not None else b""
         out = [ident, MAGIC, self._node_raw, rid, header_raw, mac]
         if payload is not None:
             out.append(payload)
+        return out
+
+    def _send_frames(self, out: list) -> None:
         try:
             self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
             log.warning("peer server %s: reply not sent: %s", self.node_id, e)
 
-    def _reply_error(self, ident: bytes, rid: bytes, exc: BaseException) -> None:
+    def _reply_error(self, ident: bytes, rid: bytes, exc: BaseException, send=None) -> None:
         message = (str(exc) or type(exc).__name__)[:MAX_ERROR_MESSAGE_CHARS]
         body = ppb.PeerError(code=remote_error_code(exc),
                              message=message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_CHARS]
                              .decode("utf-8", "ignore"))
-        self._send(ident, rid, encode_body("error", body, False), None)
+        (send or self._send_frames)(self._frames(ident, rid, encode_body("error", body, False), None))
