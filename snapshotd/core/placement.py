@@ -125,10 +125,16 @@ def num_stripes(n: int, m: int, block_counts: Sequence[int]) -> int:
     if len(block_counts) != n:
         raise InvalidRequestError(f"need {n} block counts (one per node), got {len(block_counts)}")
     last = -1
+    k = n - m
     for i, b in enumerate(block_counts):
-        _check_nonneg(f"block count of node {i}", b)
-        if b:
-            last = max(last, data_stripe_of(n, m, i, b - 1)[0])
+        if type(b) is not int or b < 0:
+            _check_nonneg(f"block count of node {i}", b)
+        if b:  # data_stripe_of(n, m, i, b - 1), inlined: every layout of every version runs this
+            w, q = divmod(b - 1, k)
+            a, wrapped = _window_start(n, m, i)
+            s = w * n + (q if q < wrapped else a + (q - wrapped))
+            if s > last:
+                last = s
     return last + 1
 
 
@@ -182,23 +188,23 @@ class GroupLayout:
 
     @cached_property
     def _stripe_table(self) -> tuple[tuple[tuple[int, int, bool], ...], ...]:
-        # Built once per layout in one tight loop (the arithmetic of _block_index, inlined):
-        # a 4096-node job walks about a million of these entries per planning pass.
+        # Built once per layout (a recovery plan walks every stripe; a 4096-node job walks
+        # about a million entries per planning pass).
+        return tuple(self._stripe_row(s) for s in range(self.num_stripes))
+
+    def _stripe_row(self, s: int) -> tuple[tuple[int, int, bool], ...]:
+        # The arithmetic of _block_index for every data position of stripe s, inlined.
         n, m, counts = self.n, self.m, self.block_counts
-        k = n - m
-        table = []
-        for s in range(self.num_stripes):
-            w, s0 = divmod(s, n)
-            base = w * k
-            row = []
-            for p in range(k):
-                node = (s + m + p) % n
-                a = node + 1 if node + 1 < n else 0
-                wrapped = a - m if a > m else 0
-                j = base + (s0 if s0 < wrapped else wrapped + s0 - a)
-                row.append((node, j, j < counts[node]))
-            table.append(tuple(row))
-        return tuple(table)
+        w, s0 = divmod(s, n)
+        base = w * (n - m)
+        row = []
+        for p in range(n - m):
+            node = (s + m + p) % n
+            a = node + 1 if node + 1 < n else 0
+            wrapped = a - m if a > m else 0
+            j = base + (s0 if s0 < wrapped else wrapped + s0 - a)
+            row.append((node, j, j < counts[node]))
+        return tuple(row)
 
     def parity_blocks(self, node: int) -> list[tuple[int, int]]:
         """[(s, t)]: the parity blocks ``node`` stores, in increasing s."""
@@ -220,9 +226,9 @@ class GroupLayout:
         """[(s, t, p, src_node, j)]: every real data block parity holder ``node`` must
         fold into its parity row t of stripe s (virtual zero blocks are left out)."""
         out = []
-        table = self._stripe_table
+        row = self._stripe_row  # only this node's parity stripes: O(its share), not the whole table
         for s, t in self.parity_blocks(node):
-            out.extend((s, t, p, src, j) for p, (src, j, real) in enumerate(table[s]) if real)
+            out.extend((s, t, p, src, j) for p, (src, j, real) in enumerate(row(s)) if real)
         return out
 
 
