@@ -246,12 +246,18 @@ def run_multi_node_demo(workdir: str | None = None, steps: int = 30, kill_at: in
         restored_step = got["start"]
 
         # -- 7: compare and summarise -----------------------------------------------------------
-        ok = got["digest"] == ref["digest"]
-        say("7/7 compare rank 0's final parameters + optimizer state with the reference run")
-        if len(set(final_digests.values())) > 1:
-            say("    note: the ranks' final digests differ: " +
-                 ", ".join(f"r{r} {x[:12]}" for r, x in sorted(final_digests.items())))
-        say(f"    {'BIT-IDENTICAL' if ok else 'MISMATCH'} ({got['digest'][:16]} vs {ref['digest'][:16]})")
+        # Data-parallel replicas end identical: every rank's model + optimizer state must
+        # equal the reference's, not just rank 0's.
+        same = {r: x == ref["digest"] for r, x in sorted(final_digests.items())}
+        ok = got["digest"] == ref["digest"] and len(same) == nodes and all(same.values())
+        say(f"7/7 compare every rank's final parameters + optimizer state with the reference run")
+        if not ok:
+            missing = sorted(set(range(nodes)) - set(same))
+            say("    MISMATCH per rank: " + ", ".join(
+                f"r{r} {final_digests[r][:12]} {'ok' if v else 'DIFFERS'}" for r, v in same.items())
+                + (f"; no final digest from ranks {missing}" if missing else ""))
+        say(f"    {'BIT-IDENTICAL' if ok else 'MISMATCH'}: {sum(same.values())} of {nodes} ranks "
+            f"({got['digest'][:16]} vs {ref['digest'][:16]})")
 
         rows = lc.collect_status(d)
         print_summary(d, rows, ref, run_pr, res_pr, nodes, parity, k, sharded, rebuilt_s, lr,
