@@ -22,6 +22,21 @@ rather than dropping an older one: dropping would let a fast rank starve every c
 The client waits a while and then asks with ``force``, which gives up the oldest
 uncommitted version (it was torn: some rank or node never delivered it).
 
+Ranks converge (a restarted daemon, ranks that reconnect at different steps): a rank
+delivers its versions in increasing order, so once a rank of this node has asked for
+version w, every version u < w it has not delivered can never commit. Such a version
+is abandoned at once (its slots of every rank become FREE: ``abandon_dead``, called by
+``acquire``), and a rank asking to stage a version that is already dead is told to skip
+it (SnapshotSkippedError). When a rank's slots are all busy with versions that wait for
+a *local* rank (one that is behind, or away), waiting cannot help a job whose ranks run
+in lockstep (data parallelism): the snapshot is skipped at once (SnapshotSkippedError,
+nothing changes) instead of refused for a wait. The client waits (SnapshotInFlightError)
+only while every local rank has delivered the versions or is staging them (a hand-off
+under way, or the other node(s) still to commit). Skipping never gives anything up, so a slow
+rank cannot be starved by a fast one. The highest version each rank asked for is kept
+in memory only (``last_asked``); a job restart (``abandon_uncommitted``) forgets it,
+and a rank that asks for a lower version than before (a new run) starts its record over.
+
 No I/O, no clocks, no threads: the store holds a lock around calls and carries out
 the plans (creating, resizing and unlinking segments, persisting the index).
 """
@@ -35,6 +50,7 @@ from snapshotd.wire.errors import (
     ConflictError,
     InvalidRequestError,
     SnapshotInFlightError,
+    SnapshotSkippedError,
     UnknownRankError,
 )
 
@@ -86,6 +102,10 @@ class JobLedger:
     slots: dict[int, list[Slot]] = field(default_factory=dict)
     local_world_size: int = 0
     auto_commit: bool = True
+    # rank -> the highest version it asked to stage (in memory only; see the module docstring)
+    last_asked: dict[int, int] = field(default_factory=dict)
+    # versions a rebuild is installing (committed elsewhere): never abandoned as dead
+    installing: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -150,10 +170,57 @@ class JobLedger:
     def bytes_allocated(self) -> int:
         return sum(s.size for ss in self.slots.values() for s in ss)
 
+    def dead_versions(self) -> list[int]:
+        """Uncommitted versions that can never commit: a rank asked for a newer version
+        without having delivered them (ranks deliver in increasing order)."""
+        dead = []
+        for v in self.versions():
+            if v <= self.committed_version or v in self.installing:
+                continue
+            have = set(self.delivered_ranks(v))
+            if any(r not in have and asked > v for r, asked in self.last_asked.items()):
+                dead.append(v)
+        return dead
+
+    def skipped_by(self, version: int) -> list[int]:
+        """Ranks that asked for a newer version than ``version`` without delivering it."""
+        have = set(self.delivered_ranks(version))
+        return sorted(r for r, asked in self.last_asked.items() if asked > version and r not in have)
+
+    def _locally_under_way(self, version: int) -> bool:
+        """Every local rank delivered ``version`` or is staging it right now."""
+        ranks = {r for r in range(self.world_size)
+                 if self.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED,
+                                 SlotState.STAGING)}
+        return len(ranks) >= self.local_world_size
+
     # -- transitions ---------------------------------------------------------
+    def abandon_dead(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Free the slots of every version that can never commit (``dead_versions``);
+        returns (those versions, the freed (rank, slot) pairs)."""
+        dead = self.dead_versions()
+        freed = []
+        for r, ss in self.slots.items():
+            for s in ss:
+                if s.state is SlotState.PENDING and s.version in dead:
+                    s.state, s.version = SlotState.FREE, 0
+                    freed.append((r, s.index))
+        return dead, freed
+
+    def note_asked(self, rank: int, version: int) -> None:
+        """Record that ``rank`` asked to stage ``version`` (see ``acquire``)."""
+        self._rank_slots(rank)
+        prev = self.last_asked.get(rank, 0)
+        if version < prev:  # a new run of the rank (it restarted without a fence)
+            self.last_asked = {r: v for r, v in self.last_asked.items() if v <= version}
+        self.last_asked[rank] = version
+
     def acquire(self, rank: int, version: int, nbytes: int, force: bool = False) -> StagingPlan:
         """``force``: when every slot is busy, give up this rank's oldest uncommitted
-        version (it can then never commit) instead of refusing."""
+        version (it can then never commit) instead of refusing.
+
+        Call ``note_asked(rank, version)`` and ``abandon_dead()`` first (the store does),
+        so that versions this request makes dead do not hold slots."""
         slots = self._rank_slots(rank)
         if version < 1:
             raise InvalidRequestError(f"version must be >= 1, got {version}")
@@ -168,6 +235,11 @@ class JobLedger:
             raise ConflictError(
                 f"job {self.job_id!r} rank {rank} already delivered version {version}"
             )
+        gone = self.skipped_by(version)
+        if gone:
+            raise SnapshotSkippedError(
+                f"job {self.job_id!r} rank {rank}: version {version} can never commit (rank(s) "
+                f"{gone} already moved past it without delivering it); skipping it")
         # A rank has one trainer: an earlier STAGING slot was abandoned (crash mid-copy).
         reusable = [s for s in slots if s.state in (SlotState.FREE, SlotState.STAGING)]
         if not reusable and len(slots) < self.max_slots_per_rank:
@@ -180,6 +252,15 @@ class JobLedger:
                 oldest.state, oldest.version = SlotState.FREE, 0
                 reusable = [oldest]
         if not reusable:
+            behind = [v for v in pending if not self._locally_under_way(v)]
+            if behind and not force:
+                # A local rank has not even started them (it is behind, or away): waiting
+                # would stall ranks that run in lockstep; skip this one, give up nothing.
+                waiting = sorted({r for v in behind for r in self.missing_ranks(v)})
+                raise SnapshotSkippedError(
+                    f"job {self.job_id!r} rank {rank}: versions {pending} wait for rank(s) "
+                    f"{waiting} of this node and all {self.max_slots_per_rank} slots are busy; "
+                    f"skipping version {version}")
             raise SnapshotInFlightError(
                 f"job {self.job_id!r} rank {rank}: versions {pending} are not committed yet and "
                 f"all {self.max_slots_per_rank} slots are busy; skipping version {version}")
@@ -235,6 +316,7 @@ class JobLedger:
             slots.append(slot)
         slot.size, slot.generation = size, slot.generation + 1
         slot.state, slot.version = SlotState.PENDING, version
+        self.installing.add(version)
         return slot
 
     def commit(self, version: int) -> Delivery:
@@ -257,6 +339,7 @@ class JobLedger:
                     freed.append((r, s.index))
         if version > self.committed_version:
             self.committed_version = version
+        self.installing = {v for v in self.installing if v > version}
         return Delivery(committed=True, version=version, freed=tuple(freed))
 
     def abandon_uncommitted(self, keep_version: int = 0) -> list[tuple[int, int]]:
@@ -264,6 +347,7 @@ class JobLedger:
         is FREE again, except the pending slots of ``keep_version`` (> 0): a version
         committed elsewhere that a rebuild is installing here."""
         freed = []
+        self.last_asked.clear()  # the job's ranks start over
         for r, ss in self.slots.items():
             for s in ss:
                 if keep_version and s.version == keep_version and s.state is SlotState.PENDING:

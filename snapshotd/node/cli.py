@@ -27,6 +27,24 @@ def _scrub_rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` -> seconds (>= 0); a clear error otherwise."""
+    t = str(text).strip().lower()
+    unit = _UNITS.get(t[-1:], None)
+    num = t[:-1] if unit is not None else t
+    try:
+        value = float(num) * (unit or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use seconds or a number with s, m, h or d (e.g. 24h)") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be >= 0 and finite")
+    return value
+
+
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the per-node daemon")
     s.add_argument("--node-id", default=None,
@@ -70,6 +88,13 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--scrub-interval-s", type=float, default=_env("SNAPSHOTD_SCRUB_INTERVAL_S", "600"),
                    help="cluster mode: a full scrub pass starts at most this often "
                         "[env SNAPSHOTD_SCRUB_INTERVAL_S; default 600]")
+    s.add_argument("--job-ttl", type=parse_duration, default=_env("SNAPSHOTD_JOB_TTL", "24h"),
+                   help="drop a finished or abandoned job (no request for this long) and free "
+                        "its memory, e.g. 24h, 30m, 3600; 0 = never (snapshotd jobs gc runs it "
+                        "now) [env SNAPSHOTD_JOB_TTL; default 24h]")
+    s.add_argument("--job-active-s", type=parse_duration, default=_env("SNAPSHOTD_JOB_ACTIVE_S", "600"),
+                   help="a job with a request this recent is active: never garbage-collected "
+                        "[env SNAPSHOTD_JOB_ACTIVE_S; default 600]")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING [env SNAPSHOTD_LOG_LEVEL; default INFO]")
 
@@ -102,7 +127,8 @@ def serve(a) -> int:
                        spec_path=a.spec, instance=a.instance, metrics_addr=a.metrics_addr or None,
                        require_job_token=a.require_job_token,
                        scrub_rate_bytes_per_s=a.scrub_rate,
-                       scrub_interval_s=a.scrub_interval_s)
+                       scrub_interval_s=a.scrub_interval_s,
+                       job_ttl_s=a.job_ttl, job_active_s=a.job_active_s)
     from snapshotd.wire.errors import SnapshotdError
 
     try:

@@ -1,5 +1,16 @@
 """Start and stop a daemon: store + gRPC server on a Unix socket (and optional TCP),
-the cluster peer plane when a spec is given, and the Prometheus endpoint when asked.
+the cluster peer plane when a spec is given, the Prometheus endpoint when asked, and the
+job garbage collector (:mod:`snapshotd.node.job_keeper`).
+
+Start-up order, so that each signal means what it says: a stale ready file is removed
+first; the health service answers NOT_SERVING from the moment the listeners accept;
+then the peer plane, the socket's permission check, the metrics endpoint and the job
+collector start; only then does health turn SERVING, and only after that is the ready
+file written (atomically). Whoever sees the ready file, or SERVING, can connect to
+every listener the daemon promised (socket, TCP, peer port, metrics). On stop, the
+ready file goes first and health turns NOT_SERVING. The TCP listener does not share
+its port (no SO_REUSEPORT): a second daemon given the same port fails to start instead
+of silently splitting the traffic (and the probes) with the first.
 
 The Unix socket is created 0600 (umask 0177 while binding, then chmod) and is checked
 to be owned by the daemon's user before the daemon reports ready: only that user (and
@@ -37,6 +48,9 @@ from snapshotd.node.store import ShardStore
 
 log = logging.getLogger("snapshotd.server")
 
+# What the health service answers for: the server as a whole ("") and the API.
+HEALTH_SERVICES = ("", "snapshotd.v1.Snapshotd")
+
 
 @dataclass
 class DaemonConfig:
@@ -57,6 +71,10 @@ class DaemonConfig:
     # Cluster mode: background scrubber (snapshotd.node.cluster.scrub); rate 0 = no passes.
     scrub_rate_bytes_per_s: int = 64 << 20
     scrub_interval_s: float = 600.0
+    # Jobs (snapshotd.node.job_keeper): idle non-active jobs are dropped after job_ttl_s
+    # (0 = never); a job with a request in the last job_active_s is "active".
+    job_ttl_s: float = 24 * 3600.0
+    job_active_s: float = 600.0
 
 
 class Daemon:
@@ -101,13 +119,21 @@ class Daemon:
         # After the token check: a caller without the token learns nothing about parsing.
         interceptors.append(RequestParseGuard(self._count_malformed))
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0)]  # a port in use is an error, not a shared port
         self.server = grpc.server(futures.ThreadPoolExecutor(cfg.workers),
                                   interceptors=interceptors, options=opts)
+        from snapshotd.node.job_keeper import JobKeeper
+
         self.servicer = SnapshotdServicer(self.store, self.cluster, self.metrics,
                                           JobTokens(cfg.state_dir, cfg.require_job_token))
+        self.jobs = JobKeeper(self.store, self.servicer.drop_job_extras, ttl_s=cfg.job_ttl_s,
+                              active_s=cfg.job_active_s)
+        self.servicer.jobs = self.jobs
         pb_grpc.add_SnapshotdServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
+        for service in HEALTH_SERVICES:  # NOT_SERVING (not NOT_FOUND) until start() is done
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tcp_port: int | None = None
         self._stopped = threading.Event()
@@ -121,7 +147,16 @@ class Daemon:
         self.store.requests_refused += 1  # the store never saw it
         self.metrics.refused_request("INVALID_ARGUMENT")
 
+    def _remove_ready_file(self) -> None:
+        if self.cfg.ready_file:
+            for path in (self.cfg.ready_file, self.cfg.ready_file + ".tmp"):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
     def start(self) -> None:
+        self._remove_ready_file()  # a previous daemon's (SIGKILLed) must not say "ready"
         sock = self.cfg.socket_path
         os.makedirs(os.path.dirname(sock) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(sock):
@@ -130,7 +165,13 @@ class Daemon:
         try:
             self.server.add_insecure_port(f"unix:{sock}")
             if self.cfg.tcp:
-                self.tcp_port = self.server.add_insecure_port(self.cfg.tcp)
+                try:
+                    self.tcp_port = self.server.add_insecure_port(self.cfg.tcp)
+                except RuntimeError as exc:  # grpc >= 1.5x raises; older ones return 0
+                    raise ValueError(f"--tcp {self.cfg.tcp}: cannot listen ({exc}); is the port "
+                                     "in use?") from None
+                if not self.tcp_port:
+                    raise ValueError(f"--tcp {self.cfg.tcp}: cannot listen; is the port in use?")
             self.server.start()
         finally:
             os.umask(old)
@@ -142,8 +183,9 @@ class Daemon:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_addr)
             log.info("metrics on http://%s/metrics", self.cfg.metrics_addr.rsplit(":", 1)[0] +
                      f":{self.metrics_port}")
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set("snapshotd.v1.Snapshotd", health_pb2.HealthCheckResponse.SERVING)
+        self.jobs.start()
+        for service in HEALTH_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("snapshotd %s serving on unix:%s%s (budget %d bytes, state %s)",
                  self.cfg.node_id, sock,
                  f" and tcp port {self.tcp_port}" if self.tcp_port else "",
@@ -162,7 +204,9 @@ class Daemon:
             os.replace(tmp, self.cfg.ready_file)
 
     def stop(self, grace_s: float = 2.0) -> None:
+        self._remove_ready_file()
         self.health.enter_graceful_shutdown()
+        self.jobs.stop()
         if self.cluster is not None:
             self.cluster.stop()
         self.server.stop(grace_s).wait()

@@ -55,6 +55,7 @@ from snapshotd.wire.limits import (
     STREAM_CHUNK_BYTES,
     TOKEN_METADATA_KEY,
 )
+from snapshotd.wire.ratelimit import WarningLimiter
 from snapshotd.node.store import ShardStore
 
 log = logging.getLogger("snapshotd.service")
@@ -176,15 +177,34 @@ class JobTokens:
                 self._save()
 
 
+def _job_info(i) -> pb.JobInfo:
+    return pb.JobInfo(job_id=i.job_id, world_size=i.world_size, local_world_size=i.local_world_size,
+                      latest_committed_version=i.latest_committed_version, bytes_held=i.bytes_held,
+                      segments=i.segments, last_activity_unix_s=i.last_activity, idle_s=i.idle_s,
+                      state=i.state, uncommitted_versions=i.uncommitted_versions)
+
+
 class SnapshotdServicer(pb_grpc.SnapshotdServicer):
-    def __init__(self, store: ShardStore, cluster=None, metrics=None, job_tokens: JobTokens | None = None):
+    def __init__(self, store: ShardStore, cluster=None, metrics=None, job_tokens: JobTokens | None = None,
+                 jobs=None):
         self.store = store
         self.cluster = cluster  # snapshotd.node.cluster.node.ClusterNode, or None for one node
         self.metrics = metrics  # snapshotd.node.metrics.DaemonMetrics, or None
         self.job_tokens = job_tokens
+        if jobs is None:
+            from snapshotd.node.job_keeper import JobKeeper
+
+            jobs = JobKeeper(store, self.drop_job_extras, ttl_s=0)
+        self.jobs = jobs  # snapshotd.node.job_keeper.JobKeeper: list, show, drop, gc
+        self._log_limiter = WarningLimiter(10.0)
 
     def _refused(self, method: str, code: grpc.StatusCode, exc: BaseException) -> None:
-        log.warning("%s refused (%s): %s", method, code.name, exc)
+        # A refusal that repeats (a client polling for a slot, ranks converging after a
+        # restart) is logged once per 10 s per method, code and error class; all are counted.
+        ok, held = self._log_limiter.allow((method, code.name, type(exc).__name__))
+        if ok:
+            log.warning("%s refused (%s): %s%s", method, code.name, exc,
+                        self._log_limiter.held_note(held))
         if isinstance(exc, (JobAccessDeniedError, AuthenticationError)):
             self.store.requests_refused += 1  # the store never saw these
         if self.metrics is not None:
@@ -339,15 +359,36 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             st["redundancy"] = self.metrics.redundancy()
         return st
 
+    def drop_job_extras(self, job_id: str) -> int:
+        """What dropping a job frees besides the store: the cluster's parity and records,
+        the job-token binding. Returns bytes freed."""
+        freed = self.cluster.drop_job(job_id) if self.cluster is not None else 0
+        if self.job_tokens is not None:
+            self.job_tokens.unbind(job_id)
+        return freed
+
     @_rpc
     def DropJob(self, request, context):
         self._job_access(context, request.job_id)
-        freed = self.store.drop_job(request.job_id)
-        if self.cluster is not None:
-            freed += self.cluster.drop_job(request.job_id)
-        if self.job_tokens is not None:
-            self.job_tokens.unbind(request.job_id)
+        freed = self.jobs.drop(request.job_id, force=not request.refuse_if_in_use)
         return pb.DropJobResponse(bytes_freed=freed)
+
+    @_rpc
+    def ListJobs(self, request, context):
+        # Like Stats, the list is for whoever may talk to the daemon (socket owner or
+        # token holder); job tokens guard a job's snapshots, not its name.
+        if request.job_id:
+            infos = [self.jobs.show(request.job_id)]
+        else:
+            infos = self.jobs.list()
+        return pb.ListJobsResponse(jobs=[_job_info(i) for i in infos], job_ttl_s=self.jobs.ttl_s,
+                                   active_s=self.jobs.active_s)
+
+    @_rpc
+    def CollectJobs(self, request, context):
+        older = request.older_than_s if request.HasField("older_than_s") else None
+        dropped, freed = self.jobs.collect(older, request.dry_run)
+        return pb.CollectJobsResponse(dropped=[_job_info(i) for i in dropped], bytes_freed=freed)
 
 
 class TokenInterceptor(grpc.ServerInterceptor):

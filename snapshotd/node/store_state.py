@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from snapshotd.wire import shm
@@ -66,6 +67,10 @@ class StoreState:
         self._by_slot: dict[tuple[str, int, int], str] = {}  # (job, rank, slot) -> name
         self._aux: dict[str, shm.Segment] = {}  # parity and other cluster segments
         self._aux_sizes: dict[str, int] = {}
+        # job -> wall-clock time (time.time()) of the last request that named it and was
+        # served (persisted in the index, so a restart does not make old jobs look new)
+        self.activity: dict[str, float] = {}
+        self.clock = time.time
         os.makedirs(os.path.join(state_dir, "manifests"), mode=0o700, exist_ok=True)
 
     # -- naming ---------------------------------------------------------------------
@@ -96,6 +101,16 @@ class StoreState:
         if led is None:
             raise self.refuse(UnknownJobError(f"unknown job {job_id!r} (register it first)"))
         return led
+
+    def touch(self, job_id: str) -> None:
+        """A request naming ``job_id`` is being served: it is in use now."""
+        if job_id in self.jobs:
+            self.activity[job_id] = self.clock()
+
+    def forget_job(self, job_id: str) -> None:
+        """The job is gone (dropped): its ledger and activity go (segments: the caller)."""
+        self.jobs.pop(job_id, None)
+        self.activity.pop(job_id, None)
 
     def new_ledger(self, job_id: str, world_size: int, local_world_size: int = 0,
                    committed_version: int = 0) -> JobLedger:
@@ -205,6 +220,7 @@ class StoreState:
                 "world_size": led.world_size,
                 "local_world_size": led.local_world_size,
                 "committed_version": led.committed_version,
+                "last_activity": self.activity.get(job, 0.0),
                 "slots": {
                     str(r): [[s.size, s.state.value, s.version, s.generation] for s in ss]
                     for r, ss in led.slots.items()
@@ -228,8 +244,11 @@ class StoreState:
                     doc = json.load(f)
             except (OSError, ValueError) as exc:
                 log.error("index %s unreadable (%s); starting empty", path, exc)
+        now = self.clock()
         for job, j in doc.get("jobs", {}).items():
             self.jobs[job] = self._recover_job(job, j)
+            last = j.get("last_activity")
+            self.activity[job] = float(last) if isinstance(last, (int, float)) and last > 0 else now
         for name, size in doc.get("aux", {}).items():
             try:
                 seg = shm.open_segment(name, writable=True)

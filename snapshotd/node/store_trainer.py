@@ -65,11 +65,15 @@ class TrainerStore:
                     raise st.refuse(ConflictError(
                         f"job {job_id!r} is registered with world_size {led.world_size} "
                         f"(local {led.local_world_size}), not {world_size} (local "
-                        f"{local_world_size or world_size}); drop it first to change its size"))
+                        f"{local_world_size or world_size}). To start it over with the new size, "
+                        f"drop it first (this deletes its snapshots): snapshotd jobs drop "
+                        f"{job_id} [--socket PATH]; 'snapshotd jobs show {job_id}' tells what it holds"))
                 if restarting:
                     self.fence(job_id)
+                st.touch(job_id)
                 return led.committed_version
             st.jobs[job_id] = st.new_ledger(job_id, world_size, local_world_size)
+            st.touch(job_id)
             st.persist()
             return 0
 
@@ -95,7 +99,7 @@ class TrainerStore:
             for r, ss in led.slots.items():
                 for s in ss:
                     st.release_segment(job_id, r, s)
-            del st.jobs[job_id]
+            st.forget_job(job_id)
             st.persist()
             return freed
 
@@ -105,7 +109,11 @@ class TrainerStore:
         st = self.state
         with st.lock:
             led = st.job(job_id)
+            st.touch(job_id)
             try:
+                if version > led.committed_version:
+                    led.note_asked(rank, version)
+                self._abandon_dead(job_id, led)
                 plan = led.acquire(rank, version, nbytes, force)
             except Exception as exc:
                 raise st.refuse(exc)
@@ -191,12 +199,23 @@ class TrainerStore:
                 st.persist()
                 raise st.refuse(exc)
             st.forget_freed(m.job_id, d.freed)
+            st.touch(m.job_id)
+            self._abandon_dead(m.job_id, led)
             st.persist()
             hook = self.commit_hook if (d.local_complete and not d.committed) else None
             result = d.committed, led.committed_version
         if hook is not None:
             hook(m.job_id, m.version)
         return result
+
+    def _abandon_dead(self, job_id: str, led) -> None:
+        """Free the versions of the job that can never commit (under the lock)."""
+        dead, freed = led.abandon_dead()
+        if freed:
+            self.state.forget_freed(job_id, freed)
+            self.state.persist()
+            log.info("job %s: version(s) %s can never commit (a rank moved past them without "
+                     "delivering them): abandoned, %d slot(s) freed", job_id, dead, len(freed))
 
     def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
         """Receive a shard over the network: ``chunks`` yields the payload in order."""
@@ -252,6 +271,7 @@ class TrainerStore:
     def commit(self, job_id: str, version: int) -> tuple[bool, list[int], int]:
         with self.state.lock:
             led = self.state.job(job_id)
+            self.state.touch(job_id)
             if version and version == led.committed_version:
                 return True, [], version
             missing = led.missing_ranks(version)
@@ -275,6 +295,7 @@ class TrainerStore:
         with st.lock:
             led = st.job(job_id)
             led.check_rank(rank)
+            st.touch(job_id)
             if led.committed_version == 0:
                 raise st.refuse(VersionNotFoundError(f"job {job_id!r} has no committed version"))
             if version not in (0, led.committed_version):

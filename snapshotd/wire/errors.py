@@ -98,6 +98,14 @@ class SnapshotInFlightError(ConflictError):
     grpc_code_name = "ABORTED"
 
 
+class SnapshotSkippedError(SnapshotInFlightError):
+    """This snapshot is skipped at once, and waiting would not help: its version can
+    never commit (another rank moved past it), or the rank's slots wait for a rank of
+    the node that has not started those versions (behind, or away). Nothing changed."""
+
+    code = "SNAPSHOT_SKIPPED"
+
+
 class MemoryBudgetExceededError(SnapshotdError):
     """Accepting the request would exceed the daemon's memory budget."""
 
@@ -193,7 +201,7 @@ ERROR_CLASSES: dict[str, type[SnapshotdError]] = {}
 for _cls in (SnapshotdError, InvalidRequestError, MalformedRequestError, ChecksumMismatchError,
              UnknownJobError, UnknownRankError, VersionNotFoundError, NotHeldError,
              ConflictError, InsufficientShardsError, CheckFreeUnavailableError,
-             SnapshotInFlightError, MemoryBudgetExceededError, AuthenticationError,
+             SnapshotInFlightError, SnapshotSkippedError, MemoryBudgetExceededError, AuthenticationError,
              JobAccessDeniedError, DaemonUnavailableError, BackendUnavailableError, DaemonError,
              PeerUnavailableError, PeerAuthError, PeerProtocolError, RemoteError):
     if _cls.code in ERROR_CLASSES:
