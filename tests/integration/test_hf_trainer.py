@@ -1,0 +1,135 @@
+"""Hugging Face ``transformers.Trainer`` with ``SnapshotdCallback``, killed and resumed for real.
+
+A tiny GPT-2 built from ``GPT2Config`` (dropout on) trains on a synthetic dataset over three
+epochs with a snapshot every step into a real daemon. The first process is SIGKILLed
+mid-run (in its second epoch); a second process resumes it through the callback alone and
+then, in the same process, trains a failure-free reference from nothing. Model, optimizer,
+scheduler and TrainerState progress of the resumed run must equal the reference bit for bit.
+
+This file is also that training process (``python test_hf_trainer.py --job J --out F``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+STEPS, KILL_AFTER, HOLD_AT = 25, 12, 17  # 10 steps an epoch; the kill lands in epoch 2
+
+
+def train(job: str, out_dir: str, hold_at: int) -> dict:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import set_seed
+
+    from snapshotd_client.integrations.huggingface import SnapshotdCallback
+    from snapshotd_tools.demo.trainer import digest_state
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self, n=40, seq=16, vocab=64):
+            g = torch.Generator().manual_seed(5)
+            start = torch.randint(0, vocab, (n, 1), generator=g)
+            self.x = (start + torch.arange(seq)) % vocab
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": self.x[i]}
+
+    class Hold(TrainerCallback):  # the first process stops here until the test kills it
+        def on_step_end(self, args, state, control, **kw):
+            time.sleep(0.03)
+            while hold_at and state.global_step >= hold_at:
+                time.sleep(0.05)
+
+    set_seed(7)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2,
+                                       n_head=2))
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, max_steps=STEPS,
+                             learning_rate=3e-3, warmup_steps=3, lr_scheduler_type="linear",
+                             logging_steps=1000, save_strategy="no", report_to=[], seed=7,
+                             use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    cb = SnapshotdCallback(every_n_steps=1, job_id=job, on_daemon_unavailable="raise")
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
+                      callbacks=[cb] + ([Hold()] if hold_at else []))
+    trainer.train()
+    return {"start": cb.restored_step, "digest": digest_state(model, trainer.optimizer),
+            "global_step": trainer.state.global_step, "epoch": trainer.state.epoch,
+            "lr": trainer.lr_scheduler.get_last_lr()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--job", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--hold-at", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    rec = {"run": train(a.job, os.path.dirname(a.out), a.hold_at)}
+    rec["reference"] = train(a.job + "-ref", os.path.dirname(a.out), 0)
+    with open(a.out, "w") as f:
+        json.dump(rec, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+pytest.importorskip("transformers")
+
+
+def _committed(client, job: str) -> int:
+    from snapshotd.wire.errors import UnknownJobError
+
+    try:
+        return client.list_versions(job).latest_committed_version
+    except UnknownJobError:
+        return 0
+
+
+def _start(daemon, tmp_path, name: str, hold_at: int) -> subprocess.Popen:
+    env = dict(os.environ, SNAPSHOTD_SOCKET=daemon.socket, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--job", "hf-run",
+           "--out", str(tmp_path / f"{name}.json"), "--hold-at", str(hold_at)]
+    return subprocess.Popen(cmd, env=env, stdout=open(tmp_path / f"{name}.log", "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_hf_trainer_sigkilled_mid_epoch_resumes_bit_exact(daemon, tmp_path):
+    client = daemon.client()
+    first = _start(daemon, tmp_path, "first", HOLD_AT)
+    try:
+        deadline = time.monotonic() + 90
+        while _committed(client, "hf-run") < KILL_AFTER:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        killed_at = _committed(client, "hf-run")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _start(daemon, tmp_path, "second", 0)
+        assert second.wait(120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        for p in (first, locals().get("second")):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        client.close()
+    rec = json.loads((tmp_path / "second.json").read_text())
+    run, ref = rec["run"], rec["reference"]
+    assert killed_at <= run["start"] <= HOLD_AT and ref["start"] == 0, rec
+    assert run["global_step"] == ref["global_step"] == STEPS, rec
+    assert run["epoch"] == ref["epoch"] and run["lr"] == ref["lr"], rec
+    assert run["digest"] == ref["digest"], rec
