@@ -115,6 +115,8 @@ def _resumed(**kw) -> Observation:
     o.digests += [("resumed", r, s, f"d{s}", False) for r in range(2) for s in range(6, 11)]
     o.restore_points, o.resumed_to = {0: 5, 1: 5}, {0: 10, 1: 10}
     o.memory = {"n0": (100 << 20, 110 << 20)}
+    o.session_memory = {"n0": (95 << 20, 110 << 20)}
+    o.commit_expected, o.commit_after_s = True, 1.5
     for k, v in kw.items():
         setattr(o, k, v)
     return o
@@ -127,7 +129,8 @@ def _verdict(o) -> dict:
 def test_a_clean_resume_holds_every_invariant():
     v = _verdict(_resumed())
     assert all(ok for ok, _ in v.values()), v
-    assert "lost 1 step(s), bound 1" in v["lost_steps"][1]
+    assert "lost 1 step(s) (bound 3" in v["lost_steps"][1]
+    assert set(v) == {"bit_identical", "restorable", "lost_steps", "commit_after_fault", "no_leaks", "memory"}
 
 
 def test_a_wrong_restored_state_is_caught():
@@ -140,8 +143,7 @@ def test_a_wrong_restored_state_is_caught():
 def test_restoring_an_older_version_than_committed_is_caught():
     o = _resumed(restore_points={0: 4, 1: 4})
     v = _verdict(o)
-    assert not v["restorable"][0] and "version 5 was committed" in v["restorable"][1]
-    assert not v["lost_steps"][0]
+    assert not v["restorable"][0] and "told version 5 had committed" in v["restorable"][1]
 
 
 def test_ranks_restoring_different_steps_and_unfinished_training_are_caught():
@@ -211,7 +213,8 @@ def test_checkfree_rung_invariant():
     def obs(rung, losses=(3.1, 2.9)):
         return Observation("checkfree", 10, [], fault_step=6, committed_at_fault=6,
                            restore_points={r: 6 for r in rung}, resumed_to={r: 10 for r in rung},
-                           rung=rung, lost_ranks=[1, 3], losses=list(losses))
+                           rung=rung, lost_ranks=[1, 3], losses=list(losses),
+                           memory={"n0": (1 << 20, 1 << 20)}, session_memory={"n0": (1 << 20, 1 << 20)})
 
     exact = {"method": "exact", "approximate": False}
     good = {0: exact, 1: {"method": "CheckFree", "approximate": True}, 2: exact,
@@ -224,3 +227,164 @@ def test_checkfree_rung_invariant():
     assert not _verdict(obs({**good, 0: {"method": "CheckFree", "approximate": True}}))["checkfree"][0]
     assert not _verdict(obs(good, losses=(3.0, float("nan"))))["checkfree"][0]
     assert not _verdict(obs({}))["checkfree"][0]
+
+
+# -- the honest invariants (issue 18): each fails on a deliberately broken system -------
+def test_memory_not_measured_is_a_failure_where_a_measurement_was_expected():
+    # Today's bug: every m+1 scenario recorded no memory and passed.
+    ok, why = _verdict(_resumed(memory={}, session_memory={}))["memory"]
+    assert not ok and "not measured" in why and "expected" in why
+    ok, why = _verdict(_resumed(memory={}, session_memory={}, memory_expected=False))["memory"]
+    assert ok and why == "not measured"
+    # Measured per fault but with no session baseline: not a pass either.
+    assert not _verdict(_resumed(session_memory={}))["memory"][0]
+
+
+def test_a_slow_leak_passes_every_fault_but_fails_the_session_bound():
+    # Each fault grows the daemon by 20 MiB (within +25 % +64 MiB of its level before),
+    # but over the session it has grown from 100 MiB to 400 MiB.
+    o = _resumed(memory={"n0": (380 << 20, 400 << 20)}, session_memory={"n0": (100 << 20, 400 << 20)})
+    ok, why = _verdict(o)["memory"]
+    assert not ok and "at the session's start" in why and "before the fault" not in why
+    ok, why = _verdict(_resumed())["memory"]
+    assert ok and "since the session's start n0 +15.0 MiB" in why
+
+
+def test_a_corrupt_block_nobody_detected_fails_even_when_the_restore_is_bit_identical():
+    o = _resumed(corrupted="bit flipped in n1's data block 0")
+    v = _verdict(o)
+    assert v["bit_identical"][0]  # the restore happened not to need the block ...
+    assert not v["corruption_detected"][0] and "nothing reported it" in v["corruption_detected"][1]
+    o.corrupt_found = ["checksum: 1 corrupt data block report(s) on n1, by n1 (scrub)"]
+    ok, why = _verdict(o)["corruption_detected"]
+    assert ok and "by n1 (scrub)" in why
+    assert "corruption_detected" not in _verdict(_resumed())  # only for corrupt faults
+
+
+def _garbage(plane, answers, alive=True):
+    return _resumed(garbage={"plane": plane, "answers": answers, "raw_sent": 3, "alive": alive})
+
+
+def test_junk_grpc_bodies_must_be_answered_invalid_argument_exactly():
+    good = {f"M{i}/junk": "INVALID_ARGUMENT" for i in range(8)}
+    ok, why = _verdict(_garbage("grpc", good))["garbage_refused"]
+    assert ok and "INVALID_ARGUMENT x8" in why and "still serving" in why
+    # The old rule ("anything but OK/INTERNAL/UNKNOWN") let these through:
+    for code in ("FAILED_PRECONDITION", "NOT_FOUND", "UNIMPLEMENTED", "RESOURCE_EXHAUSTED"):
+        ok, why = _verdict(_garbage("grpc", {**good, "OpenShard/junk": code}))["garbage_refused"]
+        assert not ok and code in why and "want INVALID_ARGUMENT" in why
+    assert not _verdict(_garbage("grpc", {}))["garbage_refused"][0]  # nothing observed
+    ok, why = _verdict(_garbage("grpc", good, alive=False))["garbage_refused"]
+    assert not ok and "stopped serving" in why
+
+
+def test_zmq_garbage_verdict_is_built_from_the_answers_seen():
+    answers = {w: "PEER_PROTOCOL" for w in ("no op", "unknown op", "a reply")}
+    ok, why = _verdict(_garbage("zmq", answers))["garbage_refused"]
+    assert ok and "3 junk request(s) on the zmq plane answered: PEER_PROTOCOL x3" in why
+    ok, why = _verdict(_garbage("zmq", {**answers, "a reply": "no answer",
+                                         "unknown op": "PEER_UNAVAILABLE"}))["garbage_refused"]
+    assert not ok and "PEER_PROTOCOL x1" in why and "PEER_UNAVAILABLE x1" in why and "no answer x1" in why
+
+
+def test_lost_steps_catches_a_cluster_that_stopped_committing_which_restorable_allows():
+    # Commits stalled at v1 while the job trained on to step 20: the restore of v1 is
+    # "restorable" (>= what was committed), but 19 steps were lost.
+    ref = [f"d{s}" for s in range(31)]
+    o = Observation("resume", 22, ref, fault_step=20, committed_at_fault=1, restore_points={0: 1, 1: 1},
+                    resumed_to={0: 22, 1: 22}, digests=[("x", 0, 1, "d1", True)],
+                    memory={"n0": (1, 1)}, session_memory={"n0": (1, 1)})
+    v = _verdict(o)
+    assert v["restorable"][0]
+    assert not v["lost_steps"][0] and "lost 19 step(s)" in v["lost_steps"][1]
+    o.max_lost = 19
+    assert _verdict(o)["lost_steps"][0]
+
+
+def test_the_committed_version_is_the_trainers_record_not_the_daemons_claim():
+    # Daemons that lost v5 after the fault report v4 committed and restore v4; the
+    # trainers had been told v5 committed before the fault: caught.
+    o = _resumed(restore_points={0: 4, 1: 4}, committed_at_fault=5, daemon_committed=4, fault_step=6)
+    ok, why = _verdict(o)["restorable"]
+    assert not ok and "trainers were told version 5" in why
+    # ... and a daemon claim newer than what was restored fails too.
+    ok, why = _verdict(_resumed(committed_at_fault=4, daemon_committed=6, fault_step=6,
+                                restore_points={0: 5, 1: 5}))["restorable"]
+    assert not ok and "daemons reported version 6" in why
+
+
+def test_the_trainers_record_is_folded_from_their_commit_lines():
+    from snapshotd_tools.chaos.rig import Trainers
+
+    g = Trainers.__new__(Trainers)  # the fold only: no processes
+    g.world, g.last, g.digests, g.restored, g.restored_ev = 2, {0: 0, 1: 0}, [], {}, {}
+    g.commits, g.restoring, g.losses, g.restore_errors, g.ended = [], {}, [], [], {}
+    assert g.committed == 0
+    g._fold(0, {"event": "restoring", "rank": 0, "time": 10.0})
+    g._fold(0, {"event": "commit_seen", "rank": 0, "version": 3, "delivered": 5, "time": 11.0})
+    g._fold(1, {"event": "commit_seen", "rank": 1, "version": 4, "delivered": 6, "time": 12.0})
+    g._fold(0, {"event": "commit_seen", "rank": 0, "version": 2, "delivered": 4, "time": 13.0})
+    assert g.committed == 4 and g.restoring == {0: 10.0} and (12.0, 1, 4) in g.commits
+
+
+def test_commit_after_fault_needs_a_new_commit_within_the_bound():
+    ok, why = _verdict(_resumed(commit_after_s=None))["commit_after_fault"]
+    assert not ok and "no newer version was committed within 30 s" in why
+    ok, why = _verdict(_resumed(commit_after_s=31.0))["commit_after_fault"]
+    assert not ok and "31.0 s" in why
+    ok, why = _verdict(_resumed(commit_after_s=45.0, commit_bound_s=60))["commit_after_fault"]
+    assert ok and "bound 60 s" in why
+
+
+# -- overlapping faults ----------------------------------------------------------------
+def test_builtin_overlaps_cover_the_four_recovery_phases():
+    ov = [s for s in sc.builtin_scenarios() if s.overlap]
+    assert {(s.overlap["during"], s.overlap["kind"]) for s in ov} == {
+        ("rebuild", "kill_node"), ("restore", "kill_daemon"), ("degraded_read", "kill_trainer"),
+        ("commit", "partition")}
+    assert all(s.kind in sc.CRASH_KINDS and s.expect == "resume" for s in ov)
+    assert sc.parse_scenario(ov[0].to_dict()) == ov[0]
+
+
+@pytest.mark.parametrize("fault, overlap, needle", [
+    ({"kind": "kill_trainer"}, {"during": "rebuild", "kind": "kill_node"}, "rebuilds nothing"),
+    ({"kind": "hang_daemon"}, {"during": "restore", "kind": "kill_daemon"}, "needs a crash fault"),
+    ({"kind": "kill_node"}, {"during": "later", "kind": "kill_node"}, "overlap.during must be one of"),
+    ({"kind": "kill_node"}, {"during": "rebuild", "kind": "explode"}, "overlap.kind must be one of"),
+    ({"kind": "kill_node"}, {"during": "rebuild", "kind": "kill_node", "when": 1}, "unknown: when"),
+    ({"kind": "kill_node"}, {"during": "commit", "kind": "partition", "seconds": 0}, "overlap.seconds"),
+    ({"kind": "kill_node"}, "rebuild", "'overlap' must be a mapping"),
+])
+def test_bad_overlaps_get_clear_errors(fault, overlap, needle):
+    with pytest.raises(sc.ScenarioError) as e:
+        sc.parse_scenario({"name": "x", "fault": fault, "overlap": overlap})
+    assert needle in str(e.value)
+
+
+def test_soak_overlaps_are_seeded_and_leave_the_schedule_alone():
+    pool = sc.builtin_scenarios()
+    plain = sc.soak_schedule(3, 3600, 20, pool, 4, 80)
+    some = sc.soak_schedule(3, 3600, 20, pool, 4, 80, overlap_p=0.5)
+    every = sc.soak_schedule(3, 3600, 20, pool, 4, 80, overlap_p=1.0)
+    assert some == sc.soak_schedule(3, 3600, 20, pool, 4, 80, overlap_p=0.5)
+    assert [(e.t_s, e.scenario.kind, e.scenario.params) for e in plain] == \
+           [(e.t_s, e.scenario.kind, e.scenario.params) for e in some]
+    assert not any(e.scenario.overlap for e in plain if not pool_overlap(pool, e))
+    added = [e for e in some if e.scenario.name.endswith("+overlap")]
+    assert 0 < len(added) < len(some)
+    for e in every:
+        s, ov = e.scenario, e.scenario.overlap
+        if s.kind not in sc.CRASH_KINDS or s.expect != "resume":
+            assert ov is None, s
+            continue
+        assert ov is not None
+        sc.parse_overlap(ov, s.kind, s.expect, s.name)  # every drawn overlap is a valid one
+        if s.kind == "kill_node" and s.params["nodes"] == "m":  # never m+1 losses
+            assert ov["during"] in ("restore", "commit"), s
+    assert {e.scenario.overlap["during"] for e in every if e.scenario.overlap} == set(sc.OVERLAP_DURING)
+    with pytest.raises(ValueError, match="overlap probability"):
+        sc.soak_schedule(3, 60, 20, pool, 4, 80, overlap_p=1.5)
+
+
+def pool_overlap(pool, e) -> bool:
+    return any(p.overlap and e.scenario.name.endswith(p.name) for p in pool)

@@ -1,11 +1,13 @@
 """``snapshotd chaos`` against real daemons and trainers.
 
-- the full built-in matrix (every fault kind, 18 scenarios, about 2 minutes here) must
-  hold every invariant: one cluster, one running job, the faults one after another;
+- the full built-in matrix (every fault kind, 24 scenarios, about 3 minutes here) must
+  hold every invariant: one cluster, one running job, the faults one after another,
+  four of them with a second fault during the first one's recovery (overlaps);
 - the same harness against a deliberately broken build (SNAPSHOTD_UNSAFE_SKIP_VERIFY=1:
   the daemons skip every checksum check) with the data-corruption scenario must report
   the violation and exit non-zero;
-- a one-minute soak: faults at random times (seeded) into the same running job.
+- a one-minute soak: faults at random times (seeded) into the same running job, some
+  with an overlapping second fault (``--overlap``).
 
 The harness runs as a subprocess (``snapshotd chaos``), as a user would run it; the
 ``teardown`` row checks that no daemon, trainer or /dev/shm segment of its cluster is
@@ -64,6 +66,12 @@ def _assert_all_held(rc, out, doc, names):
             assert "no_leaks" in checks
             continue
         assert "no_leaks" in checks and "memory" in checks
+        assert "not measured" not in checks["memory"]["detail"]
+        assert "since the session's start" in checks["memory"]["detail"]
+        if s["params"].get("overlap"):  # the second fault went in, during that phase
+            assert s["overlap"].startswith(f"during {s['params']['overlap']['during']}:"), s
+        if s["params"]["kind"] != "pipeline_loss":  # a new version after every fault
+            assert checks["commit_after_fault"]["ok"], checks
         if s["params"]["kind"] == "pipeline_loss":
             assert checks["checkfree"]["ok"]
         else:
@@ -89,6 +97,16 @@ def test_full_builtin_matrix_holds_every_invariant(workdir):
     for name in ("corrupt-data-block", "corrupt-parity-scrubbed", "corrupt-data-scrubbed"):
         assert "checksum" in by[name]["detected"].lower(), by[name]
         assert any(w in by[name]["recovery"] for w in ("decoded", "repaired", "rebuilt")), by[name]
+    # The overlaps landed where they say: the replacement still rebuilding, a restore
+    # under way, the daemons logging the degraded reads.
+    assert "still rebuilding" in by["overlap-node-during-rebuild"]["overlap"]
+    assert "0 done" in by["overlap-daemon-during-restore"]["overlap"]
+    degraded = by["overlap-trainer-during-degraded-read"]["overlap"]
+    assert "inside its restore" in degraded and "degraded read(s) logged" in degraded
+    # Junk was answered with the promised codes (the verdict built from the answers).
+    checks = {c["name"]: c for c in by["garbage-grpc"]["checks"]}
+    assert "answered: INVALID_ARGUMENT x8" in checks["garbage_refused"]["detail"]
+    assert len(doc["meta"]["memory_curve"]) >= 2
     # Every state any rank held, between faults too, was compared with the reference.
     compared = sum(int(c["detail"].split()[0]) for s in doc["scenarios"] for c in s["checks"]
                    if c["name"] == "bit_identical" and c["ok"])
@@ -111,12 +129,15 @@ def test_a_build_that_skips_verification_fails_the_harness(workdir):
 
 @pytest.mark.timeout(600)
 def test_soak_injects_seeded_random_faults_into_one_running_job(workdir):
-    rc, out, doc = _chaos(workdir, "--soak", "--duration", "60s", "--mtbf", "8", "--seed", "5")
+    rc, out, doc = _chaos(workdir, "--soak", "--duration", "60s", "--mtbf", "8", "--seed", "5",
+                          "--overlap", "0.5")
     assert rc == 0, out[-4000:]
     assert doc["ok"] is True and doc["meta"]["soak"] is True and doc["meta"]["seed"] == 5
     faults = [s for s in doc["scenarios"] if s["scenario"] != "teardown"]
     assert len(faults) >= 3, out[-3000:]
     assert all(s["scenario"].startswith("soak-") and s["ok"] for s in faults)
+    # Seed 5's first fault carries an overlap (a partition during a commit).
+    assert doc["meta"]["overlap_p"] == 0.5 and faults[0]["overlap"].startswith("during commit:")
     # The faults went into the running job at their scheduled times (late only while
     # the previous one was still being recovered from).
     times = [s["params"]["t_s"] for s in faults]

@@ -28,6 +28,15 @@ def add_parser(sub) -> None:
     p.add_argument("--duration", default="10m", help="soak length, e.g. 30m, 90s (default 10m)")
     p.add_argument("--mtbf", type=float, default=20.0, help="soak: mean seconds between faults (default 20)")
     p.add_argument("--seed", type=int, default=1, help="soak: the seed of the fault schedule (default 1)")
+    p.add_argument("--overlap", type=float, default=0.0, metavar="P",
+                   help="soak: probability that a crash fault gets a second fault during its recovery "
+                        "(a rebuild, a restore, a degraded read or a commit; default 0)")
+    p.add_argument("--commit-bound", type=float, default=None, metavar="S",
+                   help="after a fault clears, a new version must commit within S seconds "
+                        "(the commit_after_fault invariant; default 30)")
+    p.add_argument("--max-lost-steps", type=int, default=None, metavar="N",
+                   help="the most steps a restore may lose (lost_steps; default 3: the versions "
+                        "a rank can have in flight + 1)")
     p.add_argument("--nodes", type=int, default=4, help="cluster nodes = data-parallel ranks (default 4)")
     p.add_argument("--parity", type=int, default=2, help="parity blocks per stripe, m (default 2)")
     p.add_argument("--steps", type=int, default=80,
@@ -87,6 +96,8 @@ def run(a) -> int:
         duration = parse_duration(a.duration)
         if a.mtbf <= 0:
             raise ValueError("--mtbf must be positive")
+        if not 0.0 <= a.overlap <= 1.0:
+            raise ValueError(f"--overlap must be a probability in [0, 1] (got {a.overlap:g})")
     except (sc.ScenarioError, ValueError) as exc:
         print(f"snapshotd chaos: {exc}", file=sys.stderr)
         return 2
@@ -95,12 +106,15 @@ def run(a) -> int:
         return 2
     if a.list:
         for x in chosen:
-            print(f"{x.name:32} {x.kind:16} {'ci ' if x.ci else '   '}{x.description}")
+            ov = f" [overlap: {x.overlap['kind']} during {x.overlap['during']}]" if x.overlap else ""
+            print(f"{x.name:36} {x.kind:16} {'ci ' if x.ci else '   '}{x.description}{ov}")
         return 0
     try:
         delay = a.step_delay if a.step_delay is not None else (0.2 if a.soak else 0.05)
+        kw = {k: v for k, v in (("commit_bound_s", a.commit_bound), ("max_lost_steps", a.max_lost_steps))
+              if v is not None}
         h = Harness(a.dir, a.nodes, a.parity, a.steps, a.block_size, a.budget, say=_say, keep=a.keep,
-                    step_delay_s=delay)
+                    step_delay_s=delay, **kw)
     except ValueError as exc:
         print(f"snapshotd chaos: {exc}", file=sys.stderr)
         return 2
@@ -116,7 +130,7 @@ def run(a) -> int:
     try:
         h.reference()
         if a.soak:
-            results = _soak(h, chosen, duration, a.mtbf, a.seed, a.report)
+            results = _soak(h, chosen, duration, a.mtbf, a.seed, a.report, a.overlap)
         else:
             results = h.run(chosen)
     except KeyboardInterrupt:
@@ -127,12 +141,13 @@ def run(a) -> int:
         return 1
     info = meta(h)
     info.update({"seconds": round(time.monotonic() - t0, 1), "soak": a.soak,
+                 "overlap_p": a.overlap if a.soak else None,
                  "seed": a.seed if a.soak else None, "mtbf_s": a.mtbf if a.soak else None,
                  "duration_s": duration if a.soak else None})
     if a.soak:  # the fault rate reached, against the one asked for
         ran = [r for r in results if r.params.get("kind") not in ("teardown", "between")]
         late = [r.params.get("late_s", 0.0) for r in ran]
-        info.update({"faults_run": len(ran),
+        info.update({"faults_run": len(ran), "overlaps_run": sum(bool(r.overlap) for r in ran),
                      "achieved_s_between_faults": round(duration / len(ran), 1) if ran else None,
                      "late_s_mean": round(sum(late) / len(late), 1) if late else None,
                      "late_s_max": max(late) if late else None})
@@ -162,17 +177,19 @@ def _partition_mode(choice: str):
     return None
 
 
-def _soak(h, pool, duration_s: float, mtbf_s: float, seed: int, report: str | None):
+def _soak(h, pool, duration_s: float, mtbf_s: float, seed: int, report: str | None,
+          overlap_p: float = 0.0):
     from snapshotd_tools.chaos.report import write_json
     from snapshotd_tools.chaos.runner import meta
     from snapshotd_tools.chaos.scenarios import soak_schedule
 
-    events = soak_schedule(seed, duration_s, mtbf_s, pool, h.n, h.steps)
+    events = soak_schedule(seed, duration_s, mtbf_s, pool, h.n, h.steps, overlap_p)
     _say(f"soak: {len(events)} faults scheduled in {duration_s:.0f} s (seed {seed}, mtbf {mtbf_s} s), "
+         f"{sum(bool(e.scenario.overlap) for e in events)} with an overlapping second fault, "
          "into one running job")
 
     def partial(results):  # a report after every fault, so a long soak can be read while it runs
         if report:
-            write_json(report, results, dict(meta(h), soak=True, seed=seed, partial=True))
+            write_json(report, results, dict(meta(h), soak=True, seed=seed, overlap_p=overlap_p, partial=True))
 
     return h.soak(events, duration_s, on_result=partial)

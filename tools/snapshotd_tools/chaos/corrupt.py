@@ -31,12 +31,13 @@ def run_corrupt(h: Harness, sc: Scenario, obs: Observation, res: Result) -> None
     g.kill()
     h.drain(g)
     obs.fault_step = max(g.last.values())
-    obs.committed_at_fault = h.committed_now()
-    h.wait_whole(obs.committed_at_fault)
+    obs.committed_at_fault = h.trainer_committed()
+    obs.daemon_committed = h.committed_now()
+    h.wait_whole(max(obs.committed_at_fault, obs.daemon_committed))
     before = {n: rig.memory(n) for n in rig.nodes}
     t_fault = time.monotonic()
     replaced = []
-    v = obs.committed_at_fault
+    v = max(obs.committed_at_fault, obs.daemon_committed)  # the newest: the one flipped
     then = sc.params["then"]
     if sc.params["block"] == "data":
         res.fault = faults.flip_data_bit(rig, node, h.bs) + f" (v{v})"
@@ -52,14 +53,18 @@ def run_corrupt(h: Harness, sc: Scenario, obs: Observation, res: Result) -> None
     elif then == "scrub":
         res.fault += "; nothing reads it"
     h.say(f"    fault: {res.fault}")
+    obs.corrupted = res.fault  # corruption_detected: someone must report it
     if then == "scrub":
         _wait_scrubbed(h, node, v, t_fault)
     probe = h.launch("probe")
+    obs.t_clear = probe.t_launch
     probe.wait(lambda: len(probe.restored) == h.n or any(rc != 0 for rc in probe.ended.values()),
                PHASE_TIMEOUT_S, "restore")
     if len(probe.restored) == h.n:
         # Restored without complaint: bit_identical decides whether that was right.
-        res.detected = _corrupt_found(h, node, v) or "not detected: the restore did not need the block"
+        found = _corrupt_found(h, node, v)
+        res.detected = found or "not detected: the restore did not need the block"
+        obs.corrupt_found += [found] if found else []
         obs.restore_points = dict(probe.restored)
         obs.final_step = min(h.steps, max(probe.restored.values()) + 2)
         probe.wait(lambda: min(probe.last.values()) >= obs.final_step or len(probe.ended) == h.n,
@@ -77,8 +82,9 @@ def run_corrupt(h: Harness, sc: Scenario, obs: Observation, res: Result) -> None
         probe.kill()
         h.drain(probe)
         why = [e for e in errs if "checksum" in e.lower() or "corrupt" in e.lower()]
-        res.detected = (f"checksum: {why[0][:90]}" if why else
-                        _corrupt_found(h, node, v) or f"restore failed: {errs[:1]}")
+        found = _corrupt_found(h, node, v)
+        obs.corrupt_found += [f"trainer: {w}" for w in why] + ([found] if found else [])
+        res.detected = (f"checksum: {why[0][:90]}" if why else found or f"restore failed: {errs[:1]}")
         obs.errors = errs
         h.say(f"    detected: {res.detected}; replacing {node}")
         # The operator's answer to a block that fails its checksum: replace its holder.

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from snapshotd_tools.chaos.invariants import Observation
+from snapshotd_tools.chaos.overlap import Overlap, after_restart, during_commit, resume_through
 from snapshotd_tools.chaos.report import Result
 from snapshotd_tools.chaos.scenarios import Scenario, resolve_node, resolve_nodes
 from snapshotd_tools.chaos.timeouts import GLOO_TIMEOUT_S, PHASE_TIMEOUT_S
@@ -79,18 +80,31 @@ def run_crash(h: Harness, sc: Scenario, obs: Observation, res: Result) -> None:
     g.kill()
     h.drain(g)
     obs.fault_step = max(g.last.values())
-    obs.committed_at_fault = h.committed_now(skip=dead)
+    obs.committed_at_fault = h.trainer_committed()
+    obs.daemon_committed = h.committed_now(skip=dead)
     h.say(f"    detected: {res.detected}; trainers stopped at step {obs.fault_step}, "
-             f"v{obs.committed_at_fault} committed")
+             f"v{obs.committed_at_fault} committed (trainers' record; daemons: v{obs.daemon_committed})")
+    ov = Overlap(h, sc.overlap, dead)
     steps_recovery = []
     for node, wipe in lost:
-        rig.restart(node, wipe)
+        if not (wipe and ov.holds_back(node)):  # degraded_read: started after the overlap
+            rig.restart(node, wipe)
         steps_recovery.append(f"{'replaced' if wipe else 'restarted'} {node}")
-    if sc.expect == "resume" and lost:
-        took = h.wait_whole(obs.committed_at_fault)
+    floor_v = max(obs.committed_at_fault, obs.daemon_committed)
+    after_restart(ov, floor_v)
+    if sc.expect == "resume" and lost and not ov.at("degraded_read"):
+        took = h.wait_whole(floor_v)
         h.say(f"    {', '.join(steps_recovery)}: redundancy whole after {took:.1f} s")
-    g2 = h.resume("resumed", obs, obs.fault_step)
+    g2 = resume_through(ov, obs, obs.fault_step)
     h.say(f"    job restarted: restored steps {sorted(set(g2.restored.values())) or 'none'}")
+    if sc.expect == "resume" and len(g2.restored) == h.n:
+        during_commit(ov, g2)
+    if ov.spec:
+        res.overlap = (ov.fired + ov.evidence) if ov.fired else \
+            f"NOT injected: the recovery never reached '{ov.during}'"
+        if not ov.fired:
+            obs.notes.append(res.overlap)
+            raise RuntimeError(f"overlap {ov.during}: {res.overlap}")
     if sc.expect == "resume":
         how = "rebuilt from the group" if any(w for _, w in lost) else "re-adopted its shm" if lost else ""
         res.recovery = ", ".join(steps_recovery + ([how] if how else []) +
@@ -106,6 +120,10 @@ def run_crash(h: Harness, sc: Scenario, obs: Observation, res: Result) -> None:
         # The state is gone from memory: the job starts over (from a durable
         # checkpoint, where it has one; from scratch here).
         h.new_epoch("more than m nodes lost: the job starts over")
+        # The new epoch must commit, and the daemons' memory come back.
+        h.await_commit(obs, h.g.t_launch, 0)
+        h.wait_whole(1)
+        obs.memory = {n: (before[n], rig.memory(n)) for n in rig.nodes}
         obs.leaks += rig.accounting_leaks()
 
 def _mid_snapshot(h: Harness, g: Trainers, node: str, phase: str) -> tuple[float, str]:

@@ -3,7 +3,10 @@ both planes, a push beyond the memory budget.
 
 Every function acts on a running ``Rig`` and returns a short description of what it
 did (it goes into the report's "fault" column) or raises when the fault could not be
-injected at all (so a scenario never passes because nothing happened).
+injected at all (so a scenario never passes because nothing happened). The garbage
+functions also return what they observed (each junk request and the code it was
+answered with, or "no answer"): the verdict is ``invariants.garbage_refused``'s, built
+from those answers, not a constant.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def flip_parity_bits(rig: Rig, node: str, block_size: int) -> str:
     return f"bit flipped in each of {node}'s {blocks} parity blocks"
 
 
-def garbage_grpc(rig: Rig, node: str) -> str:
-    """Raw garbage, a truncated HTTP/2 frame, and a real gRPC call with a garbage body."""
+def garbage_grpc(rig: Rig, node: str) -> tuple[str, dict]:
+    """Raw garbage, a truncated HTTP/2 frame, and real gRPC calls with garbage bodies;
+    returns (what was sent, {"answers": {method/body: code}, "raw_sent": n})."""
     import grpc
 
     path = rig.socks[rig.nodes.index(node)]
@@ -65,32 +69,28 @@ def garbage_grpc(rig: Rig, node: str) -> str:
             s.connect(path)
             s.sendall(payload)
         sent.append(len(payload))
-    codes = []
+    answers = {}
     junk = random.Random(7).randbytes(257)  # fixed junk: the same answers every run
     with grpc.insecure_channel(f"unix:{path}") as ch:
         for method in ("AdoptShard", "AcquireStaging", "OpenShard", "RegisterJob"):
             call = ch.unary_unary(f"/snapshotd.v1.Snapshotd/{method}")
-            for body in (junk, b"\x0a\xff\xff\xff\xff\x0f"):  # junk; truncated field
+            for what, body in (("junk", junk), ("truncated", b"\x0a\xff\xff\xff\xff\x0f")):
                 try:
                     call(body, timeout=5)
-                    codes.append("OK")
+                    answers[f"{method}/{what}"] = "OK"
                 except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
-    # Junk is the caller's fault: INTERNAL or UNKNOWN would blame the daemon, OK accept junk.
-    wrong = sorted({c for c in codes if c in ("OK", "INTERNAL", "UNKNOWN")})
-    if wrong:
-        raise AssertionError(f"{node} answered junk gRPC bodies with {', '.join(wrong)} "
-                             f"(all answers: {codes})")
-    return (f"garbage to {node}'s gRPC socket: {len(sent)} raw streams, {len(codes)} calls with "
-            f"junk bodies (answers: {', '.join(sorted(set(codes)))})")
+                    answers[f"{method}/{what}"] = exc.code().name
+    return (f"garbage to {node}'s gRPC socket: {len(sent)} raw streams, {len(answers)} calls with "
+            f"junk bodies", {"answers": answers, "raw_sent": len(sent)})
 
 
-def garbage_zmq(rig: Rig, node: str) -> str:
+def garbage_zmq(rig: Rig, node: str) -> tuple[str, dict]:
     """Junk, truncated and unsigned messages on ``node``'s peer port (ZeroMQ), then
     protobuf-shaped junk: well-framed, signed messages from a spec node whose header
     parses but names no op, an op this node lacks, a field the schema lacks, a field of
     the wrong wire type, lacks a required field, carries an unknown block kind or a
-    negative version, or is a reply. Each of those must be answered ``PEER_PROTOCOL``."""
+    negative version, or is a reply. Returns (what was sent, {"answers": {what: error
+    code or "no answer"}, "raw_sent": n}); each must be ``PEER_PROTOCOL``."""
     import zmq
 
     from snapshotd.node.peer import MAGIC, frame_mac, peer_pb2 as ppb
@@ -111,7 +111,7 @@ def garbage_zmq(rig: Rig, node: str) -> str:
     if spec.peer_encryption == "curve":  # a plain socket gets no answers: the junk above is all
         s.close()
         return (f"{len(msgs)} junk/unsigned/truncated messages to {node}'s peer port {nd.peer_port} "
-                "(CURVE: no protobuf junk)")
+                "(CURVE: no protobuf junk)", {"answers": {}, "raw_sent": len(msgs)})
     sender = next(x.id for x in spec.nodes if x.id != node) if len(spec.nodes) > 1 else node
     key = spec.peer_key.encode() if spec.peer_key else None
     unknown_op = b"\x9a\x06\x01\x00"  # PeerRequest field 99 (length-delimited, 1 byte)
@@ -134,18 +134,18 @@ def garbage_zmq(rig: Rig, node: str) -> str:
             mac = frame_mac(key, sender.encode(), rid, header) if key else b""
             s.send_multipart([MAGIC, sender.encode(), rid, header, mac])
             reply = []
+            answers[what] = "no answer"
             while len(reply) < 4 or reply[2] != rid:  # skip a late answer to earlier junk
                 if not s.poll(5000):
-                    raise AssertionError(f"{node} did not answer protobuf junk ({what})")
+                    break
                 reply = s.recv_multipart()
-            answers[what] = ppb.PeerFrameHeader.FromString(reply[3]).error.code
+            else:
+                hdr = ppb.PeerFrameHeader.FromString(reply[3])
+                answers[what] = hdr.error.code if hdr.HasField("error") else "not an error"
     finally:
         s.close()
-    wrong = {w: c for w, c in answers.items() if c != "PEER_PROTOCOL"}
-    if wrong:
-        raise AssertionError(f"{node} answered protobuf junk with {wrong} (want PEER_PROTOCOL)")
     return (f"{len(msgs)} junk/unsigned/truncated messages and {len(headers)} protobuf-shaped junk "
-            f"headers to {node}'s peer port {nd.peer_port} (all answered PEER_PROTOCOL)")
+            f"headers to {node}'s peer port {nd.peer_port}", {"answers": answers, "raw_sent": len(msgs)})
 
 
 def push_over_budget(rig: Rig, node: str) -> str:

@@ -17,6 +17,7 @@ class Result:
     recovery_s: float | None = None  # fault -> every rank restored (or the error seen)
     lost_steps: int | None = None
     checks: list = field(default_factory=list)  # Check
+    overlap: str = ""  # the second fault, injected during this one's recovery
     error: str = ""  # the harness itself failed (counts as a failed invariant)
     seconds: float = 0.0
     params: dict = field(default_factory=dict)

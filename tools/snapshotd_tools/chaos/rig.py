@@ -182,16 +182,18 @@ class Rig:
                 pass
         return total
 
-    def memory(self, node: str) -> int:
-        """The daemon's resident memory plus the shared memory it holds, in bytes."""
-        rss = 0
+    def rss(self, node: str) -> int:
+        """The daemon's resident memory in bytes (0 when it is not running)."""
         try:
             with open(f"/proc/{self.pid(node)}/status") as f:
                 m = re.search(r"VmRSS:\s+(\d+) kB", f.read())
-                rss = int(m.group(1)) * 1024 if m else 0
-        except OSError:
-            pass
-        return rss + self.shm_bytes(node)
+                return int(m.group(1)) * 1024 if m else 0
+        except (OSError, ValueError):
+            return 0
+
+    def memory(self, node: str) -> int:
+        """The daemon's resident memory plus the shared memory it holds, in bytes."""
+        return self.rss(node) + self.shm_bytes(node)
 
     def accounting_leaks(self, tries: int = 10) -> list[str]:
         """Segments on /dev/shm that a node's daemon does not account for. With a job
@@ -276,6 +278,12 @@ class Trainers:
         self.restore_errors: list[str] = []
         self.ended: dict[int, int] = {}  # rank -> exit code
         self.t_restored: float | None = None
+        self.job = job
+        self.t_launch = time.time()
+        # The trainers' own record (chaos/trainer.py): (time.time(), rank, newest committed
+        # version an AdoptShard answer named), and the ranks that began a restore.
+        self.commits: list[tuple[float, int, int]] = []
+        self.restoring: dict[int, float] = {}
         port = lc.free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
@@ -312,6 +320,10 @@ class Trainers:
             self.ended[rank] = self.procs[rank].wait()
         elif ev.get("event") == "restore_failed":
             self.restore_errors.append(f"rank {rank}: {ev.get('error')}")
+        elif ev.get("event") == "commit_seen":
+            self.commits.append((float(ev.get("time", 0)), rank, int(ev.get("version", 0))))
+        elif ev.get("event") == "restoring":
+            self.restoring[rank] = float(ev.get("time", 0))
         elif ev.get("event") == "built":
             self.digests.append((rank, 0, ev.get("digest"), False))
         elif ev.get("event") == "step":
@@ -328,6 +340,11 @@ class Trainers:
                 self.digests.append((rank, ev["step"], ev["digest"], True))
             if len(self.restored) == self.world:
                 self.t_restored = time.monotonic()
+
+    @property
+    def committed(self) -> int:
+        """The newest version this launch's trainers were told had committed (0: none)."""
+        return max((v for _, _, v in self.commits), default=0)
 
     def wait(self, pred, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s

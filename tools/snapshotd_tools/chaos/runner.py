@@ -46,7 +46,7 @@ import time
 from snapshotd_tools.chaos.corrupt import run_corrupt
 from snapshotd_tools.chaos.crash import run_crash
 from snapshotd_tools.chaos.forkserver import ForkServer
-from snapshotd_tools.chaos.invariants import Observation, check
+from snapshotd_tools.chaos.invariants import COMMIT_BOUND_S, MAX_LOST_STEPS, Observation, check
 from snapshotd_tools.chaos.pipeline import run_pipeline_scenario
 from snapshotd_tools.chaos.reference import load_or_compute_reference
 from snapshotd_tools.chaos.report import Result
@@ -61,6 +61,7 @@ from snapshotd_tools.chaos.timeouts import (  # noqa: F401 (kept importable from
 from snapshotd_tools.chaos.transient import run_transient
 from snapshotd.wire.config import parse_size
 
+MEM_SAMPLE_S = 5.0  # the memory curve: one sample of every daemon this often
 CRASH = {"kill_trainer", "kill_daemon", "kill_node", "mid_snapshot", "hang_trainer"}
 TRANSIENT = {"hang_daemon", "slow_peer", "partition", "garbage", "memory_pressure"}
 
@@ -74,13 +75,22 @@ class Harness:
 
     def __init__(self, workdir: str, nodes: int = 4, parity: int = 2, steps: int = 80,
                  block_size: str = "16KiB", budget: str = "256MiB", say=print, keep: bool = False,
-                 step_delay_s: float = 0.05):
+                 step_delay_s: float = 0.05, commit_bound_s: float = COMMIT_BOUND_S,
+                 max_lost_steps: int = MAX_LOST_STEPS):
         if nodes < 2 or not 1 <= parity < nodes:
             raise ValueError("need nodes >= 2 and 1 <= parity < nodes")
         if steps < 30:
             raise ValueError("need at least 30 steps per epoch")
         if step_delay_s < 0:
             raise ValueError("the step delay cannot be negative")
+        if commit_bound_s <= 0 or max_lost_steps < 0:
+            raise ValueError("the commit bound must be positive and the lost-steps bound >= 0")
+        self.commit_bound_s, self.max_lost = commit_bound_s, max_lost_steps
+        # Daemon memory: each node's level when the first fault was about to hit (the
+        # session bound), and a sample every MEM_SAMPLE_S over the whole session.
+        self.mem_base: dict[str, int] = {}
+        self.curve: list = []  # [t_s, {node: [rss MiB, shm MiB]}]
+        self._t_open = self._next_sample = 0.0
         self.workdir, self.n, self.m, self.steps = os.path.abspath(workdir), nodes, parity, steps
         self.block_size, self.bs, self.budget = block_size, parse_size(block_size), budget
         self.say, self.keep, self.delay = say, keep, step_delay_s
@@ -128,6 +138,7 @@ class Harness:
 
                 lc.down(d)
             raise
+        self._t_open = time.monotonic()
         self.launch("e0")
 
     def close(self, failed: bool = False) -> Result:
@@ -191,10 +202,19 @@ class Harness:
         self.launch(f"e{self.epoch}")
         self.say(f"    epoch {self.epoch}: job {self.rig.job} from step 0 ({why})")
 
+    def sample_memory(self) -> None:
+        """One point of the session's memory curve: each daemon's RSS and held shm."""
+        self._next_sample = time.monotonic() + MEM_SAMPLE_S
+        self.curve.append([round(time.monotonic() - self._t_open, 1),
+                           {n: [round(self.rig.rss(n) / 2**20, 1), round(self.rig.shm_bytes(n) / 2**20, 1)]
+                            for n in self.rig.nodes}])
+
     def _pump(self, timeout_s: float) -> None:
         """Keep the job going: fold its events, and roll over to the next epoch when it ends."""
         g = self.g
         g.pump(timeout_s)
+        if time.monotonic() >= self._next_sample:
+            self.sample_memory()
         if len(g.ended) < self.n:
             if g.ended and any(rc != 0 for rc in g.ended.values()):
                 self._job_failed(g)
@@ -225,6 +245,8 @@ class Harness:
             first = min(g.restored.values(), default=0)
             if min(g.last.values()) - first >= after_start and max(g.last.values()) <= self.steps - margin:
                 if self.rig.whole(1):
+                    if not self.mem_base:  # the session's baseline: before the first fault
+                        self.mem_base = {n: self.rig.memory(n) for n in self.rig.nodes}
                     return
         raise TimeoutError(f"the job was not ready for the next fault within {timeout_s:.0f} s "
                            f"(steps per rank {self.g.last})")
@@ -298,7 +320,10 @@ class Harness:
         t0 = time.monotonic()
         self.faults += 1
         res = Result(sc.name, sc.kind, params={"kind": sc.kind, **sc.params, "at_step": sc.at_step})
-        obs = Observation(sc.expect, self.steps, self.ref)
+        if sc.overlap:
+            res.params["overlap"] = dict(sc.overlap)
+        obs = Observation(sc.expect, self.steps, self.ref, max_lost=self.max_lost,
+                          commit_bound_s=self.commit_bound_s)
         launched = len(self.launches)
         try:
             seconds = float(sc.params.get("seconds", 0))
@@ -313,6 +338,11 @@ class Harness:
                 run_transient(self, sc, obs, res)
             else:
                 run_corrupt(self, sc, obs, res)
+            # The session bound: against each node's level before the first fault.
+            now = ({n: self.rig.memory(n) for n in self.rig.nodes} if sc.kind == "pipeline_loss"
+                   else {n: a for n, (_, a) in obs.memory.items()})
+            obs.session_memory = {n: (self.mem_base[n], v) for n, v in now.items() if n in self.mem_base}
+            self.sample_memory()
         except Exception as exc:  # the harness could not finish: a failure, never a pass
             res.error = f"{type(exc).__name__}: {exc}"
             try:
@@ -383,9 +413,33 @@ class Harness:
             time.sleep(0.1)
         return f"heartbeat: not within {limit_s:.0f}s"
 
-    def resume(self, tag: str, obs: Observation, floor: int) -> Trainers:
-        """Launch the job again; it must restore, then train two steps past ``floor``."""
+    def trainer_committed(self) -> int:
+        """The newest version the current job's trainers were told had committed."""
+        return max([g.committed for g in self.launches if g.job == self.rig.job] + [0])
+
+    def await_commit(self, obs: Observation, t_clear: float, floor: int) -> None:
+        """``commit_after_fault``: the time from ``t_clear`` (time.time()) to the first
+        trainer record of a version newer than ``floor``, waiting up to the bound."""
+        obs.commit_expected = True
+        deadline = time.monotonic() + obs.commit_bound_s + 1
+        while True:
+            seen = [t for g in self.launches if g.job == self.rig.job
+                    for t, _, v in g.commits if t >= t_clear and v > floor]
+            if seen:
+                obs.commit_after_s = round(max(0.0, min(seen) - t_clear), 2)
+                return
+            if time.monotonic() > deadline:
+                return
+            self.g.pump(0.1)
+
+    def resume(self, tag: str, obs: Observation, floor: int, on_restoring=None) -> Trainers:
+        """Launch the job again; it must restore, then train two steps past ``floor``.
+        ``on_restoring(launch)`` is called once a rank has begun its restore."""
         g2 = self.launch(tag)
+        obs.t_clear = g2.t_launch
+        if on_restoring is not None:
+            g2.wait(lambda: g2.restoring or g2.restored or g2.ended, PHASE_TIMEOUT_S, "a restore to begin")
+            on_restoring(g2)
         g2.wait(lambda: len(g2.restored) == self.n or any(rc != 0 for rc in g2.ended.values()),
                 PHASE_TIMEOUT_S, "restore")
         if len(g2.restored) == self.n:
@@ -403,6 +457,7 @@ class Harness:
         if len(obs.restore_points) < self.n:
             raise RuntimeError(f"the job did not resume: {obs.errors[:2] or 'no error seen'}")
         self.wait_whole(obs.final_step)
+        self.await_commit(obs, obs.t_clear, max(obs.restore_points.values()))
         obs.memory = {n: (before[n], self.rig.memory(n)) for n in self.rig.nodes}
         obs.leaks += self.rig.accounting_leaks()
 
@@ -414,4 +469,6 @@ def meta(h: Harness) -> dict:
             "block_size": h.block_size, "budget": h.budget, "python": platform.python_version(),
             "epochs": h.epoch + 1, "launches": len(h.launches),
             "partition": "network namespaces" if h.partition_mode is not None else "SIGSTOP fallback",
+            "commit_bound_s": h.commit_bound_s, "max_lost_steps": h.max_lost,
+            "memory_curve": h.curve,
             "unsafe_skip_verify": os.environ.get("SNAPSHOTD_UNSAFE_SKIP_VERIFY") == "1"}

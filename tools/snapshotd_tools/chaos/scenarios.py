@@ -14,6 +14,16 @@ A scenario file (YAML) is a list of scenarios, or ``{scenarios: [...]}``::
         fault: {kind: kill_node, nodes: m}
         expect: resume                # resume | unrecoverable (default: resume)
         ci: true                      # part of the CI-sized subset (default false)
+        overlap:                      # optional: a second fault DURING the recovery
+          during: rebuild             # rebuild | restore | degraded_read | commit
+          kind: kill_node             # kill_node | kill_daemon | kill_trainer | partition
+          node: 2                     # (partition: also seconds, default 3)
+
+An overlap needs a crash fault first (kill_trainer, kill_daemon, kill_node,
+mid_snapshot, hang_trainer: the ones whose recovery restarts the job); ``rebuild`` and
+``degraded_read`` need one that loses a machine (kill_node, mid_snapshot), whose
+replacement rebuilds. ``degraded_read``: the job restores while the replacement is
+still rebuilding, so its rank's state is decoded from the group.
 
 Node references are ``n<i>`` ids of the local cluster or their index ``i``; a count of
 nodes may be an integer, ``m`` or ``m+1`` (the cluster's parity count, resolved when
@@ -81,6 +91,13 @@ FAULTS: dict[str, dict] = {
                                  1, "an integer >= 0")},
 }
 EXPECT = ("resume", "unrecoverable", "checkfree")
+CRASH_KINDS = ("kill_trainer", "kill_daemon", "kill_node", "mid_snapshot", "hang_trainer")
+WIPING_KINDS = ("kill_node", "mid_snapshot")
+OVERLAP_DURING = ("rebuild", "restore", "degraded_read", "commit")
+OVERLAP_KINDS = ("kill_node", "kill_daemon", "kill_trainer", "partition")
+# The soak's overlaps: the four the issue names, one per recovery phase.
+SOAK_OVERLAPS = {"rebuild": "kill_node", "restore": "kill_daemon", "degraded_read": "kill_trainer",
+                 "commit": "partition"}
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
@@ -97,10 +114,47 @@ class Scenario:
     expect: str = "resume"
     ci: bool = False
     description: str = ""
+    overlap: dict | None = field(default=None, hash=False, compare=True)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "at_step": self.at_step,
-                "fault": {"kind": self.kind, **self.params}, "expect": self.expect, "ci": self.ci}
+        d = {"name": self.name, "description": self.description, "at_step": self.at_step,
+             "fault": {"kind": self.kind, **self.params}, "expect": self.expect, "ci": self.ci}
+        if self.overlap:
+            d["overlap"] = dict(self.overlap)
+        return d
+
+
+def parse_overlap(doc, kind: str, expect: str, where: str) -> dict:
+    """The ``overlap`` field: a second fault injected during the first one's recovery."""
+    if not isinstance(doc, dict):
+        raise ScenarioError(f"{where}: 'overlap' must be a mapping (during, kind, node)")
+    extra = set(doc) - {"during", "kind", "node", "seconds"}
+    if extra:
+        raise ScenarioError(f"{where}: overlap takes during, kind, node, seconds; unknown: "
+                            f"{', '.join(sorted(extra))}")
+    during, okind = doc.get("during"), doc.get("kind")
+    if during not in OVERLAP_DURING:
+        raise ScenarioError(f"{where}: overlap.during must be one of {', '.join(OVERLAP_DURING)} "
+                            f"(got {during!r})")
+    if okind not in OVERLAP_KINDS:
+        raise ScenarioError(f"{where}: overlap.kind must be one of {', '.join(OVERLAP_KINDS)} "
+                            f"(got {okind!r})")
+    if kind not in CRASH_KINDS or expect != "resume":
+        raise ScenarioError(f"{where}: an overlap needs a crash fault the job resumes from "
+                            f"({', '.join(CRASH_KINDS)}; expect: resume), not {kind}")
+    if during in ("rebuild", "degraded_read") and kind not in WIPING_KINDS:
+        raise ScenarioError(f"{where}: overlap during {during} needs a fault that loses a machine "
+                            f"({', '.join(WIPING_KINDS)}); {kind} rebuilds nothing")
+    node = doc.get("node", 0)
+    if not _is_node(node):
+        raise ScenarioError(f"{where}: overlap.node must be a {_NODE} (got {node!r})")
+    seconds = doc.get("seconds", 3.0)
+    if not _pos(seconds):
+        raise ScenarioError(f"{where}: overlap.seconds must be a positive number (got {seconds!r})")
+    out = {"during": during, "kind": okind, "node": node}
+    if okind == "partition":
+        out["seconds"] = seconds
+    return out
 
 
 def parse_scenario(doc, where: str = "scenario") -> Scenario:
@@ -111,7 +165,7 @@ def parse_scenario(doc, where: str = "scenario") -> Scenario:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ScenarioError(f"{where}: 'name' must be 1-64 characters of [a-z0-9-] (got {name!r})")
     where = f"scenario {name!r}"
-    unknown = set(doc) - {"name", "description", "at_step", "fault", "expect", "ci"}
+    unknown = set(doc) - {"name", "description", "at_step", "fault", "expect", "ci", "overlap"}
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     fault = doc.get("fault")
@@ -150,7 +204,8 @@ def parse_scenario(doc, where: str = "scenario") -> Scenario:
     desc = doc.get("description", "")
     if not isinstance(desc, str):
         raise ScenarioError(f"{where}: 'description' must be a string")
-    return Scenario(name, kind, params, at, expect, ci, desc)
+    overlap = parse_overlap(doc["overlap"], kind, expect, where) if "overlap" in doc else None
+    return Scenario(name, kind, params, at, expect, ci, desc, overlap)
 
 
 def parse_scenarios(doc, source: str = "scenario file") -> list[Scenario]:
@@ -213,12 +268,37 @@ class SoakEvent:
     scenario: Scenario
 
 
+def soak_overlap(rng: random.Random, base: Scenario, nodes: int) -> dict | None:
+    """An overlap for a soak event (``--overlap P``), or None where the fault has no
+    recovery to overlap. A fault that loses more than one machine gets no second loss
+    during its rebuild (m + 1 would be unrecoverable by design)."""
+    if base.kind not in CRASH_KINDS or base.expect != "resume":
+        return None
+    n = base.params.get("nodes")
+    many = base.kind == "kill_node" and not (n == 1 or (isinstance(n, list) and len(n) == 1))
+    phases = [d for d in OVERLAP_DURING
+              if base.kind in WIPING_KINDS or d not in ("rebuild", "degraded_read")]
+    if many:
+        phases = [d for d in phases if d in ("restore", "commit")]
+    during = phases[rng.randrange(len(phases))]
+    out = {"during": during, "kind": SOAK_OVERLAPS[during], "node": rng.randrange(nodes)}
+    if out["kind"] == "partition":
+        out["seconds"] = 3.0
+    return out
+
+
 def soak_schedule(seed: int, duration_s: float, mtbf_s: float, pool: list[Scenario],
-                  nodes: int, steps: int) -> list[SoakEvent]:
+                  nodes: int, steps: int, overlap_p: float = 0.0) -> list[SoakEvent]:
     """Fault times (exponential gaps with mean ``mtbf_s``) and, for each, a scenario from
-    ``pool`` with a random target node and fault step. Same arguments, same schedule."""
+    ``pool`` with a random target node and fault step; with probability ``overlap_p`` a
+    crash fault also gets a second fault during its recovery (``soak_overlap``). Same
+    arguments, same schedule (the overlaps are drawn from a stream of their own, so the
+    faults and their times do not depend on ``overlap_p``)."""
     if duration_s <= 0 or mtbf_s <= 0:
         raise ValueError("duration and mtbf must be positive")
+    if not 0.0 <= overlap_p <= 1.0:
+        raise ValueError(f"the overlap probability must be in [0, 1] (got {overlap_p})")
+    orng = random.Random(f"overlap-{seed}")
     if not pool:
         raise ValueError("empty scenario pool")
     if steps < 6:
@@ -235,5 +315,9 @@ def soak_schedule(seed: int, duration_s: float, mtbf_s: float, pool: list[Scenar
             params["node"] = rng.randrange(nodes)
         at = rng.randrange(3, steps - 2)
         i += 1
-        out.append(SoakEvent(round(t, 3), Scenario(f"soak-{i:04d}-{base.name}"[:64], base.kind, params,
-                                                   at, base.expect, False, base.description)))
+        ov = base.overlap
+        if ov is None and overlap_p > 0 and orng.random() < overlap_p:
+            ov = soak_overlap(orng, base, nodes)
+        name = f"soak-{i:04d}-{base.name}{'+overlap' if ov and not base.overlap else ''}"
+        out.append(SoakEvent(round(t, 3), Scenario(name[:64], base.kind, params, at, base.expect,
+                                                   False, base.description, ov)))

@@ -51,11 +51,12 @@ def run_transient(h: Harness, sc: Scenario, obs: Observation, res: Result) -> No
     elif sc.kind == "garbage":
         node = resolve_node(p["node"], h.n)
         pid = rig.pid(node)
-        res.fault = (faults.garbage_grpc if p["plane"] == "grpc" else faults.garbage_zmq)(rig, node)
+        res.fault, seen = (faults.garbage_grpc if p["plane"] == "grpc" else faults.garbage_zmq)(rig, node)
         alive = rig.stats(node) is not None and rig.pid(node) == pid
-        detected.append("refused; daemon still serving" if alive else "daemon DOWN")
-        if not alive:
-            obs.leaks.append(f"{node}'s daemon died of garbage input")
+        obs.garbage = dict(seen, plane=p["plane"], alive=alive)  # judged by garbage_refused
+        codes = sorted(set(seen["answers"].values()))
+        detected.append(f"answered {'/'.join(codes) or 'nothing'}; daemon "
+                        f"{'still serving' if alive else 'DOWN'}")
     else:  # memory_pressure
         node = resolve_node(p["node"], h.n)
         res.fault = faults.push_over_budget(rig, node)
@@ -75,8 +76,9 @@ def run_transient(h: Harness, sc: Scenario, obs: Observation, res: Result) -> No
     g.kill()
     h.drain(g)
     obs.fault_step = max(g.last.values())
-    obs.committed_at_fault = h.committed_now()
-    h.wait_whole(obs.committed_at_fault)
+    obs.committed_at_fault = h.trainer_committed()
+    obs.daemon_committed = h.committed_now()
+    h.wait_whole(max(obs.committed_at_fault, obs.daemon_committed))
     res.recovery_s = round(time.monotonic() - t_fault, 2)
     g2 = h.resume("drill", obs, obs.fault_step)
     res.lost_steps = obs.fault_step - min(g2.restored.values(), default=0)
