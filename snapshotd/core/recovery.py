@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Collection, NamedTuple
 
 from snapshotd.wire.errors import InvalidRequestError
@@ -42,6 +43,11 @@ class Shard(NamedTuple):
     def shard_index(self, k: int) -> int:
         """The shard index ``ErasureCode`` uses: p for data/zero, k + t for parity."""
         return self.index if self.kind != "parity" else k + self.index
+
+
+# Shard(kind, index, node, block) without NamedTuple's Python-level __new__: a 4096-node
+# job's recovery pass builds about a million of them.
+_shard = partial(tuple.__new__, Shard)
 
 
 @dataclass(frozen=True)
@@ -106,16 +112,16 @@ def _repair(layout: GroupLayout, s: int, alive: frozenset[int], wanted: Callable
     known, data, parity, lost = [], [], [], []  # known: zero and alive data shards, by p
     for p, (node, j, real) in enumerate(layout.stripe_blocks(s)):
         if not real:
-            known.append(Shard("zero", p, node, j))
+            known.append(_shard(("zero", p, node, j)))
         elif node in alive:
-            x = Shard("data", p, node, j)
+            x = _shard(("data", p, node, j))
             known.append(x)
             data.append(x)
         else:
-            lost.append(Shard("data", p, node, j))
+            lost.append(_shard(("data", p, node, j)))
     for t in range(layout.m):
         node = (s + t) % n  # placement.stripe_parity_nodes, unchecked
-        (parity if node in alive else lost).append(Shard("parity", t, node, t))
+        (parity if node in alive else lost).append(_shard(("parity", t, node, t)))
     outputs = tuple(x for x in lost if wanted(x))
     if not outputs or len(lost) > layout.m:
         return None, lost
