@@ -1,0 +1,143 @@
+"""PyTorch Lightning with ``SnapshotdCheckpointIO`` + ``SnapshotdCallback``, killed and resumed.
+
+A tiny LightningModule (dropout on, AdamW, a LambdaLR warm-up stepped every step) trains
+three epochs on a synthetic dataset with a shuffling sampler, a snapshot every step into a
+real daemon. The first process is SIGKILLed mid-run, in its second epoch; a second process
+resumes it with ``fit(ckpt_path=io.resume_path())`` and then, in the same process, trains a
+failure-free reference from nothing. Parameters, optimizer and scheduler state, global step
+and epoch of the resumed run must equal the reference bit for bit.
+
+This file is also that training process (``python test_lightning.py --job J --out F``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+STEPS, KILL_AFTER, HOLD_AT = 25, 12, 17  # 10 batches an epoch; the kill lands in epoch 2
+
+
+def train(job: str, hold_at: int) -> dict:
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from snapshotd_client.integrations.lightning import SnapshotdCallback, SnapshotdCheckpointIO
+    from snapshotd_tools.demo.trainer import digest_state
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+            return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    class Hold(pl.Callback):  # the first process stops here until the test kills it
+        def on_train_batch_end(self, trainer, *a):
+            time.sleep(0.03)
+            while hold_at and trainer.global_step >= hold_at:
+                time.sleep(0.05)
+
+    pl.seed_everything(11, verbose=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 8, generator=g)
+    ds = TensorDataset(x, x.sum(1, keepdim=True).sin())
+    loader = DataLoader(ds, batch_size=4,
+                        sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3))
+    model = Tiny()
+    io = SnapshotdCheckpointIO(job_id=job, on_daemon_unavailable="raise")
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         plugins=[io], callbacks=[SnapshotdCallback(io)] + ([Hold()] if hold_at else []))
+    trainer.fit(model, loader, ckpt_path=io.resume_path())
+    opt = trainer.optimizers[0]
+    return {"start": io.restored_step, "digest": digest_state(model, opt),
+            "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+            "lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--job", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--hold-at", type=int, default=0)
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    rec = {"run": train(a.job, a.hold_at)}
+    rec["reference"] = train(a.job + "-ref", 0)
+    with open(a.out, "w") as f:
+        json.dump(rec, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+pytest.importorskip("pytorch_lightning")
+
+
+def _committed(client, job: str) -> int:
+    from snapshotd.wire.errors import UnknownJobError
+
+    try:
+        return client.list_versions(job).latest_committed_version
+    except UnknownJobError:
+        return 0
+
+
+def _start(daemon, tmp_path, name: str, hold_at: int) -> subprocess.Popen:
+    env = dict(os.environ, SNAPSHOTD_SOCKET=daemon.socket, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--job", "pl-run",
+           "--out", str(tmp_path / f"{name}.json"), "--hold-at", str(hold_at)]
+    return subprocess.Popen(cmd, env=env, stdout=open(tmp_path / f"{name}.log", "wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def test_lightning_sigkilled_mid_epoch_resumes_bit_exact(daemon, tmp_path):
+    client = daemon.client()
+    first = _start(daemon, tmp_path, "first", HOLD_AT)
+    second = None
+    try:
+        deadline = time.monotonic() + 90
+        while _committed(client, "pl-run") < KILL_AFTER:
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        killed_at = _committed(client, "pl-run")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        second = _start(daemon, tmp_path, "second", 0)
+        assert second.wait(120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+        client.close()
+    rec = json.loads((tmp_path / "second.json").read_text())
+    run, ref = rec["run"], rec["reference"]
+    assert killed_at <= run["start"] <= HOLD_AT and ref["start"] == 0, rec
+    assert run["global_step"] == ref["global_step"] == STEPS, rec
+    assert run["epoch"] == ref["epoch"] and run["lr"] == ref["lr"], rec
+    assert run["digest"] == ref["digest"], rec
