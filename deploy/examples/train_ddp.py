@@ -15,8 +15,12 @@ Slurm example (deploy/slurm/snapshotd.sbatch) and the Kubernetes example Job run
   committed, rank 0 SIGKILLs itself and torchrun stops the other ranks. Launched again
   (the Slurm example retries torchrun; a Kubernetes Job retries its pod), every rank
   resumes from step S instead of step 0. This is how the examples show "killed,
-  restarted, restored" without a real fault. (torchrun's own ``--max-restarts`` works
-  too where its gloo re-rendezvous does; with torch 2.13 on one host it did not.)
+  restarted, restored" without a real fault. torchrun's own ``--max-restarts=N`` works
+  too (the workers are restarted in place and restore the same way), provided torchrun
+  runs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in its environment: without it,
+  torch >= 2.5 hands the restarted workers the agent's TCPStore still holding the failed
+  attempt's keys, and gloo's ``init_process_group`` connects to the dead workers' ports
+  and hangs or fails (docs/INTEGRATIONS.md; tests/integration/test_torchrun.py).
 
 Each rank stores only its 1/W slice of the replicated model and optimizer
 (``shard_replicated``), plus its own RNG and data position. Prints one JSON line per
