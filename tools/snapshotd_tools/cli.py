@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     from snapshotd_tools.chaos import cli as chaos_cli
 
     chaos_cli.add_parser(sub)
+    from snapshotd_tools import plan as plan_cli
+
+    plan_cli.add_parser(sub)
     return p
 
 
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         from snapshotd_tools.chaos import cli as chaos_cli
 
         return chaos_cli.run(a)
+    if a.command == "plan":
+        from snapshotd_tools import plan as plan_cli
+
+        return plan_cli.run(a)
     if a.command == "demo":
         if a.single_node:
             from snapshotd_tools.demo.single_node import run_demo
