@@ -17,8 +17,10 @@ weights) is stored once and comes back as one object.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import random
+import re
 import struct
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -31,6 +33,7 @@ _TAGS = frozenset({"__tensor__", "__ndarray__", "__npscalar__", "__tuple__", "__
                    "__dict__", "__odict__", "__int__", "__float__"})
 _CANON_NAN = struct.pack("<d", float("nan"))
 _I64 = 1 << 63
+_DTYPE_STR = re.compile(r"[<>|=]?[biufcmMSU][1-9][0-9]{0,5}(\[[0-9]{0,4}[a-zA-Z]{1,2}\])?\Z")  # numpy's dtype.str
 _SUPPORTED = ("dict, list, tuple, torch.Tensor, numpy.ndarray (bool/int/uint/float/complex), "
               "numpy scalar, int, float, bool, None, str, bytes")
 
@@ -132,44 +135,120 @@ def flatten_state(obj: Any) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
 
 def unflatten_state(meta: dict, tensors_by_index: Sequence[torch.Tensor]) -> Any:
     """Inverse of ``flatten_state``. Tensors are used as given (not copied); numpy
-    arrays share memory with their tensors."""
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"unknown state format {meta.get('format')!r}, expected {FORMAT!r}")
-    if len(tensors_by_index) < meta["num_tensors"]:
-        raise ValueError(f"meta references {meta['num_tensors']} tensors, "
-                         f"got {len(tensors_by_index)}")
+    arrays share memory with their tensors.
 
-    def dec(x: Any) -> Any:
+    ``meta`` comes from another process (a daemon's manifest): anything flatten_state
+    could not have written (a wrong format, a tag with a value of the wrong type, a
+    tensor reference out of range, an unhashable key, nesting too deep) raises
+    ValueError naming it, never another exception."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"unknown state format {got!r}, expected {FORMAT!r}")
+    n = meta.get("num_tensors")
+    if type(n) is not int or n < 0 or "root" not in meta:
+        raise ValueError("state metadata needs a non-negative int num_tensors and a root")
+    if len(tensors_by_index) < n:
+        raise ValueError(f"meta references {n} tensors, got {len(tensors_by_index)}")
+    try:
+        return _Decoder(tensors_by_index, n).dec(meta["root"])
+    except RecursionError:
+        raise ValueError("state metadata is nested too deeply") from None
+
+
+def _bad(what: str, x: Any) -> ValueError:
+    return ValueError(f"malformed state metadata: {what} in {str(x)[:120]}")
+
+
+class _Decoder:
+    """Decodes the JSON values of :func:`flatten_state`; refuses anything else (ValueError)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], n: int):
+        self.tensors, self.n = tensors, n
+
+    def tensor(self, i: Any, x: Any) -> torch.Tensor:
+        if type(i) is not int or not 0 <= i < self.n:
+            raise _bad(f"tensor reference {str(i)[:40]} is not in [0, {self.n})", x)
+        return self.tensors[i]
+
+    def pairs(self, items: Any, x: Any) -> list:
+        if type(items) is not list or any(type(kv) is not list or len(kv) != 2 for kv in items):
+            raise _bad("key/value pairs expected", x)
+        out = [(self.dec(k), self.dec(v)) for k, v in items]
+        for k, _ in out:
+            try:
+                hash(k)
+            except TypeError:
+                raise _bad(f"unhashable key of type {type(k).__name__}", x) from None
+        return out
+
+    @staticmethod
+    def text(v: Any, x: Any) -> str:
+        if type(v) is not str:
+            raise _bad("a string expected", x)
+        return v
+
+    def dec(self, x: Any) -> Any:
         if type(x) is list:
-            return [dec(v) for v in x]
+            return [self.dec(v) for v in x]
         if type(x) is not dict:
             return x
         if "__tensor__" in x:
-            return tensors_by_index[x["__tensor__"]]
+            return self.tensor(x["__tensor__"], x)
         if "__ndarray__" in x:
-            a = tensors_by_index[x["__ndarray__"]].numpy()
-            dt = np.dtype(x["dtype"])
-            return a if a.dtype == dt else a.astype(dt)
+            return self.ndarray(x)
         if "__tuple__" in x:
-            return tuple(dec(v) for v in x["__tuple__"])
+            if type(x["__tuple__"]) is not list:
+                raise _bad("__tuple__ needs a list", x)
+            return tuple(self.dec(v) for v in x["__tuple__"])
         if "__dict__" in x:
-            return {dec(k): dec(v) for k, v in x["__dict__"]}
+            return dict(self.pairs(x["__dict__"], x))
         if "__odict__" in x:
-            od = OrderedDict((dec(k), dec(v)) for k, v in x["__odict__"])
+            od = OrderedDict(self.pairs(x["__odict__"], x))
             if "_metadata" in x:
-                od._metadata = dec(x["_metadata"])  # type: ignore[attr-defined]
+                od._metadata = self.dec(x["_metadata"])  # type: ignore[attr-defined]
             return od
         if "__bytes__" in x:
-            return base64.b64decode(x["__bytes__"])
+            try:
+                return base64.b64decode(self.text(x["__bytes__"], x), validate=True)
+            except binascii.Error:
+                raise _bad("__bytes__ is not base64", x) from None
         if "__int__" in x:
-            return int(x["__int__"], 16)
+            return int(self.text(x["__int__"], x), 16)  # ValueError if not hex
         if "__float__" in x:
-            return struct.unpack("<d", bytes.fromhex(x["__float__"]))[0]
+            raw = bytes.fromhex(self.text(x["__float__"], x))
+            if len(raw) != 8:
+                raise _bad("__float__ needs 8 bytes", x)
+            return struct.unpack("<d", raw)[0]
         if "__npscalar__" in x:
-            return np.frombuffer(bytes.fromhex(x["hex"]), dtype=np.dtype(x["__npscalar__"]))[0]
-        return {k: dec(v) for k, v in x.items()}
+            dt = self.dtype(x["__npscalar__"], "biufcmMSU", x)
+            raw = bytes.fromhex(self.text(x.get("hex"), x))
+            if dt.itemsize == 0 or len(raw) != dt.itemsize:
+                raise _bad(f"{len(raw)} bytes for a scalar of {dt}", x)
+            return np.frombuffer(raw, dtype=dt)[0]
+        return {k: self.dec(v) for k, v in x.items()}
 
-    return dec(meta["root"])
+    def ndarray(self, x: dict) -> np.ndarray:
+        t = self.tensor(x["__ndarray__"], x)
+        dt = self.dtype(x.get("dtype"), "biufc", x)
+        try:
+            a = t.numpy()
+        except TypeError as e:  # a dtype numpy lacks (bfloat16, ...): not one we wrote
+            raise _bad(f"tensor {x['__ndarray__']} cannot be a numpy array ({e})", x) from None
+        if a.dtype.kind != dt.kind or a.dtype.itemsize != dt.itemsize:
+            raise _bad(f"tensor of {a.dtype} for an array of {dt}", x)
+        return a if a.dtype == dt else a.astype(dt)
+
+    def dtype(self, name: Any, kinds: str, x: Any) -> np.dtype:
+        text = self.text(name, x)
+        if not _DTYPE_STR.match(text):  # np.dtype parses far more (and raises anything)
+            raise _bad(f"numpy dtype {text[:40]!r} is not one a snapshot holds", x)
+        try:
+            dt = np.dtype(text)
+        except (TypeError, ValueError):
+            raise _bad(f"unknown numpy dtype {str(name)[:40]!r}", x) from None
+        if dt.kind not in kinds or dt.fields is not None or dt.subdtype is not None:
+            raise _bad(f"numpy dtype {dt} is not one a snapshot holds", x)
+        return dt
 
 
 def dumps_meta(meta: dict) -> str:
@@ -179,8 +258,15 @@ def dumps_meta(meta: dict) -> str:
 
 
 def loads_meta(text: str | bytes) -> dict:
-    """Parse ``dumps_meta`` output."""
-    return json.loads(text)
+    """Parse ``dumps_meta`` output: a JSON object, else ValueError (as for invalid JSON,
+    invalid UTF-8 or nesting too deep)."""
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        raise ValueError("state metadata is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"state metadata must be a JSON object, not {type(meta).__name__}")
+    return meta
 
 
 def capture_rng_state() -> dict:

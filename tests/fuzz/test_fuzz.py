@@ -1,0 +1,81 @@
+"""Coverage-guided fuzzing of the parsers that take outside bytes (issue 18), in the suite.
+
+Each target (``fuzz_targets.py``, ``fuzz_service.py``) runs under atheris in a
+subprocess (``fuzz_runner.py``) for ``SNAPSHOTD_FUZZ_SECONDS`` (30 s here; the
+``slow`` variant 600 s, run with ``-m slow``), from its committed seed corpus, with a
+10 s per-input limit (a hang is a failure). Any crash, hang or out-of-memory fails the
+test and names the input libFuzzer wrote; turn it into a test in ``test_regressions.py``
+and fix the parser. Docs: docs/FUZZING.md.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNNER = os.path.join(HERE, "fuzz_runner.py")
+CORPUS = os.path.join(HERE, "corpus")
+TARGETS = ("peer", "manifest", "state_meta", "service")
+
+
+def _seconds(default: int) -> int:
+    return int(os.environ.get("SNAPSHOTD_FUZZ_SECONDS", default))
+
+
+def run_fuzzer(target: str, seconds: int, tmp_path) -> dict:
+    """Fuzz ``target`` for ``seconds``; returns libFuzzer's figures (runs, cov, ft,
+    corpus, exec/s) and the output; asserts it ended clean."""
+    work, art = tmp_path / "work", tmp_path / "artifacts"
+    work.mkdir()
+    art.mkdir()
+    cmd = [sys.executable, RUNNER, target, f"-max_total_time={seconds}", "-timeout=10",
+           "-rss_limit_mb=4096", "-print_final_stats=1", f"-artifact_prefix={art}/",
+           str(work), os.path.join(CORPUS, target)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(os.path.dirname(HERE)))
+    try:
+        out, _ = proc.communicate(timeout=seconds + 180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        sys.path.insert(0, HERE)
+        from fuzz_service import cleanup
+        cleanup(proc.pid)
+    found = sorted(os.listdir(art))
+    tail = out[-6000:]
+    assert proc.returncode == 0 and not found, (
+        f"fuzz target {target!r} failed (exit {proc.returncode}); inputs: "
+        f"{[str(art / f) for f in found]}\n{tail}")
+    done = re.findall(r"DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)/", out)
+    runs = re.search(r"stat::number_of_executed_units: (\d+)", out)
+    assert done and runs, f"no final libFuzzer statistics in the output:\n{tail}"
+    cov, ft, corp = map(int, done[-1])
+    figures = {"target": target, "seconds": seconds, "runs": int(runs.group(1)), "cov": cov,
+               "ft": ft, "corpus": corp}
+    print(figures)
+    return figures
+
+
+def _seed_count(target: str) -> int:
+    return len(os.listdir(os.path.join(CORPUS, target)))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fuzz_target_finds_no_crash_or_hang(target, tmp_path):
+    figures = run_fuzzer(target, _seconds(30), tmp_path)
+    # it really fuzzed: past its seeds, with coverage feedback from our modules
+    assert figures["runs"] > _seed_count(target)
+    assert figures["cov"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_fuzz_target_long_run(target, tmp_path):
+    figures = run_fuzzer(target, _seconds(600), tmp_path)
+    assert figures["runs"] > _seed_count(target)
