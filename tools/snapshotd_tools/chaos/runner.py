@@ -422,15 +422,16 @@ class Harness:
         trainer record of a version newer than ``floor``, waiting up to the bound."""
         obs.commit_expected = True
         deadline = time.monotonic() + obs.commit_bound_s + 1
+        job = self.rig.job  # a job resumed at its last step: its next epoch's first commit counts
         while True:
-            seen = [t for g in self.launches if g.job == self.rig.job
-                    for t, _, v in g.commits if t >= t_clear and v > floor]
+            seen = [t for g in self.launches if g.job == job or g.t_launch >= t_clear
+                    for t, _, v in g.commits if t >= t_clear and v > (floor if g.job == job else 0)]
             if seen:
                 obs.commit_after_s = round(max(0.0, min(seen) - t_clear), 2)
                 return
             if time.monotonic() > deadline:
                 return
-            self.g.pump(0.1)
+            self._pump(0.1)
 
     def resume(self, tag: str, obs: Observation, floor: int, on_restoring=None) -> Trainers:
         """Launch the job again; it must restore, then train two steps past ``floor``.
