@@ -103,8 +103,24 @@ class DaemonClient:
     def stats(self) -> pb.StatsResponse:
         return self._call("Stats", pb.StatsRequest())
 
-    def drop_job(self, job_id: str) -> int:
-        return self._call("DropJob", pb.DropJobRequest(job_id=job_id)).bytes_freed
+    def drop_job(self, job_id: str, refuse_if_in_use: bool = False) -> int:
+        """Drop the job here; ``refuse_if_in_use``: refused (ConflictError) when a request
+        named it in the last 30 s. Returns the bytes freed."""
+        return self._call("DropJob", pb.DropJobRequest(
+            job_id=job_id, refuse_if_in_use=refuse_if_in_use)).bytes_freed
+
+    def list_jobs(self, job_id: str = "") -> pb.ListJobsResponse:
+        """Every job the daemon holds (or only ``job_id``: UnknownJobError if it holds none)."""
+        return self._call("ListJobs", pb.ListJobsRequest(job_id=job_id))
+
+    def collect_jobs(self, older_than_s: float | None = None,
+                     dry_run: bool = False) -> pb.CollectJobsResponse:
+        """Drop the jobs that are not active and idle ``older_than_s`` (default: the
+        daemon's job TTL)."""
+        req = pb.CollectJobsRequest(dry_run=dry_run)
+        if older_than_s is not None:
+            req.older_than_s = older_than_s
+        return self._call("CollectJobs", req)
 
     def push_shard(self, manifest: pb.ShardManifest, payload) -> pb.AdoptShardResponse:
         """Stream a shard to a (possibly remote) daemon. ``payload``: a buffer."""

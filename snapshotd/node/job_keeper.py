@@ -17,7 +17,9 @@ forgotten. A trainer that still maps a segment keeps valid memory (an unlinked s
 lives until its last mapping goes; nothing is unmapped under it), its next hand-off is
 refused (UNKNOWN_JOB) and its next save registers the job afresh, from nothing. That
 silently loses the job's snapshots, so a drop of a job with a request in the last
-``in_use_s`` (30 s) is refused (FAILED_PRECONDITION) unless forced. The garbage
+``IN_USE_S`` (30 s, or ``active_s`` if shorter) is refused (FAILED_PRECONDITION) unless
+forced (``snapshotd jobs drop JOB --force``; the DropJob RPC drops at once unless its
+request asks for the check). The garbage
 collector never drops an active job.
 
 Thread-safety: every method may be called from any thread; state is read and changed
@@ -114,7 +116,7 @@ class JobKeeper:
         ``force``; an unknown job is UnknownJobError. Either way nothing changes then."""
         with self.store.state.lock:
             info = self.show(job_id)
-            if not force and info.idle_s < IN_USE_S:
+            if not force and info.idle_s < min(IN_USE_S, self.active_s):
                 raise self.store.state.refuse(ConflictError(
                     f"job {job_id!r} is in use (a request {info.idle_s:.0f} s ago): dropping it "
                     f"would delete its snapshots under its trainers; stop them first, or force "

@@ -1,11 +1,15 @@
 """The ``snapshotd`` command: serve (the daemon, :mod:`snapshotd.node.cli`), stats,
-status, cluster, demo and chaos."""
+jobs and health (:mod:`snapshotd_tools.ops`), status, cluster, demo and chaos.
+
+Output into a closed pipe (``snapshotd stats | head``) ends the command quietly with
+status 141 (128 + SIGPIPE), as other Unix tools do, never with a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 
 from snapshotd.node import cli as node_cli
@@ -28,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stats", help="print a daemon's holdings as JSON")
     st.add_argument("--socket", default=None, help=f"daemon socket [env {c.ENV_SOCKET}]")
+    st.add_argument("--target", default=None,
+                    help="HOST:PORT of the daemon's TCP listener instead of the socket (needs the token)")
     st.add_argument("--token", default=_env(c.ENV_TOKEN), help=f"[env {c.ENV_TOKEN}]")
+
+    from snapshotd_tools import ops
+
+    ops.add_parsers(sub, _env(c.ENV_TOKEN))
 
     cl = sub.add_parser("cluster", help="a local cluster of daemons on this machine")
     clsub = cl.add_subparsers(dest="action", required=True)
@@ -84,7 +94,11 @@ def _stats(a) -> int:
     from snapshotd.wire.errors import SnapshotdError
     from snapshotd_client.transport import DaemonClient
 
-    cl = DaemonClient.for_socket(a.socket or c.default_socket_path(), token=a.token, timeout_s=5)
+    if a.target and a.socket:
+        print("snapshotd: give --socket or --target, not both", file=sys.stderr)
+        return 2
+    target = a.target or "unix:" + (a.socket or c.default_socket_path())
+    cl = DaemonClient(target, token=a.token, timeout_s=5)
     try:
         print(json.dumps(MessageToDict(cl.stats(), always_print_fields_with_no_presence=True), indent=2))
     except SnapshotdError as exc:
@@ -94,11 +108,40 @@ def _stats(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:
+        _quiet_closed_pipe()
+        return 128 + signal.SIGPIPE
+
+
+def _quiet_closed_pipe() -> None:
+    """The reader of our output went away: point stdout at /dev/null so that the flush
+    at exit does not raise again (and print 'Exception ignored ...')."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.command == "serve":
         return node_cli.serve(a)
     if a.command == "stats":
         return _stats(a)
+    if a.command == "jobs":
+        from snapshotd_tools import ops
+
+        return ops.run_jobs(a)
+    if a.command == "health":
+        from snapshotd_tools import ops
+
+        return ops.run_health(a)
     if a.command in ("cluster", "status"):
         from snapshotd_tools import localcluster as lc
 
