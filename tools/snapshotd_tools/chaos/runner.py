@@ -178,9 +178,13 @@ class Harness:
         return g
 
     @staticmethod
-    def drain(g: Trainers) -> None:
+    def drain(g: Trainers, running_s: float = 0.5) -> None:
+        """Fold the events already sent. A launch still running never falls quiet (steps
+        and hand-off records keep coming): for it, stop after ``running_s``."""
+        t_end = time.monotonic() + running_s
         while g.pump(0.05):
-            pass
+            if time.monotonic() > t_end and any(p.poll() is None for p in g.procs):
+                return
 
     def _take_digests(self) -> list:
         """The digests reported since the last call, over every launch: each is judged once."""
