@@ -159,7 +159,7 @@ def test_costs_and_bad_strategies():
     job = Job(nodes=64, state_bytes_per_node=10e9, nic_bytes_per_s=10e9, step_s=2)
     c = costs(job, Snapshotd(8, 2, 60, 3600))
     assert c.commit_s == pytest.approx(2.0) and c.durable_every == 60
-    assert c.memory_bytes == pytest.approx((3 + 2 * 2 / 6) * 10e9)
+    assert c.memory_bytes == pytest.approx(2 * (1 + 2 / 6) * 10e9)  # docs/OPERATIONS.md's budget
     assert costs(job, Snapshotd(8, 2, 0.5, 3600)).interval_s == 2  # never below one step
     for bad in (Snapshotd(7, 2, 60, 3600), Snapshotd(8, 8, 60, 3600), Replication(0, 60, 60),
                 Snapshotd(8, 2, -1, 3600), CheckFree(3, 3600)):

@@ -40,7 +40,7 @@ def test_plan_recommends_and_compares():
 
 
 def test_plan_text_llama3_and_memory_budget(capsys):
-    assert plan.main(["--nodes", "64", "--state-per-node", "20GB", "--memory-per-node", "50GB", "--days", "20"]) == 0
+    assert plan.main(["--nodes", "64", "--state-per-node", "20GB", "--memory-per-node", "30GB", "--days", "20"]) == 0
     out = capsys.readouterr().out
     assert "recommended:" in out and "DOES NOT FIT" in out
     assert "no snapshotd option fits the memory budget" in out

@@ -62,6 +62,8 @@ def add_parser(sub) -> None:
                    help="custom profile: share of failures a process restart fixes (default 0.75)")
     p.add_argument("--restart-s", type=float, default=None,
                    help="job restart time after a fault, s (default: the profile's, 600)")
+    p.add_argument("--group-sizes", default="4,6,8",
+                   help="group sizes n to consider, comma-separated (default 4,6,8: see docs/OPERATIONS.md)")
     p.add_argument("--pipeline-stages", type=int, default=0, help="also compare CheckFree with this many stages")
     p.add_argument("--days", type=float, default=60.0, help="simulated days (default 60)")
     p.add_argument("--seed", type=int, default=0)
@@ -126,7 +128,8 @@ def report(job: Job, prof, rec: Recommendation, days: float) -> str:
         f"  snapshot interval  {s.interval_s:g} s   (parity traffic {_gb(c.traffic_bytes)} per node per "
         f"snapshot = {c.commit_s:.2f} s of NIC)",
         f"  durable interval   {s.durable_interval_s:g} s   (background write {c.durable_write_s:.1f} s per copy)",
-        f"  memory per node    {_gb(c.memory_bytes)}   (3 data slots + 2 parity slots of m/k = {s.parity}/{k})"
+        f"  memory per node    {_gb(c.memory_bytes)}   (budget 2 x state x (1 + m/k), m/k = {s.parity}/{k}; "
+        f"daemon limit: + 2 GiB)"
         + (f"; budget {_gb(mem)}: {'fits' if c.memory_bytes <= mem else 'DOES NOT FIT'}" if mem else ""),
         f"  lost versions      {b.loss_per_year:.2g} per year from more than m faults in one group "
         f"(independent failures; window = restart + rebuild {c.restore_peer_s:.1f} s)",
@@ -170,7 +173,9 @@ def plot(job: Job, prof, rec: Recommendation, days: float, seed: int, path: str,
             res = sweep(job, make, prof, ivs, h, seed)
         except InvalidRequestError:
             continue
-        ax.plot([iv / 60 for iv, _ in res], [100 * r.ettr for _, r in res], marker="o", ms=3, label=label)
+        dashed = label.startswith("replication")  # often on top of snapshotd's line: keep both visible
+        ax.plot([iv / 60 for iv, _ in res], [100 * r.ettr for _, r in res], marker="o", ms=3, label=label,
+                ls="--" if dashed else "-", lw=1 if dashed else 1.6)
     ax.axvline(rec.disk_interval_s / 60, color="grey", ls=":", lw=0.8, label="Young-Daly (disk)")
     ax.set_xscale("log")
     ax.set_xlabel("snapshot / checkpoint interval (minutes)")
@@ -187,7 +192,9 @@ def plot(job: Job, prof, rec: Recommendation, days: float, seed: int, path: str,
 def run(a) -> int:
     try:
         job, prof = build(a)
-        rec = recommend(job, prof, horizon_s=a.days * 86400, seed=a.seed, pipeline_stages=a.pipeline_stages)
+        sizes = tuple(int(x) for x in a.group_sizes.split(","))
+        rec = recommend(job, prof, horizon_s=a.days * 86400, seed=a.seed, group_sizes=sizes,
+                        pipeline_stages=a.pipeline_stages)
     except (InvalidRequestError, ValueError) as exc:
         print(f"snapshotd plan: {exc}", file=sys.stderr)
         return 2

@@ -154,7 +154,7 @@ def durable_interval(job: Job, storage_share: float = 0.25, floor_s: float = 360
 
 
 def recommend(job: Job, profile: FailureProfile, horizon_s: float = 60 * 86400, seed: int = 0,
-              group_sizes: Sequence[int] = (4, 6, 8, 10, 12, 16), parities: Sequence[int] = (0, 1, 2, 3),
+              group_sizes: Sequence[int] = (4, 6, 8), parities: Sequence[int] = (0, 1, 2, 3),
               pipeline_stages: int = 0, max_loss_per_year: float = 0.01) -> Recommendation:
     """Try snapshotd's (n, m) and snapshot intervals on one fault trace; pick the best
     that fits the memory (``job.memory_bytes_per_node``, 0: no limit), preferring options

@@ -116,7 +116,7 @@ class Costs:
     restore_local_s: float  # the node's own memory (process restart)
     restore_peer_s: float  # a replacement node rebuilt from its peers
     restore_disk_s: float  # everything read back from shared storage
-    memory_bytes: float  # host memory per node the strategy holds
+    memory_bytes: float  # host memory per node: two versions (committed + in flight), data + redundancy
     traffic_bytes: float  # bytes each node sends per save
 
 
@@ -151,14 +151,14 @@ def costs(job: Job, s: Strategy) -> Costs:
         # each data block goes to the m parity holders of its stripe; a replacement reads
         # k shards for each of its n/k * state bytes of data and parity.
         return Costs(iv, local, m * st / job.nic_bytes_per_s, _durable_every(iv, s.durable_interval_s), disk,
-                     local, n * st / job.nic_bytes_per_s, disk, (3 + 2 * m / k) * st, m * st)
+                     local, n * st / job.nic_bytes_per_s, disk, 2 * (1 + m / k) * st, m * st)
     if isinstance(s, Replication):
         r = s.replicas
         if r < 1 or job.nodes % (r + 1):
             raise InvalidRequestError(f"replication: need replicas >= 1 and replicas+1 dividing {job.nodes}")
         iv = max(_check_interval("interval_s", s.interval_s), job.step_s)
         return Costs(iv, local, r * st / job.nic_bytes_per_s, _durable_every(iv, s.durable_interval_s), disk,
-                     local, st / job.nic_bytes_per_s, disk, 2 * (1 + r) * st + st, r * st)
+                     local, st / job.nic_bytes_per_s, disk, 2 * (1 + r) * st, r * st)
     if isinstance(s, DiskCheckpoint):
         iv = max(_check_interval("interval_s", s.interval_s), job.step_s)
         return Costs(iv, disk, 0.0, 1, 0.0, disk, disk, disk, 0.0, st)
