@@ -103,6 +103,13 @@ def test_every_section_has_sane_numbers(quick_run):
     assert len(tr) == 5 and "never" in tr and "snapshotd every step" in tr
     assert all(_pos(r["mean_step_s"]) and _pos(r["p95_step_s"]) for r in tr.values())
     assert tr["never"]["overhead_pct"] == 0
+    base = tr["never"]["mean_step_s"]
+    for r in tr.values():  # the overhead quoted is the ratio of the mean steps in this run
+        assert r["overhead_pct"] == pytest.approx((r["mean_step_s"] / base - 1) * 100, abs=0.05), r
+    from bench import report  # the verdicts stored are those of the stored measurements
+
+    assert [(g["goal"], g["status"]) for g in res["goals"]] == \
+        [(g["goal"], g["status"]) for g in report.goals(res)]
 
     sc = res["scaling"]["nodes"]
     assert [r["nodes"] for r in sc] == [3]
