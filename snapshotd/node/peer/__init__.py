@@ -2,9 +2,10 @@
 
 Daemons exchange erasure-coded blocks of several MiB (parity contributions, rebuild
 reads) plus small control messages and heartbeats. The transport is ZeroMQ over TCP:
-every daemon runs one :class:`PeerServer` (a ROUTER socket served by one thread,
-:mod:`.server`) and holds one :class:`PeerClient` (a DEALER socket, :mod:`.client`) per
-peer it talks to. One schema: ``proto/peer.proto`` (package ``snapshotd.peer``,
+every daemon runs one :class:`PeerServer` (a ROUTER socket, :mod:`.server`; a daemon
+answers pings on its serving thread and every other op on a bulk thread, so bulk work
+never delays a heartbeat) and holds :class:`PeerClient` s (DEALER sockets,
+:mod:`.client`) per peer it talks to: one for heartbeats, one for bulk traffic. One schema: ``proto/peer.proto`` (package ``snapshotd.peer``,
 generated into ``snapshotd.wire._proto.peer_pb2``).
 
 Modules: :mod:`.framing` (frame header codec, HMAC, payload checks), :mod:`.checks`
