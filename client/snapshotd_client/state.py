@@ -281,17 +281,40 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(d: dict) -> None:
     """Set every RNG back to a ``capture_rng_state`` result (also after a
-    flatten/JSON/unflatten round trip, or with lists where tuples were)."""
+    flatten/JSON/unflatten round trip, or with lists where tuples were).
+
+    All or nothing: a state that is not one (it came from a snapshot's metadata) raises
+    ValueError and leaves every RNG as it was. RuntimeError when the snapshot holds CUDA
+    RNG states and CUDA is not available."""
+    if not isinstance(d, dict):
+        raise ValueError(f"malformed RNG state in the snapshot: a dict expected, not {type(d).__name__}")
+    cuda = d.get("cuda") or []
+    if cuda and not torch.cuda.is_available():
+        n = len(cuda) if isinstance(cuda, (list, tuple)) else "some"
+        raise RuntimeError(f"snapshot holds RNG state for {n} CUDA devices "
+                           "but CUDA is not available here")
+    saved = capture_rng_state()
+    try:
+        _set_rng_state(d)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, RuntimeError) as e:
+        _set_rng_state(saved)
+        raise ValueError(f"malformed RNG state in the snapshot ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+
+
+def _set_rng_state(d: dict) -> None:
     version, inner, gauss = d["python"]
+    if gauss is not None and type(gauss) is not float:
+        raise TypeError("python gauss_next must be a float or None")
     random.setstate((int(version), tuple(int(v) for v in inner), gauss))
     name, keys, pos, has_gauss, cached = d["numpy"]
     np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos),
                          int(has_gauss), float(cached)))
-    torch.set_rng_state(torch.as_tensor(d["torch"], dtype=torch.uint8).contiguous())
+    state = torch.as_tensor(d["torch"], dtype=torch.uint8).contiguous()
+    if state.shape != torch.get_rng_state().shape:
+        raise ValueError(f"torch RNG state of shape {tuple(state.shape)}")
+    torch.set_rng_state(state)
     cuda = list(d.get("cuda") or [])
     if cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"snapshot holds RNG state for {len(cuda)} CUDA devices "
-                               "but CUDA is not available here")
         torch.cuda.set_rng_state_all(
             [torch.as_tensor(s, dtype=torch.uint8).contiguous() for s in cuda])

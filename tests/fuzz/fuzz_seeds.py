@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import sys
 from collections import OrderedDict
 
@@ -163,6 +164,14 @@ def state_meta_seeds() -> list[bytes]:
         (None, True, "s", b"\xff", 3.0, [1, [2, [3]]]),
     ]
     out = [m.meta_json.encode(), st.dumps_meta(rep_meta).encode(), st.dumps_meta(loc_meta).encode()]
+    from fuzz_targets import _state_tensors
+    fixed = _state_tensors()  # the target decodes with these: reference them in order
+    random.seed(1)
+    rng = {"python": random.getstate(), "numpy": np.random.RandomState(1).get_state(),
+           "torch": fixed[-1], "cuda": []}
+    meta, named = st.flatten_state({"fixed": fixed[:-2], "step": 1, "rng": rng})
+    assert len(named) == len(fixed) and all(torch.equal(a, b) for (_, a), b in zip(named, fixed))
+    out.append(st.dumps_meta(meta).encode())
     for o in objs:
         meta, _ = st.flatten_state(o)
         out.append(st.dumps_meta(meta).encode())

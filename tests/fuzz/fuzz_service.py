@@ -13,7 +13,10 @@ The contract checked on every input:
   (:data:`REFUSAL_CODES`: never INTERNAL or UNKNOWN) whose trailer names the error class;
   no other exception escapes;
 * a refused request leaves the store as it was (:func:`store_state`: stats, every job's
-  versions, the shm segments, the durable index and the job-token file);
+  versions, the shm segments, the durable index and the job-token file; see
+  :func:`same_state` for what is not counted). A refused PushShard whose manifest was
+  valid was a staging request, with a staging request's effects on the ledger
+  (:func:`staging_problems` lists what it still must not do);
 * bodies that do not parse never reach the servicer (``RequestParseGuard``); a part of a
   PushShard stream that does not parse is raised into the stream as
   ``MalformedRequestError``, as the guard does.
@@ -27,6 +30,7 @@ names in inputs may start with ``{prefix}``, which becomes the store's prefix.
 from __future__ import annotations
 
 import atexit
+import functools
 import glob
 import json
 import logging
@@ -40,9 +44,17 @@ from fuzz_targets import split_parts
 
 RPCS = ("RegisterJob", "AcquireStaging", "AdoptShard", "PushShard", "Commit", "ListVersions",
         "OpenShard", "FetchShard", "Stats", "DropJob")
-REFUSAL_CODES = frozenset(grpc.StatusCode[c] for c in (
-    "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ABORTED", "RESOURCE_EXHAUSTED",
-    "PERMISSION_DENIED", "DATA_LOSS", "UNAUTHENTICATED", "OUT_OF_RANGE"))
+
+
+def _refusal_codes() -> frozenset:
+    """The statuses of the error table (snapshotd/wire/errors.py), less INTERNAL and UNKNOWN."""
+    from snapshotd.wire.errors import ERROR_CLASSES
+
+    codes = {grpc.StatusCode[c.grpc_code_name] for c in ERROR_CLASSES.values()}
+    return frozenset(codes - {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+REFUSAL_CODES = _refusal_codes()
 JOB_TOKEN = "tok-sec"
 BS = 4096
 PREFIX_MARK = "{prefix}"
@@ -119,7 +131,9 @@ class Harness:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=None)
 def payload_of(rank: int, version: int) -> bytes:
+    """The bytes the baseline (and the seeds) deliver for ``rank`` at ``version``."""
     return bytes((rank * 31 + version * 7 + i) % 251 for i in range(2 * BS + 100 + rank))
 
 
@@ -167,37 +181,58 @@ def store_state(h: Harness) -> tuple:
         if os.path.isfile(p):
             with open(p, "rb") as fh:
                 files[f] = fh.read()
-    return repr(s), repr(jobs), repr(versions), tuple(h.shm.list_segments(h.store.prefix)), files
+    return s, jobs, versions, tuple(h.shm.list_segments(h.store.prefix)), files
 
 
-def _norm(state: tuple, takeover: tuple[str, int] | None, strict: bool = False) -> tuple:
+def _norm(state: tuple, strict: bool = False) -> tuple:
     files = dict(state[4])
     if "index.json" in files:
         doc = json.loads(files["index.json"])
-        for name, job in doc.get("jobs", {}).items():
+        for job in doc.get("jobs", {}).values():
             job.pop("last_activity", None)
-            for r, slots in job.get("slots", {}).items():
-                taken = takeover == (name, int(r))
-                job["slots"][r] = [s for s in slots if strict or not (
-                    (s[0] == 0 and s[1] == "free") or (taken and s[1] in ("free", "staging")))]
+            if not strict:
+                for r, slots in job.get("slots", {}).items():
+                    job["slots"][r] = [s for s in slots if not (s[0] == 0 and s[1] == "free")]
         files["index.json"] = doc
     return state[:4] + (files,)
 
 
-def same_state(a: tuple, b: tuple, takeover: tuple[str, int] | None = None,
-               strict: bool = False) -> list[int]:
+def same_state(a: tuple, b: tuple, strict: bool = False) -> list[int]:
     """The parts (indexes into :func:`store_state`) that differ, ignoring the jobs'
-    activity clock (``last_activity``: a request was seen) and empty free slots (0
-    bytes: they hold nothing). ``takeover``: a (job, rank) whose staging slot a refused
-    PushShard may have taken over: the ledger has one trainer per rank, so a new staging
-    request supersedes the rank's earlier one (``core/ledger.py``, ``acquire``).
-    ``strict``: only the activity clock is ignored (is a reset needed?)."""
-    a, b = _norm(a, takeover, strict), _norm(b, takeover, strict)
+    activity clock (``last_activity``: a request was seen) and, unless ``strict``, empty
+    free ledger slots (0 bytes, no segment: they hold nothing)."""
+    a, b = _norm(a, strict), _norm(b, strict)
     return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
 
 
+def staging_problems(before: tuple, after: tuple, m) -> list[str]:
+    """What a refused PushShard must not have done, once its manifest was valid.
+
+    Such a push is a staging request (the store acquires a slot, then streams into it):
+    the ledger has one trainer per rank, so it supersedes the rank's earlier staging
+    and the versions the rank thereby moved past can never commit (``core/ledger.py``,
+    ``acquire``); a refused payload does not undo that, by design. What it must not do:
+    leave its own staging slot, make a segment, or touch anything committed."""
+    out = []
+    if not set(after[3]) <= set(before[3]):
+        out.append(f"new segments {sorted(set(after[3]) - set(before[3]))}")
+    if after[0]["bytes_committed"] != before[0]["bytes_committed"]:
+        out.append("bytes_committed changed")
+    if after[0]["bytes_reserved"] > before[0]["bytes_reserved"]:
+        out.append("more bytes reserved")
+    for job, (latest, versions) in before[2].items():
+        now = after[2].get(job)
+        if now is None or now[0] != latest or [v for v in now[1] if v[1]] != [v for v in versions if v[1]]:
+            out.append(f"job {job!r}: committed versions changed: {versions} -> {now}")
+    index = json.loads(after[4].get("index.json", b"{}"))
+    slots = index.get("jobs", {}).get(m.job_id, {}).get("slots", {}).get(str(m.rank), [])
+    if any(s[1] == "staging" and s[2] == m.version for s in slots):
+        out.append(f"left a staging slot for version {m.version}")
+    return out
+
+
 def _first_diff(a: tuple, b: tuple) -> str:
-    a, b = _norm(a, None, True), _norm(b, None, True)
+    a, b = _norm(a, True), _norm(b, True)
     for x, y in zip(a, b):
         if x != y:
             return f"{str(y)[:1500]} -> {str(x)[:1500]}"
@@ -292,17 +327,19 @@ def service(data: bytes) -> None:
             out = list(out)
     except Aborted:
         assert ctx.code in REFUSAL_CODES, f"{rpc} aborted with {ctx.code}: {ctx.details}"
-        codes = dict(ctx.trailers).get(ERROR_METADATA_KEY)
-        assert codes is None or codes in ERROR_CLASSES, codes
-        takeover = None
-        if rpc == "PushShard" and h.first_push is not None:
-            takeover = (h.first_push.job_id, h.first_push.rank)
+        code = dict(ctx.trailers).get(ERROR_METADATA_KEY)  # the class the client will raise
+        assert code is None or (code in ERROR_CLASSES and
+                                ERROR_CLASSES[code].grpc_code_name == ctx.code.name), (code, ctx.code)
         after = store_state(h)
-        diff = same_state(after, h.baseline, takeover)
-        if diff:
+        if rpc == "PushShard" and _valid(h.first_push):
+            problems = staging_problems(h.baseline, after, h.first_push)
+        else:
+            problems = same_state(after, h.baseline)
+        if problems:
+            detail = _first_diff(after, h.baseline)
             h.reset()
             raise AssertionError(f"{rpc} was refused ({ctx.code}: {ctx.details}) but changed "
-                                 f"the store (parts {diff} of store_state): {_first_diff(after, h.baseline)}")
+                                 f"the store ({problems}): {detail}")
         if same_state(after, h.baseline, strict=True):
             h.reset()  # a forgiven change: the next input starts from the baseline all the same
         return
@@ -312,6 +349,19 @@ def service(data: bytes) -> None:
     assert isinstance(out, expected), (rpc, type(out))
     if same_state(store_state(h), h.baseline, strict=True):
         h.reset()
+
+
+def _valid(m) -> bool:
+    from snapshotd.wire import manifest as mf
+    from snapshotd.wire.errors import InvalidRequestError
+
+    if m is None:
+        return False
+    try:
+        mf.validate_manifest(m, require_checksums=True)
+    except InvalidRequestError:
+        return False
+    return True
 
 
 TARGETS = {"service": service}

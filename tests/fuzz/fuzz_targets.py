@@ -13,7 +13,8 @@ documented errors; anything else it raises is a crash:
 * ``manifest``: ``validate_manifest`` raises only ``InvalidRequestError``; a manifest it
   accepts is one the client can view: every tensor entry maps onto the payload.
 * ``state_meta``: the client's decoding of the state metadata a daemon hands back in a
-  manifest (``loads_meta`` then ``unflatten_state``) raises only ``ValueError``.
+  manifest (``loads_meta``, ``unflatten_state``, then ``restore_rng_state`` on an ``rng``
+  entry) raises only ``ValueError``; a refused RNG state leaves the RNGs as they were.
 
 The gRPC servicer target lives in ``fuzz_service.py``. Inputs of the multi-part targets
 are a flags byte then length-prefixed parts (:func:`split_parts`, :func:`join_parts`), so
@@ -251,6 +252,10 @@ def _state_tensors():
                              torch.arange(5, dtype=torch.int64), torch.zeros(0, dtype=torch.uint8),
                              torch.ones(1, dtype=torch.bool), torch.zeros(2, dtype=torch.bfloat16),
                              torch.zeros((), dtype=torch.complex64)]
+        # an RNG capture's tensors (numpy's keys, torch's state): see fuzz_seeds.state_meta_seeds
+        import numpy as np
+        _state["tensors"] += [torch.from_numpy(np.random.RandomState(1).get_state()[1]),
+                              torch.Generator().manual_seed(1).get_state()]
     return _state["tensors"]
 
 
@@ -268,9 +273,30 @@ def state_meta(data: bytes) -> None:
         [v for k, v in meta.items() if k in ("replicated", "local")] if isinstance(meta, dict) else [meta])
     for part in parts:
         try:
-            st.unflatten_state(part, tensors)
+            state = st.unflatten_state(part, tensors)
         except ValueError:
-            pass
+            continue
+        if isinstance(state, dict) and "rng" in state:  # what restore loads into the RNGs
+            _restore_rng(st, state["rng"])
+
+
+def _restore_rng(st, rng) -> None:
+    """restore_rng_state raises only ValueError, and then leaves every RNG as it was."""
+    saved = st.capture_rng_state()
+    try:
+        st.restore_rng_state(rng)
+    except ValueError:
+        after = st.capture_rng_state()
+        assert _rng_equal(after, saved), "a refused RNG state changed the RNGs"
+    finally:
+        st.restore_rng_state(saved)
+
+
+def _rng_equal(a: dict, b: dict) -> bool:
+    import numpy as np
+    return (a["python"] == b["python"] and a["numpy"][0] == b["numpy"][0]
+            and np.array_equal(a["numpy"][1], b["numpy"][1]) and a["numpy"][2:] == b["numpy"][2:]
+            and bool((a["torch"] == b["torch"]).all()))
 
 
 def prepare() -> None:
