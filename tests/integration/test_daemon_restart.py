@@ -112,7 +112,14 @@ def test_daemon_sigkill_and_restart_under_ddp_never_stalls_and_resumes_bit_exact
         assert worst["blocking_s"] <= normal + 0.1, (
             f"rank {r}: save of step {worst['step']} blocked {worst['blocking_s'] * 1e3:.0f} ms "
             f"after the restart; at most {normal * 1e3:.0f} ms before it")
+        print(f"rank {r}: normal save <= {normal * 1e3:.1f} ms; after the restart (step "
+              f"{back_at}) worst {worst['blocking_s'] * 1e3:.1f} ms at step {worst['step']}; "
+              f"first delivered save after it: step "
+              f"{next((s['step'] for s in after if s['saved']), None)}")
     client_warnings = _warnings(run.stderr())
+    print(f"killed at step {killed_at}, back at {back_at}, converged on {converged}; "
+          f"{len(client_warnings)} client warning lines, "
+          f"{len(_warnings(daemon_log))} daemon warning lines after the restart")
     assert len(client_warnings) <= 8, "\n".join(client_warnings)
     assert len(_warnings(daemon_log)) <= 6, daemon_log
 

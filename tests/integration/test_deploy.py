@@ -447,22 +447,31 @@ def test_daemonset_command_line_starts_a_daemon_whose_probe_socket_and_metrics_a
     real[real.index("--tcp") + 1] = f"127.0.0.1:{me['port']}"
     real[real.index("--metrics-addr") + 1] = f"127.0.0.1:{metrics_port}"
     real[real.index("--memory-budget-bytes") + 1] = "64MiB"
-    real += ["--instance", "dep" + uuid.uuid4().hex[:8], "--log-level", "WARNING"]
+    ready = tmp_path / "ready.json"
+    real += ["--instance", "dep" + uuid.uuid4().hex[:8], "--log-level", "WARNING",
+             "--ready-file", str(ready)]
     sock = real[real.index("--socket") + 1]
     proc = subprocess.Popen([sys.executable, "-m", "snapshotd_tools.cli", *real], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 30
-        status = None
-        while status != health_pb2.HealthCheckResponse.SERVING:
+        # Wait on the daemon's own signal (its ready file, with its pid), not on a port
+        # answering: another process could hold the port (a probe answered SERVING once
+        # while this daemon's metrics port refused). Once ready, every promise holds at once.
+        deadline = time.monotonic() + 60
+        while not ready.exists():
             assert proc.poll() is None, f"daemon exited {proc.returncode}: {proc.stdout.read()}"
-            assert time.monotonic() < deadline, "no SERVING from the probe port in 30 s"
-            try:
-                with grpc.insecure_channel(f"127.0.0.1:{me['port']}") as ch:
-                    status = health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=2).status
-            except grpc.RpcError:
-                time.sleep(0.1)
+            assert time.monotonic() < deadline, "no ready file in 60 s"
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        assert info["pid"] == proc.pid and info["tcp_port"] == me["port"]
+        assert info["metrics_port"] == metrics_port
+        with grpc.insecure_channel(f"127.0.0.1:{me['port']}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        from snapshotd_tools.cli import main as snapshotd_cli
+
+        assert snapshotd_cli(["health", "--quiet", "--target", f"127.0.0.1:{me['port']}"]) == 0
         assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert "snapshotd_" in body
@@ -672,11 +681,14 @@ def test_sbatch_script_parses_and_its_command_lines_are_accepted(tmp_path):
     tr = re.search(r"torchrun ([^;\n]*)\"\$\{TRAIN\[@\]\}\"", flat).group(1)
     targs = get_args_parser().parse_args([_expand(w, values) for w in shlex.split(tr)] + ["train.py"])
     assert targs.rdzv_backend == "c10d" and targs.nnodes == "2" and targs.nproc_per_node == "2"
-    # the default training script exists, and the inline health check compiles
+    # the default training script exists, and the health check is `snapshotd health`
     default = re.search(r'SNAP_TRAIN:-([^}]+)\}', text).group(1)
     assert os.path.exists(os.path.join(REPO, default))
-    health = re.search(r"<<'PY'\n(.*?)\nPY\n", text, re.S).group(1)
-    compile(health, "health", "exec")
+    assert "<<'PY'" not in text and "grpc_health" not in text, "an inline Python probe is back"
+    health = re.search(r"snapshotd (health [^\n]*?)\s*\\?\n", text).group(1)
+    h = parse_cli([_expand(w, {**values, "node": "node1", "GRPC_PORT": "7000"})
+                   for w in shlex.split(health.replace('"$1"', "60"))])
+    assert h.command == "health" and h.target == "node1:7000" and h.wait == 60
     # the stats call at the end is a real subcommand with the daemon's socket
     stats = re.search(r"snapshotd (stats [^\n]*)", flat).group(1)
     s = parse_cli([_expand(w, values) for w in shlex.split(stats)])
@@ -728,5 +740,6 @@ def test_dockerfile_lints():
     assert envs <= known_env()
     [hc] = [r for i, r in ins if i == "HEALTHCHECK"]
     hc_cmd = json.loads(hc[hc.index("CMD") + 3:].strip())
-    compile(hc_cmd[hc_cmd.index("-c") + 1], "healthcheck", "exec")
-    assert a.socket in hc_cmd[-1]
+    assert hc_cmd[0] == entry[0], "the health check is the package's own `snapshotd health`"
+    h = parse_cli(hc_cmd[1:])
+    assert h.command == "health" and h.socket == a.socket
