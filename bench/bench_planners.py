@@ -132,7 +132,7 @@ def plot(res: dict, path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("nodes in the job")
-    ax.set_ylabel("seconds (whole job, one process)")
+    ax.set_ylabel("CPU seconds (whole job, one process)")
     ax.set_title(f"snapshotd planners at scale (n={res['group_size']}, m={res['parity']}, "
                  f"{res['blocks_per_node']} blocks/node)")
     ax.legend(fontsize=8)

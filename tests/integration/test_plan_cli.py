@@ -66,3 +66,14 @@ def test_plan_custom_profile_and_plot(tmp_path, capsys):
     out = capsys.readouterr()
     assert f"job MTBF {2000 / 256:.2f} h" in out.out and "CheckFree (4 stages)" in out.out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plan_parity_covers_big_failure_domains(capsys):
+    """Racks of 16 nodes in a 64-node job: a group of 8 has 2 nodes per rack, so only
+    m >= 2 survives a rack (a group of 4 has 1 per rack)."""
+    assert plan.main(["--nodes", "64", "--state-per-node", "10GB", "--nodes-per-domain", "16",
+                      "--days", "20", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    n, m = out["group_size"], out["parity"]
+    need = domain_members(Job(nodes=64, state_bytes_per_node=10e9, nodes_per_domain=16), n)
+    assert m >= need and out["recommended"]["survives_domain"], (n, m, need)

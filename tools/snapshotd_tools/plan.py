@@ -132,7 +132,7 @@ def report(job: Job, prof, rec: Recommendation, days: float) -> str:
         f"daemon limit: + 2 GiB)"
         + (f"; budget {_gb(mem)}: {'fits' if c.memory_bytes <= mem else 'DOES NOT FIT'}" if mem else ""),
         f"  lost versions      {b.loss_per_year:.2g} per year from more than m faults in one group "
-        f"(independent failures; window = restart + rebuild {c.restore_peer_s:.1f} s)",
+        f"(independent failures; window = restart {prof.restart_s:g} s + rebuild {c.restore_peer_s:.1f} s)",
         f"  spec:              group_size: {s.group_size}, parity: {s.parity}; "
         f"snapshot every {max(1, round(s.interval_s / job.step_s))} steps",
         "",
