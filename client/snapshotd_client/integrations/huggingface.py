@@ -131,9 +131,21 @@ class SnapshotdCallback(TrainerCallback):
         self._epoch_layout = self._layout(args, train_dataloader)
         self.restored_step = self.snapshotter.restore()
         self._resumed = self.restored_step > 0
-        if self._resumed:
+        if self._resumed and 0 < state.max_steps <= state.global_step:
+            self._finished(state, control, train_dataloader)
+        elif self._resumed:
             self._fast_forward(args, state, train_dataloader)
         return control
+
+    def _finished(self, state, control, dl) -> None:
+        """The job's snapshot is already at max_steps: train nothing (the Trainer would
+        otherwise take one more step before it checks), and say so."""
+        log.warning("snapshotd: job %s already reached global step %d (max_steps %d): "
+                    "nothing left to train; a new run needs a new job id",
+                    self.snapshotter.cfg.job_id, state.global_step, state.max_steps)
+        control.should_training_stop = True
+        if dl is not None and hasattr(dl, "skip_batches") and self._epoch_layout is not None:
+            dl.skip_batches = self._epoch_layout[0]  # an empty epoch; the Trainer then stops
 
     @staticmethod
     def _layout(args, dl) -> tuple[int, int, int] | None:
