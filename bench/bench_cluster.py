@@ -11,6 +11,11 @@ Measures, on one machine (all daemons share its cores):
 Targets (issue 3, this machine): pipeline >= 1 GB/s per node with m = 2, rebuild
 >= 2 GB/s. 1 GB = 1e9 bytes.
 
+A version that does not commit within --commit-timeout-s fails the run with the
+reason, read from every daemon's status: which node has not committed, what its round
+still waits for (announces, contributions, votes) and what it has sent that a peer
+has not acknowledged yet (issue 18).
+
     python -m bench.bench_cluster --nodes 4 --parity 2 --size-mib 256 [--json out.json]
 """
 
@@ -38,6 +43,69 @@ def _wait(pred, timeout_s: float, what: str):
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(what)
         time.sleep(0.005)
+
+
+class NotCommitted(RuntimeError):
+    """A version did not commit in time; the message says which node lacks what."""
+
+
+def why_not_committed(d: str, job: str, v: int) -> str:
+    """Each node's view of version ``v`` of ``job`` (from its status): committed, or
+    what its round waits for and what its peers have not acknowledged."""
+    from snapshotd_tools import localcluster as lc
+
+    lines = []
+    for row in lc.collect_status(d):
+        node = row.get("node_id", "?")
+        if not row.get("alive"):
+            lines.append(f"{node}: not answering ({row.get('error', '')})")
+            continue
+        cl = row.get("cluster") or {}
+        j = (cl.get("jobs") or {}).get(job)
+        dead = sorted(p for p, x in (cl.get("peers") or {}).items() if not x.get("alive"))
+        peers = f"; peers it sees dead: {','.join(dead)}" if dead else ""
+        if j is None:
+            lines.append(f"{node}: has no round of job {job!r}{peers}")
+            continue
+        if j.get("committed", 0) >= v:
+            lines.append(f"{node}: committed {j['committed']}")
+            continue
+        w = (j.get("waiting") or {}).get(str(v))
+        if not w:
+            lines.append(f"{node}: committed {j.get('committed')}, no round for v{v} "
+                         f"(its data not delivered here?){peers}")
+            continue
+        lacks = []
+        if not w.get("local_data"):
+            lacks.append("its own ranks' data")
+        if w.get("announces_missing"):
+            lacks.append(f"announces from {','.join(w['announces_missing'])}")
+        if w.get("contributions_awaited"):
+            frm = ", ".join(f"{n} from {src}" for src, n in sorted((w.get("contributions_awaited_from") or {}).items()))
+            lacks.append(f"{w['contributions_awaited']} contributions ({frm})" if frm
+                         else f"{w['contributions_awaited']} contributions")
+        if w.get("contributions_started") and not w.get("contributions_delivered"):
+            lacks.append("acknowledgement of its contributions")
+        if w.get("votes_missing"):
+            lacks.append(f"votes from {','.join(w['votes_missing'])}")
+        unacked = "; ".join(f"its {k} not acknowledged by {','.join(x)}"
+                            for k, x in (w.get("unacknowledged") or {}).items())
+        resend = ((cl.get("resending") or {}).get(job) or {}).get(str(v))
+        lines.append(f"{node}: committed {j.get('committed')}, v{v} lacks "
+                     f"{', '.join(lacks) or 'nothing (commit pending)'}"
+                     + (f"; {unacked}" if unacked else "")
+                     + (f"; re-sending ({resend['tries']} failed tries, last: {resend['last_error']})"
+                        if resend else "") + peers)
+    return "\n    ".join(lines)
+
+
+def wait_committed(d: str, committed, job: str, v: int, timeout_s: float) -> None:
+    """Wait until ``committed(job, v)``; raise NotCommitted with the reason if it does not."""
+    try:
+        _wait(lambda: committed(job, v), timeout_s, "")
+    except TimeoutError:
+        raise NotCommitted(f"job {job!r} version {v} did not commit within {timeout_s:.0f} s:\n    "
+                           + why_not_committed(d, job, v)) from None
 
 
 def measure_rebuild(d: str, victim: str, budget: str) -> dict:
@@ -68,7 +136,8 @@ def measure_rebuild(d: str, victim: str, budget: str) -> dict:
             "rebuild_phases_s": rb.get("phases_s", {})}
 
 
-def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed) -> dict:
+def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed, d: str | None = None,
+                       timeout_s: float = 120) -> dict:
     """The pipeline of one node whose work does not share the cores with three others.
 
     Node 0's rank snapshots the full state; the other ranks snapshot a few bytes (the
@@ -90,7 +159,10 @@ def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed
             t0 = time.perf_counter()
             for s in snaps:
                 s.save(step)
-            _wait(lambda: committed("bench-one", step), 120, f"version {step} did not commit")
+            if d is None:
+                _wait(lambda: committed("bench-one", step), timeout_s, f"version {step} did not commit")
+            else:
+                wait_committed(d, committed, "bench-one", step, timeout_s)
             if step > 2:
                 times.append(time.perf_counter() - t0)
     finally:
@@ -109,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", default="4MiB")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--commit-timeout-s", type=float, default=120,
+                   help="a version not committed by then fails the run, with the reason (default 120)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     a = p.parse_args(argv)
     if a.quick:
@@ -125,6 +199,7 @@ def main(argv=None) -> int:
     nodes = sorted(socks)
     res: dict = {"nodes": a.nodes, "parity": a.parity, "k": a.nodes - a.parity,
                  "state_bytes_per_node": size, "block_size": a.block_size}
+    res["committed_versions"] = 0
     try:
         # One process plays every node's rank; each stores the same-sized state.
         n_tensors = max(1, size // (64 << 20))
@@ -157,8 +232,10 @@ def main(argv=None) -> int:
             for s in snaps:
                 s.save(step)
                 blocking.append(s.last_blocking_s)
-            _wait(lambda: committed_everywhere(step), 120, f"version {step} did not commit")
+            wait_committed(d, committed_everywhere_job, "bench", step, a.commit_timeout_s)
             dt = time.perf_counter() - t0
+            res["committed_versions"] = step
+            print(f"  version {step} committed on every node in {dt * 1e3:.0f} ms", file=sys.stderr, flush=True)
             if step > 2:  # first two allocate and touch the segments
                 times.append(dt)
                 cpu.append(daemon_cpu() - c0)
@@ -178,16 +255,23 @@ def main(argv=None) -> int:
                                   for a in acc]
         par = [sum(r["cluster"].get("parity_bytes", {}).values()) for r in status]
         res["parity_bytes_per_node"] = par
-        res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job))
+        res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job, d,
+                                      a.commit_timeout_s))
         # Rebuild: lose the last node and bring it back empty.
         res.update(measure_rebuild(d, nodes[-1], budget))
+    except NotCommitted as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({**res, "failed": str(exc)}, f, indent=2)
+        return 1
     finally:
         lc.down(d)
         shutil.rmtree(d, ignore_errors=True)
     k = a.nodes - a.parity
     print(f"{a.nodes} nodes, k={k} m={a.parity}, {a.size_mib} MiB of state per node, "
           f"blocks {a.block_size}, median of {a.repeats} (all daemons share this machine's "
-          f"{os.cpu_count()} cores)")
+          f"{os.cpu_count()} cores); {res['committed_versions']} of {a.repeats + 2} versions committed")
     print(f"  snapshot pipeline  {res['pipeline_s'] * 1e3:8.1f} ms  {res['pipeline_gbps_per_node']:6.2f} GB/s per node"
           f" (target >= 1); sent ~{res['bytes_sent_per_node'] / 2**20:.0f} MiB per node")
     print(f"  one node active    {res['one_active_pipeline_s'] * 1e3:8.1f} ms  {res['one_active_gbps']:6.2f} GB/s"

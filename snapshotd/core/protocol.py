@@ -228,11 +228,21 @@ class JobProtocol:
         return {"local_data": r.local_data,
                 "announces_missing": [n for n in self.group if n not in r.announces],
                 "contributions_awaited": None if r.layout is None else len(r.expected),
+                "contributions_awaited_from": self._awaited_from(r),
                 "contributions_started": r.contributions_started,
                 "contributions_delivered": r.contributions_sent,
                 "voted": r.voted,
                 "votes_missing": [n for n in self.job_nodes if n not in r.votes],
                 "unacknowledged": {k: x for k, x in unacked.items() if x}}
+
+    def _awaited_from(self, r: VersionRound) -> dict[str, int]:
+        """{sender: contributions still due from it} (layout known)."""
+        out: dict[str, int] = {}
+        if r.layout is not None and r.expected:
+            for s, t, p, src, _j in r.layout.expected_contributions(self.my_index):
+                if (s, t, p) in r.expected:
+                    out[self.group[src]] = out.get(self.group[src], 0) + 1
+        return out
 
     def vote_received(self, v: int, node: str, ranks) -> list:
         for rk in ranks:
