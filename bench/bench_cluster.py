@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", default="4MiB")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--phases", default="pipeline,one_active,rebuild",
+                   help="what to measure, comma-separated (default all three; 'pipeline' alone "
+                        "needs the least memory: no second job, no rebuild)")
     p.add_argument("--commit-timeout-s", type=float, default=120,
                    help="a version not committed by then fails the run, with the reason (default 120)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -255,10 +258,12 @@ def main(argv=None) -> int:
                                   for a in acc]
         par = [sum(r["cluster"].get("parity_bytes", {}).values()) for r in status]
         res["parity_bytes_per_node"] = par
-        res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job, d,
-                                      a.commit_timeout_s))
-        # Rebuild: lose the last node and bring it back empty.
-        res.update(measure_rebuild(d, nodes[-1], budget))
+        phases = set(a.phases.split(","))
+        if "one_active" in phases:
+            res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job, d,
+                                          a.commit_timeout_s))
+        if "rebuild" in phases:  # lose the last node and bring it back empty
+            res.update(measure_rebuild(d, nodes[-1], budget))
     except NotCommitted as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         if a.json:
@@ -274,17 +279,19 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores); {res['committed_versions']} of {a.repeats + 2} versions committed")
     print(f"  snapshot pipeline  {res['pipeline_s'] * 1e3:8.1f} ms  {res['pipeline_gbps_per_node']:6.2f} GB/s per node"
           f" (target >= 1); sent ~{res['bytes_sent_per_node'] / 2**20:.0f} MiB per node")
-    print(f"  one node active    {res['one_active_pipeline_s'] * 1e3:8.1f} ms  {res['one_active_gbps']:6.2f} GB/s"
-          f" (only node 0 snapshots {a.size_mib} MiB; the others a few bytes)")
+    if "one_active_gbps" in res:
+        print(f"  one node active    {res['one_active_pipeline_s'] * 1e3:8.1f} ms  {res['one_active_gbps']:6.2f} GB/s"
+              f" (only node 0 snapshots {a.size_mib} MiB; the others a few bytes)")
     print(f"  daemon CPU         {res['daemon_cpu_s_per_node'] * 1e3:8.1f} ms per node per snapshot"
           f" = {res['gbps_per_node_per_core']:.2f} GB/s per node if each node had one core")
     print(f"  save() blocking    {res['save_blocking_ms_median']:8.1f} ms per rank")
     print(f"  parity held        {[round(x / 2**20, 1) for x in res['parity_bytes_per_node']]} MiB "
           f"(ideal m/k x data = {a.parity / k * a.size_mib:.0f} MiB)")
-    print(f"  rebuild of 1 node  {res['rebuild_s'] * 1e3:8.1f} ms  {res['rebuild_gbps']:6.2f} GB/s "
-          f"(target >= 2); fetched {res['rebuild_fetched_bytes'] / 2**20:.0f} MiB for "
-          f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
-    print(f"  rebuild phases     {res.get('rebuild_phases_s')}")
+    if "rebuild_gbps" in res:
+        print(f"  rebuild of 1 node  {res['rebuild_s'] * 1e3:8.1f} ms  {res['rebuild_gbps']:6.2f} GB/s "
+              f"(target >= 2); fetched {res['rebuild_fetched_bytes'] / 2**20:.0f} MiB for "
+              f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
+        print(f"  rebuild phases     {res.get('rebuild_phases_s')}")
     print(f"  parity accumulate  {res.get('accumulate_gbps')} GB/s of contributions per CPU-second, per node")
     if a.json:
         with open(a.json, "w") as f:
