@@ -167,3 +167,14 @@ def test_restore_is_reported_without_logging_configured(daemon):
     mine = [ln for ln in outs["configured"].splitlines() if "snapshotd" in ln]
     assert len(mine) >= 1 and all(ln.startswith("MINE ") for ln in mine), outs["configured"]
     assert any("restored job logjob rank 0 at step 1" in ln for ln in mine), outs["configured"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_callable_tensors_come_back_on_their_device(daemon):
+    batch = (torch.arange(6, device="cuda").view(2, 3), torch.ones(2, device="cuda"))
+    with _snap(daemon, _model(0), job="dev", state={"batch": lambda: batch}) as s:
+        assert s.save(1).result(10).committed
+    with _snap(daemon, _model(0), job="dev", state={"batch": lambda: None}) as r:
+        assert r.restore() == 1
+        x, y = r.restored["batch"]
+        assert x.device == batch[0].device and torch.equal(x, batch[0]) and torch.equal(y, batch[1])
