@@ -146,10 +146,10 @@ def test_torchrun_max_restarts_resumes_bit_exact_after_sigkill(daemon, tmp_path)
     try:
         log = tmp_path / "run" / "torchrun.log"
         _wait(lambda: _committed(client, "torchrun-crash") >= KILL_AFTER,
-              90, f"step {KILL_AFTER} committed", run, log)
+              150, f"step {KILL_AFTER} committed", run, log)  # generous: a loaded machine
         killed_at = _committed(client, "torchrun-crash")
         os.kill(int((tmp_path / "run" / "pid.1.0").read_text()), signal.SIGKILL)  # rank 1, mid-run
-        assert run.wait(90) == 0, log.read_text()[-3000:]
+        assert run.wait(140) == 0, log.read_text()[-3000:]
     finally:
         if run.poll() is None:
             run.kill()
