@@ -35,7 +35,6 @@ from snapshotd.wire import config as cfgmod
 from snapshotd.wire import manifest as mf
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.errors import (
-    ConflictError,
     DaemonUnavailableError,
     SnapshotdError,
     SnapshotInFlightError,
@@ -52,6 +51,7 @@ from snapshotd_client.loader import ShardLoader
 from snapshotd_client.providers import (ProvidingLoader, StateProviders, ensure_visible_logging,
                                         unwrap_model)
 from snapshotd_client.transport import DaemonClient, SegmentCache
+from snapshotd_client.verdict import run_restore
 
 __all__ = ["SaveStats", "Snapshotter", "SnapshotterConfig"]
 
@@ -327,51 +327,16 @@ class Snapshotter:
     def restore(self) -> int:
         """Load the latest committed snapshot; return its step (0 when there is none).
 
+        Every rank of the job ends up at the same version, or every rank fails (or skips
+        the restore, daemon unreachable with ``on_daemon_unavailable="warn"``) together:
+        the ranks agree on the version and on how opening it went before anything is
+        loaded (:mod:`snapshotd_client.verdict`; through torch.distributed when its
+        process group spans the job -- then every rank must call ``restore()``).
+
         When the parity cannot give this rank its state back (FAILED_PRECONDITION) and the
         rank is a pipeline stage with ``checkfree`` set, the stage is rebuilt approximately
         from its neighbours (``restored_approximate``, ``restored_method``)."""
-        latest = 0
-        t0 = time.monotonic()
-        try:
-            # A restore starts the job over from its committed version: versions the
-            # previous run delivered but never committed are dropped everywhere.
-            latest = self._ensure_registered(restarting=True)
-            if latest == 0:
-                log.info("snapshotd: nothing to restore for job %s", self.cfg.job_id)
-                return 0
-            log.info("snapshotd: restoring job %s rank %d from step %d (a node that lost its "
-                     "shards rebuilds them first)", self.cfg.job_id, self.rank, latest)
-            resp = self.client.open_shard(self.cfg.job_id, self.rank, latest)
-            t_open = time.monotonic()
-        except DaemonUnavailableError as exc:
-            self._unavailable("restore", exc)
-            return 0
-        except ConflictError as exc:  # our shard is lost and cannot be rebuilt
-            if latest == 0:  # the registration itself was refused
-                raise
-            return self._restore_fallback(latest, exc)
-        lost = None
-        try:
-            step, self.stage_recorder.last_meta = self.loader.load(
-                resp.segment_name, resp.manifest, latest, self.model, self.optimizer,
-                self.lr_scheduler, self.extra_state)
-        except ConflictError as exc:  # a DP peer's slice of our replicated state is lost
-            lost = exc.with_traceback(None)  # drop the frames holding views of the segments
-        finally:
-            try:
-                self.segments.close()
-            except BufferError:
-                if lost is None:
-                    raise
-        if lost is not None:
-            return self._restore_fallback(latest, lost)
-        self.restored_method = "exact"
-        dt = time.monotonic() - t0
-        size = resp.manifest.replicated_bytes + resp.manifest.payload_bytes - resp.manifest.slice_bytes
-        log.info("snapshotd: restored job %s rank %d at step %d: %.1f MiB in %.2f s (%.0f MiB/s; "
-                 "daemon open %.2f s, load %.2f s)", self.cfg.job_id, self.rank, step, size / 2**20,
-                 dt, size / 2**20 / max(dt, 1e-9), t_open - t0, time.monotonic() - t_open)
-        return step
+        return run_restore(self)
 
     def _restore_fallback(self, latest: int, exc: Exception) -> int:
         """The next rung when the parity cannot give this rank its state back: CheckFree
