@@ -25,8 +25,8 @@ STEPS, KILL_AFTER, HOLD_AT = 25, 12, 17  # 10 steps an epoch; the kill lands in 
 
 def train(job: str, out_dir: str, hold_at: int) -> dict:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
-    from transformers import set_seed
+    from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,
+                              TrainingArguments, set_seed)
 
     from snapshotd_client.integrations.huggingface import SnapshotdCallback
     from snapshotd_tools.demo.trainer import digest_state

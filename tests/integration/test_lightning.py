@@ -58,13 +58,15 @@ def train(job: str, hold_at: int) -> dict:
     x = torch.randn(40, 8, generator=g)
     ds = TensorDataset(x, x.sum(1, keepdim=True).sin())
     loader = DataLoader(ds, batch_size=4,
-                        sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3))
+                        sampler=DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,
+                                                   seed=3))
     model = Tiny()
     io = SnapshotdCheckpointIO(job_id=job, on_daemon_unavailable="raise")
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
-                         plugins=[io], callbacks=[SnapshotdCallback(io)] + ([Hold()] if hold_at else []))
+                         plugins=[io],
+                         callbacks=[SnapshotdCallback(io)] + ([Hold()] if hold_at else []))
     trainer.fit(model, loader, ckpt_path=io.resume_path())
     opt = trainer.optimizers[0]
     return {"start": io.restored_step, "digest": digest_state(model, opt),

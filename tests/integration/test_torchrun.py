@@ -25,7 +25,8 @@ import subprocess
 import sys
 import time
 
-STEPS, KILL_AFTER, HOLD_AT = 24, 5, 20  # kill once step KILL_AFTER committed; attempt 0 stops at HOLD_AT
+# kill once step KILL_AFTER is committed; the first attempt stops at HOLD_AT
+STEPS, KILL_AFTER, HOLD_AT = 24, 5, 20
 
 
 def train(job: str, steps: int, hold_at: int, attempt: int) -> dict:

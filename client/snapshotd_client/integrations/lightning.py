@@ -4,7 +4,8 @@
     from snapshotd_client.integrations.lightning import SnapshotdCallback, SnapshotdCheckpointIO
 
     io = SnapshotdCheckpointIO(job_id="my-run")
-    trainer = pl.Trainer(..., plugins=[io], callbacks=[SnapshotdCallback(io, every_n_train_steps=10)])
+    trainer = pl.Trainer(..., plugins=[io],
+                         callbacks=[SnapshotdCallback(io, every_n_train_steps=10)])
     trainer.fit(model, train_loader, ckpt_path=io.resume_path())   # None: a fresh start
 
 The checkpoint is Lightning's own checkpoint dict (model, optimizers, LR schedulers, loops'
@@ -177,7 +178,7 @@ class SnapshotdCallback(pl.Callback):
         if isinstance(dl, _Stateful):
             return  # Lightning restored the loader's own position
         bs = getattr(dl, "batch_sampler", None)
-        if bs is None or getattr(bs, "sampler", None) is None or not getattr(bs, "batch_size", None):
+        if getattr(bs, "sampler", None) is None or not getattr(bs, "batch_size", None):
             log.warning("snapshotd: cannot skip the %d batches already trained in this epoch "
                         "(%s has no batch sampler with a batch size); the epoch restarts", done,
                         type(dl).__name__)
