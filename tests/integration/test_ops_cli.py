@@ -193,3 +193,22 @@ def test_a_stale_ready_file_is_replaced_only_once_everything_serves(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def test_a_port_in_use_stops_a_second_daemon_which_leaves_no_ready_file(daemon_factory, tmp_path):
+    """Two daemons on one TCP port would split the traffic and the probes between them
+    (SO_REUSEPORT): the second must fail to start, clearly, and its stale ready file
+    must not survive to say otherwise."""
+    first = daemon_factory(token="t", tcp=True).start()
+    port = first.info["tcp_port"]
+    ready = tmp_path / "second.ready"
+    ready.write_text(json.dumps({"pid": 1}))  # left by a SIGKILLed predecessor
+    r = subprocess.run([sys.executable, "-m", "snapshotd.node", "serve", "--node-id",
+                        "second" + str(os.getpid()), "--state-dir", str(tmp_path / "st2"),
+                        "--socket", str(tmp_path / "second.sock"), "--memory-budget-bytes", "64MiB",
+                        "--ready-file", str(ready), "--tcp", f"127.0.0.1:{port}", "--token", "t"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
+    assert not ready.exists()
+    assert first.client(timeout_s=5).stats().pid == first.info["pid"]
