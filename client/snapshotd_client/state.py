@@ -289,9 +289,10 @@ def restore_rng_state(d: dict) -> None:
     if not isinstance(d, dict):
         raise ValueError(f"malformed RNG state in the snapshot: a dict expected, not {type(d).__name__}")
     cuda = d.get("cuda") or []
+    if not isinstance(cuda, (list, tuple)):
+        raise ValueError(f"malformed RNG state in the snapshot: cuda is a {type(cuda).__name__}")
     if cuda and not torch.cuda.is_available():
-        n = len(cuda) if isinstance(cuda, (list, tuple)) else "some"
-        raise RuntimeError(f"snapshot holds RNG state for {n} CUDA devices "
+        raise RuntimeError(f"snapshot holds RNG state for {len(cuda)} CUDA devices "
                            "but CUDA is not available here")
     saved = capture_rng_state()
     try:

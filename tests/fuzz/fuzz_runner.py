@@ -4,7 +4,7 @@
     python tests/fuzz/fuzz_runner.py <target> --replay FILE...   # run inputs once, no fuzzing
 
 Targets: ``peer``, ``manifest``, ``state_meta`` (fuzz_targets.py),
-``service`` (fuzz_service.py). Typical flags: ``-max_total_time=600 -timeout=10
+``service`` (fuzz_service.py). Typical flags: ``-max_total_time=600 -timeout=60
 -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=DIR/``; a crash is written to
 ``<artifact_prefix>crash-<sha1>`` (a hang to ``timeout-<sha1>``) and the exit status is
 non-zero. ``tests/fuzz/test_fuzz.py`` drives this as a subprocess, one target at a time.
@@ -35,11 +35,11 @@ def target(name: str):
     return targets[name]
 
 
-def warm(fn) -> None:
+def warm(name: str, fn) -> None:
     """Import (and so instrument) everything the target touches, before the first input."""
     import fuzz_targets
 
-    fuzz_targets.prepare()
+    fuzz_targets.prepare(name)
     try:
         fn(b"")
     except Exception:
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
 
     with atheris.instrument_imports(include=list(INSTRUMENTED)):
         fn = target(name)
-        warm(fn)
+        warm(name, fn)
     atheris.Setup([argv[0]] + argv[2:], fn)
     atheris.Fuzz()
 

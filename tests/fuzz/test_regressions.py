@@ -104,6 +104,29 @@ def test_a_malformed_rng_state_is_a_value_error_and_changes_no_rng():
     st.restore_rng_state(good)
 
 
+def test_cuda_rng_states_without_cuda_raise_the_documented_runtimeerror_and_change_nothing():
+    # fuzzer (state_meta, 10-minute run): "cuda": [61 numbers] raised the RuntimeError
+    # restore_rng_state documents (a GPU snapshot restored where CUDA is not available):
+    # the harness now accepts that one, and checks it comes before any RNG is set; a
+    # "cuda" that is not a list is malformed (ValueError).
+    import random
+
+    import torch
+
+    from snapshotd_client import state as st
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    good = st.capture_rng_state()
+    random.random()
+    before = st.capture_rng_state()
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        st.restore_rng_state({**good, "cuda": [407, 4184445328]})
+    assert ft._rng_equal(st.capture_rng_state(), before)
+    with pytest.raises(ValueError, match="cuda is a str"):
+        st.restore_rng_state({**good, "cuda": "x" * 61})
+
+
 def _nest(depth: int):
     root: list = []
     node = root
