@@ -388,3 +388,13 @@ def test_soak_overlaps_are_seeded_and_leave_the_schedule_alone():
 
 def pool_overlap(pool, e) -> bool:
     return any(p.overlap and e.scenario.name.endswith(p.name) for p in pool)
+
+
+def test_memory_curve_summary_shows_a_leak_as_a_slope():
+    from snapshotd_tools.chaos.curve import summarize
+
+    flat = [[t, {"n0": [60.0, 1.0], "n1": [60.0 + t / 600, 1.0]}] for t in range(0, 1200, 5)]
+    got = summarize(flat)
+    assert got["n0"]["rss_slope_second_half_mib_per_h"] == 0.0 and got["n0"]["rss_max_mib"] == 60.0
+    assert got["n1"]["rss_slope_second_half_mib_per_h"] == pytest.approx(6.0)  # 1 MiB / 10 min
+    assert summarize([]) == {}

@@ -5,7 +5,7 @@ Run exactly like ``python -m snapshotd_tools.demo.dp_trainer`` (same flags). Eve
 and ``step`` JSON line it prints also carries ``digest``, and a ``built`` line gives the
 digest of the initial state: the sha256 of the model
 parameters and optimizer state (``snapshotd_tools.demo.trainer.digest_state``) at that step.
-Two more kinds of line:
+Every line carries ``time`` (``time.time()`` when it was written). Two more kinds of line:
 
 - ``restoring`` (rank, time): the rank is about to ask its daemon for its state (the
   harness injects an overlapping fault "during a restore" on it);
@@ -40,6 +40,7 @@ _LOCK = threading.Lock()
 
 
 def _write(rec: dict) -> None:
+    rec.setdefault("time", time.time())  # every line: when it happened, for the post-mortem
     line = json.dumps(rec) + "\n"
     with _LOCK:
         sys.stdout.write(line)
