@@ -60,7 +60,12 @@ class DaemonClient:
             ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else ())
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.enable_http_proxy", 0)]
+                ("grpc.enable_http_proxy", 0),
+                # A restarted daemon is found again within ~2 s (grpc's default backoff
+                # grows to 120 s): the ranks of a job come back at nearly the same step.
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
         self.channel = grpc.insecure_channel(target, options=opts)
         self.stub = pb_grpc.SnapshotdStub(self.channel)
 
