@@ -147,18 +147,25 @@ def run_restore(snap) -> int:
                 snap.restored_method = "exact"
             except Exception as exc:
                 code, err = FAILED, exc
-        if version and (verdict.collective or code == FAILED):  # a failed load fails every rank
+        # A restore starts the job over from the agreed version: versions the previous
+        # run delivered but never committed are dropped everywhere -- only now, once every
+        # rank opened the agreed version (a node that missed its commit word still held
+        # it), and before the last agreement, so no rank saves before every rank fenced.
+        fenced = None
+        try:
+            snap._ensure_registered(restarting=True)
+        except DaemonUnavailableError as exc:
+            fenced = exc
+        except Exception as exc:  # refused: fail with every rank, not alone
+            code, err = FAILED, exc
+        if verdict.collective or code == FAILED:  # a failed load fails every rank
             codes = verdict.outcomes(code)
             if max(codes) == FAILED:
                 return _abort(snap, version, codes, code, err)
     finally:
         snap.segments.close()
-    # A restore starts the job over from the agreed version: versions the previous run
-    # delivered but never committed are dropped everywhere (after every rank opened).
-    try:
-        snap._ensure_registered(restarting=True)
-    except DaemonUnavailableError as exc:
-        snap._unavailable("the fence after the restore", exc)
+    if fenced is not None:
+        snap._unavailable("the fence after the restore", fenced)
     if version == 0:
         log.info("snapshotd: nothing to restore for job %s", job)
     elif code == OPENED:
