@@ -43,6 +43,7 @@ from snapshotd.wire.errors import (
     MalformedRequestError,
     MemoryBudgetExceededError,
     SnapshotdError,
+    SnapshotInFlightError,
     error_for,
 )
 from snapshotd.wire.limits import (
@@ -199,9 +200,11 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         self._log_limiter = WarningLimiter(10.0)
 
     def _refused(self, method: str, code: grpc.StatusCode, exc: BaseException) -> None:
-        # A refusal that repeats (a client polling for a slot, ranks converging after a
-        # restart) is logged once per 10 s per method, code and error class; all are counted.
-        ok, held = self._log_limiter.allow((method, code.name, type(exc).__name__))
+        # A refusal that repeats by design (ABORTED: a client polling for a slot, ranks
+        # converging after a restart) is logged once per 10 s per method and error class;
+        # every other refusal is logged each time. All are counted.
+        ok, held = (self._log_limiter.allow((method, type(exc).__name__))
+                    if isinstance(exc, SnapshotInFlightError) else (True, 0))
         if ok:
             log.warning("%s refused (%s): %s%s", method, code.name, exc,
                         self._log_limiter.held_note(held))
