@@ -48,7 +48,8 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from snapshotd.wire import config as cfgmod
 from snapshotd.wire import manifest as mf
 from snapshotd.wire._proto import snapshotd_pb2 as pb
-from snapshotd.wire.errors import InvalidRequestError, SnapshotdError
+from snapshotd.wire.errors import (InvalidRequestError, SnapshotdError, SnapshotInFlightError,
+                                   SnapshotSkippedError)
 from snapshotd_client.config import resolve_job_id
 from snapshotd_client.dcp_codec import FORMAT, SnapshotdStorageInfo, decode_metadata, encode_metadata
 from snapshotd_client.dcp_codec import torch_dtype
@@ -185,7 +186,10 @@ class SnapshotdWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        version = self.version if self.version is not None else self._latest + 1
+        version = self.version
+        if version is None:  # past every version this daemon has seen (a failed save's too)
+            seen = [v.version for v in self.client.list_versions(self.job_id).versions]
+            version = max([self._latest, *seen]) + 1
         if version <= self._latest:
             raise InvalidRequestError(f"job {self.job_id!r} already committed version {self._latest}; "
                                       f"version {version} cannot be written (versions only grow)")
@@ -209,7 +213,14 @@ class SnapshotdWriter(StorageWriter):
             total = -(-total // ALIGN) * ALIGN
             items.append((item, raw, total, n, meta))
             total += n
-        resp = self.client.acquire_staging(self.job_id, self.rank, info.version, max(total, ALIGN))
+        try:
+            resp = self.client.acquire_staging(self.job_id, self.rank, info.version, max(total, ALIGN))
+        except SnapshotInFlightError as exc:
+            if isinstance(exc, SnapshotSkippedError):
+                raise
+            # every slot holds an uncommitted version (a failed save's): give up the oldest
+            resp = self.client.acquire_staging(self.job_id, self.rank, info.version, max(total, ALIGN),
+                                               force=True)
         seg = self.segments.get(resp.segment_name, writable=True)
         results = []
         for item, raw, off, n, (dtype, shape) in items:

@@ -248,6 +248,50 @@ def test_versions_grow_and_load_reads_the_latest(where):
     assert "version 2 cannot be written" in str(ei.value.failures)
 
 
+@pytest.mark.parametrize("phase", ["write_data", "finish"])
+def test_a_failed_save_commits_nothing_and_the_next_save_works(where, phase):
+    """After DCP's FaultyStorageWriter idea: the writer fails in a chosen phase."""
+    w = make_writer("snapshotd", where, f"faulty-{phase}")
+    dcp.save({"v": torch.tensor(1.0)}, storage_writer=w)
+    real = getattr(w, phase)
+
+    def fail(*a, **k):
+        raise RuntimeError(f"injected failure in {phase}")
+
+    setattr(w, phase, fail)
+    with pytest.raises(CheckpointException) as ei:
+        dcp.save({"v": torch.tensor(2.0)}, storage_writer=w)
+    assert f"injected failure in {phase}" in str(ei.value.failures)
+    out = {"v": torch.tensor(0.0)}
+    dcp.load(out, storage_reader=make_reader("snapshotd", where, f"faulty-{phase}"))
+    assert out["v"].item() == 1.0  # the failed save committed nothing
+    setattr(w, phase, real)
+    dcp.save({"v": torch.tensor(3.0)}, storage_writer=w)
+    dcp.load(out, storage_reader=make_reader("snapshotd", where, f"faulty-{phase}"))
+    assert out["v"].item() == 3.0 and w.last_version >= 2
+
+
+def test_the_next_version_passes_one_another_rank_delivered_in_a_failed_save(where):
+    """Rank 1 delivered version 1, rank 0 failed before delivering it: the next save must not
+    write version 1 again (rank 1 could not stage it twice)."""
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    from snapshotd.wire import manifest as mf
+    from snapshotd.wire._proto import snapshotd_pb2 as pb
+
+    w = make_writer("snapshotd", where, "pending", world_size=2)
+    c = w.client
+    c.register_job("dcp-pending", 2)
+    st = c.acquire_staging("dcp-pending", 1, 1, 64)
+    c.adopt(st.segment_name, pb.ShardManifest(job_id="dcp-pending", rank=1, version=1, payload_bytes=0,
+                                              block_size_bytes=mf.DEFAULT_BLOCK_SIZE_BYTES,
+                                              checksum_algo=mf.CHECKSUM_ALGO))
+    w.set_up_storage_writer(True, rank=0)
+    plans = w.prepare_global_plan([SavePlan([]), SavePlan([])])
+    assert [p.storage_data.version for p in plans] == [2, 2]
+    assert [p.storage_data.world_size for p in plans] == [2, 2]
+
+
 def test_corrupted_bytes_are_detected(where, daemon_m):
     from snapshotd.wire import shm
 
