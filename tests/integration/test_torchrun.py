@@ -115,6 +115,23 @@ def _launch(daemon, out, job, hold_at: int) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
+def _stop(run: subprocess.Popen, out) -> None:
+    """Stop a torchrun that did not finish, and its workers (each in a session of its own,
+    so they outlive the agent): those pids of out/pid.* that still run this file."""
+    if run.poll() is not None:
+        return
+    run.kill()
+    run.wait(10)
+    for f in out.glob("pid.*"):
+        try:
+            pid = int(f.read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as c:
+                if os.path.basename(__file__).encode() in c.read():
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):  # gone already, or a pid file half written
+            pass
+
+
 def _wait(cond, timeout_s: float, what: str, proc=None, log=None) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -152,9 +169,7 @@ def test_torchrun_max_restarts_resumes_bit_exact_after_sigkill(daemon, tmp_path)
         os.kill(int((tmp_path / "run" / "pid.1.0").read_text()), signal.SIGKILL)  # rank 1, mid-run
         assert run.wait(140) == 0, log.read_text()[-3000:]
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait(10)
+        _stop(run, tmp_path / "run")
         client.close()
     res = _results(tmp_path / "run")
     # the elastic agent restarted the workers, and they resumed from a committed step ...
