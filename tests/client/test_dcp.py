@@ -31,12 +31,17 @@ BACKENDS = ["fs", "snapshotd"]
 
 
 # -- the two storages behind one interface ------------------------------------------------------
-def make_writer(kind: str, where: dict, name: str, **kw):
+def make_writer(kind: str, where: dict, name: str, rank: int = 0, **kw):
+    """``where``: {"fs": dir, "socket": path} or, for a cluster, {"sockets": [one per rank],
+    "local_world_size": 1}."""
     if kind == "fs":
         return dcp.FileSystemWriter(os.path.join(where["fs"], name))
     from snapshotd_client.dcp import SnapshotdWriter
 
-    return SnapshotdWriter(job_id=f"dcp-{name}", socket_path=where["socket"], **kw)
+    if "sockets" in where:
+        kw.update(local_world_size=where["local_world_size"])
+    socket = where["sockets"][rank] if "sockets" in where else where["socket"]
+    return SnapshotdWriter(job_id=f"dcp-{name}", socket_path=socket, **kw)
 
 
 def make_reader(kind: str, where: dict, name: str, **kw):
@@ -70,9 +75,9 @@ def save_at_world(rank: int, world: int, init_file: str, where: dict) -> None:
               "rep": distribute_tensor(f["rep"], mesh, [Replicate()]),
               "plain": f["plain"], "step": 7, "nested": {"a": [1, "x"], "b": b"\x00\xff"}}
         only0 = {"only0": f["plain"] * 2} if rank == 0 else {}  # rank 1: an empty plan
-        for kind in BACKENDS:
-            dcp.save(sd, storage_writer=make_writer(kind, where, "dt"))
-            dcp.save(only0, storage_writer=make_writer(kind, where, "emptyrank"))
+        for kind in where.get("kinds", BACKENDS):
+            dcp.save(sd, storage_writer=make_writer(kind, where, "dt", rank))
+            dcp.save(only0, storage_writer=make_writer(kind, where, "emptyrank", rank))
     finally:
         dist.destroy_process_group()
 
@@ -383,6 +388,39 @@ def test_dtensor_saved_at_2_ranks_loads_at_1_into_dtensors(kind, saved_at_2):
             assert torch.equal(v.full_tensor(), f[k]), k
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def make_cluster(tmp_path):
+    from clusterkit import cluster_fixture
+
+    yield from cluster_fixture(tmp_path)
+
+
+@pytest.mark.slow
+def test_cluster_saved_at_3_nodes_loads_at_1_from_peers_and_parity(make_cluster, tmp_path):
+    """Rank i on node i of a 3-node m=1 cluster; one rank then loads everything from node 0:
+    the other ranks' shards come from their nodes, and after node 2 is lost, rank 2's from
+    the parity."""
+    from snapshotd_client.dcp import SnapshotdReader
+
+    c = make_cluster(3, 1)
+    where = {"sockets": [os.path.join(c.d, f"{n}.sock") for n in c.nodes], "local_world_size": 1,
+             "kinds": ["snapshotd"]}
+    run_ranks("save", 3, where, tmp_path)
+    f = full_tensors()
+
+    def load():
+        out = {k: torch.zeros_like(v) for k, v in f.items()}
+        r = SnapshotdReader(job_id="dcp-dt", socket_path=where["sockets"][0])
+        dcp.load(out, storage_reader=r)
+        r.close()
+        for k, v in f.items():
+            assert torch.equal(out[k], v), k
+
+    load()
+    c.kill(c.nodes[2], wipe=True)  # the machine is gone: its daemon, state and memory
+    load()
 
 
 @pytest.mark.slow
