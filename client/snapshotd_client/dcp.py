@@ -256,7 +256,8 @@ class SnapshotdWriter(StorageWriter):
         self._held = None
         metadata.version = DCP_VERSION
         metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
-        metadata.storage_meta = self.storage_meta()
+        metadata.storage_meta = StorageMeta(checkpoint_id=f"snapshotd:{self.job_id}/{m.version}",
+                                            save_id=self.save_id)
         head = json.loads(m.meta_json)
         head["metadata"] = json.loads(encode_metadata(metadata))
         m.meta_json = json.dumps(head, separators=(",", ":"))

@@ -8,7 +8,8 @@ loaded at 1, and the "resharding with empty shard" case: a 1-row tensor over 2 r
 test_state_dict.py (model + optimizer through get_state_dict / set_state_dict) and
 test_save_load_api.py / async_save with the THREAD executor.
 
-Multi-rank saves run as real gloo processes (this file run as a script: ``worker``).
+Multi-rank saves and loads run as real gloo processes (this file run as a script:
+``save`` / ``load``); the cluster case runs a 3-node local cluster (tests/clusterkit.py).
 """
 
 from __future__ import annotations
@@ -342,6 +343,7 @@ def test_metadata_codec_round_trip_and_refusals(where, daemon_m):
     from snapshotd_client.dcp_codec import decode_metadata, encode_metadata
 
     md = dcp.save(_plain_state(), storage_writer=make_writer("snapshotd", where, "codec"))
+    assert md.storage_meta.checkpoint_id == "snapshotd:dcp-codec/1"
     info = next(v for k, v in md.storage_data.items() if k.fqn == "bytesio")
     with open(shm.path_of(daemon_m.client().open_shard("dcp-codec", 0).segment_name), "rb") as f:
         f.seek(info.offset)  # a BytesIO item: the bytes DCP gives (torch.save'd), where the metadata says
