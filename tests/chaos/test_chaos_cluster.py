@@ -6,8 +6,11 @@
 - the same harness against a deliberately broken build (SNAPSHOTD_UNSAFE_SKIP_VERIFY=1:
   the daemons skip every checksum check) with the data-corruption scenario must report
   the violation and exit non-zero;
-- a one-minute soak: faults at random times (seeded) into the same running job, some
-  with an overlapping second fault (``--overlap``).
+- a one-minute trace-driven soak (``--soak --profile llama3``): faults at random times
+  (seeded) into the same running job, their kinds at the Llama 3 failure profile's rates
+  (process restarts, lost nodes, a whole failure domain lost at once, slow nodes), some
+  with a correlated second fault during the first one's recovery (``--overlap``); its
+  30-minute version is marked slow (``-m slow``).
 
 The harness runs as a subprocess (``snapshotd chaos``), as a user would run it; the
 ``teardown`` row checks that no daemon, trainer or /dev/shm segment of its cluster is
@@ -21,11 +24,14 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
 from conftest import REPO
 from snapshotd.wire import shm
+from snapshotd.core.sim.profiles import fault_kinds, llama3
+from snapshotd_tools.chaos.profile import KINDS, profile_schedule
 from snapshotd_tools.chaos.scenarios import FAULTS, builtin_scenarios
 
 
@@ -127,19 +133,50 @@ def test_a_build_that_skips_verification_fails_the_harness(workdir):
     assert "violated:" in out and "corrupt-data-block: bit_identical:" in out
 
 
-@pytest.mark.timeout(600)
-def test_soak_injects_seeded_random_faults_into_one_running_job(workdir):
-    rc, out, doc = _chaos(workdir, "--soak", "--duration", "60s", "--mtbf", "8", "--seed", "5",
-                          "--overlap", "0.5")
+def _profile_soak(workdir, duration: str, mtbf: float, seed: int, overlap: float, timeout: int):
+    """A ``--soak --profile llama3`` run; every invariant must hold, and the faults that ran
+    must be the seeded schedule's, in order, at the profile's kinds."""
+    rc, out, doc = _chaos(workdir, "--soak", "--profile", "llama3", "--duration", duration, "--mtbf",
+                          str(mtbf), "--seed", str(seed), "--overlap", str(overlap), timeout=timeout)
     assert rc == 0, out[-4000:]
-    assert doc["ok"] is True and doc["meta"]["soak"] is True and doc["meta"]["seed"] == 5
+    meta = doc["meta"]
+    assert doc["ok"] is True and meta["soak"] is True and meta["seed"] == seed
+    assert meta["profile"] == "llama3" and meta["domains"] == [["n0", "n1"], ["n2", "n3"]]
+    kinds = fault_kinds(llama3())
+    events = profile_schedule(seed, meta["duration_s"], mtbf, kinds, 4, 2, 80, overlap, tag="llama3")
     faults = [s for s in doc["scenarios"] if s["scenario"] != "teardown"]
-    assert len(faults) >= 3, out[-3000:]
-    assert all(s["scenario"].startswith("soak-") and s["ok"] for s in faults)
-    # Seed 5's first fault carries an overlap (a partition during a commit).
-    assert doc["meta"]["overlap_p"] == 0.5 and faults[0]["overlap"].startswith("during commit:")
-    # The faults went into the running job at their scheduled times (late only while
-    # the previous one was still being recovered from).
-    times = [s["params"]["t_s"] for s in faults]
-    assert times == sorted(times) and times[-1] < 60
     assert doc["scenarios"][-1]["scenario"] == "teardown" and doc["scenarios"][-1]["ok"]
+    assert [s["scenario"] for s in faults] == [e.scenario.name for e in events[:len(faults)]]
+    assert all(s["ok"] for s in faults)
+    by_kind, ran = meta["kinds"], Counter(e.fault for e in events[:len(faults)])
+    for k, share in kinds:
+        assert by_kind[k]["share"] == pytest.approx(share, abs=1e-4)
+        assert by_kind[k]["drawn"] == sum(e.fault == k for e in events) and by_kind[k]["run"] == ran[k]
+    assert sum(v["run"] for v in by_kind.values()) == len(faults) == meta["faults_run"]
+    for s, e in zip(faults, events):
+        if e.fault == "kill_domain":  # one whole rack at once, replaced and rebuilt
+            assert s["fault"].startswith(f"SIGKILL nodes {','.join(e.scenario.params['nodes'])} "), s
+            assert "rebuilt from the group" in s["recovery"], s
+        if s["params"].get("overlap"):  # the correlated second fault went in, during its phase
+            assert s["overlap"].startswith(f"during {s['params']['overlap']['during']}:"), s
+    times = [s["params"]["t_s"] for s in faults]
+    assert times == sorted(times) and times[-1] < meta["duration_s"]
+    return faults, events
+
+
+@pytest.mark.timeout(600)
+def test_profile_soak_injects_llama3_faults_into_one_running_job(workdir):
+    """``--soak --profile llama3`` for a minute: seed 10's schedule opens with a slow node, a
+    whole failure domain (n2,n3) lost at once and a lost node, and carries overlaps."""
+    faults, events = _profile_soak(workdir, "60s", 8, 10, 0.5, timeout=600)
+    assert len(faults) >= 3, faults
+    assert [e.fault for e in events[:3]] == ["slow_node", "kill_domain", "kill_node"]
+    assert sum(bool(e.scenario.overlap) for e in events) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_profile_soak_30_minutes(workdir):
+    """The 30-minute version (run on demand: ``-m slow``); docs/CHAOS.md quotes one."""
+    faults, events = _profile_soak(workdir, "30m", 20, 1, 0.25, timeout=2600)
+    assert len(faults) >= 40 and {e.fault for e in events[:len(faults)]} == set(KINDS)

@@ -31,6 +31,13 @@ def add_parser(sub) -> None:
     p.add_argument("--overlap", type=float, default=0.0, metavar="P",
                    help="soak: probability that a crash fault gets a second fault during its recovery "
                         "(a rebuild, a restore, a degraded read or a commit; default 0)")
+    p.add_argument("--profile", default=None, metavar="NAME",
+                   help="soak: draw the fault kinds and their relative rates from a failure profile "
+                        "(llama3, rsc: process restarts, lost nodes, lost failure domains, slow nodes), "
+                        "time-compressed to --mtbf, instead of uniformly from the matrix")
+    p.add_argument("--domain-size", type=int, default=2, metavar="K",
+                   help="--profile: nodes per failure domain of the local cluster (consecutive nodes; "
+                        "default 2). A domain of more than --parity nodes must be refused (m+1)")
     p.add_argument("--commit-bound", type=float, default=None, metavar="S",
                    help="after a fault clears, a new version must commit within S seconds "
                         "(the commit_after_fault invariant; default 30)")
@@ -93,6 +100,8 @@ def run(a) -> int:
                 if key in x.params:
                     (sc.resolve_nodes if key == "nodes" else sc.resolve_node)(
                         *((x.params[key], a.nodes, a.parity) if key == "nodes" else (x.params[key], a.nodes)))
+        if a.profile is not None:
+            _check_profile(a)
         duration = parse_duration(a.duration)
         if a.mtbf <= 0:
             raise ValueError("--mtbf must be positive")
@@ -130,9 +139,10 @@ def run(a) -> int:
     try:
         h.reference()
         if a.soak:
-            results = _soak(h, chosen, duration, a.mtbf, a.seed, a.report, a.overlap)
+            results, about = _soak(h, chosen, duration, a.mtbf, a.seed, a.report, a.overlap,
+                                   a.profile, a.domain_size)
         else:
-            results = h.run(chosen)
+            results, about = h.run(chosen), {}
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
@@ -144,6 +154,7 @@ def run(a) -> int:
                  "overlap_p": a.overlap if a.soak else None,
                  "seed": a.seed if a.soak else None, "mtbf_s": a.mtbf if a.soak else None,
                  "duration_s": duration if a.soak else None})
+    info.update(about)
     if a.soak:  # the fault rate reached, against the one asked for
         ran = [r for r in results if r.params.get("kind") not in ("teardown", "between")]
         late = [r.params.get("late_s", 0.0) for r in ran]
@@ -159,6 +170,19 @@ def run(a) -> int:
         write_json(a.report, results, info)
         print(f"report: {a.report}")
     return 0 if all(r.ok for r in results) else 1
+
+
+def _check_profile(a) -> None:
+    from snapshotd.core.sim.profiles import PROFILES
+
+    if not a.soak:
+        raise ValueError("--profile needs --soak")
+    if a.profile not in PROFILES:
+        raise ValueError(f"--profile: unknown failure profile {a.profile!r} (built in: {', '.join(PROFILES)})")
+    if a.scenario or a.only or a.ci:
+        raise ValueError("--profile draws its own faults; it takes no --scenario, --only or --ci")
+    if a.domain_size < 1:
+        raise ValueError(f"--domain-size must be >= 1 (got {a.domain_size})")
 
 
 def _partition_mode(choice: str):
@@ -178,18 +202,56 @@ def _partition_mode(choice: str):
 
 
 def _soak(h, pool, duration_s: float, mtbf_s: float, seed: int, report: str | None,
-          overlap_p: float = 0.0):
+          overlap_p: float = 0.0, profile: str | None = None, domain_size: int = 2):
+    """The soak: (its results, what the report's meta says of its failure profile)."""
     from snapshotd_tools.chaos.report import write_json
     from snapshotd_tools.chaos.runner import meta
     from snapshotd_tools.chaos.scenarios import soak_schedule
 
-    events = soak_schedule(seed, duration_s, mtbf_s, pool, h.n, h.steps, overlap_p)
+    about = _ProfileInfo(profile, seed, duration_s, mtbf_s, h, overlap_p, domain_size) if profile else None
+    events = about.events if about else soak_schedule(seed, duration_s, mtbf_s, pool, h.n, h.steps, overlap_p)
     _say(f"soak: {len(events)} faults scheduled in {duration_s:.0f} s (seed {seed}, mtbf {mtbf_s} s), "
          f"{sum(bool(e.scenario.overlap) for e in events)} with an overlapping second fault, "
          "into one running job")
 
     def partial(results):  # a report after every fault, so a long soak can be read while it runs
         if report:
-            write_json(report, results, dict(meta(h), soak=True, seed=seed, overlap_p=overlap_p, partial=True))
+            write_json(report, results, dict(meta(h), soak=True, seed=seed, overlap_p=overlap_p, partial=True,
+                                             **(about.meta(results) if about else {})))
 
-    return h.soak(events, duration_s, on_result=partial)
+    results = h.soak(events, duration_s, on_result=partial)
+    if not about:
+        return results, {}
+    info = about.meta(results)
+    _say(f"soak: profile {profile}, faults per kind (run / drawn; share drawn vs profile): " + "; ".join(
+        f"{k} {v['run']}/{v['drawn']} ({v['drawn_share'] or 0:.1%} vs {v['share']:.1%})"
+        for k, v in info["kinds"].items()))
+    return results, info
+
+
+class _ProfileInfo:
+    """A trace-driven soak's schedule (``profile.profile_schedule``) and its report lines."""
+
+    def __init__(self, name: str, seed: int, duration_s: float, mtbf_s: float, h, overlap_p: float,
+                 domain_size: int):
+        from snapshotd.core.sim import profiles as fp
+        from snapshotd_tools.chaos import profile as pr
+
+        self.name, self.pr, self.domain_size, self.n = name, pr, domain_size, h.n
+        self.prof = fp.profile(name)
+        self.kinds = fp.fault_kinds(self.prof)
+        self.events = pr.profile_schedule(seed, duration_s, mtbf_s, self.kinds, h.n, h.m, h.steps, overlap_p,
+                                          domain_size, tag=name)
+        self.x = pr.compression(self.prof, None, mtbf_s)
+        _say(f"soak: profile {name} ({self.prof.notes}): job MTBF "
+             f"{self.prof.job_mtbf_s(self.prof.ref_gpus) / 3600:.2f} h compressed to {mtbf_s:g} s "
+             f"(x{self.x:.0f}); kinds " + ", ".join(f"{k} {w:.1%}" for k, w in self.kinds)
+             + f"; failure domains {pr.domains(h.n, domain_size)}")
+
+    def meta(self, results) -> dict:
+        ran = {r.scenario for r in results}
+        return {"profile": self.name, "profile_notes": self.prof.notes,
+                "profile_job_mtbf_h": round(self.prof.job_mtbf_s(self.prof.ref_gpus) / 3600, 2),
+                "time_compression": round(self.x, 1), "domain_size": self.domain_size,
+                "domains": self.pr.domains(self.n, self.domain_size),
+                "kinds": self.pr.kind_summary(self.events, ran, self.kinds)}
