@@ -19,8 +19,8 @@ version the others load. So, before anything is loaded:
    version, and its outcome counts once that rebuild succeeded or failed.
 
 The agreement goes through torch.distributed when its default process group is
-initialised and spans the job (same world size and rank as the Snapshotter): every rank
-of the job must then call ``restore()``, as a collective. Without a process group, each
+initialised and has the job's world size: every rank of the job must then call
+``restore()``, as a collective (ranks in messages are the process group's). Without a process group, each
 rank has its daemon's answer, which is already the newest version any live peer of that
 daemon reports committed; a daemon cut off from every peer can only answer for itself,
 so multi-node jobs should restore with a process group initialised.
@@ -47,14 +47,15 @@ NAMES = {OPENED: "opened", REBUILT: "rebuilt by CheckFree", UNAVAILABLE: "daemon
          FAILED: "cannot load it"}
 
 
-def _group_spans(world_size: int, rank: int) -> bool:
+def _group_spans(world_size: int) -> bool:
+    """The default process group has the job's size (the same answer on every rank of it,
+    so every rank takes part in the collectives, or none does)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    if dist.get_world_size() != world_size or dist.get_rank() != rank:
-        log.debug("snapshotd: the process group (rank %d of %d) is not this job's (rank %d of %d): "
-                  "restore agrees through the daemons only", dist.get_rank(), dist.get_world_size(),
-                  rank, world_size)
+    if dist.get_world_size() != world_size:
+        log.debug("snapshotd: the process group has %d ranks, the job %d: restore agrees through "
+                  "the daemons only", dist.get_world_size(), world_size)
         return False
     return world_size > 1
 
@@ -64,7 +65,9 @@ class RestoreVerdict:
 
     def __init__(self, world_size: int, rank: int):
         self.world_size, self.rank = world_size, rank
-        self.collective = _group_spans(world_size, rank)
+        self.collective = _group_spans(world_size)
+        if self.collective:
+            self.rank = torch.distributed.get_rank()  # outcomes are indexed by the group's ranks
         self.device = torch.device("cpu")
         if self.collective and str(torch.distributed.get_backend()) == "nccl":  # CUDA tensors only
             self.device = torch.device("cuda", torch.cuda.current_device())
