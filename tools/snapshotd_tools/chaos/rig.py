@@ -383,8 +383,9 @@ class Trainers:
             except OSError:
                 lines = []
             err = next((x for x in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", x)),
-                       lines[-1] if lines else f"exit code {rc}")
-            out.append(f"rank {r}: {err}")
+                       lines[-1] if lines else "no output")
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+            out.append(f"rank {r} ({how}): {err}")
         return out
 
     def leaked(self) -> list[str]:
