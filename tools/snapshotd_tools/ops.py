@@ -102,7 +102,8 @@ def _dicts(jobs) -> list[dict]:
                           preserving_proto_field_name=True) for j in jobs]
 
 
-def _print_table(jobs, out=sys.stdout) -> None:
+def _print_table(jobs, out=None) -> None:
+    out = out if out is not None else sys.stdout  # the current one, not the one at import
     rows = [("JOB", "RANKS", "COMMITTED", "HELD", "LAST ACTIVITY", "IDLE", "STATE")]
     for j in jobs:
         ranks = f"{j.local_world_size}/{j.world_size}"
