@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -96,66 +94,20 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------------------------
-import pytest  # noqa: E402
 
-pytest.importorskip("pytorch_lightning")
+from resumekit import (  # noqa: E402
+    check_imports_without, check_resumed_bit_exact, crash_and_resume, require)
 
-
-def _committed(client, job: str) -> int:
-    from snapshotd.wire.errors import UnknownJobError
-
-    try:
-        return client.list_versions(job).latest_committed_version
-    except UnknownJobError:
-        return 0
-
-
-def _start(daemon, tmp_path, name: str, hold_at: int) -> subprocess.Popen:
-    env = dict(os.environ, SNAPSHOTD_SOCKET=daemon.socket, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--job", "pl-run",
-           "--out", str(tmp_path / f"{name}.json"), "--hold-at", str(hold_at)]
-    return subprocess.Popen(cmd, env=env, stdout=open(tmp_path / f"{name}.log", "wb"),
-                            stderr=subprocess.STDOUT)
+require("pytorch_lightning")
 
 
 def test_lightning_sigkilled_mid_epoch_resumes_bit_exact(daemon, tmp_path):
-    client = daemon.client()
-    first = _start(daemon, tmp_path, "first", HOLD_AT)
-    second = None
-    try:
-        deadline = time.monotonic() + 150  # generous: a loaded machine, not a timing bound
-        while _committed(client, "pl-run") < KILL_AFTER:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.05)
-        killed_at = _committed(client, "pl-run")
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-        second = _start(daemon, tmp_path, "second", 0)
-        assert second.wait(140) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
-        client.close()
-    rec = json.loads((tmp_path / "second.json").read_text())
-    run, ref = rec["run"], rec["reference"]
-    assert killed_at <= run["start"] <= HOLD_AT and ref["start"] == 0, rec
-    assert run["global_step"] == ref["global_step"] == STEPS, rec
-    assert run["epoch"] == ref["epoch"] and run["lr"] == ref["lr"], rec
-    assert run["digest"] == ref["digest"], rec
-    # relaunched once finished, the job restores its last step and trains nothing more
-    again = rec["again"]
-    assert again["start"] == again["global_step"] == STEPS and again["digest"] == run["digest"], rec
+    killed_at, rec = crash_and_resume(daemon, os.path.abspath(__file__), tmp_path, "pl-run",
+                                      KILL_AFTER, HOLD_AT)
+    check_resumed_bit_exact(rec, killed_at, HOLD_AT, STEPS)
 
 
 def test_without_lightning_the_package_imports_and_the_module_says_what_to_install():
-    code = ("import sys\nsys.modules['pytorch_lightning'] = None  # as if not installed\n"
-            "import snapshotd_client, snapshotd_client.integrations\n"
-            "try:\n    import snapshotd_client.integrations.lightning\n"
-            "except ImportError as e:\n    print(e)\nelse:\n    print('imported')\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == ("snapshotd_client.integrations.lightning needs pytorch_lightning "
-                                "(pip install pytorch-lightning)"), r.stdout
+    check_imports_without("pytorch_lightning", "snapshotd_client.integrations.lightning",
+                          "snapshotd_client.integrations.lightning needs pytorch_lightning "
+                          "(pip install pytorch-lightning)")
