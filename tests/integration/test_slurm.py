@@ -176,10 +176,17 @@ def slurm(tmp_path_factory):
 
 
 def _events(text: str) -> list[dict]:
-    out = []
+    """The trainers' JSON event lines. Every rank of the step writes into the one Slurm
+    output file, and the step's I/O forwarding can put one rank's line right after
+    another's before its newline (seen in CI: two "done" records on one line), so each
+    line is read as a run of whole JSON objects."""
+    out, dec = [], json.JSONDecoder()
     for line in text.splitlines():
-        if line.startswith('{"event"'):
-            out.append(json.loads(line))
+        i = 0 if line.startswith('{"event"') else -1
+        while i >= 0:
+            rec, end = dec.raw_decode(line, i)
+            out.append(rec)
+            i = line.find('{"event"', end)
     return out
 
 
