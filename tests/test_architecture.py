@@ -186,3 +186,18 @@ def test_no_module_is_over_long():
     assert not too_long, (
         f"modules over {MAX_MODULE_LINES} lines, not listed under 'Over-long modules' in "
         f"docs/ARCHITECTURE.md: {too_long}")
+
+
+def test_every_package_is_in_the_wheel():
+    """A sub-package missing from [tool.setuptools] packages works in the editable dev
+    install and is absent from a wheel (``pip install .``): snapshotd.node.peer, core.sim and
+    snapshotd_client.integrations were, and a daemon installed from a wheel could not start."""
+    listed = set(tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for root, where in PACKAGE_DIRS.items():
+        for init in where.rglob("__init__.py"):
+            rel = init.parent.relative_to(where).parts
+            if "__pycache__" not in rel:
+                found.add(".".join((root, *rel)))
+    assert found - listed == set(), f"packages not in pyproject's [tool.setuptools] packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"listed packages with no __init__.py: {sorted(listed - found)}"
