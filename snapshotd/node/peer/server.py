@@ -17,7 +17,10 @@ Fault hook, for tests only: the environment variable :data:`STALL_ENV` set to
 before it takes a request of op OP, COUNT times (default 1). MODE ``sleep`` (the
 default) stalls that thread alone; ``gil`` sleeps holding the GIL, so the whole daemon
 stops (its heartbeats too) as it does behind a long allocation or a page-fault storm
-under the GIL. Unset (the default), nothing changes.
+under the GIL. Set to ``@DIR`` instead, nothing is armed at start: the hook is armed at
+run time by a file ``DIR/stall-peer-server.<NODE>`` holding that same spec, which the
+node reads and deletes at its next request (the chaos harness's ``stall_server`` fault).
+Unset (the default), nothing changes.
 
 The handler: ``handler(sender_id, request, payload) -> (reply, reply_payload_or_None[,
 payload_xxh3])``, ``request`` a ``peer_pb2.PeerRequest`` that passed :mod:`.checks`,
@@ -84,10 +87,10 @@ Handler = Callable[[str, ppb.PeerRequest, "memoryview | None"], tuple]
 STALL_ENV = "SNAPSHOTD_TEST_STALL_PEER_SERVER"
 
 
-def _stall_from_env(node_id: str) -> dict | None:
-    """{"op", "seconds", "left"} when :data:`STALL_ENV` names this node, else None."""
-    spec = os.environ.get(STALL_ENV, "")
-    if not spec:
+def _stall_from_env(node_id: str, spec: str | None = None) -> dict | None:
+    """{"op", "seconds", "left"} when :data:`STALL_ENV` (or ``spec``) names this node, else None."""
+    spec = os.environ.get(STALL_ENV, "") if spec is None else spec
+    if not spec or spec.startswith("@"):
         return None
     parts = spec.split(":")
     if len(parts) not in (3, 4, 5) or (len(parts) == 5 and parts[4] not in ("sleep", "gil")):
@@ -146,6 +149,8 @@ class PeerServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stall = _stall_from_env(node_id)
+        trigger = os.environ.get(STALL_ENV, "")  # "@DIR": armed at run time by a file (tests only)
+        self._trigger = os.path.join(trigger[1:], f"stall-peer-server.{node_id}") if trigger.startswith("@") else None
         self.stalls = 0  # times the test fault hook stalled the serving thread
         # Requests handled off the serving thread (None: all handled on it), and the
         # inproc socket the bulk thread's replies come back through.
@@ -297,6 +302,14 @@ class PeerServer:
 
     def _maybe_stall(self, op: str) -> None:
         st = self._stall
+        if self._trigger is not None and (st is None or st["left"] <= 0) and os.path.exists(self._trigger):
+            try:
+                with open(self._trigger) as f:
+                    spec = f.read().strip()
+                os.unlink(self._trigger)
+                st = self._stall = _stall_from_env(self.node_id, spec)
+            except (OSError, ValueError) as exc:
+                log.error("peer server %s: TEST FAULT trigger %s not armed: %s", self.node_id, self._trigger, exc)
         if st is not None and st["left"] > 0 and op == st["op"]:
             st["left"] -= 1
             self.stalls += 1
@@ -362,7 +375,7 @@ class PeerServer:
             self._refuse("checksum", f"payload xxh3 mismatch from {sender!r}")
             return self._reply_error(ident, rid, checksum_mismatch(header, "payload"))
 
-        if self._stall is not None:
+        if self._stall is not None or self._trigger is not None:
             self._maybe_stall(op)
         if self._bulk is not None and op not in self._inline:
             self._bulk.put((ident, rid, op, sender, request, payload))
