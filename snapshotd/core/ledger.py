@@ -106,6 +106,9 @@ class JobLedger:
     last_asked: dict[int, int] = field(default_factory=dict)
     # versions a rebuild is installing (committed elsewhere): never abandoned as dead
     installing: set[int] = field(default_factory=set)
+    # uncommitted version -> the world size it is being written at (in memory only):
+    # two runs of different sizes writing one version is a conflict, not a mixture
+    version_world: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -126,11 +129,45 @@ class JobLedger:
         self._rank_slots(rank)
 
     def _rank_slots(self, rank: int) -> list[Slot]:
-        if not 0 <= rank < self.world_size:
+        """Slots of ``rank``: a rank of the layout being saved, or of an older layout
+        whose committed shard is still held (readable, never written: ``_save_slots``)."""
+        if not 0 <= rank < self.world_size and rank not in self.slots:
             raise UnknownRankError(
                 f"job {self.job_id!r} has ranks 0..{self.world_size - 1}, not {rank}"
             )
         return self.slots[rank]
+
+    def _save_slots(self, rank: int) -> list[Slot]:
+        if not 0 <= rank < self.world_size:
+            raise UnknownRankError(
+                f"job {self.job_id!r} is saved at world_size {self.world_size}: ranks "
+                f"0..{self.world_size - 1}, not {rank}")
+        return self.slots[rank]
+
+    def relayout(self, world_size: int, local_world_size: int = 0) -> None:
+        """Save at a new world size from now on. The committed version keeps its layout:
+        the slots of ranks the new size no longer has stay readable until a version of
+        the new layout commits (then ``retired_ranks`` names them). Uncommitted versions
+        of the old layout stay as they are (a fence or a commit word decides them)."""
+        if world_size < 1 or not 0 <= local_world_size <= world_size:
+            raise InvalidRequestError(
+                f"job {self.job_id!r}: world_size {world_size}, local_world_size {local_world_size}")
+        self.world_size = world_size
+        self.local_world_size = local_world_size or world_size
+        for r in range(world_size):
+            self.slots.setdefault(r, [])
+        self.last_asked = {r: v for r, v in self.last_asked.items() if r < world_size}
+
+    def retired_ranks(self) -> list[int]:
+        """Ranks outside the layout being saved that hold nothing committed or pending:
+        the caller releases their segments and ``forget_rank``s them."""
+        return sorted(r for r, ss in self.slots.items() if r >= self.world_size and not any(
+            s.state in (SlotState.COMMITTED, SlotState.PENDING) for s in ss))
+
+    def forget_rank(self, rank: int) -> None:
+        if rank < self.world_size:
+            raise InvalidRequestError(f"job {self.job_id!r}: rank {rank} is still in the layout")
+        self.slots.pop(rank, None)
 
     def slot_of(self, rank: int, version: int, *states: SlotState) -> Slot | None:
         for s in self._rank_slots(rank):
@@ -147,14 +184,14 @@ class JobLedger:
     def delivered_ranks(self, version: int) -> list[int]:
         return [
             r
-            for r in range(self.world_size)
+            for r in sorted(self.slots)
             if self.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED)
         ]
 
     def missing_ranks(self, version: int) -> list[int]:
         """Ranks that have not delivered ``version`` (all ranks for one node; in a
         cluster, empty once the node's ``local_world_size`` ranks delivered)."""
-        have = set(self.delivered_ranks(version))
+        have = {r for r in self.delivered_ranks(version) if r < self.world_size}
         if len(have) >= self.local_world_size:
             return []
         return [r for r in range(self.world_size) if r not in have]
@@ -209,7 +246,7 @@ class JobLedger:
 
     def note_asked(self, rank: int, version: int) -> None:
         """Record that ``rank`` asked to stage ``version`` (see ``acquire``)."""
-        self._rank_slots(rank)
+        self._save_slots(rank)
         prev = self.last_asked.get(rank, 0)
         if version < prev:  # a new run of the rank (it restarted without a fence)
             self.last_asked = {r: v for r, v in self.last_asked.items() if v <= version}
@@ -221,7 +258,7 @@ class JobLedger:
 
         Call ``note_asked(rank, version)`` and ``abandon_dead()`` first (the store does),
         so that versions this request makes dead do not hold slots."""
-        slots = self._rank_slots(rank)
+        slots = self._save_slots(rank)
         if version < 1:
             raise InvalidRequestError(f"version must be >= 1, got {version}")
         if nbytes < 0:
@@ -235,6 +272,14 @@ class JobLedger:
             raise ConflictError(
                 f"job {self.job_id!r} rank {rank} already delivered version {version}"
             )
+        other = self.version_world.get(version)
+        if other is not None and other != self.world_size and any(
+                s.version == version and s.state is not SlotState.FREE
+                for ss in self.slots.values() for s in ss):
+            raise ConflictError(
+                f"job {self.job_id!r}: version {version} is being written at world_size {other} "
+                f"and now at world_size {self.world_size}: two runs of different sizes use this "
+                f"job id at once (give each its own job id)")
         gone = self.skipped_by(version)
         if gone:
             raise SnapshotSkippedError(
@@ -281,6 +326,7 @@ class JobLedger:
             slot.generation = plan.generation
         slot.state = SlotState.STAGING
         slot.version = version
+        self.version_world[version] = self.world_size
         return slot
 
     def deliver(self, rank: int, version: int) -> Delivery:
@@ -306,8 +352,11 @@ class JobLedger:
 
     def install_committed(self, rank: int, version: int, size: int) -> Slot:
         """Rebuild: a slot that holds ``version`` for ``rank`` rebuilt from peers.
-        The caller creates the segment (``generation`` is bumped) and then commits."""
-        slots = self._rank_slots(rank)
+        The caller creates the segment (``generation`` is bumped) and then commits.
+        ``rank`` may be one of an older layout (the version keeps the layout it had)."""
+        if rank < 0:
+            raise UnknownRankError(f"job {self.job_id!r}: no rank {rank}")
+        slots = self.slots.setdefault(rank, [])
         slot = next((s for s in slots if s.state is SlotState.FREE), None)
         if slot is None:
             if len(slots) >= self.max_slots_per_rank:
@@ -340,6 +389,7 @@ class JobLedger:
         if version > self.committed_version:
             self.committed_version = version
         self.installing = {v for v in self.installing if v > version}
+        self.version_world = {v: w for v, w in self.version_world.items() if v > version}
         return Delivery(committed=True, version=version, freed=tuple(freed))
 
     def abandon_uncommitted(self, keep_version: int = 0) -> list[tuple[int, int]]:
@@ -348,6 +398,7 @@ class JobLedger:
         committed elsewhere that a rebuild is installing here."""
         freed = []
         self.last_asked.clear()  # the job's ranks start over
+        self.version_world = {v: w for v, w in self.version_world.items() if v == keep_version}
         for r, ss in self.slots.items():
             for s in ss:
                 if keep_version and s.version == keep_version and s.state is SlotState.PENDING:

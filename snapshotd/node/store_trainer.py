@@ -60,22 +60,36 @@ class TrainerStore:
         with st.lock:
             led = st.jobs.get(job_id)
             if led is not None:
-                if led.world_size != world_size or (
-                        local_world_size and led.local_world_size != local_world_size):
-                    raise st.refuse(ConflictError(
-                        f"job {job_id!r} is registered with world_size {led.world_size} "
-                        f"(local {led.local_world_size}), not {world_size} (local "
-                        f"{local_world_size or world_size}). To start it over with the new size, "
-                        f"drop it first (this deletes its snapshots): snapshotd jobs drop "
-                        f"{job_id} [--socket PATH]; 'snapshotd jobs show {job_id}' tells what it holds"))
                 if restarting:
                     self.fence(job_id)
+                if led.world_size != world_size or (
+                        local_world_size and led.local_world_size != local_world_size):
+                    # A relaunch at another size: the committed version keeps its layout
+                    # (its old ranks stay readable), new saves use the new one. Two live
+                    # runs of different sizes on one job id collide when both write one
+                    # version (the ledger's ConflictError at acquire).
+                    log.info("job %s: world_size %d (local %d) -> %d (local %d); version %d "
+                             "keeps its layout", job_id, led.world_size, led.local_world_size,
+                             world_size, local_world_size or world_size, led.committed_version)
+                    led.relayout(world_size, local_world_size)
+                    self._retire_ranks(job_id, led)
+                    st.touch(job_id)
+                    st.persist()
+                    return led.committed_version
                 st.touch(job_id)
                 return led.committed_version
             st.jobs[job_id] = st.new_ledger(job_id, world_size, local_world_size)
             st.touch(job_id)
             st.persist()
             return 0
+
+    def _retire_ranks(self, job_id: str, led) -> None:
+        """Release the segments of ranks an older layout had and the current one has not,
+        once nothing of theirs is committed or pending (under the lock)."""
+        for r in led.retired_ranks():
+            for s in led.slots.get(r, []):
+                self.state.release_segment(job_id, r, s)
+            led.forget_rank(r)
 
     def fence(self, job_id: str, keep_version: int = 0) -> list[tuple[int, int]]:
         """Free every uncommitted slot of the job (its trainers start over), but those
@@ -114,6 +128,7 @@ class TrainerStore:
                 if version > led.committed_version:
                     led.note_asked(rank, version)
                 self._abandon_dead(job_id, led)
+                self._retire_ranks(job_id, led)
                 plan = led.acquire(rank, version, nbytes, force)
             except Exception as exc:
                 raise st.refuse(exc)
