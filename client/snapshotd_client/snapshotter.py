@@ -123,7 +123,8 @@ class Snapshotter:
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.skipped = 0  # snapshots skipped because older ones had not committed yet
         self.restored_approximate = False
-        self.restored_method: str | None = None  # "exact", "CheckFree" or "CheckFree+" after restore()
+        self.restored_method: str | None = None  # "exact", "resharded", "CheckFree" or "CheckFree+" after restore()
+        self.restored_from_world_size: int | None = None  # the restored version's, when resharded
         # grad norm, stage layout and the "pipeline" entry of the last save/restore
         self.stage_recorder = pl.StageRecorder(self.model, self.cfg)
         if self.cfg.pipeline_stage is not None:
@@ -268,7 +269,8 @@ class Snapshotter:
         m = pb.ShardManifest()
         m.CopyFrom(tmpl)
         m.version = step
-        m.meta_json = st.dumps_meta({"replicated": rep_meta, "local": loc_meta})
+        m.meta_json = st.dumps_meta({"replicated": rep_meta, "local": loc_meta,
+                                     "world_size": self.world_size})  # for a reshard restore
         stats = SaveStats(version=step, bytes=total, blocking_s=blocking, backpressure_s=t_bp)
         self._pending = self._pool.submit(self._handoff, resp.segment_name, seg, m, stats,
                                           copy_done)
