@@ -3,8 +3,13 @@
 Measures, on one machine (all daemons share its cores):
   * snapshot pipeline per node: every node's rank stages --size-mib of state, the
     daemons exchange parity and vote; time from the first save() to the commit seen
-    on every node. Rate per node = state per node / that time. Each node sends about
-    m x its data to parity holders (reported as bytes sent per node).
+    on every node. Rate per node = state per node / that time. Bytes on the network:
+    each daemon's peer-plane counter (``peer_traffic`` in its status: every frame it
+    handed to its peer sockets, requests and replies), read before and after each
+    version; reported per node and version as a ratio to its state D (issue 16:
+    <= (k+m-1)/k with the accumulator route, m before it).
+  * memory (bench/memwatch.py): the peak, per phase, of every daemon's private memory
+    plus the cluster's /dev/shm plus this writer's private memory, and per daemon.
   * rebuild: a node is lost (SIGKILL, state and shared memory wiped) and restarted
     empty; it rebuilds its data and parity from the others. Rate = bytes rebuilt /
     rebuild time (as measured by the daemon).
@@ -173,6 +178,14 @@ def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed
     return {"one_active_pipeline_s": med, "one_active_gbps": size / med / 1e9}
 
 
+def peer_bytes_sent(d: str) -> dict:
+    """{node: bytes its peer plane has sent so far} (the daemons' own counters)."""
+    from snapshotd_tools import localcluster as lc
+
+    return {r.get("node_id"): (r.get("cluster") or {}).get("peer_traffic", {}).get("bytes_sent")
+            for r in lc.collect_status(d)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4)
@@ -194,6 +207,8 @@ def main(argv=None) -> int:
     from snapshotd_client import Snapshotter
     from snapshotd_client.transport import DaemonClient
 
+    from bench.memwatch import MemWatch
+
     d = tempfile.mkdtemp(prefix="bench-cluster-")
     size = a.size_mib << 20
     budget = f"{10 * size + (256 << 20)}"  # two jobs: all nodes active, then one
@@ -203,6 +218,10 @@ def main(argv=None) -> int:
     res: dict = {"nodes": a.nodes, "parity": a.parity, "k": a.nodes - a.parity,
                  "state_bytes_per_node": size, "block_size": a.block_size}
     res["committed_versions"] = 0
+    with open(os.path.join(d, "cluster.json")) as f:
+        pids = {n: v["pid"] for n, v in json.load(f)["nodes"].items()}
+    mem = MemWatch(pids, {n: lc.shm_prefix(d, n) for n in pids}).start()
+    mem.phase = "setup"
     try:
         # One process plays every node's rank; each stores the same-sized state.
         n_tensors = max(1, size // (64 << 20))
@@ -228,8 +247,10 @@ def main(argv=None) -> int:
         def daemon_cpu() -> float:
             return sum(sum(pr.cpu_times()[:2]) for pr in procs)
 
-        times, blocking, cpu = [], [], []
+        times, blocking, cpu, sent_ratio = [], [], [], []
         for step in range(1, a.repeats + 3):
+            mem.phase = "versions 1-2" if step <= 2 else "versions 3+"
+            b0 = peer_bytes_sent(d)
             c0 = daemon_cpu()
             t0 = time.perf_counter()
             for s in snaps:
@@ -238,7 +259,11 @@ def main(argv=None) -> int:
             wait_committed(d, committed_everywhere_job, "bench", step, a.commit_timeout_s)
             dt = time.perf_counter() - t0
             res["committed_versions"] = step
-            print(f"  version {step} committed on every node in {dt * 1e3:.0f} ms", file=sys.stderr, flush=True)
+            b1 = peer_bytes_sent(d)
+            ratios = {n: round((b1[n] - b0[n]) / size, 3) for n in b1 if b1.get(n) is not None and b0.get(n) is not None}
+            sent_ratio.append(ratios)
+            print(f"  version {step} committed on every node in {dt * 1e3:.0f} ms; peer bytes sent / D per node "
+                  f"{ratios}", file=sys.stderr, flush=True)
             if step > 2:  # first two allocate and touch the segments
                 times.append(dt)
                 cpu.append(daemon_cpu() - c0)
@@ -247,7 +272,9 @@ def main(argv=None) -> int:
         med = statistics.median(times)
         res.update({
             "pipeline_s": med, "pipeline_gbps_per_node": size / med / 1e9,
-            "bytes_sent_per_node": a.parity * size,
+            "bytes_sent_per_node": statistics.median(
+                statistics.mean(r.values()) for r in sent_ratio[2:]) * size if sent_ratio[2:] and all(sent_ratio[2:]) else None,
+            "bytes_sent_over_d_per_version": sent_ratio,
             "save_blocking_ms_median": statistics.median(blocking) * 1e3,
             "daemon_cpu_s_per_node": statistics.median(cpu) / a.nodes,
         })
@@ -260,25 +287,35 @@ def main(argv=None) -> int:
         res["parity_bytes_per_node"] = par
         phases = set(a.phases.split(","))
         if "one_active" in phases:
+            mem.phase = "one_active"
             res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job, d,
                                           a.commit_timeout_s))
         if "rebuild" in phases:  # lose the last node and bring it back empty
+            mem.phase = "rebuild"
             res.update(measure_rebuild(d, nodes[-1], budget))
     except NotCommitted as exc:
+        mem.stop()
         print(f"FAILED: {exc}", file=sys.stderr)
+        print(f"  memory peaks (MiB) {json.dumps(mem.report())}", file=sys.stderr)
         if a.json:
             with open(a.json, "w") as f:
-                json.dump({**res, "failed": str(exc)}, f, indent=2)
+                json.dump({**res, "failed": str(exc), "memory_peaks": mem.report()}, f, indent=2)
         return 1
     finally:
+        mem.stop()
         lc.down(d)
         shutil.rmtree(d, ignore_errors=True)
+    res["memory_peaks"] = mem.report()
     k = a.nodes - a.parity
     print(f"{a.nodes} nodes, k={k} m={a.parity}, {a.size_mib} MiB of state per node, "
           f"blocks {a.block_size}, median of {a.repeats} (all daemons share this machine's "
           f"{os.cpu_count()} cores); {res['committed_versions']} of {a.repeats + 2} versions committed")
     print(f"  snapshot pipeline  {res['pipeline_s'] * 1e3:8.1f} ms  {res['pipeline_gbps_per_node']:6.2f} GB/s per node"
-          f" (target >= 1); sent ~{res['bytes_sent_per_node'] / 2**20:.0f} MiB per node")
+          f" (target >= 1)")
+    if res["bytes_sent_per_node"] is not None:
+        print(f"  peer bytes sent    {res['bytes_sent_per_node'] / 2**20:8.1f} MiB per node per version = "
+              f"{res['bytes_sent_per_node'] / size:.3f} x D (median over versions 3+ of the mean over nodes; "
+              f"m = {a.parity}, (k+m-1)/k = {(k + a.parity - 1) / k:.3f})")
     if "one_active_gbps" in res:
         print(f"  one node active    {res['one_active_pipeline_s'] * 1e3:8.1f} ms  {res['one_active_gbps']:6.2f} GB/s"
               f" (only node 0 snapshots {a.size_mib} MiB; the others a few bytes)")
@@ -293,6 +330,9 @@ def main(argv=None) -> int:
               f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
         print(f"  rebuild phases     {res.get('rebuild_phases_s')}")
     print(f"  parity accumulate  {res.get('accumulate_gbps')} GB/s of contributions per CPU-second, per node")
+    for ph, pk in res["memory_peaks"].items():
+        print(f"  memory peak {ph:<14} total {pk['total_mib']} MiB (daemons' private + cluster /dev/shm + "
+              f"writer's private {pk['writer_anon_mib']}); per daemon {pk['nodes_mib']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
