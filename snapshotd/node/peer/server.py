@@ -67,7 +67,6 @@ from snapshotd.node.peer.framing import (
     payload_checksum_ok,
     payload_fields,
 )
-from snapshotd.node.peer.pacing import PACER
 from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import (
@@ -402,8 +401,6 @@ class PeerServer:
             self.handler_errors += 1
             log.debug("peer server %s: handler raised for %r", self.node_id, sender, exc_info=True)
             return self._reply_error(ident, rid, e, send)
-        if reply_view is not None:  # bulk payloads wait for --peer-rate (pacing.py)
-            PACER.pace(op, reply_view.nbytes, reply=True)
         send(self._frames(ident, rid, reply_raw, reply_view))
 
     def _frames(self, ident: bytes, rid: bytes, header_raw: bytes, payload: memoryview | None) -> list:
