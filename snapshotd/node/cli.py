@@ -97,6 +97,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         "[env SNAPSHOTD_JOB_ACTIVE_S; default 600]")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING [env SNAPSHOTD_LOG_LEVEL; default INFO]")
+    from snapshotd.node.peer import pacing  # --peer-rate, --peer-burst (bulk peer traffic)
+    pacing.add_arguments(s)
 
     return s
 
@@ -129,9 +131,11 @@ def serve(a) -> int:
                        scrub_rate_bytes_per_s=a.scrub_rate,
                        scrub_interval_s=a.scrub_interval_s,
                        job_ttl_s=a.job_ttl, job_active_s=a.job_active_s)
+    from snapshotd.node.peer import pacing
     from snapshotd.wire.errors import SnapshotdError
 
     try:
+        pacing.configure(a.peer_rate, a.peer_burst)
         Daemon(cfg).serve_forever()
     except (ValueError, SnapshotdError) as exc:
         print(f"snapshotd: {exc}", file=sys.stderr)

@@ -44,7 +44,7 @@ from snapshotd.node.peer.framing import (
     payload_checksum_ok,
     payload_fields,
 )
-from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
+from snapshotd.node.peer.pacing import PACER
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import (
     PeerAuthError,
@@ -201,10 +201,11 @@ class PeerClient:
                     frames = [MAGIC, self._node_raw, rid, header_raw, mac]
                     if view is not None:
                         frames.append(view)
+                    if view is not None:  # bulk payloads wait for --peer-rate (pacing.py)
+                        PACER.pace(ops[sent], view.nbytes)
                     if not sock.poll(timeout, zmq.POLLOUT):
                         raise self._unavailable(timeout, "could not queue a request")
                     sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                    TRAFFIC.count("request", frames_nbytes(frames))
                     encoded[sent] = None  # drop our reference; zmq holds the buffer
                     pending[rid] = sent
                     sent += 1

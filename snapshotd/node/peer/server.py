@@ -67,7 +67,7 @@ from snapshotd.node.peer.framing import (
     payload_checksum_ok,
     payload_fields,
 )
-from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
+from snapshotd.node.peer.pacing import PACER
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import (
     InvalidRequestError,
@@ -270,7 +270,6 @@ class PeerServer:
                 return
             try:
                 self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
-                TRAFFIC.count("reply", frames_nbytes(out[1:]))  # [0]: the routing identity
             except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
                 log.warning("peer server %s: reply not sent: %s", self.node_id, e)
 
@@ -401,6 +400,8 @@ class PeerServer:
             self.handler_errors += 1
             log.debug("peer server %s: handler raised for %r", self.node_id, sender, exc_info=True)
             return self._reply_error(ident, rid, e, send)
+        if reply_view is not None:  # bulk payloads wait for --peer-rate (pacing.py)
+            PACER.pace(op, reply_view.nbytes, reply=True)
         send(self._frames(ident, rid, reply_raw, reply_view))
 
     def _frames(self, ident: bytes, rid: bytes, header_raw: bytes, payload: memoryview | None) -> list:
@@ -413,7 +414,6 @@ class PeerServer:
     def _send_frames(self, out: list) -> None:
         try:
             self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
-            TRAFFIC.count("reply", frames_nbytes(out[1:]))  # [0]: the routing identity
         except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
             log.warning("peer server %s: reply not sent: %s", self.node_id, e)
 
