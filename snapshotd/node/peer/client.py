@@ -45,6 +45,7 @@ from snapshotd.node.peer.framing import (
     payload_fields,
 )
 from snapshotd.node.peer.pacing import PACER
+from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import (
     PeerAuthError,
@@ -206,6 +207,7 @@ class PeerClient:
                     if not sock.poll(timeout, zmq.POLLOUT):
                         raise self._unavailable(timeout, "could not queue a request")
                     sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    TRAFFIC.count("request", frames_nbytes(frames))
                     encoded[sent] = None  # drop our reference; zmq holds the buffer
                     pending[rid] = sent
                     sent += 1

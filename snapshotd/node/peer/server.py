@@ -68,6 +68,7 @@ from snapshotd.node.peer.framing import (
     payload_fields,
 )
 from snapshotd.node.peer.pacing import PACER
+from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import (
     InvalidRequestError,
@@ -270,6 +271,7 @@ class PeerServer:
                 return
             try:
                 self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
+                TRAFFIC.count("reply", frames_nbytes(out[1:]))  # [0]: the routing identity
             except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
                 log.warning("peer server %s: reply not sent: %s", self.node_id, e)
 
@@ -414,6 +416,7 @@ class PeerServer:
     def _send_frames(self, out: list) -> None:
         try:
             self._sock.send_multipart(out, zmq.NOBLOCK, copy=False)
+            TRAFFIC.count("reply", frames_nbytes(out[1:]))  # [0]: the routing identity
         except zmq.ZMQError as e:  # ROUTER drops on HWM/unknown peer; anything else: log
             log.warning("peer server %s: reply not sent: %s", self.node_id, e)
 
