@@ -107,7 +107,7 @@ def run_restore(snap) -> int:
 
     job, t0 = snap.cfg.job_id, time.monotonic()
     verdict = RestoreVerdict(snap.world_size, snap.rank)
-    mine, code, err, resp = 0, OPENED, None, None
+    mine, code, err, resp, plan = 0, OPENED, None, None, None
     try:  # no fence yet: a lagging node must still hold the version it is asked for
         mine = snap._ensure_registered(restarting=False)
     except DaemonUnavailableError as exc:
@@ -119,8 +119,7 @@ def run_restore(snap) -> int:
         log.info("snapshotd: restoring job %s rank %d from step %d (a node that lost its shards "
                  "rebuilds them first)", job, snap.rank, version)
         try:
-            resp = snap.client.open_shard(job, snap.rank, version)
-            snap.loader.open_slices(resp.manifest, version)
+            resp, plan = _open(snap, version)
         except DaemonUnavailableError as exc:
             code, err = UNAVAILABLE, exc
         except ConflictError as exc:  # our state (or a DP peer's slice of it) is lost for good
@@ -144,10 +143,19 @@ def run_restore(snap) -> int:
                 return _abort(snap, version, codes, code, err)
         if version and code == OPENED:
             try:
-                step, snap.stage_recorder.last_meta = snap.loader.load(
-                    resp.segment_name, resp.manifest, version, snap.model, snap.optimizer,
-                    snap.lr_scheduler, snap.extra_state)
-                snap.restored_method = "exact"
+                if plan is None:
+                    step, snap.stage_recorder.last_meta = snap.loader.load(
+                        resp.segment_name, resp.manifest, version, snap.model, snap.optimizer,
+                        snap.lr_scheduler, snap.extra_state)
+                    snap.restored_method = "exact"
+                else:
+                    target = snap.providers.load_target(snap.extra_state)
+                    step, snap.stage_recorder.last_meta = plan.load(
+                        snap.model, snap.optimizer, snap.lr_scheduler, target)
+                    snap.providers.take_restored(target, snap.extra_state)
+                    snap.restored_method = ("exact" if plan.old_world == snap.world_size
+                                            else "resharded")
+                    snap.restored_from_world_size = plan.old_world
             except Exception as exc:
                 code, err = FAILED, exc
         # A restore starts the job over from the agreed version: versions the previous
@@ -171,13 +179,45 @@ def run_restore(snap) -> int:
         snap._unavailable("the fence after the restore", fenced)
     if version == 0:
         log.info("snapshotd: nothing to restore for job %s", job)
-    elif code == OPENED:
+    elif code == OPENED and resp is not None:
         m, dt = resp.manifest, time.monotonic() - t0
         size = m.replicated_bytes + m.payload_bytes - m.slice_bytes
         log.info("snapshotd: restored job %s rank %d at step %d: %.1f MiB in %.2f s (%.0f MiB/s; "
                  "daemon open %.2f s, load %.2f s)", job, snap.rank, step, size / 2**20, dt,
                  size / 2**20 / max(dt, 1e-9), t_open - t0, time.monotonic() - t_open)
     return int(step)
+
+
+def _open(snap, version: int):
+    """Open what this rank loads of ``version``: (its own OpenShardResponse or None, and
+    None for the exact rung, or an opened :class:`~snapshotd_client.reshard.Reshard`
+    when the version was saved at another world size or holds DTensors)."""
+    from snapshotd.wire.errors import DaemonUnavailableError
+    from snapshotd_client.reshard import Reshard, stored_world_size
+
+    rs = Reshard(snap.client, snap.segments, snap.cfg.job_id, snap.rank, snap.world_size)
+    try:
+        resp = snap.client.open_shard(snap.cfg.job_id, snap.rank, version)
+    except DaemonUnavailableError:
+        raise
+    except Exception as exc:  # a rank the saving run did not have, or this rank's state lost
+        if snap.rank == 0:
+            raise
+        try:
+            m0 = snap.client.open_shard(snap.cfg.job_id, 0, version).manifest
+        except Exception:
+            raise exc from None
+        if snap.rank < stored_world_size(m0, snap.world_size):
+            raise
+        rs.open(version, None, snap.model, snap.optimizer)
+        return None, rs
+    m = resp.manifest
+    if stored_world_size(m, snap.world_size) == snap.world_size and not any(
+            e.global_shape for e in m.replicated_tensors):
+        snap.loader.open_slices(m, version)
+        return resp, None
+    rs.open(version, resp, snap.model, snap.optimizer)
+    return resp, rs
 
 
 def _abort(snap, version: int, codes: list[int], code: int, err) -> int:
