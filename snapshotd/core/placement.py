@@ -27,9 +27,18 @@ it counts as known zeros when encoding or decoding. Parity row t of every stripe
 stored on node (s + t) mod n (also when all its data is virtual: then it is zero).
 
 With equal counts B (a multiple of k) every node stores B data blocks and exactly
-B*m/k parity blocks, and sends each of its blocks to the m parity holders of its stripe;
-a node never holds parity of a stripe where it holds data, so losing any m nodes loses
-at most m shards of each stripe. m = 0 (no parity, k = n) is allowed.
+B*m/k parity blocks; a node never holds parity of a stripe where it holds data, so
+losing any m nodes loses at most m shards of each stripe. m = 0 (no parity, k = n) is
+allowed.
+
+The route of the parity (issue 16): each data block crosses the network once. The
+holder of parity row 0 of stripe s, node s mod n, is the stripe's *accumulator*
+(:func:`contribution_targets`): every data node sends it its block of s, and it computes
+all m parity rows of s, keeps row 0 and forwards row t to the holder of row t
+(:meth:`GroupLayout.forwards`). A node sends B blocks of data and forwards (m-1) rows
+for each of the B/k stripes it accumulates: (k+m-1)/k x its data in all, instead of
+m x. The parity each holder stores is the same bytes as if it had combined the data
+blocks itself (the field is linear); only its route differs.
 """
 
 from __future__ import annotations
@@ -63,6 +72,13 @@ def stripe_parity_nodes(n: int, m: int, s: int) -> tuple[int, ...]:
     """Node holding parity row t of stripe s, for t = 0..m-1."""
     _check_nm(n, m)
     return tuple((s + t) % n for t in range(m))
+
+
+def contribution_targets(n: int, m: int, s: int) -> tuple[tuple[int, int], ...]:
+    """((t, node),): where the data nodes of stripe s send their blocks: the stripe's
+    accumulator, the holder of parity row 0, which forwards rows 1..m-1 (none if m = 0)."""
+    _check_nm(n, m)
+    return ((0, s % n),) if m else ()
 
 
 def stripe_data_nodes(n: int, m: int, s: int) -> tuple[int, ...]:
@@ -173,6 +189,17 @@ class GroupLayout:
     def stripe_nodes(self, s: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(data nodes by position p, parity nodes by row t) of stripe s."""
         return stripe_data_nodes(self.n, self.m, s), stripe_parity_nodes(self.n, self.m, s)
+
+    def contribution_targets(self, s: int) -> tuple[tuple[int, int], ...]:
+        """((t, node),): where the data blocks of stripe s go (:func:`contribution_targets`)."""
+        return contribution_targets(self.n, self.m, s)
+
+    def forwards(self, node: int) -> list[tuple[int, int, int]]:
+        """[(s, t, holder)]: the parity rows ``node`` computes as the accumulator of
+        stripe s and forwards to the holder of row t >= 1 (stripes with real data only)."""
+        _check_node(self.n, node)
+        return [(s, t, (s + t) % self.n) for s, t0 in self.parity_blocks(node) if t0 == 0
+                and any(real for _nd, _j, real in self._stripe_row(s)) for t in range(1, self.m)]
 
     def data_block(self, s: int, p: int) -> tuple[int, int] | None:
         """(node, j) at data position p of stripe s, or None for a virtual zero block."""

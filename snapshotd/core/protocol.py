@@ -207,7 +207,7 @@ class JobProtocol:
         if r.layout is None:
             return set()
         holders = {h for _j, s, _p in r.layout.data_blocks(self.my_index)
-                   for h in r.layout.stripe_nodes(s)[1]}
+                   for _t, h in r.layout.contribution_targets(s)}  # the accumulator (H4, issue 16)
         return {self.group[h] for h in holders} - {self.me}
 
     def pending(self, v: int) -> dict:

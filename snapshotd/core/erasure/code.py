@@ -184,6 +184,30 @@ class ErasureCode:
             h = self._combine_h[key] = self._backend.prepare(np.array([key], dtype=np.uint8))
         self._backend.dot(h, srcs, [dst], n)
 
+    def combine_rows(self, coefs: Sequence[Sequence[int]], srcs: Sequence[np.ndarray],
+                     dsts: Sequence[np.ndarray]) -> None:
+        """dsts[r] = sum_i coefs[r][i] * srcs[i] for every row r (overwritten), in one
+        pass over the sources: several parity rows of one stripe (its accumulator's).
+        Each row's bytes are those :meth:`combine` would give it alone."""
+        if len(coefs) != len(dsts) or not dsts:
+            raise InvalidRequestError("combine_rows needs one coefficient row per destination, >= 1")
+        if len(dsts) == 1:
+            return self.combine(coefs[0], srcs, dsts[0])
+        if not srcs or any(len(row) != len(srcs) for row in coefs):
+            raise InvalidRequestError("combine_rows needs as many coefficients per row as sources, >= 1")
+        for row in coefs:
+            for c in row:
+                if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < 256:
+                    raise InvalidRequestError(f"coef must be an int in 0..255, got {c!r}")
+        named = [(f"srcs[{i}]", _check_buffer(a, f"srcs[{i}]")) for i, a in enumerate(srcs)]
+        named += [(f"dsts[{r}]", _check_buffer(a, f"dsts[{r}]", True)) for r, a in enumerate(dsts)]
+        n = _check_lengths(named)
+        key = tuple(tuple(int(c) for c in row) for row in coefs)
+        h = self._combine_h.get(key)
+        if h is None:
+            h = self._combine_h[key] = self._backend.prepare(np.array(key, dtype=np.uint8))
+        self._backend.dot(h, srcs, list(dsts), n)
+
     def mul_accumulate(self, coef: int, src: np.ndarray, dst: np.ndarray) -> None:
         """dst ^= coef * src (coef 1: plain XOR; 0: nothing)."""
         if isinstance(coef, bool) or not isinstance(coef, (int, np.integer)) or not 0 <= coef < 256:

@@ -259,7 +259,7 @@ class CommitDriver:
         per_holder: dict[str, list] = {}
         keys: dict[str, list] = {}
         for j, s, p in a.layout.data_blocks(self.my_index):
-            for t, holder in enumerate(pl.stripe_parity_nodes(self.n, self.m, s)):
+            for t, holder in pl.contribution_targets(self.n, self.m, s):  # the accumulator (H4, issue 16)
                 node = self.group[holder]
                 if holder == self.my_index:
                     if targets is None:

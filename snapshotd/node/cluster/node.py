@@ -45,6 +45,7 @@ from snapshotd.node.peer.traffic import TRAFFIC
 from .commit import CommitDriver
 from .copies import RemoteCopies
 from .corrupt import CorruptBlocks
+from .forward import Forwarder
 from .degraded import DegradedReads
 from .jobs import JobTable
 from .membership import Membership
@@ -89,6 +90,10 @@ class ClusterNode:
                                    store=store, jobs=self.jobs, parity=self.parity, records=self.records,
                                    copies=self.copies, membership=self.membership, degraded=self.degraded,
                                    stop=self._stop)
+        self.forwarder = Forwarder(me=node_id, group=self.group, jobs=self.jobs, parity=self.parity,
+                                   commit=self.commit, membership=self.membership, stop=self._stop,
+                                   min_backoff_s=spec.heartbeat_interval_ms / 1000)
+        self.parity.on_rows = self.forwarder.submit  # the accumulator route (H4, issue 16)
         self.corrupt = CorruptBlocks()
         self.repairs = RepairRunner(me=node_id, group=self.group, k=self.k, block_size_bytes=self.bs, code=code,
                                     membership=self.membership, corrupt=self.corrupt)
@@ -107,7 +112,8 @@ class ClusterNode:
         self.ops = PeerOps(me=node_id, n=self.n, block_size_bytes=self.bs, store=store, jobs_table=self.jobs,
                            membership=self.membership, commit=self.commit, parity=self.parity,
                            records=self.records, suspects=self.corrupt, rebuilder=self.rebuilder,
-                           fence_job=self.fence, bounded_counts=self.records.bounded_counts)
+                           fence_job=self.fence, bounded_counts=self.records.bounded_counts,
+                           forwarder=self.forwarder)
         self.server = PeerServer(f"tcp://{host}:{me.peer_port}", node_id, key,
                                  allowed_peers={nd.id for nd in spec.nodes}, handler=self.ops.handle,
                                  max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20), curve=self.curve,
@@ -149,12 +155,14 @@ class ClusterNode:
         # the pages back (each re-fault costs ~1.5 GB/s on these machines).
         tune_malloc_for_bulk_transfers()
         self.server.start()
+        self.forwarder.start()
         for part in (self.commit, self.membership, self.rebuilder, self.scrubber):
             self._threads.append(part.start())
 
     def stop(self) -> None:
         self._stop.set()
         self.commit.stop_worker()
+        self.forwarder.stop()
         self.scrubber.wake()
         for t in self._threads:
             t.join(5)
@@ -212,5 +220,6 @@ class ClusterNode:
                 "last_rebuild": self.rebuilder.stats,
                 "accumulate": {"cpu_seconds": round(self.parity.accumulate_stats[0], 4),
                                "bytes": self.parity.accumulate_stats[1]},
+                "forwarding": self.forwarder.status(),
                 "peer_traffic": TRAFFIC.snapshot(),  # bytes handed to our peer sockets (H4, issue 16)
                 **self.scrubber.status()}

@@ -5,6 +5,15 @@ released segment's warm pages when one fits), folds received contributions into 
 (:meth:`ParityBuffers.add`), seals it (one checksum per block, before our vote), serves
 sealed blocks to peers and releases it (into the per-job pool of two, or freed).
 
+The route (issue 16, :func:`snapshotd.core.placement.contribution_targets`): the data
+blocks of stripe s reach only its accumulator, the holder of parity row 0. When it
+holds them all it computes every row of s in one pass (:meth:`ErasureCode.combine_rows
+<snapshotd.core.erasure.code.ErasureCode.combine_rows>`), keeps row 0 and hands rows
+1..m-1 to ``on_rows`` (the :class:`~.forward.Forwarder`, which sends them to their
+holders); a holder of row t >= 1 stores the forwarded row as it comes
+(:meth:`ParityBuffers.put_row`). ``on_rows`` None (or ``forward`` False): every holder
+combines its own row from the data blocks, the route before issue 16.
+
 Locks: the map of buffers and the pool are guarded by the job table's lock
 (:attr:`JobTable.lock <snapshotd.node.cluster.jobs.JobTable.lock>`); a buffer's held
 contributions and its bytes by the buffer's own ``lock``. Lock order: ``JobTable.lock``,
@@ -50,6 +59,11 @@ class ParityBuffer:
     # Guards held/direct and the bytes. Lock order: JobTable.lock, then this.
     lock: threading.Lock = field(default_factory=threading.Lock)
     released: bool = False  # returned to the pool: late contributions must not write
+    job: str = ""
+    version: int = 0
+    counts: tuple = ()  # the layout's block counts (a forwarded row carries them)
+    arrived: dict = field(default_factory=dict)  # (s, t) -> contributions folded, in `direct`
+    fwd: dict = field(default_factory=dict)  # s -> rows 1..m-1 being accumulated, in `direct`
 
     def view(self, s: int, t: int) -> np.ndarray:
         i = self.index[(s, t)]
@@ -66,6 +80,10 @@ class ParityBuffers:
         # allocating a second one (the commit worker builds ahead, contributions on demand).
         self._creating: dict[tuple[str, int], threading.Event] = {}
         self.accumulate_stats = [0.0, 0]  # CPU seconds spent combining contributions, bytes in
+        # The accumulator's rows 1..m-1 of a stripe go to on_rows(job, v, s, counts,
+        # [(t, block)]), called under the buffer's lock: it must only queue them.
+        self.on_rows = None
+        self.forward = True
 
     # -- lookup ---------------------------------------------------------------------------
     def get(self, job_id: str, v: int) -> ParityBuffer | None:
@@ -143,7 +161,8 @@ class ParityBuffers:
         else:  # fresh pages are zero
             name, seg = self.store.create_aux(f"{job_id}.parity.{os.urandom(4).hex()}", size,
                                               prefault=prefault)
-        pb_ = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs)
+        pb_ = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs,
+                           job=job_id, version=v, counts=tuple(layout.block_counts))
         for s_, t, _p, _src, _j in layout.expected_contributions(self.my_index):
             pb_.need[(s_, t)] = pb_.need.get((s_, t), 0) + 1
         if fit is not None:
@@ -230,40 +249,84 @@ class ParityBuffers:
             return freed
 
     # -- accumulating contributions ---------------------------------------------------------
+    def _rows(self, t: int) -> list[int]:
+        """The parity rows a contribution for row t feeds here: all m at the accumulator
+        (row 0) when we forward, else row t alone."""
+        return list(range(self.m)) if t == 0 and self.m > 1 and self.forward and self.on_rows else [t]
+
     def add(self, buf: ParityBuffer, s: int, t: int, p: int, data) -> bool:
         """Fold one contribution (data position p of stripe s, for parity row t) into
-        ``buf``. One sender's contributions arrive one at a time, so no (s, t, p) is ever
-        applied by two threads at once. False if the buffer was released meanwhile."""
-        coef = int(self.code.parity_matrix[t, p])
+        ``buf`` (at the accumulator, into every row of s; rows 1..m-1 are forwarded once
+        the stripe is whole). One sender's contributions arrive one at a time, so no
+        (s, t, p) is ever applied by two threads at once. False if the buffer was
+        released meanwhile."""
         block = np.frombuffer(data, np.uint8)
         key = (s, t)
+        rows = self._rows(t)
+        pm = self.code.parity_matrix
         with buf.lock:
             if buf.released:  # the round was dropped meanwhile
                 return False
             if key in buf.direct:
-                self.code.mul_accumulate(coef, block, buf.view(s, t))
+                dsts = self._direct_rows(buf, s, t, rows)
+                for r, dst in zip(rows, dsts):
+                    self.code.mul_accumulate(int(pm[r, p]), block, dst)
+                buf.arrived[key] = buf.arrived.get(key, 0) + 1
+                if buf.arrived[key] >= buf.need.get(key, 0):
+                    self._forward(buf, s, rows, dsts)
+                    buf.fwd.pop(s, None)
             else:
                 held = buf.held.setdefault(key, [])
-                held.append((coef, block))
+                held.append((p, block))
                 buf.held_bytes += block.nbytes
                 if len(held) >= buf.need.get(key, 0):
                     t0 = time.thread_time()  # CPU time: the cores are shared
-                    self.code.combine([c for c, _ in held], [b for _, b in held], buf.view(s, t))
+                    dsts = [buf.view(s, t)] + [np.empty(self.bs, np.uint8) for _ in rows[1:]]
+                    self.code.combine_rows([[int(pm[r, p_]) for p_, _ in held] for r in rows],
+                                           [b for _, b in held], dsts)
                     self.accumulate_stats[0] += time.thread_time() - t0
                     self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
                     buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
+                    self._forward(buf, s, rows, dsts)
                 elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
                     self._flush_held(buf)
+        return True
+
+    def _direct_rows(self, buf: ParityBuffer, s: int, t: int, rows: list) -> list:
+        """The destinations of a stripe accumulated block by block: our row, then the
+        rows we forward (zeroed when first needed)."""
+        extra = buf.fwd.get(s)
+        if extra is None and len(rows) > 1:
+            extra = buf.fwd[s] = [np.zeros(self.bs, np.uint8) for _ in rows[1:]]
+        return [buf.view(s, t)] + (extra or [])
+
+    def _forward(self, buf: ParityBuffer, s: int, rows: list, dsts: list) -> None:
+        if len(rows) > 1:
+            self.on_rows(buf.job, buf.version, s, buf.counts, list(zip(rows[1:], dsts[1:])))
+
+    def put_row(self, buf: ParityBuffer, s: int, t: int, data) -> bool:
+        """Store parity row t of stripe s as its accumulator forwarded it (whole).
+        Idempotent (a re-sent row has the same bytes). False if the buffer was released."""
+        block = np.frombuffer(data, np.uint8)
+        with buf.lock:
+            if buf.released:
+                return False
+            buf.view(s, t)[:] = block
+            self.accumulate_stats[1] += block.nbytes
         return True
 
     def _flush_held(self, buf: ParityBuffer) -> None:
         """Too much held in memory: fold what is held into the parity now and
         accumulate those stripes' later contributions one by one."""
+        pm = self.code.parity_matrix
         for (s, t), held in buf.held.items():
-            dst = buf.view(s, t)
-            dst[:] = 0  # a reused segment: not yet overwritten by a combine
-            for c, b in held:
-                self.code.mul_accumulate(c, b, dst)
+            rows = self._rows(t)
+            dsts = self._direct_rows(buf, s, t, rows)
+            dsts[0][:] = 0  # a reused segment: not yet overwritten by a combine
+            for p, b in held:
+                for r, dst in zip(rows, dsts):
+                    self.code.mul_accumulate(int(pm[r, p]), b, dst)
+            buf.arrived[(s, t)] = len(held)
             buf.direct.add((s, t))
         buf.held.clear()
         buf.held_bytes = 0

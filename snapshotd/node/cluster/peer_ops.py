@@ -42,6 +42,12 @@ def contrib(job_id: str, v: int, s: int, t: int, p: int, counts) -> ppb.PeerRequ
                                                       block_counts=list(counts)))
 
 
+def parity_row(job_id: str, v: int, s: int, t: int, counts) -> ppb.PeerRequest:
+    """Parity row t of stripe s, forwarded by its accumulator; send it with its xxh3."""
+    return ppb.PeerRequest(contrib=ppb.ContribRequest(job=job_id, version=v, stripe=s, row=t, position=0,
+                                                      block_counts=list(counts), forwarded=True))
+
+
 def vote(job_id: str, v: int, ranks) -> ppb.PeerRequest:
     return ppb.PeerRequest(vote=ppb.VoteRequest(job=job_id, version=v, ranks=list(ranks)))
 
@@ -122,12 +128,13 @@ class PeerOps:
 
     def __init__(self, *, me: str, n: int, block_size_bytes: int, store, jobs_table, membership, commit,
                  parity, records, suspects, rebuilder, fence_job: Callable[[str], None],
-                 bounded_counts: Callable):
+                 bounded_counts: Callable, forwarder=None):
         self.me, self.n, self.bs = me, n, block_size_bytes
         self.store, self.jobs_table, self.membership = store, jobs_table, membership
         self.commit, self.parity, self.records = commit, parity, records
         self.suspects, self.rebuilder = suspects, rebuilder
         self.fence_job, self.bounded_counts = fence_job, bounded_counts
+        self.forwarder = forwarder  # .forward.Forwarder: stores the rows accumulators forward
         self.table: dict[str, Callable] = {
             "ping": self._ping, "contrib": self._contrib, "announce": self._announce,
             "vote": self._vote, "fence": self._fence, "jobs": self._jobs, "round": self._round,
@@ -152,6 +159,11 @@ class PeerOps:
         counts = self.bounded_counts(list(msg.block_counts))
         if payload is None or len(payload) != self.bs:
             raise ValueError(f"contribution must carry exactly {self.bs} bytes")
+        if msg.forwarded:  # a whole parity row from the stripe's accumulator (issue 16)
+            if self.forwarder is None:
+                raise ValueError("forwarded parity rows are not accepted here")
+            self.forwarder.receive_row(msg.job, msg.version, msg.stripe, msg.row, counts, payload)
+            return ack(), None
         self.commit.accumulate(msg.job, msg.version, msg.stripe, msg.row, msg.position, counts, payload)
         return ack(), None
 
