@@ -8,8 +8,9 @@ For a simulated job of N nodes (failure domains of 8 nodes, groups of --group-si
   blocks' stripes and the contributions it must receive (``expected_contributions``);
 * ``recovery``   -- one node lost in every group (a whole row of racks): ``plan_recovery``
   of every group, as the rebuild would ask it;
-* ``commit``     -- the commit decision of one node: a ``JobProtocol`` fed the votes of all
-  N nodes until it commits.
+* ``commit``     -- the commit decision of a root-group node (the commit tree of
+  ``snapshotd.core.protocol``): a ``JobProtocol`` built for the N-node job, fed its
+  group's votes and a report from each child group until it commits.
 
 Each figure is the median of --repeats runs in CPU seconds (``time.process_time``), the whole job's work (not per node), so a
 planner that is linear in nodes grows 64x from 256 to 16,384 nodes. It also counts
@@ -64,11 +65,14 @@ def recovery(layouts, n: int) -> None:
 
 def commit(nodes: int, n: int, m: int) -> None:
     ids = tuple(f"n{i}" for i in range(nodes))
-    p = JobProtocol("job", ids[0], ids[:n], ids, m)
+    groups = tuple(ids[g:g + n] for g in range(0, nodes, n))
+    p = JobProtocol("job", ids[0], groups[0], ids, m, groups=groups)
     r = p.round(1)
     r.local_data = r.parity_done = r.contributions_sent = r.voted = True  # step 3 done here
-    for nid in ids:
+    for nid in groups[0]:
         p.vote_received(1, nid, (int(nid[1:]),))
+    for c in p.child_groups:
+        p.report_received(1, groups[c][0])
     assert p.committed_version == 1
 
 
@@ -78,7 +82,9 @@ def real_sizes() -> MessageSizes:
 
     ann, _ = peer_ops.announce("job-0", 1000, Announce("node-0001", 12, (0,), (b"m" * 200,)))
     return MessageSizes(ann.ByteSize(), peer_ops.contrib("job-0", 1000, 123, 1, 3, [12] * 8).ByteSize(),
-                        peer_ops.vote("job-0", 1000, [4095]).ByteSize())
+                        peer_ops.vote("job-0", 1000, [4095]).ByteSize(),
+                        report=peer_ops.vote("job-0", 1000, [], "report").ByteSize(),
+                        word=peer_ops.vote("job-0", 1000, [], "word").ByteSize())
 
 
 def run(sizes_n: list[int], blocks: int, n: int, m: int, repeats: int, count: bool) -> dict:
@@ -107,7 +113,8 @@ def run(sizes_n: list[int], blocks: int, n: int, m: int, repeats: int, count: bo
                                     "control_bytes": c.control_bytes_per_node, "bytes": c.bytes_per_node,
                                     "heartbeats_per_s": c.heartbeats_per_node_s, "committed": c.committed})
             print(f"{nodes:>6} nodes  messages {c.messages_per_node:8.0f} (announce {c.sent['announce']:.0f}, "
-                  f"contrib {c.sent['contrib']:.0f}, vote {c.sent['vote']:.0f})  control bytes "
+                  f"contrib {c.sent['contrib']:.0f}, vote {c.sent['vote']:.0f}, report {c.sent['report']:.1f}, "
+                  f"word {c.sent['word']:.1f})  control bytes "
                   f"{c.control_bytes_per_node:9.0f}  heartbeats/s {c.heartbeats_per_node_s:6.0f}  "
                   f"[{time.perf_counter() - t:.1f} s]", flush=True)
     return out

@@ -11,24 +11,56 @@ For each version v of a job, a node goes through:
                               the caller reports ``contributions_delivered`` once
                               every holder acknowledged them
   3. locally complete      own data held AND every expected contribution accumulated
-                           -> VOTE(v, ranks) to every node of the job
-  4. committed             a VOTE from every node of the job (its own included), or
-                           word from any peer that v committed (gossip / restore query)
-                           -> free everything older than v
+                           -> VOTE(v, ranks) to every other member of the GROUP
+  4. subtree complete      a VOTE from every member of the group (its own included) AND
+                           a REPORT(v) from some member of every child group
+                           -> REPORT(v) to every member of the parent group; in the
+                              root group (no parent) this is the decision: v committed
+  5. committed             decided here, or the commit WORD(v) from a member of the
+                           parent group, or word from any peer that v committed
+                           (gossip / restore query), AND v locally complete here
+                           -> WORD(v) to every member of every child group (once, even
+                              when v cannot be committed here); free everything older
+
+The tree (:mod:`snapshotd.core.commit_tree`): the job's groups by index, group 0 the
+root, group g's parent (g-1) // FANOUT. On the wire the three commit messages are the
+peer op ``vote`` (``VoteRequest``, its ``step``: a vote, a report or the word; a report
+and a word carry no ranks); a receiver takes a vote only from its group, a report only
+from a child group and the word only from the parent group
+(:meth:`JobProtocol.step_received`). With a single group there are no reports and no
+words: the group's votes decide, as they always did.
+
+Why this is sound and has no coordinator to lose:
+
+* Only versions complete on every node commit. A REPORT(v) from group c means every
+  member of c voted (each is locally complete: data and parity) and, inductively,
+  every group below c reported; the root decides only with its own group's votes and
+  a report from every child group, so a decision covers every group of the job. A
+  WORD or a gossiped commit is only ever sent by a node that committed or was told.
+* No single node's loss loses or blocks a commit. Every member of a group reports to
+  every member of the parent group and every member that knows of the decision words
+  every member of the child groups: the g members of a group are g independent paths,
+  so a commit travels as long as each group on the way keeps one live member (fewer
+  failures than the erasure code needs to lose data: m < n). A node that dies after
+  voting does not hold its group back (its vote is in); one that dies before voting
+  holds v uncommitted everywhere, as it must (its data for v is not complete). A root
+  member that dies after deciding leaves the other root members, who decide from the
+  same reports. A node that missed a vote (the voter died mid-broadcast) or a word
+  still learns of the commit: from the word of any other parent-group member, from
+  heartbeat gossip (its group and tree neighbours report what they committed), or,
+  restarted or replaced, by the restore query (``latest_committed``), then rebuilds.
+* Cost per node per version: g-1 votes, g reports, FANOUT x g words at most (g on
+  average over the job): O(g), flat in the number of nodes; latency O(log G) hops.
 
 Nothing a node sends is lost for good: the caller reports each peer's acknowledgement
 (``delivered(v, kind, node)``), and while v is open :meth:`JobProtocol.resend` returns
-the announce, contributions and vote again, each addressed (``to``) only to the peers
-that have not acknowledged it. The caller calls it with a backoff after a delivery
-failed (a busy receiver, a peer that looked dead for a while); a committed, fenced or
-dropped version returns nothing. Handlers are idempotent, so a resend of something
-that did arrive (its acknowledgement lost) changes nothing.
-
-Every node decides the commit by itself from the votes: there is no coordinator to
-lose. A node that heard all votes commits; one that missed a vote (the voter died
-mid-broadcast) still holds v complete and promotes it as soon as any peer reports v
-committed. A committed claim is always sound: it implies every node was locally
-complete, i.e. held its data and its parity for v.
+the announce, contributions, vote, report and word again, each addressed (``to``) only
+to the peers that have not acknowledged it; the words sent at our commit are re-sent
+while v is our newest committed version (a newer commit supersedes them). The caller
+calls it with a backoff after a delivery failed (a busy receiver, a peer that looked
+dead for a while); a fenced or dropped version returns nothing. Handlers are
+idempotent, so a resend of something that did arrive (its acknowledgement lost)
+changes nothing.
 
 Methods return lists of actions (frozen dataclasses) for the caller to carry out; no
 I/O happens here.
@@ -38,6 +70,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from snapshotd.core import commit_tree
 from snapshotd.core.placement import GroupLayout, place_group
 
 
@@ -50,8 +83,8 @@ class Announce:
 
 
 # What a node sends, as ``delivered`` and ``SendX.kind`` name it.
-ANNOUNCE, CONTRIB, VOTE = "announce", "contrib", "vote"
-KINDS = (ANNOUNCE, CONTRIB, VOTE)
+ANNOUNCE, CONTRIB, VOTE, REPORT, WORD = "announce", "contrib", "vote", "report", "word"
+KINDS = (ANNOUNCE, CONTRIB, VOTE, REPORT, WORD)
 
 
 @dataclass(frozen=True)
@@ -75,8 +108,24 @@ class SendContributions:
 class SendVote:
     version: int
     ranks: tuple[int, ...]
-    to: tuple[str, ...] | None = None  # None: every other node of the job
+    to: tuple[str, ...] | None = None  # None: every other member of the group
     kind = VOTE
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """Our group and every group below it are complete for v (never sent by the root)."""
+    version: int
+    to: tuple[str, ...] | None = None  # None: every member of the parent group
+    kind = REPORT
+
+
+@dataclass(frozen=True)
+class SendWord:
+    """v is committed (decided by the root group); sent down the tree."""
+    version: int
+    to: tuple[str, ...] | None = None  # None: every member of every child group
+    kind = WORD
 
 
 @dataclass(frozen=True)
@@ -96,13 +145,19 @@ class VersionRound:
     contributions_sent: bool = False  # every contribution acknowledged by its holder
     parity_done: bool = False
     voted: bool = False
-    votes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # node -> its ranks
+    votes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # group member -> its ranks
+    reports: dict[int, str] = field(default_factory=dict)  # child group -> first member reporting it
+    reported: bool = False  # our subtree is complete: reported up (the root: decided)
+    decided: bool = False  # v is committed in the job (decided here, or word of it)
+    worded: bool = False  # the word went down to the child groups
     acked: dict[str, set] = field(default_factory=dict)  # kind -> peers that acknowledged ours
 
 
 @dataclass
 class JobProtocol:
-    """State of one job on node ``me``; ``group`` lists the group's node ids in order."""
+    """State of one job on node ``me``; ``group`` lists the group's node ids in order;
+    ``groups`` every group of the job by index (default: ``job_nodes`` cut into
+    consecutive groups of ``len(group)``), which places the group in the commit tree."""
 
     job_id: str
     me: str
@@ -111,7 +166,26 @@ class JobProtocol:
     parity: int
     committed_version: int = 0
     rounds: dict[int, VersionRound] = field(default_factory=dict)
-    rank_nodes: dict[int, str] = field(default_factory=dict)  # global rank -> node, from votes
+    rank_nodes: dict[int, str] = field(default_factory=dict)  # rank -> node, from the group's votes
+    groups: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        n = len(self.group)
+        if not self.groups:
+            self.groups = tuple(tuple(self.job_nodes[i:i + n]) for i in range(0, len(self.job_nodes), n))
+        elif not (isinstance(self.groups, tuple) and isinstance(self.groups[0], tuple)):
+            self.groups = tuple(tuple(g) for g in self.groups)
+        self.group = tuple(self.group)
+        try:
+            self.group_index = self.groups.index(self.group)
+        except ValueError:
+            raise ValueError(f"group {self.group} is not one of the job's groups") from None
+        self.parent_nodes, self.child_nodes = commit_tree.neighbours(self.groups, self.group_index)
+        kids = commit_tree.children(self.group_index, len(self.groups))
+        self.child_groups = tuple(kids)
+        self._child_of = {nd: c for c in kids for nd in self.groups[c]}  # member -> its child group
+        self._members = frozenset(self.group)
+        self._parents = frozenset(self.parent_nodes)
 
     @property
     def my_index(self) -> int:
@@ -166,27 +240,33 @@ class JobProtocol:
 
     def delivered(self, v: int, kind: str, node: str) -> list:
         """``node`` acknowledged our ``kind`` (ANNOUNCE, CONTRIB: all our contributions
-        it holds parity for, VOTE) of v. Once every holder acknowledged our
+        it holds parity for, VOTE, REPORT, WORD) of v. Once every holder acknowledged our
         contributions, they count as delivered."""
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r} (one of {KINDS})")
         r = self.rounds.get(v)
-        if r is None or v <= self.committed_version:
+        if r is None or v < self.committed_version:
             return []
         acked = r.acked.setdefault(kind, set())
         acked.add(node)
+        if v == self.committed_version:  # the words of our newest commit: recorded, nothing else
+            return []
         if kind == CONTRIB and r.contributions_started and self.contribution_holders(v) <= acked:
             r.contributions_sent = True
         return self._advance(r)
 
     def resend(self, v: int) -> list:
         """What we sent for v and a peer has not acknowledged yet, addressed to those
-        peers only: [] once v is committed, fenced or dropped, or all was acknowledged."""
+        peers only: [] once v is fenced, dropped or superseded by a newer commit, or all
+        was acknowledged. Once v is committed here, only its words are left to re-send."""
         r = self.rounds.get(v)
-        if r is None or v <= self.committed_version:
+        if r is None or v < self.committed_version:
             return []
-        acts: list = []
         acked = {k: r.acked.get(k, set()) for k in KINDS}
+        words = self._unacked_words(r, acked)
+        if v == self.committed_version:
+            return words
+        acts: list = []
         if r.local_data:
             to = tuple(n for n in self.group if n != self.me and n not in acked[ANNOUNCE])
             if to:
@@ -196,10 +276,20 @@ class JobProtocol:
             if to:
                 acts.append(SendContributions(v, r.layout, r.layout.block_counts, to))
         if r.voted:
-            to = tuple(n for n in self.job_nodes if n != self.me and n not in acked[VOTE])
+            to = tuple(n for n in self.group if n != self.me and n not in acked[VOTE])
             if to:
                 acts.append(SendVote(v, r.announces[self.me].ranks, to))
-        return acts
+        if r.reported and self.parent_nodes:
+            to = tuple(n for n in self.parent_nodes if n not in acked[REPORT])
+            if to:
+                acts.append(SendReport(v, to))
+        return acts + words
+
+    def _unacked_words(self, r: VersionRound, acked: dict) -> list:
+        if not r.worded:
+            return []
+        to = tuple(n for n in self.child_nodes if n not in acked[WORD])
+        return [SendWord(r.version, to)] if to else []
 
     def contribution_holders(self, v: int) -> set[str]:
         """The other nodes that hold parity of our data blocks of v (layout known)."""
@@ -212,8 +302,9 @@ class JobProtocol:
 
     def pending(self, v: int) -> dict:
         """What round v waits for (for status and diagnostics): who has not announced,
-        how many contributions are still due here, whose votes are missing, and which
-        peers have not acknowledged what we sent."""
+        how many contributions are still due here, whose votes (group members) and
+        reports (child groups) are missing, and which peers have not acknowledged what
+        we sent."""
         r = self.rounds.get(v)
         if r is None:
             return {}
@@ -224,7 +315,11 @@ class JobProtocol:
         if r.contributions_started and not r.contributions_sent:
             unacked[CONTRIB] = sorted(self.contribution_holders(v) - acked[CONTRIB])
         if r.voted:
-            unacked[VOTE] = [n for n in self.job_nodes if n != self.me and n not in acked[VOTE]]
+            unacked[VOTE] = [n for n in self.group if n != self.me and n not in acked[VOTE]]
+        if r.reported:
+            unacked[REPORT] = [n for n in self.parent_nodes if n not in acked[REPORT]]
+        if r.worded:
+            unacked[WORD] = [n for n in self.child_nodes if n not in acked[WORD]]
         return {"local_data": r.local_data,
                 "announces_missing": [n for n in self.group if n not in r.announces],
                 "contributions_awaited": None if r.layout is None else len(r.expected),
@@ -232,7 +327,10 @@ class JobProtocol:
                 "contributions_started": r.contributions_started,
                 "contributions_delivered": r.contributions_sent,
                 "voted": r.voted,
-                "votes_missing": [n for n in self.job_nodes if n not in r.votes],
+                "votes_missing": [n for n in self.group if n not in r.votes],
+                "reports_missing": [c for c in self.child_groups if c not in r.reports],
+                "reported": r.reported,
+                "decided": r.decided,
                 "unacknowledged": {k: x for k, x in unacked.items() if x}}
 
     def _awaited_from(self, r: VersionRound) -> dict[str, int]:
@@ -244,7 +342,20 @@ class JobProtocol:
                     out[self.group[src]] = out.get(self.group[src], 0) + 1
         return out
 
+    def step_received(self, v: int, node: str, kind: str, ranks=()) -> list:
+        """A commit message (the peer op ``vote``) of ``kind`` (VOTE, REPORT, WORD) from
+        ``node``; one from a node it may not come from is ignored."""
+        handler = {VOTE: lambda: self.vote_received(v, node, ranks), REPORT: lambda: self.report_received(v, node),
+                   WORD: lambda: self.word_received(v, node)}.get(kind)
+        if handler is None:
+            raise ValueError(f"not a commit step: {kind!r} (one of {VOTE}, {REPORT}, {WORD})")
+        return handler()
+
     def vote_received(self, v: int, node: str, ranks) -> list:
+        """``node``, a member of our group, is locally complete for v (a vote from
+        outside the group -- an older daemon votes to every node -- is ignored)."""
+        if node not in self._members:
+            return []
         for rk in ranks:
             self.rank_nodes[int(rk)] = node
         if v <= self.committed_version:
@@ -253,11 +364,31 @@ class JobProtocol:
         r.votes[node] = tuple(ranks)
         return self._advance(r)
 
+    def report_received(self, v: int, node: str) -> list:
+        """``node``, a member of a child group, reports its subtree complete for v."""
+        c = self._child_of.get(node)
+        if c is None or v <= self.committed_version:
+            return []
+        r = self.round(v)
+        r.reports.setdefault(c, node)
+        return self._advance(r)
+
+    def word_received(self, v: int, node: str) -> list:
+        """``node``, a member of the parent group, says v committed: pass the word down
+        and commit v here once it is locally complete."""
+        if node not in self._parents or v <= self.committed_version:
+            return []
+        r = self.round(v)
+        r.decided = True
+        return self._advance(r)
+
     def committed_elsewhere(self, v: int) -> list:
-        """A peer reports v committed. Promote it if we hold v complete."""
+        """A peer reports v committed (gossip). Promote it if we hold v complete, and
+        pass the word down if we took part in v."""
         r = self.rounds.get(v)
-        if v > self.committed_version and r is not None and r.local_data and r.parity_done:
-            return self._commit(v)
+        if v > self.committed_version and r is not None and (r.voted or (r.local_data and r.parity_done)):
+            r.decided = True
+            return self._advance(r)
         return []
 
     def fence(self) -> list[int]:
@@ -295,9 +426,18 @@ class JobProtocol:
             for rk in ranks:
                 self.rank_nodes[int(rk)] = self.me
             actions.append(SendVote(r.version, ranks))
-        # len() first: O(1) until the last votes arrive, so a commit costs O(nodes), not O(nodes^2) (H5, issue 17)
-        if r.voted and len(r.votes) >= len(self.job_nodes) and all(n in r.votes for n in self.job_nodes) \
-                and r.version > self.committed_version:
+        # len() first: O(1) until the last votes arrive
+        if r.voted and not r.reported and len(r.votes) >= len(self.group) \
+                and len(r.reports) >= len(self.child_groups) and all(n in r.votes for n in self.group):
+            r.reported = True
+            if self.parent_nodes:
+                actions.append(SendReport(r.version))
+            else:  # the root group: every group of the job is complete
+                r.decided = True
+        if r.decided and not r.worded and self.child_nodes:
+            r.worded = True
+            actions.append(SendWord(r.version))
+        if r.decided and r.local_data and r.parity_done and r.version > self.committed_version:
             actions += self._commit(r.version)
         return actions
 

@@ -9,7 +9,9 @@ node sent: its announce, contributions and vote per version).
 Script syntax (one statement a line; ``#`` starts a comment)::
 
     group n0 n1 n2 parity=1 [committed=V]   a group (repeat for more groups; the job is
-                                            all of them, in order); ``committed`` is the
+                                            all of them, in order, and they form the
+                                            commit tree of snapshotd.core.commit_tree:
+                                            the first is the root); ``committed`` is the
                                             version each node's store already committed
     local N v=V blocks=B ranks=R,R          every local rank of N delivered V
     announce DESTS <- SRC v=V               SRC's announce of V reaches DESTS
@@ -17,10 +19,14 @@ Script syntax (one statement a line; ``#`` starts a comment)::
                                             (only DESTS); one to a dead holder is lost
     contrib DEST <- SRC v=V s=S t=T p=P     one contribution (stripe, parity row, position)
     delivered N v=V                         every holder acknowledged N's contributions
-    ack N <- DESTS what=W v=V               DESTS acknowledged N's W (announce, contrib
-                                            or vote) of V
+    ack N <- DESTS what=W v=V               DESTS acknowledged N's W (announce, contrib,
+                                            vote, report or word) of V
     resend N v=V                            N's retry timer fired: what it sends again
     vote DESTS <- SRC v=V                   SRC's vote for V reaches DESTS
+    report DESTS <- SRC v=V                 SRC's report (its subtree is complete) reaches
+                                            DESTS (members of its parent group)
+    word DESTS <- SRC v=V                   SRC's commit word reaches DESTS (members of
+                                            its child groups)
     gossip DESTS v=V                        a peer tells DESTS that V committed
     fence DESTS                             the job restarted from its committed version
     kill N                                  N dies: it takes part in nothing any more
@@ -28,12 +34,16 @@ Script syntax (one statement a line; ``#`` starts a comment)::
     > N: <action>                           an expected output line of the event above
 
 DESTS is a comma-separated list of nodes or ``*``: every live node it can go to (the
-sender's group for an announce, the job for a vote, all for the rest; never the sender
-itself). Actions print as ``SendAnnounce v=1 blocks=2 ranks=0``, ``SendContributions v=1
-counts=2,2,2 stripes=3``, ``SendVote v=1 ranks=0``, ``Commit v=1``; ``fence`` prints
+sender's group for an announce and a vote, its parent group for a report, its child
+groups for a word, all for the rest; never the sender itself). A message may be
+delivered where its sender would never send it (a vote to another group, as an older
+daemon sends it): the receiver must ignore it. Actions print as ``SendAnnounce v=1
+blocks=2 ranks=0``, ``SendContributions v=1 counts=2,2,2 stripes=3``, ``SendVote v=1
+ranks=0``, ``SendReport v=1``, ``SendWord v=1``, ``Commit v=1``; ``fence`` prints
 ``Fenced dropped=2,3`` and ``state`` prints the committed version and each open round:
 ``committed=1 | v=2 announced=n0,n1 awaiting=? votes=-`` (``awaiting``: contributions
-still to receive, ``?`` while the layout is unknown).
+still to receive, ``?`` while the layout is unknown; in a job of several groups also
+``reports=`` the child groups that reported and ``decided=yes|no``).
 
 To write a new script, write its events and run
 ``python tests/core/test_protocol_scripts.py FILE``: it prints the script with the
@@ -55,7 +65,9 @@ from snapshotd.core.protocol import (
     JobProtocol,
     SendAnnounce,
     SendContributions,
+    SendReport,
     SendVote,
+    SendWord,
 )
 
 TESTDATA = Path(__file__).parent / "testdata" / "protocol"
@@ -80,17 +92,23 @@ def format_action(a) -> str:
                 f"stripes={a.layout.num_stripes}{to}")
     if isinstance(a, SendVote):
         return f"SendVote v={a.version} ranks={_ints(a.ranks)}{to}"
+    if isinstance(a, (SendReport, SendWord)):
+        return f"{type(a).__name__} v={a.version}{to}"
     if isinstance(a, Commit):
         return f"Commit v={a.version}"
     return repr(a)
 
 
-def _format_round(r) -> str:
+def _format_round(r, tree: bool = False) -> str:
     """One open round as ``state`` prints it: who announced, how many contributions it
-    still awaits (``?`` while the layout is unknown), whose votes it holds."""
+    still awaits (``?`` while the layout is unknown), whose votes it holds (with
+    ``tree``: which child groups reported, whether it knows v decided)."""
     awaiting = "?" if r.layout is None else str(len(r.expected))
-    return (f"v={r.version} announced={_ints(sorted(r.announces))} awaiting={awaiting} "
-            f"votes={_ints(sorted(r.votes))}")
+    out = (f"v={r.version} announced={_ints(sorted(r.announces))} awaiting={awaiting} "
+           f"votes={_ints(sorted(r.votes))}")
+    if tree:
+        out += f" reports={_ints(sorted(r.reports))} decided={'yes' if r.decided else 'no'}"
+    return out
 
 
 def _ints(xs) -> str:
@@ -107,6 +125,8 @@ class Cluster:
     announces: dict[tuple[str, int], Announce] = field(default_factory=dict)
     contributions: dict[tuple[str, int], SendContributions] = field(default_factory=dict)
     votes: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
+    reports: dict[tuple[str, int], bool] = field(default_factory=dict)
+    words: dict[tuple[str, int], bool] = field(default_factory=dict)
 
     def start(self) -> None:
         job_nodes = tuple(n for g, _, _ in self.groups for n in g)
@@ -143,6 +163,10 @@ class Cluster:
                 self.contributions[(node, a.version)] = a
             elif isinstance(a, SendVote):
                 self.votes[(node, a.version)] = a.ranks
+            elif isinstance(a, SendReport):
+                self.reports[(node, a.version)] = True
+            elif isinstance(a, SendWord):
+                self.words[(node, a.version)] = True
             out.append(f"{node}: {format_action(a)}")
 
     def sent(self, table: dict, src: str, v: int, what: str):
@@ -162,7 +186,7 @@ class Cluster:
             acts = self.proto(n).local_data_complete(
                 int(kw["v"]), int(kw["blocks"]), ranks, tuple(b"manifest-%d" % r for r in ranks))
             self.emit(n, acts, out)
-        elif op in ("announce", "vote"):
+        elif op in ("announce", "vote", "report", "word"):
             dests, arrow, src = words[1:]
             if arrow != "<-":
                 raise ScriptError(f"expected '{op} DESTS <- SRC'")
@@ -172,10 +196,17 @@ class Cluster:
                 ann = self.sent(self.announces, src, v, "an announce")
                 for d in self.dests(dests, sender.group, src):
                     self.emit(d, self.proto(d).announce_received(v, ann), out)
-            else:
+            elif op == "vote":  # "*": the group; a named node elsewhere must ignore it
                 ranks = self.sent(self.votes, src, v, "a vote")
-                for d in self.dests(dests, sender.job_nodes, src):
-                    self.emit(d, self.proto(d).vote_received(v, src, ranks), out)
+                for d in (self.dests(dests, sender.group, src) if dests == "*"
+                          else self.dests(dests, all_nodes, src)):
+                    self.emit(d, self.proto(d).step_received(v, src, "vote", ranks), out)
+            else:
+                table, among = ((self.reports, sender.parent_nodes) if op == "report"
+                                else (self.words, sender.child_nodes))
+                self.sent(table, src, v, f"a {op}")
+                for d in self.dests(dests, among, src):
+                    self.emit(d, self.proto(d).step_received(v, src, op), out)
         elif op == "contribs":
             (src,) = words[1:]
             v = int(kw["v"])
@@ -204,7 +235,8 @@ class Cluster:
             if arrow != "<-":
                 raise ScriptError("expected 'ack N <- DESTS what=W'")
             v, what = int(kw["v"]), kw["what"]
-            table = {"announce": self.announces, "contrib": self.contributions, "vote": self.votes}
+            table = {"announce": self.announces, "contrib": self.contributions, "vote": self.votes,
+                     "report": self.reports, "word": self.words}
             self.sent(table[what], src, v, f"a {what}")
             for d in self.dests(dests, all_nodes, src):
                 self.emit(src, self.proto(src).delivered(v, what, d), out)
@@ -224,8 +256,9 @@ class Cluster:
         elif op == "state":
             for d in self.dests(words[1], all_nodes):
                 jp = self.proto(d)
+                tree = len(jp.groups) > 1
                 out.append(" | ".join([f"{d}: committed={jp.committed_version}"] + [
-                    _format_round(jp.rounds[v]) for v in sorted(jp.rounds)]))
+                    _format_round(jp.rounds[v], tree) for v in sorted(jp.rounds)]))
         else:
             raise ScriptError(f"unknown event {op!r}")
         return out
@@ -306,7 +339,8 @@ def test_the_scripts_are_there():
     names = {p.stem for p in SCRIPTS}
     assert {"clean_commit", "clean_commit_m2", "two_groups", "contributions_before_announces",
             "lost_voter", "half_broadcast", "late_vote", "restart", "torn_version",
-            "resend_until_acknowledged"} <= names, names
+            "resend_until_acknowledged", "tree_member_dies_before_reporting", "tree_path_fails_over",
+            "tree_root_dies_after_deciding", "tree_missed_word", "tree_incomplete_elsewhere"} <= names, names
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.stem)

@@ -2,9 +2,11 @@
 
 :class:`CommitDriver` feeds events into each job's
 :class:`~snapshotd.core.protocol.JobProtocol` (local data complete, announces,
-contributions, votes, commits seen by peers) and carries out the frozen actions it
-returns: a ``Commit`` at once, every action that talks to peers (announce, parity
-contributions, vote) on one worker thread, in order. Contributions to ourselves go
+contributions, commit messages, commits seen by peers) and carries out the frozen
+actions it returns: a ``Commit`` at once, every action that talks to peers (announce,
+parity contributions, vote to the group, report to the parent group, commit word to
+the child groups: the commit tree of :mod:`snapshotd.core.protocol`) on one worker
+thread, in order. Contributions to ourselves go
 straight into our parity buffers. Each peer's acknowledgement goes back into the
 protocol; what a peer did not acknowledge is re-sent by the :class:`~.resend.Resender`
 until it is, or the version is committed or dropped: a failed delivery is never
@@ -22,6 +24,7 @@ import queue
 import threading
 import time
 
+from snapshotd.core import commit_tree
 from snapshotd.core import placement as pl
 from snapshotd.core import protocol as proto
 from snapshotd.core.blockmap import map_manifests
@@ -51,6 +54,8 @@ class CommitDriver:
         self.n, self.m, self.bs = len(group), spec.parity, block_size_bytes
         self.store, self.jobs, self.parity, self.records = store, jobs, parity, records
         self.copies, self.membership = copies, membership
+        # The commit tree's neighbours: where our reports go up and our words go down.
+        self.parent_nodes, self.child_nodes = commit_tree.neighbours(spec.groups, spec.group_of(me)[0])
         self.degraded = degraded  # job -> why it is not held whole (shared with the other parts)
         self._stop = stop
         self._actions: queue.Queue = queue.Queue()
@@ -89,9 +94,10 @@ class CommitDriver:
             acts = self.jobs.job(job_id).announce_received(v, ann)
         self.enqueue(job_id, acts)
 
-    def on_vote(self, job_id: str, v: int, sender: str, ranks) -> None:
+    def on_vote(self, job_id: str, v: int, sender: str, ranks, kind: str = proto.VOTE) -> None:
+        """A ``vote`` op: a vote, a report or a commit word (``kind``)."""
         with self.jobs.lock:
-            acts = self.jobs.job(job_id).vote_received(v, sender, ranks)
+            acts = self.jobs.job(job_id).step_received(v, sender, kind, ranks)
         self.enqueue(job_id, acts)
 
     def on_peer_committed(self, committed: dict) -> None:
@@ -162,6 +168,10 @@ class CommitDriver:
                     failures = self._send_contributions(job_id, a)
                 elif isinstance(a, proto.SendVote):
                     failures = self._send_vote(job_id, a)
+                elif isinstance(a, proto.SendReport):
+                    failures = self._send_tree(job_id, a, self.parent_nodes)
+                elif isinstance(a, proto.SendWord):
+                    failures = self._send_tree(job_id, a, self.child_nodes)
             except Exception as exc:  # e.g. the version was fenced meanwhile: the resend finds out
                 log.warning("job %s v%d: %s failed: %s", job_id, a.version, type(a).__name__, exc)
                 failures = [("-", exc)]
@@ -171,9 +181,11 @@ class CommitDriver:
                   kind: str | None = None) -> list:
         """Deliver one ``PeerRequest`` of version ``v`` of the job to every node of
         ``nodes`` but us. With ``kind``, each acknowledgement goes into the protocol.
-        Returns [(node, exc)] of the nodes it could not deliver to."""
+        Returns [(node, exc)] of the nodes it could not deliver to. The peers the
+        heartbeats see alive go first: a dead one costs a reply timeout."""
         failures = []
-        for node in nodes:
+        alive = self.membership.alive_peers()
+        for node in sorted(nodes, key=lambda nd: nd not in alive):
             if node == self.me:
                 continue
             try:
@@ -311,9 +323,14 @@ class CommitDriver:
 
     def _send_vote(self, job_id: str, a: proto.SendVote) -> list:
         self.parity.seal(job_id, a.version)
-        return self.broadcast(a.to or [nd.id for nd in self.spec.nodes],
-                              peer_ops.vote(job_id, a.version, a.ranks), None, job_id, a.version,
-                              kind=proto.VOTE)
+        return self.broadcast(a.to or self.group, peer_ops.vote(job_id, a.version, a.ranks), None,
+                              job_id, a.version, kind=proto.VOTE)
+
+    def _send_tree(self, job_id: str, a, nodes: tuple[str, ...]) -> list:
+        """A report (to the parent group) or a commit word (to the child groups): the
+        ``vote`` op with its step, without ranks."""
+        return self.broadcast(a.to or nodes, peer_ops.vote(job_id, a.version, (), a.kind), None, job_id,
+                              a.version, kind=a.kind)
 
     def _commit(self, job_id: str, v: int) -> None:
         # Our own vote counts as soon as the protocol emits it, so the peers' votes can

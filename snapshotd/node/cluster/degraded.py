@@ -47,13 +47,14 @@ class DegradedReads:
 
     def owner_of(self, job_id: str, rank: int, version: int = 0) -> str | None:
         """The node that holds ``rank``: from the votes seen, else from a peer's record
-        of the round (a replacement node that could not rebuild has seen no votes)."""
+        of the round (a replacement node that could not rebuild has seen no votes;
+        votes stay in the group, so a rank of another group is asked of its nodes)."""
         with self.jobs.lock:
             owner = self.jobs.job(job_id).rank_nodes.get(rank)
         if owner is not None:
             return owner
         v = version or self.commit.latest_committed(job_id)
-        for node in self.group:
+        for node in list(self.group) + [nd.id for nd in self.spec.nodes if nd.id not in self.group]:
             if node == self.me or not v:
                 continue
             try:
@@ -67,7 +68,8 @@ class DegradedReads:
                 jp = self.jobs.job(job_id)
                 for rk, nd in rec.rank_nodes.items():
                     jp.rank_nodes.setdefault(rk, nd)
-                return jp.rank_nodes.get(rank)
+                if rank in jp.rank_nodes:
+                    return jp.rank_nodes[rank]
         return None
 
     def open_remote_shard(self, job_id: str, rank: int, version: int = 0):

@@ -16,8 +16,11 @@ from snapshotd.core import protocol as proto
 
 
 class JobTable:
-    def __init__(self, me: str, group: tuple[str, ...], all_nodes: tuple[str, ...], m: int, store):
+    def __init__(self, me: str, group: tuple[str, ...], all_nodes: tuple[str, ...], m: int, store,
+                 groups: tuple[tuple[str, ...], ...] = ()):
+        """``groups``: every group of the job by index (the commit tree); default: one."""
         self.me, self.group, self.all_nodes, self.m = me, group, all_nodes, m
+        self.groups = tuple(tuple(g) for g in groups) or (tuple(group),)
         self.store = store
         self.lock = threading.RLock()
         self._jobs: dict[str, proto.JobProtocol] = {}
@@ -29,7 +32,7 @@ class JobTable:
         if jp is None:
             jp = self._jobs[job_id] = proto.JobProtocol(
                 job_id, self.me, self.group, self.all_nodes, self.m,
-                committed_version=self.store.committed_version(job_id))
+                committed_version=self.store.committed_version(job_id), groups=self.groups)
         return jp
 
     def get(self, job_id: str) -> proto.JobProtocol | None:

@@ -4,7 +4,10 @@
 per peer: ``control`` for heartbeats, the other for bulk traffic, so pings never queue
 behind a transfer), the heartbeat thread (:meth:`run_heartbeats`), the time each peer was
 last heard from and the committed versions it reported. Liveness is the pure rule
-:func:`snapshotd.core.membership.alive`.
+:func:`snapshotd.core.membership.alive`. A node heartbeats only the peers it works with
+(:attr:`Membership.peers`, :func:`snapshotd.core.commit_tree.watched`): its group and
+the members of its parent and child groups in the commit tree, so heartbeats per node
+stay O(group size), not O(nodes); a commit gossiped on them travels the same tree.
 
 Call order: construct; ``run_heartbeats`` in its own thread (returns when ``stop`` is
 set); :meth:`close` after that thread ended. Thread-safe: ``peer`` may be called from
@@ -20,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from snapshotd.core.commit_tree import watched
 from snapshotd.core.membership import alive
 from snapshotd.core.spec import ClusterSpec
 from snapshotd.node.peer import PeerClient, PeerUnavailableError, RemoteError
@@ -48,6 +52,7 @@ class Membership:
         self.first_round = threading.Event()  # every group peer was pinged once since start
         # node -> [failed pings in a row, when we last logged it]; see _ping_failed.
         self.ping_failures: dict[str, list] = {}
+        self.peers: tuple[str, ...] = watched(spec.groups, me)  # whom we heartbeat, group first
         self._thread: threading.Thread | None = None
 
     def peer(self, node: str, control: bool = False) -> PeerClient:
@@ -115,15 +120,14 @@ class Membership:
             c.close()
 
     def run_heartbeats(self) -> None:
-        """Ping every other node each interval; each ping runs in a pool thread, and a
+        """Ping every watched peer each interval; each ping runs in a pool thread, and a
         peer whose ping is still in flight is skipped this round. Pings used to run one
         after the other: a dead peer's ping waited out the timeout, so the round took
         longer than the timeout and every peer pinged after the dead one looked dead too
         (a degraded read then left a live group member out of its sources)."""
         interval = self.spec.heartbeat_interval_ms / 1000
         # The group first, and the first round at once: a fresh daemon must learn the commits.
-        peers = [nd.id for nd in sorted(self.spec.nodes, key=lambda nd: nd.id not in self.group)
-                 if nd.id != self.me]
+        peers = list(self.peers)
         busy: set[str] = set()
         busy_lock = threading.Lock()
 

@@ -77,7 +77,8 @@ class ClusterNode:
         self.degraded: dict[str, str] = {}  # job -> why it is not held whole (shared by the parts)
         self._metrics = NullMetrics()
 
-        self.jobs = JobTable(node_id, self.group, tuple(nd.id for nd in spec.nodes), self.m, store)
+        self.jobs = JobTable(node_id, self.group, tuple(nd.id for nd in spec.nodes), self.m, store,
+                             groups=spec.groups)
         self.membership = Membership(spec, node_id, self.group, key, self.curve, self._stop,
                                      committed_versions=self.jobs.committed_versions,
                                      on_gossip=lambda committed: self.commit.on_peer_committed(committed))
@@ -212,9 +213,11 @@ class ClusterNode:
             jobs = self.jobs.summary()
         return {"node": self.me, "group": self.group_index, "group_members": list(self.group),
                 "k": self.k, "m": self.m, "block_size_bytes": self.bs,
-                "peers": {nd.id: {"alive": nd.id in alive,
-                                  "committed": self.membership.peer_committed.get(nd.id, {})}
-                          for nd in self.spec.nodes if nd.id != self.me},
+                "peers": {nd: {"alive": nd in alive,
+                               "committed": self.membership.peer_committed.get(nd, {})}
+                          for nd in self.membership.peers},  # the watched ones: group, tree neighbours
+                "commit_tree": {"parent": list(self.commit.parent_nodes),
+                                "children": list(self.commit.child_nodes)},
                 "jobs": jobs, "parity_bytes": parity, "degraded": dict(self.degraded),
                 "resending": self.commit.resender.status(),
                 "last_rebuild": self.rebuilder.stats,

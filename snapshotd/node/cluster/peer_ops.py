@@ -42,14 +42,21 @@ def contrib(job_id: str, v: int, s: int, t: int, p: int, counts) -> ppb.PeerRequ
                                                       block_counts=list(counts)))
 
 
+# The commit tree's message kinds (snapshotd.core.protocol) as the ``vote`` op's step.
+COMMIT_STEPS = {proto.VOTE: ppb.COMMIT_STEP_VOTE, proto.REPORT: ppb.COMMIT_STEP_REPORT,
+                proto.WORD: ppb.COMMIT_STEP_WORD}
+
+
 def parity_row(job_id: str, v: int, s: int, t: int, counts) -> ppb.PeerRequest:
     """Parity row t of stripe s, forwarded by its accumulator; send it with its xxh3."""
     return ppb.PeerRequest(contrib=ppb.ContribRequest(job=job_id, version=v, stripe=s, row=t, position=0,
                                                       block_counts=list(counts), forwarded=True))
 
 
-def vote(job_id: str, v: int, ranks) -> ppb.PeerRequest:
-    return ppb.PeerRequest(vote=ppb.VoteRequest(job=job_id, version=v, ranks=list(ranks)))
+def vote(job_id: str, v: int, ranks, kind: str = proto.VOTE) -> ppb.PeerRequest:
+    """A vote (as ever: no step), a report or a commit word (``kind``) of version v."""
+    step = {} if kind == proto.VOTE else {"step": COMMIT_STEPS[kind]}
+    return ppb.PeerRequest(vote=ppb.VoteRequest(job=job_id, version=v, ranks=list(ranks), **step))
 
 
 def ping(committed: dict) -> ppb.PeerRequest:
@@ -175,7 +182,10 @@ class PeerOps:
         return ack(), None
 
     def _vote(self, sender, msg: ppb.VoteRequest, payload):
-        self.commit.on_vote(msg.job, msg.version, sender, list(msg.ranks))
+        kind = next((k for k, st in COMMIT_STEPS.items() if st == msg.step), None)
+        if kind is None:
+            raise ValueError(f"unknown commit step {msg.step}")
+        self.commit.on_vote(msg.job, msg.version, sender, list(msg.ranks), kind)
         return ack(), None
 
     def _fence(self, sender, msg: ppb.FenceRequest, payload):  # inline: when the restarting trainer's
