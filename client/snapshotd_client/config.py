@@ -57,6 +57,10 @@ class SnapshotterConfig:
     checkfree: "CheckFreeSettings | None" = None
     stage_ranks: tuple[int, ...] | None = None  # rank of each stage (default: rank == stage)
     checkfree_sources: dict[int, str] | None = None  # rank -> daemon target to fetch it from
+    # The last rung of restore() (snapshotd_client.durable, docs/DURABLE.md): the daemons'
+    # --durable-url, where the newest verified durable checkpoint is loaded from when RAM,
+    # parity and CheckFree cannot restore. None: $SNAPSHOTD_DURABLE_URL, else no durable rung.
+    durable_url: str | None = field(default_factory=lambda: os.environ.get(cfgmod.ENV_DURABLE_URL))
 
 
 def default_rank_world() -> tuple[int, int]:

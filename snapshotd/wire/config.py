@@ -56,3 +56,16 @@ def default_memory_budget_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available * DEFAULT_BUDGET_FRACTION)
+
+# The durable tier (snapshotd.node.durable; docs/DURABLE.md): the daemon's flags' env vars,
+# also read by Snapshotter.restore()'s durable rung (the URL and the S3 endpoint).
+ENV_DURABLE_URL = "SNAPSHOTD_DURABLE_URL"
+ENV_DURABLE_EVERY_VERSIONS = "SNAPSHOTD_DURABLE_EVERY_VERSIONS"
+ENV_DURABLE_EVERY_S = "SNAPSHOTD_DURABLE_EVERY_S"
+ENV_DURABLE_KEEP = "SNAPSHOTD_DURABLE_KEEP"
+ENV_DURABLE_RATE = "SNAPSHOTD_DURABLE_RATE"
+ENV_DURABLE_REPLICATED = "SNAPSHOTD_DURABLE_REPLICATED"
+ENV_DURABLE_S3_ENDPOINT = "SNAPSHOTD_DURABLE_S3_ENDPOINT"
+# Test hook: "mid-file" or "before-index" stalls every flush there (tests SIGKILL it).
+ENV_DURABLE_TEST_STALL = "SNAPSHOTD_DURABLE_TEST_STALL"
+DEFAULT_DURABLE_KEEP = 3

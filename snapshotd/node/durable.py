@@ -1,0 +1,372 @@
+"""The durable tier: the daemon flushes committed versions to a directory or fsspec URL.
+
+Two threads per daemon, so a trainer crash never stops a flush:
+
+- the **watcher** hears of each commit (:meth:`DurableFlusher.attach`; and polls the
+  store's committed versions every ``poll_s``); a version is
+  due when it is the first committed version of a new window of ``every_versions`` (the
+  same versions on every node, so the nodes' parts meet), or, with ``every_s`` on a job
+  whose ranks are all on this node, when ``every_s`` passed since the last capture. It
+  *captures* a due version at once: copies this node's shards of it into private memory
+  and checks every block against the manifest's checksums (a slot reused meanwhile, or a
+  corrupt block, is never flushed). At most one capture waits per job: a newer one
+  replaces it.
+- the **writer** writes a capture (:meth:`DurableFlusher.flush`): each local rank's file
+  in DCP's layout (:mod:`snapshotd.node.durable_dcp`), at most ``rate_bytes_per_s``; then
+  this node's part record; then, if every rank of the job has a part, the version's
+  ``.metadata`` and index (idempotent: every node that sees all parts writes the same
+  ones), ``latest.json``, and deletes complete versions older than the newest ``keep``
+  ones (and incomplete ones older than the oldest kept), only after a newer one is complete.
+
+Layout, what "complete" means, and the stores: :mod:`snapshotd.wire.durable_store`.
+Call order: construct, :meth:`attach` (the daemon's metrics), :meth:`start`, :meth:`stop`;
+``status()`` and ``on_commit`` from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from snapshotd.core.integrity import pace_delay_s
+from snapshotd.wire import config as c
+from snapshotd.wire import durable_store as ds
+from snapshotd.wire import manifest as mf
+
+log = logging.getLogger("snapshotd.durable")
+
+REPLICATED_MODES = ("all", "rank0")
+STALL_POINTS = ("mid-file", "before-index")
+
+
+@dataclass
+class DurableConfig:
+    url: str
+    every_versions: int = 0  # 0: not by versions
+    every_s: float = 0.0  # 0: not by time
+    keep: int = c.DEFAULT_DURABLE_KEEP
+    rate_bytes_per_s: int = 0  # 0: no limit
+    replicated: str = "all"  # see durable_dcp: "all" | "rank0"
+    poll_s: float = 0.2  # besides the commit hook (attach)
+    storage_options: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.every_versions < 0 or self.every_s < 0 or self.rate_bytes_per_s < 0:
+            raise ValueError("--durable-every-versions, --durable-every-s and --durable-rate must be >= 0")
+        if not (self.every_versions or self.every_s):
+            raise ValueError("--durable-url needs --durable-every-versions N and/or --durable-every-s T")
+        if self.keep < 1:
+            raise ValueError("--durable-keep must be >= 1")
+        if self.replicated not in REPLICATED_MODES:
+            raise ValueError(f"--durable-replicated must be one of {', '.join(REPLICATED_MODES)}")
+
+
+@dataclass
+class Capture:
+    """This node's shards of one committed version, copied out of shared memory."""
+    job: str
+    version: int
+    world_size: int
+    shards: list  # [(rank, manifest, np.ndarray payload)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for _, _, p in self.shards)
+
+
+class DurableFlusher:
+    """Flushes committed versions of ``store`` (a ShardStore) to ``cfg.url`` (module docstring)."""
+
+    def __init__(self, store, cfg: DurableConfig, node_id: str, registry=None):
+        cfg.check()
+        self.store, self.cfg, self.node_id = store, cfg, node_id
+        self.target = ds.open_store(cfg.url, cfg.storage_options or None)
+        self._stop = threading.Event()
+        self._cv = threading.Condition()
+        self._pending: dict[str, Capture] = {}
+        self._commits: list[tuple[str, int]] = []  # heard from the commit hook, not yet looked at
+        self._wake = threading.Event()
+        self._seen: dict[str, int] = {}  # job -> last version looked at
+        self._last: dict[str, tuple[int, float]] = {}  # job -> (last captured version, when)
+        self._threads: list[threading.Thread] = []
+        self._stall = os.environ.get(c.ENV_DURABLE_TEST_STALL, "")
+        if self._stall and self._stall not in STALL_POINTS:
+            raise ValueError(f"{c.ENV_DURABLE_TEST_STALL}={self._stall!r}: use one of {STALL_POINTS}")
+        self.stats = {"flushed": 0, "completed": 0, "abandoned": 0, "failed": 0, "bytes": 0,
+                      "last_version": {}, "last_complete": {}, "last_error": None}
+        self._metrics = _Metrics(registry) if registry is not None else None
+
+    # -- threads ----------------------------------------------------------------------
+    def start(self) -> None:
+        for name, fn in (("durable-watch", self._watch), ("durable-write", self._write_loop)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("durable tier: %s every %s, keep %d, rate %s", self.target.url,
+                 " and ".join(x for x in (f"{self.cfg.every_versions} versions" if self.cfg.every_versions else "",
+                                          f"{self.cfg.every_s:g} s" if self.cfg.every_s else "") if x),
+                 self.cfg.keep, f"{self.cfg.rate_bytes_per_s} B/s" if self.cfg.rate_bytes_per_s else "unlimited")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        with self._cv:
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout_s)
+
+    def status(self) -> dict:
+        with self._cv:
+            return {**self.stats, "url": self.target.url, "pending": sorted(self._pending)}
+
+    def attach(self, metrics) -> None:
+        """Hear of every commit as it happens: ``metrics.committed(job, version)`` is called
+        on each one (single node and cluster), and the watcher captures at once (a poll
+        could miss a version superseded between two polls)."""
+        inner = metrics.committed
+
+        def committed(job_id: str, version: int) -> None:
+            inner(job_id, version)
+            self.on_commit(job_id, version)
+
+        metrics.committed = committed
+
+    def on_commit(self, job: str, version: int) -> None:
+        with self._cv:
+            self._commits.append((job, version))
+        self._wake.set()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.cfg.poll_s)
+            self._wake.clear()
+            try:
+                self.poll_once()
+            except Exception as exc:  # the store closing under us at shutdown, a bug
+                if not self._stop.is_set():
+                    log.warning("durable: watcher: %s: %s", type(exc).__name__, exc)
+
+    def poll_once(self, now: float | None = None) -> None:
+        """Capture every job's committed version that is due (see the module docstring):
+        those the commit hook reported, in order, then each job's latest."""
+        now = time.monotonic() if now is None else now
+        with self._cv:
+            heard, self._commits = self._commits, []
+        jobs = self.store.jobs_summary()
+        seen = [(j, v) for j, v in heard] + [(j, i["committed"]) for j, i in jobs.items()]
+        for job, v in seen:
+            info = jobs.get(job)
+            if not v or info is None or v <= self._seen.get(job, 0):
+                continue
+            self._seen[job] = v
+            if not self._due(job, v, info, now):
+                continue
+            cap = self.capture(job, v, info["world_size"])
+            if cap is None:
+                continue
+            self._last[job] = (v, now)
+            with self._cv:
+                old = self._pending.get(job)
+                if old is not None:
+                    log.info("durable: %s v%d not flushed yet, v%d replaces it", job, old.version, v)
+                self._pending[job] = cap
+                self._cv.notify_all()
+
+    def _due(self, job: str, v: int, info: dict, now: float) -> bool:
+        last_v, last_t = self._last.get(job, (0, None))
+        n = self.cfg.every_versions
+        if n and v // n > last_v // n:
+            return True
+        single_node = info.get("local_world_size") in (0, info.get("world_size"))
+        if self.cfg.every_s and single_node:
+            return last_t is None or now - last_t >= self.cfg.every_s
+        return False
+
+    def capture(self, job: str, version: int, world_size: int) -> Capture | None:
+        """Copy this node's shards of ``version`` out of shared memory, verified; None when
+        the version moved on (its slot was reused) or a block is corrupt (logged)."""
+        shards = []
+        for rank, m, seg in self.store.local_shards(job, version):
+            n = int(m.payload_bytes)
+            buf = np.empty(n, np.uint8)
+            if n:
+                if seg.buf is None:
+                    return None
+                buf[:] = np.frombuffer(seg.buf, np.uint8, n)
+            if m.block_checksums and mf.block_checksums(buf, n, m.block_size_bytes) != list(m.block_checksums):
+                still = any(r == rank for r, _, _ in self.store.local_shards(job, version))
+                if still and self.store.committed_version(job) == version:
+                    log.error("durable: %s v%d rank %d: a block does not match its checksum; "
+                              "not flushed", job, version, rank)
+                self._count("abandoned")
+                return None
+            shards.append((rank, m, buf))
+        if not shards:
+            return None
+        return Capture(job, version, world_size, shards)
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cv:
+                while not self._pending and not self._stop.is_set():
+                    self._cv.wait(0.5)
+                if self._stop.is_set():
+                    return
+                job = min(self._pending, key=lambda j: self._pending[j].version)
+                cap = self._pending.pop(job)
+            try:
+                self.flush(cap)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                self._count("failed")
+                with self._cv:
+                    self.stats["last_error"] = f"{cap.job} v{cap.version}: {type(exc).__name__}: {exc}"
+                log.warning("durable: flush of %s v%d failed: %s: %s", cap.job, cap.version,
+                            type(exc).__name__, exc)
+
+    # -- one flush --------------------------------------------------------------------
+    def flush(self, cap: Capture) -> bool:
+        """Write ``cap``; returns True when this call completed the version (wrote its index)."""
+        from snapshotd.node import durable_dcp as dd
+
+        t0 = time.monotonic()
+        base = f"{cap.job}/{ds.version_dir(cap.version)}"
+        pacer = _Pacer(self.cfg.rate_bytes_per_s, self._stop, self._stall == "mid-file", self.target,
+                       base)
+        files, items, manifests = {}, {}, {}
+        for rank, m, payload in cap.shards:
+            its = dd.plan_rank(m, self.cfg.replicated)
+            name = ds.rank_file(rank)
+            files[name] = self.target.write(f"{base}/{name}", dd.rank_chunks(m, payload, its, pacer)).to_json()
+            items[str(rank)] = [{k: v for k, v in it.items() if k not in ("src", "nbytes")} for it in its]
+            manifests[str(rank)] = dd.manifest_json(m)
+        part = {"format": ds.FORMAT, "job": cap.job, "version": cap.version, "node": self.node_id,
+                "world_size": cap.world_size, "replicated": self.cfg.replicated,
+                "ranks": sorted(r for r, _, _ in cap.shards), "files": files, "items": items,
+                "manifests": manifests}
+        self.target.write_bytes(f"{base}/{ds.PARTS}/{self.node_id}.json", _json(part))
+        written = pacer.done
+        self._count("flushed", nbytes=written)
+        log.info("durable: %s v%d: this node's %d rank file(s), %.1f MiB in %.2f s", cap.job,
+                 cap.version, len(files), written / 2**20, time.monotonic() - t0)
+        if self._stall == "before-index":
+            pacer.stall("before-index")
+        return self.try_complete(cap.job, cap.version)
+
+    def try_complete(self, job: str, version: int) -> bool:
+        """Write the version's metadata and index if every rank has a part (idempotent)."""
+        from snapshotd.node import durable_dcp as dd
+
+        base = f"{job}/{ds.version_dir(version)}"
+        parts = []
+        for name in self.target.listdir(f"{base}/{ds.PARTS}"):
+            if name.endswith(".json"):
+                try:
+                    parts.append(json.loads(self.target.read_bytes(f"{base}/{ds.PARTS}/{name}")))
+                except (FileNotFoundError, ValueError):
+                    continue  # a part being replaced: its node completes the version itself
+        world = max((p["world_size"] for p in parts), default=0)
+        ranks = {r for p in parts for r in p["ranks"]}
+        if not world or ranks != set(range(world)):
+            log.debug("durable: %s v%d: parts of ranks %s of %d so far", job, version, sorted(ranks), world)
+            return False
+        meta = self.target.write_bytes(f"{base}/{ds.METADATA}", dd.build_metadata(parts))
+        files = {ds.METADATA: meta.to_json()}
+        ranks_rec = {}
+        for p in parts:
+            files.update(p["files"])
+            for r in p["ranks"]:
+                ranks_rec[str(r)] = {"node": p["node"], "file": ds.rank_file(r),
+                                     "manifest": p["manifests"][str(r)], "items": p["items"][str(r)]}
+        index = {"format": ds.FORMAT, "job": job, "version": version, "world_size": world,
+                 "replicated": parts[0]["replicated"], "files": files, "ranks": ranks_rec,
+                 "nodes": sorted(p["node"] for p in parts), "created_unix": time.time()}
+        self.target.write_bytes(f"{base}/{ds.INDEX}", _json(index))  # the commit
+        self._count("completed", job=job, version=version)
+        log.info("durable: %s v%d complete at %s", job, version, self.target.url)
+        self._update_latest(job)
+        self.prune(job)
+        return True
+
+    def _update_latest(self, job: str) -> None:
+        done = ds.complete_versions(self.target, job)
+        if done:
+            self.target.write_bytes(f"{job}/{ds.LATEST}", _json(
+                {"version": done[-1], "path": ds.version_dir(done[-1])}))
+
+    def prune(self, job: str) -> None:
+        """Keep the newest ``keep`` complete versions; drop older complete ones, and
+        incomplete ones older than the oldest kept (a flush that died)."""
+        done = ds.complete_versions(self.target, job)
+        if not done:
+            return
+        kept = done[-self.cfg.keep:]
+        for v in ds.versions(self.target, job):
+            if v < kept[0]:
+                self.target.remove_tree(f"{job}/{ds.version_dir(v)}")
+                log.info("durable: %s v%d deleted (keeping %s)", job, v, kept)
+
+    def _count(self, what: str, nbytes: int = 0, job: str | None = None, version: int = 0) -> None:
+        with self._cv:
+            self.stats[what] += 1
+            self.stats["bytes"] += nbytes
+            if job is not None:
+                self.stats["last_complete"][job] = version
+        if self._metrics is not None:
+            self._metrics.count(what, nbytes, job, version)
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+class _Pacer:
+    """Called after each chunk written: keeps to the rate limit; the test hook stalls
+    halfway through the first file (and says so in a marker file beside the folder)."""
+
+    def __init__(self, rate: int, stop: threading.Event, stall_mid: bool, target, base: str):
+        self.rate, self._stop, self.stall_mid = rate, stop, stall_mid
+        self.target, self.base = target, base
+        self.done, self.t0 = 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.stall_mid and self.done > 0:
+            self.stall("mid-file")
+        delay = pace_delay_s(self.done, self.t0, time.monotonic(), self.rate)
+        if delay > 0:
+            self._stop.wait(delay)
+
+    def stall(self, where: str) -> None:
+        log.warning("durable: test hook: stalling the flush of %s (%s)", self.base, where)
+        self.target.write_bytes(f"{self.base}.stalled", where.encode())
+        while not self._stop.wait(1.0):
+            pass
+        raise InterruptedError("stopped while stalled")
+
+
+class _Metrics:
+    def __init__(self, registry):
+        from prometheus_client import Counter, Gauge
+
+        self.flushes = Counter("snapshotd_durable_flushes", "Durable flushes by outcome "
+                               "(flushed: this node's files written; completed: a version's index "
+                               "written; abandoned; failed)", ["outcome"], registry=registry)
+        self.bytes = Counter("snapshotd_durable_bytes", "Bytes of rank files written to the durable "
+                             "tier", registry=registry)
+        self.complete = Gauge("snapshotd_durable_complete_version", "Newest durable version this "
+                              "node completed", ["job"], registry=registry)
+
+    def count(self, what: str, nbytes: int, job: str | None, version: int) -> None:
+        self.flushes.labels(what).inc()
+        if nbytes:
+            self.bytes.inc(nbytes)
+        if job is not None:
+            self.complete.labels(job).set(version)

@@ -1,0 +1,181 @@
+"""The durable tier with real daemons (docs/DURABLE.md): a daemon flushes committed
+versions in DCP's layout; stock ``dcp.load`` / ``dcp_to_torch_save`` read them; a flush
+SIGKILLed halfway never becomes latest; a corrupted file is detected and the older
+checkpoint used; ``Snapshotter.restore()`` falls back to the durable checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from clusterkit import wait_for
+from snapshotd.wire import durable_store as ds
+from snapshotd_client import Snapshotter
+
+JOB = "dur"
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+
+def _train(model, opt, steps, snap=None, start=1):
+    g = torch.Generator().manual_seed(1234 + start)
+    for step in range(start, start + steps):
+        x = torch.randn(8, 16, generator=g)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if snap is not None:
+            snap.save(step).result(30)
+
+
+def _flagged(daemon_factory, url, *extra, env=None):
+    d = daemon_factory(extra_args=["--durable-url", url, "--durable-every-versions", "2",
+                                   "--durable-keep", "2", "--log-level", "INFO", *extra])
+    return d
+
+
+def _complete(root, job=JOB):
+    return ds.complete_versions(ds.open_store(root), job)
+
+
+def _snap(d, model, opt, url, **kw):
+    return Snapshotter(model, opt, job_id=JOB, socket_path=d.socket, durable_url=url, **kw)
+
+
+def test_flush_layout_stock_load_and_retention(daemon_factory, tmp_path):
+    root = str(tmp_path / "durable")
+    d = _flagged(daemon_factory, root).start()
+    model, opt = _model()
+    with _snap(d, model, opt, root) as snap:
+        _train(model, opt, 6, snap)
+        wait_for(lambda: _complete(root)[-1:] == [6], 30, "v6 complete on the durable tier")
+    # keep 2: the newest two complete versions stay (v4 may have been replaced by v6 while
+    # v2 was being written: one capture waits per job), nothing older is left
+    done = _complete(root)
+    assert done[-1] == 6 and len(done) == 2 and done[0] in (2, 4), done
+    assert ds.versions(ds.open_store(root), JOB) == done
+    vdir = os.path.join(root, JOB, ds.version_dir(6))
+    assert sorted(os.listdir(vdir)) == [".metadata", "__0_0.distcp", "parts", ds.INDEX]
+    latest = json.load(open(os.path.join(root, JOB, ds.LATEST)))
+    assert latest["version"] == 6
+    # stock DCP reads it: the model's tensors under their names, the step as rank0.*
+    want = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    got = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(got, checkpoint_id=vdir)
+    for k in want["model"]:
+        assert torch.equal(got["model"][k], want["model"][k]), k
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = str(tmp_path / "full.pt")
+    dcp_to_torch_save(vdir, out)
+    full = torch.load(out, weights_only=False)
+    assert torch.equal(full["model"]["0.weight"], want["model"]["0.weight"])
+    assert torch.equal(full["optimizer"]["state"]["0"]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert json.loads(full["rank0"]["__meta_json__"])  # the non-tensor structure (step, RNG)
+    d.stop()
+
+
+def test_restore_falls_back_to_durable_when_daemon_holds_nothing(daemon_factory, tmp_path):
+    """The whole allocation is replaced: a fresh daemon (no state) -> restore() loads the
+    newest verified durable checkpoint, bit-exact, and says so."""
+    root = str(tmp_path / "durable")
+    d = _flagged(daemon_factory, root).start()
+    model, opt = _model()
+    with _snap(d, model, opt, root) as snap:
+        _train(model, opt, 4, snap)
+        wait_for(lambda: _complete(root)[-1:] == [4], 30, "v4 durable")
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    want_opt = opt.state_dict()["state"][1]["exp_avg_sq"].clone()
+    d.kill()
+    fresh = daemon_factory(extra_args=["--durable-url", root, "--durable-every-versions", "2"]).start()
+    m2, o2 = _model(seed=99)
+    with _snap(fresh, m2, o2, root) as snap2:
+        assert snap2.restore() == 4
+        assert snap2.restored_method == "durable"
+        for k, v in m2.state_dict().items():
+            assert torch.equal(v, want[k]), k
+        assert torch.equal(o2.state_dict()["state"][1]["exp_avg_sq"], want_opt)
+    # without the durable rung there is nothing to restore
+    m3, o3 = _model(seed=5)
+    with Snapshotter(m3, o3, job_id=JOB, socket_path=fresh.socket, durable_url=None) as snap3:
+        assert snap3.restore() == 0
+
+
+def test_corrupt_durable_file_is_detected_and_older_used(daemon_factory, tmp_path):
+    root = str(tmp_path / "durable")
+    d = _flagged(daemon_factory, root, "--durable-keep", "3").start()
+    model, opt = _model()
+    with _snap(d, model, opt, root) as snap:
+        _train(model, opt, 2, snap)
+        wait_for(lambda: _complete(root)[-1:] == [2], 30, "v2 durable")
+        want2 = {k: v.clone() for k, v in model.state_dict().items()}
+        _train(model, opt, 2, snap, start=3)
+        wait_for(lambda: _complete(root)[-1:] == [4], 30, "v4 durable")
+    d.kill()
+    path = os.path.join(root, JOB, ds.version_dir(4), ds.rank_file(0))
+    with open(path, "r+b") as f:  # flip one byte in the middle of v4's rank file
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    store = ds.open_store(root)
+    with pytest.raises(Exception, match="corrupt"):
+        ds.verify_version(store, JOB, 4)
+    fresh = daemon_factory().start()
+    m2, o2 = _model(seed=7)
+    with _snap(fresh, m2, o2, root) as snap2:
+        assert snap2.restore() == 2
+        assert snap2.restored_method == "durable"
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, want2[k]), k
+
+
+@pytest.mark.parametrize("point", ["mid-file", "before-index"])
+def test_flush_killed_halfway_never_becomes_latest(daemon_factory, tmp_path, point):
+    root = str(tmp_path / "durable")
+    d = daemon_factory(extra_args=["--durable-url", root, "--durable-every-versions", "2"])
+    d.start()
+    model, opt = _model()
+    with _snap(d, model, opt, root) as snap:
+        _train(model, opt, 2, snap)
+        wait_for(lambda: _complete(root) == [2], 30, "v2 durable")
+        want2 = {k: v.clone() for k, v in model.state_dict().items()}
+        d.kill(signal.SIGKILL)
+    # the same daemon state, now with the stall hook: v4's flush stops at `point`
+    d.extra_args += []
+    env_before = os.environ.get("SNAPSHOTD_DURABLE_TEST_STALL")
+    os.environ["SNAPSHOTD_DURABLE_TEST_STALL"] = point
+    try:
+        d.start()
+    finally:
+        if env_before is None:
+            del os.environ["SNAPSHOTD_DURABLE_TEST_STALL"]
+    with _snap(d, model, opt, root) as snap:
+        assert snap.restore() == 2
+        _train(model, opt, 2, snap, start=3)
+        marker = os.path.join(root, JOB, ds.version_dir(4) + ".stalled")
+        wait_for(lambda: os.path.exists(marker), 30, f"v4's flush stalled at {point}")
+    d.kill(signal.SIGKILL)
+    assert open(marker).read() == point
+    assert _complete(root) == [2]
+    assert json.load(open(os.path.join(root, JOB, ds.LATEST)))["version"] == 2
+    left = os.listdir(os.path.join(root, JOB, ds.version_dir(4)))
+    assert ds.INDEX not in left and ds.METADATA not in left
+    if point == "mid-file":
+        assert not any(n.endswith(".distcp") for n in left), left  # only a temporary name
+    fresh = daemon_factory().start()
+    m2, o2 = _model(seed=3)
+    with _snap(fresh, m2, o2, root) as snap2:
+        assert snap2.restore() == 2
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, want2[k]), k
