@@ -337,8 +337,12 @@ class Snapshotter:
 
         When the parity cannot give this rank its state back (FAILED_PRECONDITION) and the
         rank is a pipeline stage with ``checkfree`` set, the stage is rebuilt approximately
-        from its neighbours (``restored_approximate``, ``restored_method``)."""
-        return run_restore(self)
+        from its neighbours (``restored_approximate``, ``restored_method``). With a durable
+        URL (``durable_url``), when no rung above can, every rank loads the newest verified
+        durable checkpoint (``restored_method = "durable"``; snapshotd_client.durable)."""
+        from snapshotd_client.durable import restore_ladder
+
+        return restore_ladder(self, run_restore)
 
     def _restore_fallback(self, latest: int, exc: Exception) -> int:
         """The next rung when the parity cannot give this rank its state back: CheckFree

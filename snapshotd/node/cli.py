@@ -95,6 +95,29 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--job-active-s", type=parse_duration, default=_env("SNAPSHOTD_JOB_ACTIVE_S", "600"),
                    help="a job with a request this recent is active: never garbage-collected "
                         "[env SNAPSHOTD_JOB_ACTIVE_S; default 600]")
+    s.add_argument("--durable-url", default=_env(c.ENV_DURABLE_URL),
+                   help="flush committed versions in the background to this directory or fsspec "
+                        "URL (s3://bucket/prefix, ...) in DCP's layout (docs/DURABLE.md) "
+                        f"[env {c.ENV_DURABLE_URL}; default off]")
+    s.add_argument("--durable-every-versions", type=int,
+                   default=int(_env(c.ENV_DURABLE_EVERY_VERSIONS, "0")),
+                   help="flush the first committed version of every N (the same versions on "
+                        f"every node) [env {c.ENV_DURABLE_EVERY_VERSIONS}; default 0 = not by versions]")
+    s.add_argument("--durable-every-s", type=parse_duration, default=_env(c.ENV_DURABLE_EVERY_S, "0"),
+                   help="flush a job whose ranks are all on this node at most this often, e.g. "
+                        f"30m [env {c.ENV_DURABLE_EVERY_S}; default 0 = not by time]")
+    s.add_argument("--durable-keep", type=int,
+                   default=int(_env(c.ENV_DURABLE_KEEP, str(c.DEFAULT_DURABLE_KEEP))),
+                   help="complete durable checkpoints kept per job (older ones are deleted once "
+                        f"a newer one is complete) [env {c.ENV_DURABLE_KEEP}; default {c.DEFAULT_DURABLE_KEEP}]")
+    s.add_argument("--durable-rate", type=_scrub_rate, default=_env(c.ENV_DURABLE_RATE, "0"),
+                   help=f"bytes/s a flush writes at most, e.g. 200MiB [env {c.ENV_DURABLE_RATE}; "
+                        "default 0 = no limit]")
+    s.add_argument("--durable-replicated", choices=("all", "rank0"),
+                   default=_env(c.ENV_DURABLE_REPLICATED, "all"),
+                   help="'all': every rank's model/optimizer state is written; 'rank0': data-parallel "
+                        "jobs with identical replicas write rank 0's copy only "
+                        f"[env {c.ENV_DURABLE_REPLICATED}; default all]")
     s.add_argument("--log-level", default=_env("SNAPSHOTD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING [env SNAPSHOTD_LOG_LEVEL; default INFO]")
     from snapshotd.node.peer import pacing  # --peer-rate, --peer-burst (bulk peer traffic)
@@ -136,11 +159,32 @@ def serve(a) -> int:
 
     try:
         pacing.configure(a.peer_rate, a.peer_burst)
-        Daemon(cfg).serve_forever()
+        daemon = Daemon(cfg)
+        flusher = _durable(a, daemon)
+        try:
+            daemon.serve_forever()
+        finally:
+            if flusher is not None:
+                flusher.stop()
     except (ValueError, SnapshotdError) as exc:
         print(f"snapshotd: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _durable(a, daemon):
+    """The durable tier's flusher (snapshotd.node.durable), started; None when off."""
+    if not a.durable_url:
+        return None
+    from snapshotd.node.durable import DurableConfig, DurableFlusher
+
+    flusher = DurableFlusher(daemon.store, DurableConfig(
+        url=a.durable_url, every_versions=a.durable_every_versions, every_s=a.durable_every_s,
+        keep=a.durable_keep, rate_bytes_per_s=a.durable_rate, replicated=a.durable_replicated),
+        daemon.cfg.node_id, registry=daemon.metrics.registry)
+    flusher.attach(daemon.metrics)
+    flusher.start()
+    return flusher
 
 
 def main(argv: list[str] | None = None) -> int:
