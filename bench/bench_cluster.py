@@ -96,6 +96,10 @@ def why_not_committed(d: str, job: str, v: int) -> str:
         unacked = "; ".join(f"its {k} not acknowledged by {','.join(x)}"
                             for k, x in (w.get("unacknowledged") or {}).items())
         resend = ((cl.get("resending") or {}).get(job) or {}).get(str(v))
+        fwd = (cl.get("forwarding") or {}).get("waiting") or {}
+        if fwd:  # parity rows this accumulator has not delivered yet
+            peers += "; forwarding parity rows to " + ", ".join(
+                f"{n} ({x['rows']} rows, {x['tries']} failed tries, last: {x['last_error']})" for n, x in sorted(fwd.items()))
         lines.append(f"{node}: committed {j.get('committed')}, v{v} lacks "
                      f"{', '.join(lacks) or 'nothing (commit pending)'}"
                      + (f"; {unacked}" if unacked else "")

@@ -15,7 +15,10 @@ Call order: ``MemWatch(pids, shm_prefixes)``, ``start()``, ``phase = ...`` any t
 from __future__ import annotations
 
 import os
+import re
 import threading
+
+_SLOT = re.compile(r"\.r\d+\.s\d+")
 
 
 def _status_kb(pid: int, *fields: str) -> dict:
@@ -31,20 +34,25 @@ def _status_kb(pid: int, *fields: str) -> dict:
     return out
 
 
-def shm_bytes(prefix: str) -> int:
-    """Bytes allocated by the /dev/shm files whose names start with ``prefix``."""
-    total = 0
+def shm_bytes(prefix: str) -> dict:
+    """{"shm_files", "shm_parity", "shm_data", "shm_other"}: bytes allocated by the
+    /dev/shm files whose names start with ``prefix`` (parity buffers: ``.parity.``;
+    rank slots: ``.rN.sM``; the rest: copies, rebuild scratch...)."""
+    out = {"shm_files": 0, "shm_parity": 0, "shm_data": 0, "shm_other": 0}
     try:
         names = os.listdir("/dev/shm")
     except OSError:
-        return 0
+        return out
     for name in names:
         if name.startswith(prefix):
             try:
-                total += os.stat(os.path.join("/dev/shm", name)).st_blocks * 512
+                n = os.stat(os.path.join("/dev/shm", name)).st_blocks * 512
             except OSError:
-                pass  # released meanwhile
-    return total
+                continue  # released meanwhile
+            kind = "shm_parity" if ".parity." in name else "shm_data" if _SLOT.search(name) else "shm_other"
+            out["shm_files"] += n
+            out[kind] += n
+    return out
 
 
 class MemWatch:
@@ -69,7 +77,7 @@ class MemWatch:
         for node, pid in self.pids.items():
             st = _status_kb(pid, "RssAnon", "RssShmem")
             nodes[node] = {"anon": st["RssAnon"], "shmem_mapped": st["RssShmem"],
-                           "shm_files": shm_bytes(self.prefixes[node])}
+                           **shm_bytes(self.prefixes[node])}
         writer = _status_kb(os.getpid(), "RssAnon", "RssShmem")
         total = sum(x["anon"] + x["shm_files"] for x in nodes.values()) + writer["RssAnon"]
         return {"total": total, "nodes": nodes, "writer_anon": writer["RssAnon"],
