@@ -96,6 +96,7 @@ def test_fsdp2_two_ranks_restore_at_two_and_at_one(make_cluster, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 4 + 4 + 2 + 1 trainer processes on a 2-core machine
 def test_fsdp2_four_ranks_on_four_nodes_m2_restore_at_four_two_one(make_cluster, tmp_path):
     c = make_cluster(4, 2)
     scenario(c, tmp_path, 4, [2, 1])
