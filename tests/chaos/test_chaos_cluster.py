@@ -1,6 +1,6 @@
 """``snapshotd chaos`` against real daemons and trainers.
 
-- the full built-in matrix (every fault kind, 24 scenarios, about 3 minutes here) must
+- the full built-in matrix (every fault kind, 25 scenarios, about 3 minutes here) must
   hold every invariant: one cluster, one running job, the faults one after another,
   four of them with a second fault during the first one's recovery (overlaps);
 - the same harness against a deliberately broken build (SNAPSHOTD_UNSAFE_SKIP_VERIFY=1:

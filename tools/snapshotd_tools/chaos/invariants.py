@@ -35,7 +35,11 @@ processes and segments, and each daemon's memory before the fault and after reco
   README promises (gRPC: INVALID_ARGUMENT; peer plane: PEER_PROTOCOL), none unanswered,
   and the daemon still serves; the detail is built from the answers observed;
 - ``commit_after_fault``: once the fault cleared, the job's trainers were told of a new
-  committed version within ``commit_bound_s`` (their own record, with its time).
+  committed version within ``commit_bound_s`` (their own record, with its time);
+- ``commit_through_stall`` (stall_server faults): a version newer than every one handed
+  over when a daemon's peer serving thread stalled committed (the trainers' record)
+  within ``commit_bound_s`` after the stall ended, though its contributions to the
+  stalled node had failed while its peers took it for dead.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class Observation:
     commit_bound_s: float = COMMIT_BOUND_S
     commit_after_s: float | None = None  # fault cleared -> a newer version committed (None: never)
     commit_expected: bool = False
+    stall: dict = field(default_factory=dict)  # stall_server: node, target version, after_s
     t_clear: float = 0.0  # time.time() when the fault cleared (the job's last relaunch)
     notes: list = field(default_factory=list)
     # pipeline (expect "checkfree"): rank -> restored event; the ranks whose node was lost
@@ -103,6 +108,8 @@ def check(o: Observation) -> list[Check]:
         out.append(_garbage_refused(o))
     if o.commit_expected:
         out.append(_commit_after_fault(o))
+    if o.stall:
+        out.append(_commit_through_stall(o))
     out += [Check("no_leaks", not o.leaks, "; ".join(o.leaks[:5]) or "no process or segment left"),
             _memory(o)]
     return out
@@ -193,6 +200,16 @@ def _commit_after_fault(o: Observation) -> Check:
     return Check("commit_after_fault", o.commit_after_s <= o.commit_bound_s,
                  f"a newer version committed {o.commit_after_s:.1f} s after the fault cleared "
                  f"(bound {o.commit_bound_s:g} s)")
+
+
+def _commit_through_stall(o: Observation) -> Check:
+    st = o.stall
+    what = f"v{st.get('target')} or newer (handed over after {st.get('node')}'s serving thread stalled)"
+    if st.get("after_s") is None:
+        return Check("commit_through_stall", False, f"{what} not committed within {o.commit_bound_s:g} s "
+                                                    "after the stall ended")
+    return Check("commit_through_stall", st["after_s"] <= o.commit_bound_s,
+                 f"{what} committed {st['after_s']:.1f} s after the stall ended (bound {o.commit_bound_s:g} s)")
 
 
 VERSION_RE = re.compile(r"version \d+|v\d+\b")

@@ -20,7 +20,7 @@ Four shapes of fault:
   lost machine: wiped, then rebuilt from its group), and the job restarts from its last
   committed version and trains on past the step it had reached; with more than m
   nodes lost the restore must refuse, and the job starts a new epoch from scratch;
-- transient (hang_daemon, slow_peer, partition, garbage, memory_pressure): the job runs
+- transient (hang_daemon, slow_peer, partition, garbage, memory_pressure, stall_server): the job runs
   through the fault; then a planned restart (a drill) must restore the newest committed
   version bit-exactly;
 - corrupt: the job is stopped, a bit is flipped in a held block of its newest committed
@@ -52,6 +52,7 @@ from snapshotd_tools.chaos.reference import load_or_compute_reference
 from snapshotd_tools.chaos.report import Result
 from snapshotd_tools.chaos.rig import JOB, Rig, Trainers
 from snapshotd_tools.chaos.scenarios import Scenario
+from snapshotd_tools.chaos.stall import arm_sessions
 from snapshotd_tools.chaos.timeouts import (  # noqa: F401 (kept importable from here)
     GLOO_TIMEOUT_S,
     PHASE_TIMEOUT_S,
@@ -63,7 +64,7 @@ from snapshotd.wire.config import parse_size
 
 MEM_SAMPLE_S = 5.0  # the memory curve: one sample of every daemon this often
 CRASH = {"kill_trainer", "kill_daemon", "kill_node", "mid_snapshot", "hang_trainer"}
-TRANSIENT = {"hang_daemon", "slow_peer", "partition", "garbage", "memory_pressure"}
+TRANSIENT = {"hang_daemon", "slow_peer", "partition", "garbage", "memory_pressure", "stall_server"}
 
 
 class Harness:
@@ -128,6 +129,7 @@ class Harness:
         d = os.path.join(self.workdir, "session")
         shutil.rmtree(d, ignore_errors=True)
         os.environ["SNAPSHOTD_SCRUB_INTERVAL_S"] = f"{SCRUB_INTERVAL_S:g}"  # for the daemons we start
+        arm_sessions(d)  # and their peer serving threads can be stalled at run time (stall.py)
         self.say(f"cluster: {self.n} daemons, m={self.m}{' in network namespaces' if netns else ''}; "
                  f"job: {self.n} ranks, epochs of {self.steps} steps, a snapshot every step")
         try:

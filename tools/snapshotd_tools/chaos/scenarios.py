@@ -74,6 +74,10 @@ FAULTS: dict[str, dict] = {
     "hang_trainer": {"node": (_is_node, 1, _NODE)},
     "slow_peer": {"node": (_is_node, 1, _NODE), "seconds": (_pos, 5.0, "a positive number"),
                   "stop_ms": (_pos, 300, "a positive number"), "run_ms": (_pos, 200, "a positive number")},
+    # A daemon's peer serving thread stalled (sleep: that thread alone; gil: holding the
+    # GIL, the whole daemon) at the next version's first contribution (stall.py).
+    "stall_server": {"node": (_is_node, 1, _NODE), "seconds": (_pos, 5.0, "a positive number"),
+                     "mode": (_one_of("sleep", "gil"), "sleep", "sleep or gil")},
     "partition": {"nodes": (_is_nodes, 1, _COUNT), "seconds": (_pos, 5.0, "a positive number")},
     # then: what reads the corrupt block. restore (the default for data): the job's next
     # restore; rebuild (the default for parity): another node is lost and rebuilt from

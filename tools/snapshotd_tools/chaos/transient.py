@@ -1,10 +1,12 @@
-"""Transient faults of ``snapshotd chaos``: hang_daemon, slow_peer, partition, garbage, memory_pressure.
+"""Transient faults of ``snapshotd chaos``: hang_daemon, slow_peer, partition, garbage,
+memory_pressure, stall_server.
 
 The job must run through the fault (two more steps, no rank failed); then a planned
 restart (a drill) must restore the newest committed version bit-exactly. hang_daemon,
 slow_peer and partition are applied by a helper thread (``_freeze``) while the
 harness's thread keeps folding the job's events; everything else runs on the
-harness's thread, through the Harness's public session operations.
+harness's thread, through the Harness's public session operations (stall_server:
+``stall.py``, which also judges that the version in flight commits after the stall).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from snapshotd_tools.chaos import faults
 from snapshotd_tools.chaos.invariants import Observation
 from snapshotd_tools.chaos.report import Result
 from snapshotd_tools.chaos.scenarios import Scenario, resolve_node, resolve_nodes
+from snapshotd_tools.chaos.stall import stall_serving_thread
 from snapshotd_tools.chaos.timeouts import PHASE_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -57,6 +60,9 @@ def run_transient(h: Harness, sc: Scenario, obs: Observation, res: Result) -> No
         codes = sorted(set(seen["answers"].values()))
         detected.append(f"answered {'/'.join(codes) or 'nothing'}; daemon "
                         f"{'still serving' if alive else 'DOWN'}")
+    elif sc.kind == "stall_server":
+        res.fault = stall_serving_thread(h, resolve_node(p["node"], h.n), p["seconds"], p["mode"],
+                                         obs, detected)
     else:  # memory_pressure
         node = resolve_node(p["node"], h.n)
         res.fault = faults.push_over_budget(rig, node)
