@@ -73,6 +73,9 @@ def newest_for_rank(store, job: str, rank: int, world_size: int, not_above: int 
             continue
         try:
             idx = ds.read_index(store, job, v)
+            if idx.get("kind", "snapshotter") != "snapshotter":
+                raise VersionNotFoundError("written by dcp.save (SnapshotdWriter): load it with "
+                                           "dcp.load(checkpoint_id=<its folder>)")
             if idx["world_size"] != world_size or str(rank) not in idx["ranks"]:
                 raise VersionNotFoundError(f"saved by {idx['world_size']} ranks, the job has "
                                            f"{world_size} (load it with dcp.load to reshard)")

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from snapshotd.core.integrity import pace_delay_s
+from snapshotd.node import durable_dcp as dd  # imports torch: this module loads only with --durable-url
 from snapshotd.wire import config as c
 from snapshotd.wire import durable_store as ds
 from snapshotd.wire import manifest as mf
@@ -101,6 +102,7 @@ class DurableFlusher:
         self.stats = {"flushed": 0, "completed": 0, "abandoned": 0, "failed": 0, "bytes": 0,
                       "last_version": {}, "last_complete": {}, "last_error": None}
         self._metrics = _Metrics(registry) if registry is not None else None
+        self.dcp_metadata_wait_s = 120.0  # a DCP version: how long other nodes wait for its metadata
 
     # -- threads ----------------------------------------------------------------------
     def start(self) -> None:
@@ -234,20 +236,21 @@ class DurableFlusher:
     # -- one flush --------------------------------------------------------------------
     def flush(self, cap: Capture) -> bool:
         """Write ``cap``; returns True when this call completed the version (wrote its index)."""
-        from snapshotd.node import durable_dcp as dd
-
         t0 = time.monotonic()
         base = f"{cap.job}/{ds.version_dir(cap.version)}"
         pacer = _Pacer(self.cfg.rate_bytes_per_s, self._stop, self._stall == "mid-file", self.target,
                        base)
         files, items, manifests = {}, {}, {}
+        heads = {rank: dd.dcp_head(m) for rank, m, _ in cap.shards}
+        kind = "dcp" if any(heads.values()) else "snapshotter"
+        doc = self._dcp_metadata(base, heads) if kind == "dcp" else None
         for rank, m, payload in cap.shards:
-            its = dd.plan_rank(m, self.cfg.replicated)
+            its = dd.dcp_items(rank, doc) if kind == "dcp" else dd.plan_rank(m, self.cfg.replicated)
             name = ds.rank_file(rank)
             files[name] = self.target.write(f"{base}/{name}", dd.rank_chunks(m, payload, its, pacer)).to_json()
             items[str(rank)] = [{k: v for k, v in it.items() if k not in ("src", "nbytes")} for it in its]
             manifests[str(rank)] = dd.manifest_json(m)
-        part = {"format": ds.FORMAT, "job": cap.job, "version": cap.version, "node": self.node_id,
+        part = {"format": ds.FORMAT, "kind": kind, "job": cap.job, "version": cap.version, "node": self.node_id,
                 "world_size": cap.world_size, "replicated": self.cfg.replicated,
                 "ranks": sorted(r for r, _, _ in cap.shards), "files": files, "items": items,
                 "manifests": manifests}
@@ -260,10 +263,26 @@ class DurableFlusher:
             pacer.stall("before-index")
         return self.try_complete(cap.job, cap.version)
 
+    def _dcp_metadata(self, base: str, heads: dict) -> dict:
+        """A SnapshotdWriter version's DCP metadata (JSON): from our metadata rank's manifest
+        (then written beside the parts for the other nodes), or read from there."""
+        rel = f"{base}/{dd.DCP_METADATA_PART}"
+        for rank, head in heads.items():
+            if head and head.get("metadata_rank") == rank and "metadata" in head:
+                self.target.write_bytes(rel, _json(head["metadata"]))
+                return head["metadata"]
+        deadline = time.monotonic() + self.dcp_metadata_wait_s
+        while True:
+            try:
+                return json.loads(self.target.read_bytes(rel))
+            except (FileNotFoundError, ValueError):
+                pass
+            if time.monotonic() > deadline or self._stop.wait(0.1):
+                raise TimeoutError(f"{rel}: the metadata rank's node did not write the DCP metadata "
+                                   f"within {self.dcp_metadata_wait_s:g} s")
+
     def try_complete(self, job: str, version: int) -> bool:
         """Write the version's metadata and index if every rank has a part (idempotent)."""
-        from snapshotd.node import durable_dcp as dd
-
         base = f"{job}/{ds.version_dir(version)}"
         parts = []
         for name in self.target.listdir(f"{base}/{ds.PARTS}"):
@@ -277,7 +296,13 @@ class DurableFlusher:
         if not world or ranks != set(range(world)):
             log.debug("durable: %s v%d: parts of ranks %s of %d so far", job, version, sorted(ranks), world)
             return False
-        meta = self.target.write_bytes(f"{base}/{ds.METADATA}", dd.build_metadata(parts))
+        kind = parts[0].get("kind", "snapshotter")
+        if kind == "dcp":
+            doc = json.loads(self.target.read_bytes(f"{base}/{dd.DCP_METADATA_PART}"))
+            meta_bytes = dd.build_dcp_metadata(doc, parts)
+        else:
+            meta_bytes = dd.build_metadata(parts)
+        meta = self.target.write_bytes(f"{base}/{ds.METADATA}", meta_bytes)
         files = {ds.METADATA: meta.to_json()}
         ranks_rec = {}
         for p in parts:
@@ -285,7 +310,7 @@ class DurableFlusher:
             for r in p["ranks"]:
                 ranks_rec[str(r)] = {"node": p["node"], "file": ds.rank_file(r),
                                      "manifest": p["manifests"][str(r)], "items": p["items"][str(r)]}
-        index = {"format": ds.FORMAT, "job": job, "version": version, "world_size": world,
+        index = {"format": ds.FORMAT, "kind": kind, "job": job, "version": version, "world_size": world,
                  "replicated": parts[0]["replicated"], "files": files, "ranks": ranks_rec,
                  "nodes": sorted(p["node"] for p in parts), "created_unix": time.time()}
         self.target.write_bytes(f"{base}/{ds.INDEX}", _json(index))  # the commit

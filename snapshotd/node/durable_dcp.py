@@ -21,8 +21,16 @@ asks for):
   non-tensor structure (JSON) as ``rank{r}.__meta_json__`` (a torch.save'd str).
 
 The part record (JSON) of a node names, per rank, where each manifest entry's bytes are
-(file, offset, length), so snapshotd's restore rebuilds the payload without DCP. Thread:
-the flusher's writer thread only.
+(file, offset, length), so snapshotd's restore rebuilds the payload without DCP.
+
+A version written by ``SnapshotdWriter`` (``dcp.save`` into snapshotd; its manifests say
+``snapshotd-dcp/1``) already has DCP items: each rank's items keep their fqns and chunks,
+tensors are ``torch.save``d, bytes items copied as they are. Their boundaries are in the
+DCP ``Metadata`` (JSON, dcp_codec's format) that only the metadata rank's manifest holds:
+that rank's node writes it into the version's folder first (``parts/dcp_metadata.json``)
+and the other nodes read it from there (:func:`dcp_items`). The ``.metadata`` keeps the
+saved state_dict_metadata and planner_data, with each item's storage info pointing into
+the rank files. Thread: the flusher's writer thread only.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from google.protobuf import json_format
 from snapshotd.wire import durable_store as ds
 
 DCP_VERSION = "1.0.0"  # torch's CURRENT_DCP_VERSION at 2.13
+DCP_FORMAT = "snapshotd-dcp/1"  # meta_json["format"] of SnapshotdWriter's shards (dcp_codec.FORMAT)
+DCP_METADATA_PART = "dcp_metadata.json"
 SLICE_NAME = "__replicated_slice__"
 META_NAME = "__meta_json__"
 
@@ -103,6 +113,31 @@ def plan_rank(m, replicated: str) -> list[dict]:
     return items
 
 
+def dcp_head(m) -> dict | None:
+    """The snapshotd-dcp head of a SnapshotdWriter shard's meta_json; None for other shards."""
+    import json
+
+    try:
+        head = json.loads(m.meta_json) if m.meta_json.startswith("{") else None
+    except ValueError:
+        return None
+    return head if isinstance(head, dict) and head.get("format") == DCP_FORMAT else None
+
+
+def dcp_items(rank: int, doc: dict) -> list[dict]:
+    """The DCP items of ``rank`` in a SnapshotdWriter version's metadata ``doc`` (dcp_codec's
+    JSON): each with its MetadataIndex (as JSON), and where its bytes lie in the shard."""
+    items = []
+    for index, info in doc["storage_data"]:
+        if int(info["rank"]) != rank:
+            continue
+        kind = "bytes" if info.get("dtype") is None else "tensor"
+        items.append(dict(fqn=index["fqn"], index=index, kind=kind, dtype=info.get("dtype"),
+                          chunk_sizes=list(info.get("shape") or []), src=int(info["offset"]),
+                          nbytes=int(info["length"]), entry=["dcp", len(items)]))
+    return sorted(items, key=lambda it: it["src"])
+
+
 def rank_chunks(m, payload: np.ndarray, items: list[dict], pace):
     """The bytes of one rank's file, in chunks; fills each item's ``offset`` and ``length``.
     ``pace(nbytes)`` is called after each chunk (the rate limit, the stall hook)."""
@@ -110,7 +145,9 @@ def rank_chunks(m, payload: np.ndarray, items: list[dict], pace):
     sink = _Sink(out.append)
     for it in items:
         start = sink.n
-        if it["kind"] == "bytes":
+        if it["kind"] == "bytes" and it["entry"][0] == "dcp":  # DCP's own bytes, as it wrote them
+            sink.write(memoryview(payload)[it["src"]:it["src"] + it["nbytes"]])
+        elif it["kind"] == "bytes":
             torch.save(m.meta_json, sink)
         else:
             torch.save(_tensor_at(payload, it["src"], it["nbytes"], it["dtype"], it["chunk_sizes"]), sink)
@@ -132,6 +169,63 @@ def manifest_from_json(d: dict):
     from snapshotd.wire._proto import snapshotd_pb2 as pb
 
     return json_format.ParseDict(d, pb.ShardManifest())
+
+
+def _dec_value(x):
+    """planner_data as dcp_codec tags it: {"t": tuple}, {"l": list}, {"d": [[k, v], ...]}."""
+    if not isinstance(x, dict):
+        return x
+    if "t" in x:
+        return tuple(_dec_value(v) for v in x["t"])
+    if "l" in x:
+        return [_dec_value(v) for v in x["l"]]
+    return {_dec_value(k): _dec_value(v) for k, v in x["d"]}
+
+
+def _torch(name: str, kind: type):
+    v = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(v, kind):
+        raise ValueError(f"DCP metadata names an unknown {kind.__name__} {name!r}")
+    return v
+
+
+def _dec_storage(d: dict):
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
+                                                       TensorProperties, TensorStorageMetadata)
+
+    if d["kind"] == "bytes":
+        return BytesStorageMetadata()
+    p = d["properties"]
+    props = TensorProperties(dtype=_torch(p["dtype"], torch.dtype),
+                             layout=_torch(p["layout"], torch.layout),
+                             requires_grad=bool(p["requires_grad"]),
+                             memory_format=_torch(p["memory_format"], torch.memory_format),
+                             pin_memory=bool(p["pin_memory"]))
+    return TensorStorageMetadata(properties=props, size=torch.Size(d["size"]), chunks=[
+        ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"]))
+        for c in d["chunks"]])
+
+
+def build_dcp_metadata(doc: dict, parts: list[dict]) -> bytes:
+    """``.metadata`` of a SnapshotdWriter version: its saved state_dict_metadata and
+    planner_data (``doc``), each item's storage info pointing into the rank files."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+
+    storage = {}
+    for part in parts:
+        for rank, items in part["items"].items():
+            for it in items:
+                i = it["index"]
+                key = MetadataIndex(i["fqn"], None if i["offset"] is None else torch.Size(i["offset"]),
+                                    i["index"])
+                storage[key] = _StorageInfo(ds.rank_file(int(rank)), it["offset"], it["length"])
+    md = Metadata(state_dict_metadata={k: _dec_storage(v) for k, v in doc["state_dict_metadata"].items()},
+                  planner_data=_dec_value(doc["planner_data"]), storage_data=storage,
+                  storage_meta=StorageMeta(), version=doc.get("version") or DCP_VERSION)
+    buf = io.BytesIO()
+    pickle.dump(md, buf)  # DCP's own file format, for stock readers only
+    return buf.getvalue()
 
 
 def build_metadata(parts: list[dict]) -> bytes:

@@ -187,10 +187,11 @@ class FsspecStore(DurableStore):
         return FileDigest(n, h.hexdigest())
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self._p(rel), "rb") as f:
-            return f.read()
+        self.fs.invalidate_cache(self._p(rel))  # another node may have replaced it
+        return self.fs.cat_file(self._p(rel))
 
     def read_chunks(self, rel: str):
+        self.fs.invalidate_cache(self._p(rel))
         with self.fs.open(self._p(rel), "rb") as f:
             while chunk := f.read(_READ_CHUNK):
                 yield chunk
@@ -203,6 +204,7 @@ class FsspecStore(DurableStore):
         return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in names)
 
     def size(self, rel: str) -> int | None:
+        self.fs.invalidate_cache(self._p(rel))
         try:
             return int(self.fs.info(self._p(rel))["size"])
         except FileNotFoundError:

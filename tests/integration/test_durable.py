@@ -66,8 +66,9 @@ def test_flush_layout_stock_load_and_retention(daemon_factory, tmp_path):
     assert ds.versions(ds.open_store(root), JOB) == done
     vdir = os.path.join(root, JOB, ds.version_dir(6))
     assert sorted(os.listdir(vdir)) == [".metadata", "__0_0.distcp", "parts", ds.INDEX]
-    latest = json.load(open(os.path.join(root, JOB, ds.LATEST)))
-    assert latest["version"] == 6
+    # latest.json (a hint for people and tools) moves after the index is written
+    wait_for(lambda: json.load(open(os.path.join(root, JOB, ds.LATEST)))["version"] == 6, 30,
+             "latest.json to name v6")
     # stock DCP reads it: the model's tensors under their names, the step as rank0.*
     want = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
     got = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
@@ -82,6 +83,23 @@ def test_flush_layout_stock_load_and_retention(daemon_factory, tmp_path):
     assert torch.equal(full["model"]["0.weight"], want["model"]["0.weight"])
     assert torch.equal(full["optimizer"]["state"]["0"]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert json.loads(full["rank0"]["__meta_json__"])  # the non-tensor structure (step, RNG)
+    # a version written by dcp.save into snapshotd (SnapshotdWriter) keeps its DCP items
+    from snapshotd_client.dcp import SnapshotdWriter
+
+    sd = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "nested": {"b": torch.ones(5, dtype=torch.bfloat16)},
+          "step": 7, "name": "run"}
+    for _ in range(2):
+        sd["w"] += 1
+        w = SnapshotdWriter(job_id="dcpjob", socket_path=d.socket)
+        dcp.save(sd, storage_writer=w)
+        w.close()
+    assert w.last_version == 2
+    wait_for(lambda: _complete(root, "dcpjob") == [2], 30, "the DCP version flushed")
+    ddir = os.path.join(root, "dcpjob", ds.version_dir(2))
+    got = {"w": torch.zeros(3, 4), "nested": {"b": torch.zeros(5, dtype=torch.bfloat16)}, "step": 0, "name": ""}
+    dcp.load(got, checkpoint_id=ddir)
+    assert torch.equal(got["w"], sd["w"]) and torch.equal(got["nested"]["b"], sd["nested"]["b"])
+    assert got["step"] == 7 and got["name"] == "run"
     d.stop()
 
 
