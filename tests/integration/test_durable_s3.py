@@ -56,6 +56,7 @@ def _steps(model, opt, snap, steps):
         snap.save(step).result(30)
 
 
+@pytest.mark.slow  # moto's server and two daemons: ~25 s idle, 60-90 s under load
 def test_s3_flush_stock_read_corruption_and_killed_flush(daemon_factory, s3, monkeypatch):
     url, fs, endpoint = s3
     a = daemon_factory(extra_args=["--log-level", "INFO", "--durable-url", url, "--durable-every-versions", "2",
