@@ -1,0 +1,369 @@
+"""Coexisting with training traffic: step time of DDP on shaped links while the daemons
+send parity over the same links (issue 16).
+
+Layout (root, ``ip`` and ``tc`` needed; everything stays on this machine)::
+
+    bridge c<tag>b
+      |-- veth  <->  namespace <tag>-n0: rank 0 (gloo on its veth) + daemon n0 of each cluster
+      |-- veth  <->  namespace <tag>-n1: rank 1                     + daemon n1 of each cluster
+      ...
+
+Both ends of every veth are shaped with ``tc`` like a NIC port and its switch port:
+netem (``--delay-ms`` one way) with a tbf child (``--rate-mbit``, a queue of
+``--queue-ms``). The namespaces, bridge and veths are built by the chaos harness's
+:class:`snapshotd_tools.chaos.netns.Network`, the daemons started in them as the chaos
+harness does (``setns`` around the fork, :func:`snapshotd_tools.localcluster.start_node`).
+Two daemon clusters run side by side in the same namespaces: ``snap`` (no traffic
+control) and ``paced`` (``--peer-rate``: the daemon's token bucket on its bulk peer
+bytes); the trainers (:mod:`bench.shaped_trainer`) hold a Snapshotter for each and
+interleave three configurations in rounds: ``none`` (no snapshots), ``snap`` and
+``paced`` (a snapshot after every optimizer step). Reported per configuration: step
+time (median, p90, mean) of rank 0, the slowdown against ``none`` (ratio of medians
+and of means, measured in the same run), save() blocking, the bytes each node put on
+its link per step (veth counters) and what the daemons added to it.
+
+    sudo nice -n 10 .venv/bin/python -m bench.bench_shaped --nodes 2 --rate-mbit 1000 \\
+        --json docs/shaped/result.json --plot docs/shaped/step_time.png
+
+Every namespace, veth, bridge and qdisc it made is removed at exit, also on failure or
+SIGTERM (deleting a namespace deletes its veth and the veth's qdiscs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MIB = 1 << 20
+CONFIGS = ("none", "snap", "paced")
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def fmt_bytes(n: float) -> str:  # bench.common's, without importing torch here
+    from bench.common import fmt_bytes as f
+
+    return f(n)
+
+
+def unavailable() -> str | None:
+    """Why the experiment cannot run here (not root, no ip, no tc, no netns), or None."""
+    from snapshotd_tools.chaos import netns
+
+    why = netns.unavailable()
+    if why:
+        return why
+    if shutil.which("tc") is None or subprocess.run(["tc", "-V"], capture_output=True).returncode:
+        return "the tc command (iproute2) is missing"
+    return None
+
+
+def _run(*cmd: str) -> None:
+    r = subprocess.run(list(cmd), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+class ShapedNetwork:
+    """A chaos-harness :class:`Network` whose veth ends are all shaped (netem + tbf)."""
+
+    def __init__(self, nodes: int, rate_mbit: float, delay_ms: float, queue_ms: float):
+        from snapshotd_tools.chaos.netns import Network
+
+        self.net = Network(os.urandom(3).hex(), nodes)
+        self.rate_mbit, self.delay_ms, self.queue_ms = rate_mbit, delay_ms, queue_ms
+        self.netem: bool | None = None  # False: this kernel has no sch_netem (no added delay)
+
+    def peer_link(self, i: int) -> str:  # the namespace's end (netns.Network names it so)
+        return f"c{self.net.tag}p{i}"
+
+    def create(self) -> None:
+        self.net.create()
+        rate_bps = self.rate_mbit * 1e6 / 8
+        burst = max(64 << 10, int(rate_bps * 0.001))  # 1 ms of line rate, >= one GSO packet
+        limit = max(2 * burst, int(rate_bps * self.queue_ms / 1000))
+        for i in range(self.net.n):
+            for pre, dev in (((), self.net.host_link(i)), (("-n", self.net.ns(i)), self.peer_link(i))):
+                tbf_parent = ("root",)
+                if self.delay_ms > 0 and self.netem is not False:
+                    r = subprocess.run(["tc", *pre, "qdisc", "replace", "dev", dev, "root", "handle",
+                                        "1:", "netem", "delay", f"{self.delay_ms}ms", "limit", "10000"],
+                                       capture_output=True, text=True)
+                    self.netem = r.returncode == 0
+                    if r.returncode == 0:
+                        tbf_parent = ("parent", "1:1")
+                    elif "unknown" not in r.stderr:
+                        raise RuntimeError(f"tc netem on {dev}: {r.stderr.strip()}")
+                _run("tc", *pre, "qdisc", "replace", "dev", dev, *tbf_parent, "handle", "10:", "tbf",
+                     "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "limit", str(limit))
+
+    def destroy(self) -> list[str]:
+        return self.net.destroy()
+
+
+def _start_cluster(d: str, sn: ShapedNetwork, parity: int, block_size: str, budget: str,
+                   extra: list[str], taken: set) -> dict:
+    """Start a cluster of one daemon per namespace (ports distinct from ``taken``); its
+    processes are in ``info["procs"]`` (wait for them with ``localcluster.wait_ready``)."""
+    import yaml
+
+    from snapshotd_tools import localcluster as lc
+    from snapshotd_tools.chaos.netns import entered
+
+    os.makedirs(d, exist_ok=True)
+    spec = os.path.join(d, "spec.yaml")
+    for _ in range(50):
+        ids = lc.write_spec(spec, sn.net.n, parity, block_size, os.urandom(16).hex())
+        with open(spec) as f:
+            doc = yaml.safe_load(f)
+        ports = {p for nd in doc["nodes"] for p in (nd["port"], nd["peer_port"])}
+        if not ports & taken:
+            break
+    else:
+        raise RuntimeError("no free ports for a second cluster")
+    taken |= ports
+    for i, nd in enumerate(doc["nodes"]):
+        nd["host"] = sn.net.addr(i)
+    with open(spec, "w") as f:
+        yaml.safe_dump(doc, f)
+    info = {"dir": d, "spec": spec, "daemon_args": list(extra), "nodes": {
+        n: {"pid": 0, "socket": os.path.join(d, f"{n}.sock"), "log": os.path.join(d, f"{n}.log")}
+        for n in ids}}
+    with open(os.path.join(d, "cluster.json"), "w") as f:  # first, so 'down' finds them
+        json.dump(info, f, indent=2)
+    procs = {}
+    for i, n in enumerate(ids):
+        with entered(sn.net.ns(i)):
+            procs[n] = lc.start_node(d, n, budget, extra)
+        lc.set_pid(d, n, procs[n].pid)
+        info["nodes"][n]["pid"] = procs[n].pid
+    info["procs"] = procs  # the caller waits for them (clusters start side by side)
+    return info
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+def summarize(ranks: list[dict], nodes: int) -> dict:
+    """Per configuration: step-time figures of rank 0, slowdowns against ``none``, bytes
+    per node and step on the links, and what the daemons added (over ``none``)."""
+    r0 = next(r for r in ranks if r["rank"] == 0)
+    out = {}
+    for c, v in r0["configs"].items():
+        steps = v["steps"]
+        tx = sum(r["configs"][c]["tx_bytes"] for r in ranks)
+        out[c] = {"steps": steps, "median_s": statistics.median(v["step_s"]),
+                  "p90_s": _pct(v["step_s"], 0.9), "mean_s": statistics.fmean(v["step_s"]),
+                  "link_bytes_per_node_step": tx / max(steps, 1) / nodes,
+                  "blocking_median_s": statistics.median(v["blocking_s"]) if v["blocking_s"] else 0.0,
+                  "drain_median_s": statistics.median(v["drain_s"]) if v["drain_s"] else 0.0,
+                  "saved": v["saved"], "skipped": v["skipped"],
+                  "last_saved": v["last_saved"], "last_committed": v["last_committed"],
+                  "step_s": v["step_s"]}
+    base = out["none"]
+    for c, v in out.items():
+        v["slowdown_median"] = v["median_s"] / base["median_s"]
+        v["slowdown_mean"] = v["mean_s"] / base["mean_s"]
+        v["daemon_bytes_per_node_step"] = max(
+            0.0, v["link_bytes_per_node_step"] - base["link_bytes_per_node_step"])
+    return out
+
+
+def run(a) -> dict:
+    from snapshotd_tools import localcluster as lc
+
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"cannot run the shaped-link experiment: {why}")
+    link_bytes_s = a.rate_mbit * 1e6 / 8
+    peer_rate = int(a.peer_rate_share * link_bytes_s)
+    work = tempfile.mkdtemp(prefix="bench-shaped-")
+    sn = ShapedNetwork(a.nodes, a.rate_mbit, a.delay_ms, a.queue_ms)
+    clusters: dict[str, dict] = {}
+    trainers: list[subprocess.Popen] = []
+    try:
+        sn.create()
+        taken: set = set()
+        extra = {"snap": [], "paced": ["--peer-rate", str(peer_rate), "--peer-burst", str(a.peer_burst)]}
+        for c in [c for c in a.configs if c != "none"]:
+            clusters[c] = _start_cluster(os.path.join(work, c), sn, a.parity, a.block_size,
+                                         a.budget, extra[c], taken)
+        port = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
+        outs, job = [], "shaped" + os.urandom(2).hex()
+        for i in range(a.nodes):  # while the daemons start (importing torch takes a while)
+            node = f"n{i}"
+            out = os.path.join(work, f"rank{i}.json")
+            outs.append(out)
+            cmd = ["ip", "netns", "exec", sn.net.ns(i), sys.executable, "-m", "bench.shaped_trainer",
+                   "--rank", str(i), "--world", str(a.nodes), "--master", f"{sn.net.addr(0)}:{port}",
+                   "--ifname", sn.peer_link(i), "--param-mib", str(a.param_mib),
+                   "--width", str(a.width), "--batch", str(a.batch), "--warmup", str(a.warmup),
+                   "--rounds", str(a.rounds), "--steps", str(a.steps), "--threads", str(a.threads),
+                   "--out", out, "--job", job]
+            for c in clusters:
+                d = clusters[c]["dir"]
+                cmd += ["--daemon", f"{c}={clusters[c]['nodes'][node]['socket']}",
+                        "--ready-file", os.path.join(d, f"{node}.ready")]
+            log = open(os.path.join(work, f"rank{i}.log"), "wb")
+            trainers.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        for info in clusters.values():
+            for n, proc in info.pop("procs").items():
+                lc.wait_ready(info["dir"], n, proc)
+        if sn.netem is False:
+            say("this kernel has no netem qdisc: links shaped by tbf only, no added delay")
+        say(f"{a.nodes} namespaces, links {a.rate_mbit:g} Mbit/s + {a.delay_ms if sn.netem else 0:g} ms, "
+            f"clusters up (paced at {peer_rate / MIB:.1f} MiB/s)")
+        t0 = time.monotonic()
+        for i, p in enumerate(trainers):
+            left = a.timeout_s - (time.monotonic() - t0)
+            try:
+                rc = p.wait(max(1.0, left))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"rank {i} did not finish in {a.timeout_s} s; "
+                                   f"see {work}/rank{i}.log") from None
+            if rc != 0:
+                with open(os.path.join(work, f"rank{i}.log"), errors="replace") as f:
+                    tail = f.read()[-3000:]
+                raise RuntimeError(f"rank {i} exited {rc}:\n{tail}")
+        ranks = []
+        for out in outs:
+            with open(out) as f:
+                ranks.append(json.load(f))
+        from bench.common import machine  # imports torch: after the ranks are done
+
+        res = {"machine": machine(), "nodes": a.nodes, "parity": a.parity,
+               "netns": [sn.net.ns(i) for i in range(a.nodes)],
+               "rate_mbit": a.rate_mbit, "delay_ms": a.delay_ms if sn.netem else 0.0,
+               "delay_note": None if sn.netem or a.delay_ms <= 0 else "kernel without sch_netem: no delay added",
+               "queue_ms": a.queue_ms,
+               "peer_rate_bytes_s": peer_rate, "peer_burst_bytes": a.peer_burst,
+               "state_bytes_per_rank": ranks[0]["state_bytes"], "params": ranks[0]["params"],
+               "batch": a.batch, "rounds": a.rounds, "steps_per_block": a.steps,
+               "configs": summarize(ranks, a.nodes)}
+        return res
+    finally:
+        for p in trainers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for info in clusters.values():  # all at once: each takes a moment to shut down
+            for n in info["nodes"].values():
+                if n["pid"]:
+                    try:
+                        os.kill(n["pid"], signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+        for c, info in clusters.items():
+            if os.path.exists(os.path.join(info["dir"], "cluster.json")):
+                lc.down(info["dir"])
+        left = sn.destroy()
+        if left:
+            print(f"[bench] could not remove: {left}", file=sys.stderr)
+        if a.keep_dir:
+            say(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = res["configs"]
+    names = [c for c in CONFIGS if c in cs]
+    labels = {"none": "no snapshots", "snap": "snapshot every step",
+              "paced": f"every step, --peer-rate {fmt_bytes(res['peer_rate_bytes_s'])}/s"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    data = [[s * 1000 for s in cs[c]["step_s"]] for c in names]
+    ax.boxplot(data, whis=(10, 90), showfliers=True, widths=0.5)
+    ax.set_xticks(range(1, len(names) + 1),
+                  [f"{labels[c]}\nmedian x{cs[c]['slowdown_median']:.3f}" for c in names], fontsize=8)
+    ax.set_ylabel("step time (ms), rank 0")
+    ax.set_title(f"DDP (gloo) on {res['nodes']} nodes, links {res['rate_mbit']:g} Mbit/s "
+                 f"+ {res['delay_ms']:g} ms, m={res['parity']}, "
+                 f"{fmt_bytes(res['state_bytes_per_rank'])} state/rank", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    m = res["machine"]
+    fig.text(0.01, 0.01, f"{m['cpu']}, {m['cores']} cores, load {m['loadavg_at_start']}, "
+             f"{m['date_utc']}; whiskers p10-p90", fontsize=6, color="gray")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(res: dict) -> str:
+    lines = [f"{'config':<8} {'median ms':>10} {'p90 ms':>8} {'mean ms':>8} {'x median':>9} "
+             f"{'x mean':>7} {'save ms':>8} {'link MiB/step':>14} {'daemon MiB/step':>16}"]
+    for c, v in res["configs"].items():
+        lines.append(f"{c:<8} {v['median_s'] * 1e3:>10.1f} {v['p90_s'] * 1e3:>8.1f} "
+                     f"{v['mean_s'] * 1e3:>8.1f} {v['slowdown_median']:>9.3f} {v['slowdown_mean']:>7.3f} "
+                     f"{v['blocking_median_s'] * 1e3:>8.1f} {v['link_bytes_per_node_step'] / MIB:>14.2f} "
+                     f"{v['daemon_bytes_per_node_step'] / MIB:>16.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--parity", type=int, default=1)
+    p.add_argument("--rate-mbit", type=float, default=1000.0, help="each link's rate (default 1000)")
+    p.add_argument("--delay-ms", type=float, default=0.5, help="one-way delay per link end (default 0.5)")
+    p.add_argument("--queue-ms", type=float, default=5.0, help="tbf queue, in ms of line rate (default 5)")
+    p.add_argument("--peer-rate-share", type=float, default=0.5,
+                   help="the paced cluster's --peer-rate as a share of the link rate (default 0.5)")
+    p.add_argument("--peer-burst", type=int, default=1 * MIB)
+    p.add_argument("--param-mib", type=float, default=8.0, help="model parameters per rank, MiB")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--block-size", default="1MiB")
+    p.add_argument("--budget", default="1GiB")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--timeout-s", type=float, default=900.0)
+    p.add_argument("--configs", default="none,snap,paced",
+                   help="which of none, snap, paced to run (default all three; 'none' always runs)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="PNG of step time per configuration")
+    p.add_argument("--keep-dir", action="store_true", help="keep the logs (daemons, ranks)")
+    a = p.parse_args(argv)
+    asked = [c.strip() for c in a.configs.split(",") if c.strip()]
+    if set(asked) - set(CONFIGS):
+        p.error(f"--configs: unknown {sorted(set(asked) - set(CONFIGS))}; choose from {', '.join(CONFIGS)}")
+    a.configs = ["none", *[c for c in CONFIGS[1:] if c in asked]]
+    why = unavailable()
+    if why:
+        print(f"bench_shaped: skipped: {why}", file=sys.stderr)
+        return 3
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up in finally
+    res = run(a)
+    print(report(res))
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if a.plot:
+        say(f"plot: {plot(res, a.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Smoke test: the shaped-link benchmark runs end to end at a tiny size and what it
+reports adds up (not timing): real namespaces, tc-shaped veths, daemons with and
+without --peer-rate, two gloo DDP ranks snapshotting every step.
+
+Skipped with the reason when this is not root or ip/tc are missing; under CI (``$CI``
+set) a machine that has root and the tools but cannot run it is a failure.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bench import bench_shaped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _skip_or_fail() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces and tc)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs the {tool} command (iproute2)")
+    why = bench_shaped.unavailable()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"root, ip and tc are here but the experiment cannot run: {why}")
+        pytest.skip(why)
+
+
+@pytest.mark.timeout(240)
+def test_bench_shaped_tiny(tmp_path):
+    _skip_or_fail()
+    out, png = tmp_path / "r.json", tmp_path / "p.png"
+    steps = 3
+    cmd = [sys.executable, "-m", "bench.bench_shaped", "--configs", "none,paced",
+           "--param-mib", "0.25", "--width", "256", "--batch", "16", "--warmup", "1",
+           "--rounds", "1", "--steps", str(steps), "--rate-mbit", "1000",
+           "--peer-rate-share", "0.5", "--timeout-s", "150", "--json", str(out), "--plot", str(png)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = p.communicate(timeout=200)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)  # the bench removes its namespaces and daemons
+        log, _ = p.communicate(timeout=60)
+        pytest.fail(f"bench_shaped did not finish:\n{log[-3000:]}")
+    assert p.returncode == 0, log[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["configs"]) == {"none", "paced"}
+    assert r["peer_rate_bytes_s"] == int(0.5 * 1000e6 / 8)
+    d = r["state_bytes_per_rank"]
+    assert d >= 0.25 * (1 << 20)
+    for name, c in r["configs"].items():
+        assert c["steps"] == steps and len(c["step_s"]) == steps
+        assert all(t > 0 for t in c["step_s"])
+        assert c["median_s"] <= c["p90_s"] <= max(c["step_s"])
+        # gloo's all-reduce crossed the shaped link: each rank sends about D per step
+        assert c["link_bytes_per_node_step"] >= 0.5 * d, (name, c["link_bytes_per_node_step"], d)
+    none, paced = r["configs"]["none"], r["configs"]["paced"]
+    assert none["saved"] == 0 and none["daemon_bytes_per_node_step"] == 0
+    assert none["slowdown_median"] == 1.0
+    # every step saved, the block's last version committed after the drain
+    assert paced["saved"] == steps and paced["skipped"] == 0
+    assert paced["last_committed"] == paced["last_saved"] > 0
+    # the parity (m = 1: each node's data to the other) crossed the link as well
+    assert paced["daemon_bytes_per_node_step"] >= 0.9 * r["parity"] * d
+    assert paced["slowdown_median"] == pytest.approx(paced["median_s"] / none["median_s"])
+    assert png.stat().st_size > 1000
+    # nothing left behind: our namespaces (and with them the veths and qdiscs) are gone
+    assert len(r["netns"]) == r["nodes"]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    assert not set(r["netns"]) & set(left)
