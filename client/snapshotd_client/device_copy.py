@@ -63,12 +63,23 @@ class StagingCopier:
         # a restore or a daemon restart is a new mapping and is registered again.
         self._pinned: dict[str, tuple[object, int]] = {}
         self.pin_failed = False  # cudaHostRegister refused once: copy unpinned from then on
+        # segment name -> (mapping, layout, [(index, bits dtype, view of the slot)]): the
+        # host fast path's destinations. They point into the mapping: dropped by unpin(),
+        # which SegmentCache calls before unmapping it; never handed out.
+        self._views: dict[str, tuple] = {}
 
     def copy(self, seg, lay, rep_tensors, loc_tensors):
         """Copy this rank's bytes into the staging segment; the CUDA event that marks the
-        end of the copies (None: they are done, all tensors were on the host)."""
+        end of the copies (None: they are done, all tensors were on the host).
+
+        ``lay`` must be the layout planned for exactly these tensors (names, dtypes,
+        shapes): the Snapshotter re-plans whenever one of them changes."""
         buf = seg.buf if seg.buf is not None else bytearray(0)
-        cuda = any(t.device.type == "cuda" for t in rep_tensors + loc_tensors)
+        tensors = rep_tensors + loc_tensors
+        cuda = any(t.device.type == "cuda" for t in tensors)
+        if not cuda and seg.buf is not None and self._copy_views(seg, lay, tensors):
+            self._copy_done = None
+            return None
         if not cuda:
             lo.copy_slice(buf, lay.replicated, rep_tensors, lay.slice_lo, lay.slice_hi,
                           lay.replicated_bytes)
@@ -91,6 +102,50 @@ class StagingCopier:
             ev.record(side)
         self._copy_done = ev
         return ev
+
+    def _copy_views(self, seg, lay, tensors) -> bool:
+        """The host fast path: one ``torch._foreach_copy_`` of bit views of the sources
+        into views of the segment made once per (mapping, layout), instead of a typed
+        view made per tensor per save. False (nothing copied): not applicable here (a
+        slice of the replicated part, a DTensor, conjugate/negative bits, odd sizes)."""
+        if lay.slice_lo != 0 or lay.slice_hi != lay.replicated_bytes:
+            return False
+        held = self._views.get(seg.name)
+        if held is not None and held[0] is seg and held[1] is lay:
+            views = held[2]
+        else:
+            views = self._plan_views(seg, lay, tensors)
+            if views is None:
+                return False
+            self._views[seg.name] = (seg, lay, views)  # unpin() drops it before unmapping
+        dst, src = [], []
+        for (i, bits, d), t in zip(views, tensors):
+            if type(t) is not torch.Tensor or t.is_conj() or t.is_neg():
+                return False
+            if d is not None:
+                dst.append(d)
+                src.append(t.view(bits))
+        torch._foreach_copy_(dst, src)
+        return True
+
+    @staticmethod
+    def _plan_views(seg, lay, tensors):
+        from snapshotd_client import tensors as tz
+
+        slots = lay.replicated + lay.local
+        if len(slots) != len(tensors):
+            return None
+        views = []
+        for i, (slot, t) in enumerate(zip(slots, tensors)):
+            bits = tz._BITS.get(t.element_size())
+            if bits is None or tz.dtype_name(t.dtype) != slot.dtype or tuple(t.shape) != slot.shape:
+                return None
+            if slot.nbytes == 0:
+                views.append((i, bits, None))
+                continue
+            raw = torch.frombuffer(seg.buf, dtype=torch.uint8, count=slot.nbytes, offset=slot.offset)
+            views.append((i, bits, raw.view(bits).view(slot.shape)))
+        return views
 
     def wait(self) -> None:
         """Block until the last copy is done (the optimizer's step pre-hook)."""
@@ -132,8 +187,12 @@ class StagingCopier:
         self._pinned[seg.name] = (seg, ptr)
 
     def unpin(self, seg) -> None:
-        """SegmentCache's on_close: unregister a mapping before it is unmapped. Copies
-        into it must be finished first (the driver would DMA into unmapped pages)."""
+        """SegmentCache's on_close: unregister a mapping before it is unmapped (copies
+        into it must be finished first: the driver would DMA into unmapped pages), and
+        drop the views of it that the host fast path keeps."""
+        held = self._views.get(seg.name)
+        if held is not None and held[0] is seg:
+            del self._views[seg.name]
         held = self._pinned.get(seg.name)
         if held is None or held[0] is not seg:
             return

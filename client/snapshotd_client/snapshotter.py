@@ -4,12 +4,16 @@ Life of one ``save(step)`` (version = step):
  1) wait for the previous snapshot's hand-off to finish (back-pressure, rarely > 0);
  2) collect the state: model, optimizer, LR scheduler, extra state, RNG states, step
     (tensors by reference, no copies) and lay it out (cached while shapes stay put);
- 3) ask the daemon for a staging segment (never the one holding the last committed
-    version) and copy every tensor into it -- the only part that blocks training.
-    On CUDA the copies are issued on a side stream into pinned shared memory and
-    training waits for them only before the next optimizer step;
- 4) in a background thread: hand the segment and its manifest to the daemon, which
-    checksums and adopts it; the version commits when every rank has delivered it.
+ 3) take a staging segment (never the one holding the last committed version) and
+    copy every tensor into it -- the only part that blocks training. When the saves
+    come at a steady interval the segment was acquired and mapped by the previous
+    hand-off (no call to the daemon here); otherwise it is asked for now. On CUDA the
+    copies are issued on a side stream into pinned shared memory and training waits
+    for them only before the next optimizer step;
+ 4) in a background thread: write the manifest (JSON metadata) and hand the segment to
+    the daemon, which checksums and adopts it -- in the same call acquiring the
+    staging segment of the next save expected; the version commits when every rank
+    has delivered it.
 
 If the daemon cannot be reached, ``save`` warns and training goes on (or raises, with
 ``on_daemon_unavailable="raise"``); no call waits longer than its deadline.
@@ -119,6 +123,13 @@ class Snapshotter:
         self._registered = False
         self._layout_key = None
         self._layout = None  # (slots, total, manifest template)
+        # The staging segment of the next save, acquired by the hand-off thread once the
+        # saves come at a steady interval (see _stage_next): (version, name, mapping).
+        self._staged: tuple | None = None
+        self._asked: list[int] = []  # the last versions save() was asked for
+        # False: every save asks the daemon for its staging segment itself (the old way;
+        # one round trip to the daemon on the training thread per save).
+        self.stage_ahead = True
         self.last_stats: SaveStats | None = None  # of the last completed hand-off
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.skipped = 0  # snapshots skipped because older ones had not committed yet
@@ -150,6 +161,7 @@ class Snapshotter:
         lws = self.cfg.local_world_size
         if lws is None:
             lws = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) if self.world_size > 1 else 0
+        self._staged = None  # a restart fences what was staged before it
         resp = self.client.register_job(self.cfg.job_id, self.world_size, lws, restarting)
         if resp.block_size_bytes and resp.block_size_bytes != self.cfg.block_size_bytes:
             self.cfg.block_size_bytes = resp.block_size_bytes  # the cluster's block size
@@ -163,7 +175,7 @@ class Snapshotter:
         rep = {"model": self.model.state_dict()}
         if self.optimizer is not None:
             rep["optimizer"] = self.optimizer.state_dict()
-        local = {"step": step, "rng": st.capture_rng_state()}
+        local = {"step": step, "rng": st.capture_rng_state(packed=True)}
         if self.lr_scheduler is not None:
             local["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.extra_state or self.providers.objects or self.providers.getters:
@@ -237,20 +249,27 @@ class Snapshotter:
             except Exception:
                 pass  # reported by the future's owner / logged in the hand-off
         t_bp = time.perf_counter() - t0
+        staged, self._staged = self._staged, None
         try:
             if not self._registered:
                 self._ensure_registered()
+                staged = None
             rep_state, loc_state = self._collect(step)
             rep_meta, rep_named = st.flatten_state(rep_state)
             loc_meta, loc_named = st.flatten_state(loc_state)
             lay, tmpl = self._plan(rep_named, loc_named)
             total = lay.payload_bytes
-            try:
-                resp = self._acquire(step, total)
-            except UnknownJobError:  # the daemon lost its index: register again
-                self._ensure_registered()
-                resp = self._acquire(step, total)
-            seg = self.segments.get(resp.segment_name, writable=True)
+            if (staged is not None and staged[0] == step and staged[2].buf is not None
+                    and staged[2].size >= total):
+                name, seg = staged[1], staged[2]  # acquired by the last hand-off: no RPC here
+            else:
+                try:
+                    resp = self._acquire(step, total)
+                except UnknownJobError:  # the daemon lost its index: register again
+                    self._ensure_registered()
+                    resp = self._acquire(step, total)
+                name = resp.segment_name
+                seg = self.segments.get(name, writable=True)
             copy_done = self.copier.copy(seg, lay, [t for _, t in rep_named],
                                          [t for _, t in loc_named])
         except DaemonUnavailableError as exc:
@@ -263,18 +282,42 @@ class Snapshotter:
             if ok:
                 log.warning("snapshotd: step %d skipped: %s%s", step, exc, _warn_limiter.held_note(held))
             return None
-        blocking = time.perf_counter() - t0
-        self.last_blocking_s = blocking
         self.stage_recorder.last_meta = loc_state.get("pipeline")
-        m = pb.ShardManifest()
-        m.CopyFrom(tmpl)
-        m.version = step
-        m.meta_json = st.dumps_meta({"replicated": rep_meta, "local": loc_meta,
-                                     "world_size": self.world_size})  # for a reshard restore
-        stats = SaveStats(version=step, bytes=total, blocking_s=blocking, backpressure_s=t_bp)
-        self._pending = self._pool.submit(self._handoff, resp.segment_name, seg, m, stats,
-                                          copy_done)
+        # The metadata is made of fresh containers and immutable leaves (flatten_state):
+        # the hand-off thread writes it as JSON, off the training thread.
+        meta = {"replicated": rep_meta, "local": loc_meta,
+                "world_size": self.world_size}  # for a reshard restore
+        stats = SaveStats(version=step, bytes=total, blocking_s=0.0, backpressure_s=t_bp)
+        self._pending = self._pool.submit(self._handoff, name, seg, tmpl, meta, stats, copy_done,
+                                          self._next_version(step))
+        stats.blocking_s = self.last_blocking_s = time.perf_counter() - t0
         return self._pending
+
+    def _next_version(self, step: int) -> int | None:
+        """The version the next save will most likely ask for: ``step`` plus the interval
+        of the last saves when the last two intervals were the same, else None."""
+        a = self._asked = (self._asked + [step])[-3:]
+        if len(a) == 3 and a[2] - a[1] == a[1] - a[0] > 0:
+            return step + a[2] - a[1]
+        return None
+
+    def _stage_next(self, version: int, resp) -> None:
+        """Hand-off thread, after a delivery whose AdoptShard also acquired the staging
+        segment of ``version`` (the next save's, most likely): map it now, so that save,
+        if it asks for that version, makes no call to the daemon before its copy. Nothing
+        staged (refused: older versions still in flight, say; or a daemon that does not
+        know the request's next_version) costs nothing: that save asks itself, and waits
+        or skips as usual."""
+        if not resp.next_segment_name:
+            if resp.next_refused:
+                log.debug("snapshotd: version %d not staged ahead: %s", version, resp.next_refused)
+            return
+        try:
+            seg = self.segments.get(resp.next_segment_name, writable=True)
+        except (OSError, ValueError) as exc:
+            log.debug("snapshotd: staging segment of version %d: %s", version, exc)
+            return
+        self._staged = (version, resp.next_segment_name, seg)
 
     def _acquire(self, step: int, total: int):
         deadline = time.monotonic() + self.cfg.inflight_wait_s
@@ -297,18 +340,23 @@ class Snapshotter:
         """Names of the staging segments currently registered with the CUDA driver."""
         return self.copier.pinned_segments
 
-    def _handoff(self, name: str, seg, m: pb.ShardManifest, stats: SaveStats,
-                 ev=None) -> SaveStats:
+    def _handoff(self, name: str, seg, tmpl: pb.ShardManifest, meta: dict, stats: SaveStats,
+                 ev=None, next_version: int | None = None) -> SaveStats:
         t0 = time.perf_counter()
+        m = pb.ShardManifest()
+        m.CopyFrom(tmpl)
+        m.version = stats.version
+        m.meta_json = st.dumps_meta(meta)
         if ev is not None:  # this save's own event: the optimizer hook may have waited already
             ev.synchronize()
         if self.cfg.checksum_on_client and seg.buf is not None:
             m.block_checksums.extend(mf.block_checksums(seg.buf, m.payload_bytes, m.block_size_bytes))
+        nxt = next_version if (next_version is not None and self.stage_ahead) else 0
         try:
-            resp = self.client.adopt(name, m)
+            resp = self.client.adopt(name, m, nxt, m.payload_bytes if nxt else 0)
         except SnapshotdError as exc:
-            if isinstance(exc, DaemonUnavailableError):
-                self._registered = False
+            if isinstance(exc, (DaemonUnavailableError, UnknownJobError)):
+                self._registered = False  # the next save registers again (a restarted daemon)
             ok, held = _warn_limiter.allow(("handoff", self.cfg.job_id, self.rank))
             if ok:
                 log.warning("snapshotd: hand-off of step %d failed: %s%s", m.version, exc,
@@ -317,6 +365,8 @@ class Snapshotter:
         stats.committed = resp.committed
         stats.handoff_s = time.perf_counter() - t0
         self.last_stats = stats
+        if nxt:
+            self._stage_next(nxt, resp)
         return stats
 
     def wait(self, timeout: float | None = None) -> SaveStats | None:

@@ -269,13 +269,20 @@ def loads_meta(text: str | bytes) -> dict:
     return meta
 
 
-def capture_rng_state() -> dict:
+def capture_rng_state(packed: bool = False) -> dict:
     """RNG states of python ``random``, numpy's legacy global RandomState, torch CPU,
-    and every CUDA device (only if CUDA is available and already initialised)."""
+    and every CUDA device (only if CUDA is available and already initialised).
+
+    ``packed``: python's 625 state words as one int64 tensor instead of a tuple of ints
+    (what ``Snapshotter.save`` records: it is copied as 5 KB of bytes rather than walked
+    and written as 625 JSON numbers at every save). ``restore_rng_state`` takes both."""
     cuda = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state_all()
-    return {"python": random.getstate(), "numpy": np.random.get_state(legacy=True),
+    py = random.getstate()
+    if packed:
+        py = (py[0], torch.tensor(py[1], dtype=torch.int64), py[2])
+    return {"python": py, "numpy": np.random.get_state(legacy=True),
             "torch": torch.get_rng_state(), "cuda": cuda}
 
 
@@ -307,6 +314,10 @@ def _set_rng_state(d: dict) -> None:
     version, inner, gauss = d["python"]
     if gauss is not None and type(gauss) is not float:
         raise TypeError("python gauss_next must be a float or None")
+    if isinstance(inner, torch.Tensor):  # capture_rng_state(packed=True)
+        if inner.dtype != torch.int64 or inner.dim() != 1:
+            raise ValueError(f"python RNG state words: {inner.dtype} of shape {tuple(inner.shape)}")
+        inner = inner.tolist()
     random.setstate((int(version), tuple(int(v) for v in inner), gauss))
     name, keys, pos, has_gauss, cached = d["numpy"]
     np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos),

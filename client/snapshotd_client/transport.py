@@ -92,9 +92,14 @@ class DaemonClient:
         return self._call("AcquireStaging", pb.AcquireStagingRequest(
             job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes, force=force))
 
-    def adopt(self, segment_name: str, manifest: pb.ShardManifest) -> pb.AdoptShardResponse:
+    def adopt(self, segment_name: str, manifest: pb.ShardManifest, next_version: int = 0,
+              next_payload_bytes: int = 0) -> pb.AdoptShardResponse:
+        """Hand a filled staging segment to the daemon. ``next_version``: also acquire the
+        staging segment of this rank's next save, in the same call (its name comes back
+        in ``next_segment_name``; ``next_refused`` says why not)."""
         return self._call("AdoptShard", pb.AdoptShardRequest(
-            segment_name=segment_name, manifest=manifest))
+            segment_name=segment_name, manifest=manifest, next_version=next_version,
+            next_payload_bytes=next_payload_bytes))
 
     def commit(self, job_id: str, version: int) -> pb.CommitResponse:
         return self._call("Commit", pb.CommitRequest(job_id=job_id, version=version))

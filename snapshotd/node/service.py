@@ -253,11 +253,33 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         if not request.HasField("manifest"):
             raise InvalidRequestError("AdoptShard needs a manifest")
         self._job_access(context, request.manifest.job_id)
-        committed, latest = self.store.adopt(request.segment_name, request.manifest)
+        m = request.manifest
+        if request.next_version and request.next_version <= m.version:
+            raise InvalidRequestError(f"AdoptShard: next_version {request.next_version} is not "
+                                      f"newer than version {m.version}")
+        committed, latest = self.store.adopt(request.segment_name, m)
         if committed and self.metrics is not None:
-            self.metrics.committed(request.manifest.job_id, request.manifest.version)
-        return pb.AdoptShardResponse(version=request.manifest.version, committed=committed,
+            self.metrics.committed(m.job_id, m.version)
+        resp = pb.AdoptShardResponse(version=m.version, committed=committed,
                                      latest_committed_version=latest)
+        if request.next_version:
+            self._stage_next(request, resp)
+        return resp
+
+    def _stage_next(self, request, resp) -> None:
+        """AdoptShard's optional second part: the staging segment of the rank's next save
+        (see AdoptShardRequest.next_version). Refused as AcquireStaging would be, but the
+        refusal only goes into ``next_refused``: the adoption itself succeeded."""
+        m = request.manifest
+        try:
+            name, size = self.store.acquire_staging(m.job_id, m.rank, request.next_version,
+                                                    request.next_payload_bytes, False)
+        except (SnapshotdError, ValueError) as exc:
+            resp.next_refused = f"{type(exc).__name__}: {exc}"[:500]
+            return
+        if self.metrics is not None:
+            self.metrics.staged(m.job_id, request.next_version)
+        resp.next_segment_name, resp.next_segment_bytes = name, size
 
     @_rpc
     def PushShard(self, request_iterator, context):
