@@ -14,9 +14,9 @@ The contract checked on every input:
   no other exception escapes;
 * a refused request leaves the store as it was (:func:`store_state`: stats, every job's
   versions, the shm segments, the durable index and the job-token file; see
-  :func:`same_state` for what is not counted). A refused PushShard whose manifest was
-  valid was a staging request, with a staging request's effects on the ledger
-  (:func:`staging_problems` lists what it still must not do);
+  :func:`same_state` for what is not counted). A refused PushShard too: since issue 18
+  a push is received and verified before it takes a staging slot
+  (:func:`staging_problems` lists what the older contract forbade);
 * bodies that do not parse never reach the servicer (``RequestParseGuard``); a part of a
   PushShard stream that does not parse is raised into the stream as
   ``MalformedRequestError``, as the guard does.
@@ -331,10 +331,7 @@ def service(data: bytes) -> None:
         assert code is None or (code in ERROR_CLASSES and
                                 ERROR_CLASSES[code].grpc_code_name == ctx.code.name), (code, ctx.code)
         after = store_state(h)
-        if rpc == "PushShard" and _valid(h.first_push):
-            problems = staging_problems(h.baseline, after, h.first_push)
-        else:
-            problems = same_state(after, h.baseline)
+        problems = same_state(after, h.baseline)  # a refused PushShard too (issue 18)
         if problems:
             detail = _first_diff(after, h.baseline)
             h.reset()

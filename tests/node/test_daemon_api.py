@@ -487,10 +487,11 @@ def test_push_overtaken_by_a_newer_version_cannot_touch_it(dmn, cl):
     size = 8 * BS
     committed_job(cl, job, size=size)
     d2 = rnd(size, 51)
-    gate = threading.Event()
+    gate, sent = threading.Event(), threading.Event()
 
     def msgs():
         yield pb.PushShardChunk(manifest=manifest(job, 0, 2, d2, checksums=True), data=d2[:BS])
+        sent.set()  # the first message is on its way
         gate.wait(20)
         yield pb.PushShardChunk(data=d2[BS:])
 
@@ -505,7 +506,8 @@ def test_push_overtaken_by_a_newer_version_cannot_touch_it(dmn, cl):
     th = threading.Thread(target=run)
     th.start()
     try:
-        wait_until(lambda: len(job_segments(dmn, job)) == 2)  # v2 is staged
+        # v2 is in flight (a push is received whole and verified before it is staged)
+        assert sent.wait(20)
         d3 = rnd(size, 52)
         assert write_shard(cl, job, 0, 3, d3).committed  # the trainer moved on
     finally:
