@@ -42,7 +42,7 @@ from snapshotd.node.peer.framing import (
     frame_mac,
     node_id_bytes,
     payload_checksum_ok,
-    payload_fields,
+    payload_frame,
 )
 from snapshotd.node.peer.pacing import PACER
 from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
@@ -196,8 +196,9 @@ class PeerClient:
                 while sent < n and len(pending) < window:
                     rid = self._next_rid()
                     _, header_raw, view, known = encoded[sent]
-                    if view is not None:
-                        header_raw += payload_fields(view, known)
+                    if view is not None:  # the frame leaves a zero tail off (framing.payload_frame)
+                        extra, view = payload_frame(view, known)
+                        header_raw += extra
                     mac = frame_mac(self._key, self._node_raw, rid, header_raw) if self._key is not None else b""
                     frames = [MAGIC, self._node_raw, rid, header_raw, mac]
                     if view is not None:
@@ -274,7 +275,7 @@ class PeerClient:
         if body != "reply":
             raise PeerProtocolError(f"reply from peer {self.peer_id} carries no reply body")
         if payload is not None:
-            check_payload(header, payload, self.max_payload_bytes)
+            payload = check_payload(header, payload, self.max_payload_bytes)  # zero tail restored
             if not payload_checksum_ok(header, payload):
                 self.checksum_failures += 1
                 raise checksum_mismatch(header, f"reply payload from peer {self.peer_id}")

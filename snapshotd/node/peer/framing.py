@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import operator
 
+import numpy as np
 import xxhash
 from google.protobuf.message import DecodeError
 
@@ -62,7 +63,14 @@ def as_byte_view(obj) -> memoryview:
 
 
 # payload_bytes (tag + 10-byte varint) + payload_xxh3 (tag + 8) + the stored flag (tag + 1)
-_PAYLOAD_FIELDS_MAX = 11 + 9 + 2
+# + payload_zero_tail (tag + 10-byte varint)
+_PAYLOAD_FIELDS_MAX = 11 + 9 + 2 + 11
+
+# A payload ending in at least this many zero bytes is sent without them (the padded
+# last block of a rank, the parity of a stripe's padded blocks): the header says how
+# many, the receiver puts them back (issue 16: bytes on the network).
+ZERO_TAIL_MIN = 64 << 10
+_SCAN = 64 << 10
 
 
 def encode_body(which: str, body, with_payload: bool) -> bytes:
@@ -107,6 +115,39 @@ def payload_fields(payload: memoryview, stored_xxh3: int | None = None) -> bytes
                                payload_xxh3_stored=True).SerializeToString()
 
 
+def zero_tail(payload: memoryview) -> int:
+    """How many zero bytes end ``payload``, if at least :data:`ZERO_TAIL_MIN` (else 0).
+    O(1) for a payload whose last byte is not zero; otherwise it reads the zeros, 64 KiB
+    at a time from the end."""
+    n = payload.nbytes
+    if n < ZERO_TAIL_MIN or payload[n - 1] != 0:
+        return 0
+    arr = np.frombuffer(payload, np.uint8)
+    end = n
+    while end > 0:
+        chunk = arr[max(0, end - _SCAN):end]
+        nz = np.flatnonzero(chunk)
+        if nz.size:
+            end = end - chunk.size + int(nz[-1]) + 1
+            break
+        end -= chunk.size
+    tail = n - end
+    return tail if tail >= ZERO_TAIL_MIN else 0
+
+
+def payload_frame(payload: memoryview, stored_xxh3: int | None = None) -> tuple[bytes, memoryview]:
+    """(header bytes to append to :func:`encode_body`'s, the frame to send): the frame
+    is the payload without its zero tail (:func:`zero_tail`); length and xxh3 in the
+    header are those of the whole payload, which the receiver restores
+    (:func:`check_payload`) before it verifies the xxh3."""
+    tail = zero_tail(payload)
+    fields = payload_fields(payload, stored_xxh3)
+    if not tail:
+        return fields, payload
+    return fields + ppb.PeerFrameHeader(payload_zero_tail=tail).SerializeToString(), \
+        payload[:payload.nbytes - tail]
+
+
 def decode_header(raw: bytes) -> ppb.PeerFrameHeader:
     """Parse frame [3]. Refuses (PeerProtocolError) oversized or unparsable headers and any
     field this schema does not know (an unknown field number, or a known one sent with
@@ -126,14 +167,22 @@ def decode_header(raw: bytes) -> ppb.PeerFrameHeader:
     return header
 
 
-def check_payload(header: ppb.PeerFrameHeader, payload: memoryview, max_payload: int) -> None:
-    n = payload.nbytes
+def check_payload(header: ppb.PeerFrameHeader, payload: memoryview, max_payload: int) -> memoryview:
+    """Check a received payload frame against its header; returns the payload, with
+    its zero tail put back when the sender left one off (a copy, then)."""
+    tail = header.payload_zero_tail
+    n = payload.nbytes + tail
     if n > max_payload:
         raise PeerProtocolError(f"payload of {n} bytes is over the {max_payload}-byte limit")
     if not (header.HasField("payload_bytes") and header.HasField("payload_xxh3")):
         raise PeerProtocolError("a message with a payload needs payload_bytes and payload_xxh3 in its header")
     if header.payload_bytes != n:
         raise PeerProtocolError(f"payload is {n} bytes, header says {header.payload_bytes}")
+    if not tail:
+        return payload
+    whole = bytearray(n)  # zeros
+    whole[:payload.nbytes] = payload
+    return memoryview(whole)
 
 
 def payload_checksum_ok(header: ppb.PeerFrameHeader, payload: memoryview) -> bool:

@@ -65,7 +65,7 @@ from snapshotd.node.peer.framing import (
     frame_mac,
     node_id_bytes,
     payload_checksum_ok,
-    payload_fields,
+    payload_frame,
 )
 from snapshotd.node.peer.pacing import PACER
 from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
@@ -370,7 +370,7 @@ class PeerServer:
             request = header.request
             op = check_request(request)
             if payload is not None:
-                check_payload(header, payload, self.max_payload_bytes)
+                payload = check_payload(header, payload, self.max_payload_bytes)  # zero tail restored
         except PeerProtocolError as e:
             self._refuse("malformed", str(e))
             return self._reply_error(ident, rid, e)
@@ -396,8 +396,9 @@ class PeerServer:
             known = known_xxh3(known)
             reply_view = None if reply_payload is None else as_byte_view(reply_payload)
             reply_raw = encode_body("reply", reply, reply_view is not None)
-            if reply_view is not None:
-                reply_raw += payload_fields(reply_view, known)
+            if reply_view is not None:  # the frame leaves a zero tail off (framing.payload_frame)
+                extra, reply_view = payload_frame(reply_view, known)
+                reply_raw += extra
         except Exception as e:
             self.handler_errors += 1
             log.debug("peer server %s: handler raised for %r", self.node_id, sender, exc_info=True)
