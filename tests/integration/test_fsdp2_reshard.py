@@ -26,11 +26,12 @@ TRAINER = os.path.join(os.path.dirname(__file__), "fsdp2_trainer.py")
 STEPS = 3
 
 
-def launch(c, tmp_path, world: int, mode: str, tag: str) -> list[subprocess.Popen]:
+def launch(c, tmp_path, world: int, mode: str, tag: str, then1: bool = False) -> list[subprocess.Popen]:
     pg = tmp_path / f"pg-{tag}"
+    extra = [str(tmp_path / "at1.json")] if then1 else []
     return [subprocess.Popen(
         [sys.executable, TRAINER, str(r), str(world), os.path.join(c.d, f"{c.nodes[r]}.sock"),
-         str(pg), JOB, mode, str(STEPS), str(tmp_path / f"{tag}.json")],
+         str(pg), JOB, mode, str(STEPS), str(tmp_path / f"{tag}.json")] + extra,
         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=open(tmp_path / f"{tag}-rank{r}.err", "w"), text=True) for r in range(world)]
 
@@ -53,8 +54,10 @@ def finish(procs) -> None:
                 p.wait()
 
 
-def run(c, tmp_path, world: int, tag: str) -> dict:
-    procs = launch(c, tmp_path, world, "restore", tag)
+def run(c, tmp_path, world: int, tag: str, then1: bool = False) -> dict:
+    """A relaunch at ``world`` ranks that restores; ``then1``: rank 0 then restores again
+    at world size 1 (its result in at1.json)."""
+    procs = launch(c, tmp_path, world, "restore", tag, then1)
     try:
         wait_ready(procs, tmp_path, tag)
     finally:
@@ -77,13 +80,15 @@ def scenario(c, tmp_path, world: int, smaller: list[int]) -> None:
             p.wait()
     c.start(lost)
 
-    same = run(c, tmp_path, world, f"same{world}")
+    same = run(c, tmp_path, world, f"same{world}", then1=smaller == [1])
     assert (same["restored"], same["method"]) == (STEPS, "exact"), same
     for s in (STEPS, STEPS + 1, STEPS + 2):  # restored, then training goes on bit-exactly
         assert same["at"][str(s)] == ref[str(s)], f"step {s} differs after the restore"
 
     for w in smaller:
-        out = run(c, tmp_path, w, f"at{w}")
+        if w != 1:
+            run(c, tmp_path, w, f"at{w}", then1=smaller[-1] == 1)
+        out = json.loads((tmp_path / f"at{w}.json").read_text())
         assert (out["restored"], out["method"], out["from_world"]) == (STEPS, "resharded", world), out
         got, want = out["at"][str(STEPS)], ref[str(STEPS)]
         assert sorted(got) == sorted(want) and len(want) > 20
