@@ -158,7 +158,7 @@ def serve(a) -> int:
     from snapshotd.wire.errors import SnapshotdError
 
     try:
-        pacing.configure(a.peer_rate, a.peer_burst)
+        pacing.configure(a.peer_rate, a.peer_burst, a.peer_dscp)
         daemon = Daemon(cfg)
         flusher = _durable(a, daemon)
         try:

@@ -128,3 +128,41 @@ def test_bad_flags_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", *flag])
     assert "peer-" in capsys.readouterr().err
+
+
+def test_peer_dscp_marks_new_peer_sockets():
+    import zmq
+
+    from snapshotd.node.peer import PeerClient, PeerServer
+
+    a = build_parser().parse_args(["serve", "--peer-dscp", "8"])
+    assert a.peer_dscp == 8
+    try:
+        pacing.configure(0, 0, a.peer_dscp)
+        assert pacing.peer_tos() == 0x20  # CS1 in the TOS byte
+        c = PeerClient("tcp://127.0.0.1:9", "a", "b", None)
+        server = PeerServer("tcp://127.0.0.1:0", "b", None, None, lambda *r: None)
+        try:
+            assert c._socket().getsockopt(zmq.TOS) == 0x20
+            assert server._sock.getsockopt(zmq.TOS) == 0x20
+        finally:
+            c.close()
+            server.stop()
+    finally:
+        pacing.configure(0, 0)
+    assert pacing.peer_tos() == 0
+    c = PeerClient("tcp://127.0.0.1:9", "a", "b", None)
+    try:
+        assert c._socket().getsockopt(zmq.TOS) == 0  # unmarked by default
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("value", ["64", "-1", "cs1"])
+def test_bad_dscp_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--peer-dscp", value])
+    assert "DSCP" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        pacing.configure(0, 0, 64)
+    assert pacing.peer_tos() == 0

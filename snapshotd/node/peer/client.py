@@ -44,7 +44,7 @@ from snapshotd.node.peer.framing import (
     payload_checksum_ok,
     payload_frame,
 )
-from snapshotd.node.peer.pacing import PACER
+from snapshotd.node.peer.pacing import PACER, peer_tos
 from snapshotd.node.peer.traffic import TRAFFIC, frames_nbytes
 from snapshotd.wire._proto import peer_pb2 as ppb
 from snapshotd.wire.errors import (
@@ -163,6 +163,8 @@ class PeerClient:
             try:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload_bytes + MAXMSGSIZE_SLACK)
+                if peer_tos():  # --peer-dscp (pacing.py)
+                    sock.setsockopt(zmq.TOS, peer_tos())
                 if self._curve is not None:
                     self._curve.setup_client(sock, self.peer_id)
                 sock.connect(self.address)

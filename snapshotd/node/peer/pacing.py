@@ -1,4 +1,4 @@
-"""Traffic control for the peer plane's bulk bytes: the operator's rate limit.
+"""Traffic control for the peer plane's bulk bytes: a rate limit and a DSCP mark.
 
 A daemon sends ``m`` times its data per snapshot (parity contributions) and whole
 blocks during rebuilds and degraded reads. On a link the training job shares, those
@@ -15,6 +15,17 @@ test per message. :meth:`Pacer.pace` is called by the peer client just before it
 a request with a payload, and by the server's bulk thread just before it queues a reply
 with one; the waiting happens in that thread (a bulk client's or the bulk thread's,
 never the heartbeat client's or the serving thread's).
+
+``--peer-dscp N`` marks every peer-plane TCP connection of the daemon (its clients'
+and its server's) with DSCP ``N`` (``IP_TOS = N << 2``, through ZeroMQ's ``ZMQ_TOS``),
+e.g. 8 (CS1) or 1 (LE, RFC 8622): a network whose switches (or the hosts' qdiscs)
+serve such traffic after the default class lets the training job's collectives go
+first, and the snapshot's bytes fill the gaps between them, at the full link rate when
+the link is free. That is work-conserving where a rate limit is not, and needs no
+guess of the job's spare bandwidth; it needs the network's QoS to honour the mark
+(``bench/bench_shaped.py`` sets up such a link with HTB and a u32 filter). Heartbeats
+share the mark (they are a few bytes per interval; the class must keep a small
+guaranteed rate, as the bench's does). :func:`peer_tos` is read when a socket is made.
 
 Thread-safety: :meth:`Pacer.pace` debits the bucket under a lock and sleeps outside
 it, so concurrent senders share one budget and queue behind each other in order.
@@ -35,6 +46,8 @@ PACED_REPLIES = frozenset({"fetch", "rank_block"})
 DEFAULT_BURST_BYTES = 4 << 20
 ENV_PEER_RATE = "SNAPSHOTD_PEER_RATE"
 ENV_PEER_BURST = "SNAPSHOTD_PEER_BURST"
+ENV_PEER_DSCP = "SNAPSHOTD_PEER_DSCP"
+_peer_dscp = 0  # set once at start by configure(); 0: unmarked
 
 
 class Pacer:
@@ -103,7 +116,7 @@ def _size(text: str) -> int:
 
 
 def add_arguments(parser) -> None:
-    """The daemon's flags (``snapshotd serve``): --peer-rate, --peer-burst."""
+    """The daemon's flags (``snapshotd serve``): --peer-rate, --peer-burst, --peer-dscp."""
 
     parser.add_argument(
         "--peer-rate", type=_size, default=os.environ.get(ENV_PEER_RATE, "0"),
@@ -115,10 +128,36 @@ def add_arguments(parser) -> None:
         "--peer-burst", type=_size, default=os.environ.get(ENV_PEER_BURST, str(DEFAULT_BURST_BYTES)),
         help="with --peer-rate: bytes that may leave at once after a quiet spell "
              f"[env {ENV_PEER_BURST}; default 4MiB]")
+    parser.add_argument(
+        "--peer-dscp", type=_dscp, default=os.environ.get(ENV_PEER_DSCP, "0"),
+        help="mark the peer plane's connections with this DSCP (e.g. 8 = CS1, 1 = LE) so a "
+             "network that serves it after the default class lets the training job's "
+             "collectives go first; 0 = unmarked [env "
+             f"{ENV_PEER_DSCP}; default 0]")
 
 
-def configure(rate_bytes_s: int, burst_bytes: int) -> None:
-    """Set the process's :data:`PACER` (once, at daemon start); rate 0 = off."""
+def _dscp(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 63:
+        raise argparse.ArgumentTypeError(f"{text!r}: a DSCP is an integer 0..63 (e.g. 8 = CS1, 1 = LE)")
+    return value
+
+
+def peer_tos() -> int:
+    """The IP TOS byte for peer-plane sockets (0: leave them unmarked)."""
+    return _peer_dscp << 2
+
+
+def configure(rate_bytes_s: int, burst_bytes: int, dscp: int = 0) -> None:
+    """Set the process's :data:`PACER` and DSCP mark (once, at daemon start, before any
+    peer socket is made); rate 0 = no limit, dscp 0 = unmarked."""
+    global _peer_dscp
     if rate_bytes_s and not burst_bytes:
         raise ValueError("--peer-burst must be > 0 when --peer-rate is set")
+    if not 0 <= dscp <= 63:
+        raise ValueError(f"DSCP must be 0..63, not {dscp}")
     PACER.set_rate(rate_bytes_s or None, burst_bytes or DEFAULT_BURST_BYTES)
+    _peer_dscp = int(dscp)
