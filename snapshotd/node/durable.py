@@ -106,6 +106,7 @@ class DurableFlusher:
 
     # -- threads ----------------------------------------------------------------------
     def start(self) -> None:
+        dd.warm_up()  # DCP's modules, imported before the daemon says ready, not mid-flush
         for name, fn in (("durable-watch", self._watch), ("durable-write", self._write_loop)):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
@@ -247,7 +248,8 @@ class DurableFlusher:
         for rank, m, payload in cap.shards:
             its = dd.dcp_items(rank, doc) if kind == "dcp" else dd.plan_rank(m, self.cfg.replicated)
             name = ds.rank_file(rank)
-            files[name] = self.target.write(f"{base}/{name}", dd.rank_chunks(m, payload, its, pacer)).to_json()
+            files[name] = self.target.write_with(
+                f"{base}/{name}", lambda w, m=m, p=payload, i=its: dd.write_rank(m, p, i, w, pacer)).to_json()
             items[str(rank)] = [{k: v for k, v in it.items() if k not in ("src", "nbytes")} for it in its]
             manifests[str(rank)] = dd.manifest_json(m)
         part = {"format": ds.FORMAT, "kind": kind, "job": cap.job, "version": cap.version, "node": self.node_id,

@@ -52,20 +52,31 @@ META_NAME = "__meta_json__"
 
 
 class _Sink:
-    """What torch.save writes into: counts, hands the bytes on (``emit``)."""
+    """What torch.save writes into: hands each piece (<= 8 MiB, no copy) to ``emit`` at
+    once, then calls ``pace(nbytes)`` (the rate limit, the stall hook); counts."""
 
-    def __init__(self, emit):
-        self.emit, self.n = emit, 0
+    PIECE = 8 << 20
+
+    def __init__(self, emit, pace):
+        self.emit, self.pace, self.n = emit, pace, 0
 
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
-        if len(mv):
-            self.emit(bytes(mv))
-            self.n += len(mv)
+        for off in range(0, len(mv), self.PIECE):
+            piece = mv[off:off + self.PIECE]
+            self.emit(piece)
+            self.n += len(piece)
+            self.pace(len(piece))
         return len(mv)
 
     def flush(self) -> None:
         pass
+
+
+def warm_up() -> None:
+    """Import what building ``.metadata`` needs (seconds the first time, on a busy host)."""
+    import torch.distributed.checkpoint.filesystem  # noqa: F401
+    import torch.distributed.checkpoint.metadata  # noqa: F401
 
 
 def _tensor_at(payload: np.ndarray, off: int, nbytes: int, dtype: str, shape) -> torch.Tensor:
@@ -138,11 +149,10 @@ def dcp_items(rank: int, doc: dict) -> list[dict]:
     return sorted(items, key=lambda it: it["src"])
 
 
-def rank_chunks(m, payload: np.ndarray, items: list[dict], pace):
-    """The bytes of one rank's file, in chunks; fills each item's ``offset`` and ``length``.
-    ``pace(nbytes)`` is called after each chunk (the rate limit, the stall hook)."""
-    out: list[bytes] = []
-    sink = _Sink(out.append)
+def write_rank(m, payload: np.ndarray, items: list[dict], emit, pace) -> None:
+    """Write one rank's file through ``emit`` (each piece is written before it returns);
+    fills each item's ``offset`` and ``length``."""
+    sink = _Sink(emit, pace)
     for it in items:
         start = sink.n
         if it["kind"] == "bytes" and it["entry"][0] == "dcp":  # DCP's own bytes, as it wrote them
@@ -152,10 +162,6 @@ def rank_chunks(m, payload: np.ndarray, items: list[dict], pace):
         else:
             torch.save(_tensor_at(payload, it["src"], it["nbytes"], it["dtype"], it["chunk_sizes"]), sink)
         it["offset"], it["length"] = start, sink.n - start
-        for chunk in out:
-            yield chunk
-            pace(len(chunk))
-        out.clear()
 
 
 def manifest_json(m) -> dict:

@@ -65,9 +65,15 @@ class DurableStore:
 
     url: str
 
-    def write(self, rel: str, chunks: Iterable) -> FileDigest:  # pragma: no cover - interface
-        """Write ``rel`` from ``chunks`` (bytes-like) so that it exists whole or not at all."""
+    def write_with(self, rel: str, produce) -> FileDigest:  # pragma: no cover - interface
+        """Write ``rel`` so that it exists whole or not at all: ``produce(write)`` calls
+        ``write(bytes-like)`` for each piece, in order (each piece is written, and may be
+        reused by the caller, once ``write`` returns)."""
         raise NotImplementedError
+
+    def write(self, rel: str, chunks: Iterable) -> FileDigest:
+        """Write ``rel`` from ``chunks`` (bytes-like), whole or not at all."""
+        return self.write_with(rel, lambda w: [w(c) for c in chunks])
 
     def write_bytes(self, rel: str, data: bytes) -> FileDigest:
         return self.write(rel, [data])
@@ -105,7 +111,7 @@ class PosixStore(DurableStore):
     def local_path(self, rel: str) -> str | None:
         return self._p(rel)
 
-    def write(self, rel: str, chunks: Iterable) -> FileDigest:
+    def write_with(self, rel: str, produce) -> FileDigest:
         path = self._p(rel)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -113,11 +119,14 @@ class PosixStore(DurableStore):
         h, n = xxhash.xxh3_64(), 0
         try:
             with open(tmp, "wb") as f:
-                for chunk in chunks:
+                def write(chunk) -> None:
+                    nonlocal n
                     mv = memoryview(chunk).cast("B")
                     h.update(mv)
                     f.write(mv)
                     n += len(mv)
+
+                produce(write)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -176,14 +185,17 @@ class FsspecStore(DurableStore):
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
-    def write(self, rel: str, chunks: Iterable) -> FileDigest:
+    def write_with(self, rel: str, produce) -> FileDigest:
         h, n = xxhash.xxh3_64(), 0
         with self.fs.open(self._p(rel), "wb") as f:  # the object appears on close, whole
-            for chunk in chunks:
+            def write(chunk) -> None:
+                nonlocal n
                 mv = memoryview(chunk).cast("B")
                 h.update(mv)
-                f.write(mv)
+                f.write(bytes(mv))  # fsspec buffers what it is given
                 n += len(mv)
+
+            produce(write)
         return FileDigest(n, h.hexdigest())
 
     def read_bytes(self, rel: str) -> bytes:
