@@ -8,6 +8,9 @@ Sections (all by default; --only picks some):
             memory against (1 + m/k), and the rebuild of a lost node (bench_cluster);
             "restore" and "memory" are aliases (they come from the same runs);
   train     step time of the CPU training example with snapshots (train_overhead);
+  overhead  the cost of a save: a GPT-style 2-rank DDP loop with and without a save every
+            step, and save() blocking against a warm copy (bench_overhead_gpt; not in
+            --quick unless named with --only);
   scaling   2..8 local nodes (scaling, via bench_cluster);
   kernels   erasure coding and the peer plane against the anchors (kernels);
   gpu       the client's device-to-host path (gpu); skipped without CUDA.
@@ -35,7 +38,7 @@ import traceback
 
 from bench import common as cm
 
-SECTIONS = ("snapshot", "restore", "memory", "train", "scaling", "kernels", "gpu")
+SECTIONS = ("snapshot", "restore", "memory", "train", "overhead", "scaling", "kernels", "gpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY_WHAT = (
     "Counted per daemon process, from /proc/PID/status and /dev/shm: peak RSS = VmHWM (the "
@@ -105,6 +108,8 @@ def parse_args(argv):
     a.warmup = 1 if q else 3
     a.tensor_bytes = (1 * cm.MiB) if q else cm.DEFAULT_TENSOR_BYTES
     only = set(a.only or SECTIONS)
+    if q and not a.only:
+        only.discard("overhead")  # a minute of 2-rank training: the quick run stays quick
     if only & {"restore", "memory"}:
         only.add("snapshot")
     a.sections = only
@@ -264,6 +269,16 @@ def run_train(a, res: dict) -> None:
         cm.say(f"train {r['config']:<36} {r['mean_step_s'] * 1e3:8.1f} ms/step ({r['overhead_pct']:+.1f}%)")
 
 
+def run_overhead(a, res: dict) -> None:
+    from bench import bench_overhead_gpt as bo
+
+    sizes = [s for s in (1 * cm.MiB, 16 * cm.MiB, 256 * cm.MiB) if s <= max(a.sizes)] or [min(a.sizes)]
+    res["overhead"] = bo.run(2 if a.quick else 8, 3 if a.quick else 10, sizes, min(a.repeats, 3) if a.quick
+                             else max(a.repeats, 5))
+    for line in bo.format_text(res["overhead"]).splitlines():
+        cm.say(line)
+
+
 def run_kernels(a, res: dict) -> None:
     from bench import kernels
 
@@ -284,6 +299,7 @@ def run_kernels(a, res: dict) -> None:
 
 def _data_keys(sections: set[str]) -> list[str]:
     keys = {"snapshot": ["snapshot", "restore", "memory"], "train": ["train_overhead"],
+            "overhead": ["overhead"],
             "scaling": ["scaling"], "kernels": ["kernels"], "gpu": ["gpu"]}
     return [k for sec in sorted(sections) for k in keys.get(sec, [])]
 
@@ -352,6 +368,8 @@ def main(argv=None) -> int:
         section("snapshot", sizes)
     if "train" in a.sections:
         section("train", lambda: run_train(a, res))
+    if "overhead" in a.sections:
+        section("overhead", lambda: run_overhead(a, res))
     if "scaling" in a.sections:
         from bench import scaling
 

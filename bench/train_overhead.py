@@ -10,13 +10,23 @@ with snapshots, the hand-off thread and the daemon competing for this machine's 
   never                     no snapshots;
   snapshotd every step      Snapshotter.save(step) after every optimizer step;
   snapshotd every 10 steps
-  torch.save /dev/shm every 10 steps
-  DCP async_save every 10 steps (to disk)
+  torch.save /dev/shm every step, every 10 steps
+  DCP async_save every step, every 10 steps (to disk; one in flight at a time)
+
+Every contender is timed the same way: the step includes its snapshot call, and the
+work each leaves running in the background (snapshotd's hand-off thread and daemon,
+DCP's writer thread) competes for the same cores during the following steps. Each saves
+at least the model's and the optimizer's state dicts (snapshotd also the RNG states and
+the data position, as a resumable snapshot must).
 
 Mean step time is reported (the every-10 variants pay in one step of ten), with the
-median and p95, and the overhead against "never"; and the time spent inside the snapshot
-calls per step (the part of the overhead that the call itself blocks, which is less
-noisy on a shared machine than differences of step times).
+median and p95, and the overhead against "never" (mean step / mean step of "never" - 1,
+for every row alike); and the time spent inside the snapshot calls per step (the part of
+the overhead that the call itself blocks, which is less noisy on a shared machine than
+differences of step times). ``comparison``: per interval, snapshotd's overhead against
+the other contenders' at the same interval, in the same run.
+
+    python -m bench.train_overhead [--steps 40] [--warmup 10] [--small] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,8 +50,26 @@ SMALL = (64, 32, 2, 16)  # the demo's size
 def _configs():
     return [("never", None, 0), ("snapshotd every step", "snapshotd", 1),
             ("snapshotd every 10 steps", "snapshotd", 10),
+            ("torch.save /dev/shm every step", "torch.save", 1),
             ("torch.save /dev/shm every 10 steps", "torch.save", 10),
+            ("DCP async_save every step", "dcp_async", 1),
             ("DCP async_save every 10 steps", "dcp_async", 10)]
+
+
+def comparison(rows: list[dict]) -> list[dict]:
+    """Per snapshot interval: snapshotd's overhead and every other contender's at the same
+    interval (percent of the "never" step), and whether snapshotd costs the least."""
+    out = []
+    for every in sorted({r["every"] for r in rows if r["every"]}):
+        same = [r for r in rows if r["every"] == every]
+        ours = [r for r in same if r["config"].startswith("snapshotd")]
+        others = [r for r in same if not r["config"].startswith("snapshotd")]
+        if not ours or not others:
+            continue
+        out.append({"every": every, "snapshotd_overhead_pct": ours[0]["overhead_pct"],
+                    "others": {r["config"]: r["overhead_pct"] for r in others},
+                    "snapshotd_cheapest": all(ours[0]["overhead_pct"] < r["overhead_pct"] for r in others)})
+    return out
 
 
 class _Run:
@@ -150,4 +178,44 @@ def run(steps: int, warmup: int, big: bool, daemon_socket: str) -> dict:
         r["overhead_pct"] = (r["mean_step_s"] / base - 1) * 100
     v, d, l_, s_ = BIG if big else SMALL
     return {"model": f"TinyLM vocab {v}, d_model {d}, {l_} layers, seq {s_}, batch 8",
-            "torch_threads": 1, "rows": rows}
+            "torch_threads": 1, "rows": rows, "comparison": comparison(rows)}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+
+    from bench import compare_snapshot as cs
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--small", action="store_true", help="the demo's tiny TinyLM instead of the big one")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    work = tempfile.mkdtemp(prefix="bench-train-")
+    daemon = cs.SingleDaemon(work, 1 << 30)
+    try:
+        res = run(a.steps, a.warmup, not a.small, daemon.socket)
+    finally:
+        daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for r in res["rows"]:
+        print(f"{r['config']:<36} {r['mean_step_s'] * 1e3:8.2f} ms/step mean, {r['median_step_s'] * 1e3:8.2f} "
+              f"median ({r['overhead_pct']:+.1f}%), in snapshot calls {r['snapshot_call_s_per_step'] * 1e3:.2f} ms/step")
+    for c in res["comparison"]:
+        print(f"every {c['every']}: snapshotd {c['snapshotd_overhead_pct']:+.1f}% vs "
+              + ", ".join(f"{k} {v:+.1f}%" for k, v in c["others"].items())
+              + (" (snapshotd cheapest)" if c["snapshotd_cheapest"] else " (snapshotd NOT cheapest)"))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The cost of a save (issue 16): a GPT-style 2-rank DDP loop, and save() against a copy.
+
+    python -m bench.bench_overhead_gpt [--rounds 8] [--round-steps 10] [--sizes 1,16,256]
+                                       [--nodes 1] [--json out.json] [--quick]
+
+Two measurements, each side by side in one run on real daemons (``localcluster``: by
+default one node, m=0, both ranks on it, as a user's first try on one machine;
+``--nodes 2 --parity 1`` puts each rank on its own node):
+
+``gpt``  -- the demo's nanoGPT-style model (``snapshotd_tools.demo.gpt_trainer.GPT``, by
+default n_embd 64, 2 layers: ~1.3 MB of parameters + AdamW moments per rank), DDP over
+gloo, 2 ranks as 2 processes, one torch thread each, gradient accumulation 2. The same
+processes alternate rounds of ``--round-steps`` iterations without snapshots and with
+``snap.save(step)`` after every iteration (the order flips every round, so drifts in
+the machine's load hit both alike). A step is timed from the start of the iteration to
+the return of ``save`` (the hand-off thread and the daemon compete for the same cores
+during the following steps, so their cost shows in the step time too). Reported per
+rank and overall: median and mean step time of each mode, overhead = with / without - 1
+(of the medians, and of the means), and the time ``save()`` held the loop (median, p90,
+max) beside one warm copy of the same tensors.
+
+``blocking`` -- one process, one rank, state of each size (parameters + AdamW moments
+in 64 MiB tensors): per repeat, one warm copy of the state into touched buffers, then
+``save()`` timed by the caller, then the hand-off awaited (so that the previous save's
+hand-off does not share the measured window). Reported: median blocking, median copy,
+blocking - copy (goal: <= 1 ms) and blocking / copy.
+
+Timings come from the caller's clock (``time.perf_counter`` around the call), not from
+``Snapshotter``'s own figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+GOAL_OVERHEAD = 0.05  # snapshot every step: <= 5 % of the step
+GOAL_EXCESS_S = 1e-3  # save() blocking <= warm copy + 1 ms
+
+
+def _q(xs, q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# -- the GPT loop: one rank ----------------------------------------------------------------
+def _rank_main(a) -> None:
+    """One DDP rank (run as ``python -m bench.bench_overhead_gpt _rank ...``); prints one
+    JSON line with its timings."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from bench import common as cm
+    from snapshotd_client import Snapshotter
+    from snapshotd_tools.demo.gpt_trainer import GPT, GPTConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(1337 + rank)
+    cfg = GPTConfig(n_embd=a.n_embd, n_layer=a.n_layer, n_head=2, block_size=16, vocab_size=64)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(cfg.vocab_size, (4096,), generator=g)
+
+    def get_batch():
+        ix = torch.randint(len(data) - cfg.block_size, (4,))
+        return (torch.stack([data[i:i + cfg.block_size] for i in ix]),
+                torch.stack([data[i + 1:i + 1 + cfg.block_size] for i in ix]))
+
+    raw = GPT(cfg)
+    model = nn.parallel.DistributedDataParallel(raw)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
+    best = 1e9
+    X, Y = get_batch()
+    snap = Snapshotter(model, opt, job_id=a.job, socket_path=a.socket,
+                       on_daemon_unavailable="raise",
+                       state={"batch": lambda: (X, Y), "best_val_loss": lambda: best})
+    step = 0
+    times = {"off": [], "on": []}
+    save_s, skipped = [], 0
+
+    def iteration(save: bool, timed: bool) -> None:
+        nonlocal X, Y, step, best, skipped
+        t0 = time.perf_counter()
+        for _ in range(2):  # gradient accumulation, as the demo
+            _, loss = model(X, Y)
+            X, Y = get_batch()
+            (loss / 2).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        best = min(best, loss.item())
+        if save:
+            ts = time.perf_counter()
+            fut = snap.save(step)
+            te = time.perf_counter()
+            skipped += fut is None
+            if timed:
+                save_s.append(te - ts)
+        if timed:
+            times["on" if save else "off"].append(time.perf_counter() - t0)
+
+    for _ in range(a.warmup):  # the staging slots exist and are mapped after these
+        iteration(True, False)
+    snap.wait()
+    for rnd in range(a.rounds):
+        for mode in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
+            for _ in range(a.round_steps):
+                iteration(mode == "on", True)
+            if mode == "on":
+                dist.barrier()
+    st = snap.wait(a.timeout_s)
+    dist.barrier()  # every rank delivered its last save: it commits (a moment later)
+    try:
+        _wait_committed(snap.client, a.job, step, 60.0)
+    except RuntimeError:
+        pass  # reported: latest_committed < last_step
+    committed = snap.client.list_versions(a.job).latest_committed_version
+    tensors = cm.state_tensors(raw, opt)
+    copy_s = cm.warm_copy_s(tensors, 20)
+    state_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    snap.close()
+    dist.destroy_process_group()
+    print(json.dumps({"rank": rank, "times": times, "save_s": save_s, "skipped": skipped,
+                      "last_step": step, "last_saved": st.version if st else 0,
+                      "latest_committed": committed, "state_bytes": state_bytes,
+                      "payload_bytes": st.bytes if st else 0, "warm_copy_s": copy_s}), flush=True)
+
+
+def _summary_of(times_off, times_on, save_s, copy_s) -> dict:
+    off_med, on_med = statistics.median(times_off), statistics.median(times_on)
+    off_mean, on_mean = statistics.fmean(times_off), statistics.fmean(times_on)
+    return {"steps_each": len(times_off), "median_step_off_s": off_med, "median_step_on_s": on_med,
+            "mean_step_off_s": off_mean, "mean_step_on_s": on_mean,
+            "overhead_median": on_med / off_med - 1, "overhead_mean": on_mean / off_mean - 1,
+            "save_median_s": statistics.median(save_s), "save_p90_s": _q(save_s, 0.9),
+            "save_max_s": max(save_s), "warm_copy_s": copy_s}
+
+
+def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_embd: int = 64,
+            n_layer: int = 2, warmup: int = 5, timeout_s: float = 300.0) -> dict:
+    """Bring up ``nodes`` daemons, run the 2-rank loop, take the daemons down."""
+    from snapshotd_tools import localcluster as lc
+
+    work = tempfile.mkdtemp(prefix="bench-ovh-gpt-")
+    d = os.path.join(work, "cluster")
+    job = "ovh" + os.urandom(3).hex()
+    try:
+        info = lc.up(d, nodes, parity, block_size="1MiB", budget="1GiB")
+        socks = [info["nodes"][f"n{i % nodes}"]["socket"] for i in range(2)]
+        port = lc.free_port()
+        procs = []
+        for r in range(2):
+            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                       LOCAL_WORLD_SIZE=str(2 if nodes == 1 else 1), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.bench_overhead_gpt", "_rank", "--job", job,
+                 "--socket", socks[r], "--rounds", str(rounds), "--round-steps", str(round_steps),
+                 "--n-embd", str(n_embd), "--n-layer", str(n_layer), "--warmup", str(warmup),
+                 "--timeout-s", str(timeout_s)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        outs = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise RuntimeError("the GPT ranks did not finish in time")
+            if p.returncode != 0:
+                for q in procs:
+                    q.kill()
+                raise RuntimeError(f"a GPT rank exited {p.returncode}: {err[-2000:]}")
+            outs.append(json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]))
+    finally:
+        if os.path.exists(os.path.join(d, "cluster.json")):
+            lc.down(d)
+        shutil.rmtree(work, ignore_errors=True)
+    ranks = []
+    for o in sorted(outs, key=lambda o: o["rank"]):
+        s = _summary_of(o["times"]["off"], o["times"]["on"], o["save_s"], o["warm_copy_s"])
+        s.update(rank=o["rank"], skipped=o["skipped"], state_bytes=o["state_bytes"],
+                 payload_bytes=o["payload_bytes"], last_step=o["last_step"],
+                 last_saved=o["last_saved"], latest_committed=o["latest_committed"])
+        ranks.append(s)
+    allo = [x for o in outs for x in o["times"]["off"]]
+    alln = [x for o in outs for x in o["times"]["on"]]
+    alls = [x for o in outs for x in o["save_s"]]
+    res = _summary_of(allo, alln, alls, statistics.median(o["warm_copy_s"] for o in outs))
+    res.update(ranks=ranks, nodes=nodes, parity=parity, n_embd=n_embd, n_layer=n_layer,
+               rounds=rounds, round_steps=round_steps, state_bytes_per_rank=ranks[0]["state_bytes"],
+               goal_overhead=GOAL_OVERHEAD, met=res["overhead_median"] <= GOAL_OVERHEAD)
+    return res
+
+
+# -- save() blocking against a warm copy -------------------------------------------------------
+def _wait_committed(client, job: str, version: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.list_versions(job).latest_committed_version < version:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job}: version {version} did not commit in {timeout_s} s")
+        time.sleep(0.01)
+
+
+def run_blocking(sizes: list[int], repeats: int, warmup: int = 3, tensor_bytes: int = 64 * MiB) -> dict:
+    """``sizes``: state bytes (parameters + moments) per measurement."""
+    import gc
+
+    from bench import common as cm
+    from snapshotd_client import Snapshotter
+    from snapshotd_tools import localcluster as lc
+
+    work = tempfile.mkdtemp(prefix="bench-ovh-blk-")
+    d = os.path.join(work, "cluster")
+    rows = []
+    try:
+        budget = 3 * max(sizes) + 256 * MiB  # three slots (committed, pending, staging)
+        info = lc.up(d, 1, 0, block_size="1MiB", budget=str(budget))
+        sock = info["nodes"]["n0"]["socket"]
+        for S in sizes:
+            model, opt = cm.build_state(S, min(tensor_bytes, max(S // 4, 4096)))
+            tensors = cm.state_tensors(model, opt)
+            dst = cm.copy_buffers(tensors)
+            job = f"blk{S // MiB}m" + os.urandom(2).hex()
+            snap = Snapshotter(model, opt, job_id=job, socket_path=sock, rank=0, world_size=1,
+                               on_daemon_unavailable="raise")
+            blocked, copies = [], []
+            try:
+                for i in range(warmup + repeats):
+                    tc = time.perf_counter()
+                    for x, t in zip(dst, tensors):
+                        x.copy_(t)
+                    t0 = time.perf_counter()
+                    fut = snap.save(i + 1)
+                    t1 = time.perf_counter()
+                    if fut is None:
+                        raise RuntimeError(f"save {i + 1} was skipped")
+                    st = fut.result()  # handed off (a cluster commits it a moment later)
+                    if i >= warmup:
+                        copies.append(t0 - tc)
+                        blocked.append(t1 - t0)
+                nbytes = st.bytes
+                _wait_committed(snap.client, job, warmup + repeats)
+                snap.client.drop_job(job)
+            finally:
+                snap.close()
+            b, c = statistics.median(blocked), statistics.median(copies)
+            rows.append({"state_bytes": sum(t.numel() * t.element_size() for t in tensors),
+                         "payload_bytes": nbytes, "tensors": len(tensors), "repeats": repeats,
+                         "blocking_median_s": b, "blocking_p90_s": _q(blocked, 0.9),
+                         "warm_copy_median_s": c, "excess_s": b - c, "blocking_over_copy": b / c,
+                         "met": b - c <= GOAL_EXCESS_S})
+            cm.say(f"blocking {cm.fmt_bytes(S)}: save {b * 1e3:.2f} ms, copy {c * 1e3:.2f} ms, "
+                   f"excess {(b - c) * 1e3:+.2f} ms")
+            del model, opt, tensors, dst
+            gc.collect()
+    finally:
+        if os.path.exists(os.path.join(d, "cluster.json")):
+            lc.down(d)
+        shutil.rmtree(work, ignore_errors=True)
+    return {"rows": rows, "goal_excess_s": GOAL_EXCESS_S}
+
+
+def run(rounds: int, round_steps: int, sizes: list[int], repeats: int, nodes: int = 1,
+        parity: int = 0, n_embd: int = 64, n_layer: int = 2) -> dict:
+    """Both measurements (the suite's "overhead" section)."""
+    res = {"gpt": run_gpt(rounds, round_steps, nodes, parity, n_embd, n_layer)}
+    if sizes:
+        res["blocking"] = run_blocking(sizes, repeats)
+    return res
+
+
+def format_text(res: dict) -> str:
+    lines = []
+    g = res.get("gpt")
+    if g:
+        lines.append(f"GPT-style DDP, 2 ranks, {g['nodes']} node(s) m={g['parity']}, "
+                     f"{g['state_bytes_per_rank'] / 1e6:.2f} MB state per rank, "
+                     f"{g['steps_each']} steps per mode")
+        for r in g["ranks"] + [dict(g, rank="all")]:
+            lines.append(f"  rank {r['rank']}: step {r['median_step_off_s'] * 1e3:.2f} ms without, "
+                         f"{r['median_step_on_s'] * 1e3:.2f} ms with a save every step "
+                         f"(median {r['overhead_median'] * 100:+.1f} %, mean {r['overhead_mean'] * 100:+.1f} %); "
+                         f"save() median {r['save_median_s'] * 1e3:.2f} ms, p90 "
+                         f"{r['save_p90_s'] * 1e3:.2f}, max {r['save_max_s'] * 1e3:.1f}; warm copy "
+                         f"{r['warm_copy_s'] * 1e3:.3f} ms")
+    for r in (res.get("blocking") or {}).get("rows", []):
+        lines.append(f"  {r['state_bytes'] / MiB:7.0f} MiB: save() {r['blocking_median_s'] * 1e3:8.2f} ms, "
+                     f"warm copy {r['warm_copy_median_s'] * 1e3:8.2f} ms, excess "
+                     f"{r['excess_s'] * 1e3:+.2f} ms ({r['blocking_over_copy']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_rank"]:
+        p = argparse.ArgumentParser()
+        for k in ("--job", "--socket"):
+            p.add_argument(k, required=True)
+        for k in ("--rounds", "--round-steps", "--n-embd", "--n-layer", "--warmup"):
+            p.add_argument(k, type=int, required=True)
+        p.add_argument("--timeout-s", type=float, required=True)
+        _rank_main(p.parse_args(argv[1:]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--round-steps", type=int, default=10)
+    p.add_argument("--sizes", default="1,16,256", help="MiB, comma separated ('' : none; 1024 is optional)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--parity", type=int, default=0)
+    p.add_argument("--n-embd", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--json", default=None)
+    p.add_argument("--quick", action="store_true", help="few steps, 1 MiB (a smoke test)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.rounds, a.round_steps, a.sizes, a.repeats = 2, 3, "1", 2
+    try:
+        sizes = [int(float(x) * MiB) for x in a.sizes.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--sizes: MiB numbers like 1,16,256, got {a.sizes!r}")
+    if a.rounds < 1 or a.round_steps < 1 or a.repeats < 1 or any(s <= 0 for s in sizes):
+        p.error("--rounds, --round-steps, --repeats and every size must be positive")
+    if a.nodes not in (1, 2) or a.parity not in range(a.nodes):
+        p.error("--nodes 1 (m=0) or --nodes 2 (m=0 or 1)")
+    res = run(a.rounds, a.round_steps, sizes, a.repeats, a.nodes, a.parity, a.n_embd, a.n_layer)
+    print(format_text(res))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
