@@ -100,7 +100,7 @@ def test_every_section_has_sane_numbers(quick_run):
     assert mrows["snapshotd m=2"]["shm_bytes"] > mrows["snapshotd m=0"]["shm_bytes"]  # + parity
 
     tr = {r["config"]: r for r in res["train_overhead"]["rows"]}
-    assert len(tr) == 5 and "never" in tr and "snapshotd every step" in tr
+    assert len(tr) == 7 and "never" in tr and "snapshotd every step" in tr
     assert all(_pos(r["mean_step_s"]) and _pos(r["p95_step_s"]) for r in tr.values())
     assert tr["never"]["overhead_pct"] == 0
     base = tr["never"]["mean_step_s"]
