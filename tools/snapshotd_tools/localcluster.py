@@ -7,6 +7,11 @@ and waits until all are serving. Its segments are namespaced by a random instanc
 name (DIR/instance), so several clusters on one machine never touch each other's
 shared memory. ``down`` stops them (SIGTERM, then SIGKILL) and
 unlinks their shared memory. ``status`` asks every node for its stats.
+
+``up(..., tie_to_parent=True)`` (the demo's foreground cluster) ties each daemon's life
+to the process that started it: the kernel sends the daemon SIGTERM when that process
+dies, SIGKILL included (``die_with_parent``: Linux ``PR_SET_PDEATHSIG``). Clusters of
+``snapshotd cluster up`` are meant to outlive the command and are not tied.
 """
 
 from __future__ import annotations
@@ -80,17 +85,54 @@ def shm_prefix(d: str, node: str) -> str:
     return f"snapshotd.{instance_of(d)}.{node}."
 
 
-def start_node(d: str, node: str, budget: str = "4GiB", extra=()) -> subprocess.Popen:
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` for ``subprocess.Popen`` (Linux): the child gets ``sig`` when the
+    process that started it dies, however it dies. The kernel ties this to the THREAD
+    that forked, so call Popen from a thread that lives as long as the child should (the
+    main thread: ``require_main_thread``). Also covers the parent dying before the child
+    armed it. Elsewhere than Linux: a RuntimeError (nothing would tie them)."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("tying a process to its parent's life needs Linux (PR_SET_PDEATHSIG)")
+    prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child between fork and exec: only these calls
+        if prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG; kept across execve
+            os._exit(127)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), sig)
+
+    return arm
+
+
+def require_main_thread(what: str) -> None:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"{what}: processes tied to this one must be started from the main "
+                           "thread (the kernel signals them when the thread that forked exits)")
+
+
+def start_node(d: str, node: str, budget: str = "4GiB", extra=(), tie_to_parent: bool = False) -> subprocess.Popen:
+    """Start ``node``'s daemon (its own session); with ``tie_to_parent`` it gets SIGTERM
+    when this process dies (``die_with_parent``; call from the main thread)."""
     ready = os.path.join(d, f"{node}.ready")
     if os.path.exists(ready):
         os.unlink(ready)
+    preexec = None
+    if tie_to_parent:
+        require_main_thread(f"starting daemon {node}")
+        preexec = die_with_parent(signal.SIGTERM)
     log = open(os.path.join(d, f"{node}.log"), "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
          "--spec", os.path.join(d, "spec.yaml"), "--state-dir", os.path.join(d, node),
          "--socket", os.path.join(d, f"{node}.sock"), "--memory-budget-bytes", budget,
          "--ready-file", ready, "--instance", instance_of(d), *extra],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
 
 
 def wait_ready(d: str, node: str, proc: subprocess.Popen | None = None, timeout_s: float = 60) -> dict:
@@ -140,10 +182,11 @@ def wipe_node(d: str, node: str) -> int:
 
 def restart_node(d: str, node: str, budget: str = "4GiB") -> subprocess.Popen:
     """Start a (replacement) daemon for ``node`` (with the extra daemon arguments the
-    cluster was brought up with) and wait until it serves."""
+    cluster was brought up with, tied to this process if the cluster was) and wait
+    until it serves."""
     with open(os.path.join(d, "cluster.json")) as f:
-        extra = json.load(f).get("daemon_args", [])
-    p = start_node(d, node, budget, extra)
+        info = json.load(f)
+    p = start_node(d, node, budget, info.get("daemon_args", []), bool(info.get("tied_to_pid")))
     set_pid(d, node, p.pid)
     wait_ready(d, node, p)
     return p
@@ -155,16 +198,19 @@ def sockets(d: str) -> dict[str, str]:
 
 
 def up(d: str, nodes: int, parity: int, block_size: str = "1MiB", budget: str = "4GiB",
-       peer_encryption: str = "none", daemon_args=()) -> dict:
+       peer_encryption: str = "none", daemon_args=(), tie_to_parent: bool = False) -> dict:
     """``daemon_args``: extra ``snapshotd serve`` arguments for every node (and its
-    replacements), e.g. ``["--metrics-addr", "127.0.0.1:0"]``."""
+    replacements), e.g. ``["--metrics-addr", "127.0.0.1:0"]``. ``tie_to_parent``: every
+    daemon (and replacement) gets SIGTERM when this process dies (a foreground cluster,
+    e.g. the demo's; call from the main thread)."""
     os.makedirs(d, exist_ok=True)
     if os.path.exists(os.path.join(d, "cluster.json")):
         raise RuntimeError(f"{d} already holds a cluster; run 'snapshotd cluster down --dir {d}' first")
     ids = write_spec(os.path.join(d, "spec.yaml"), nodes, parity, block_size, os.urandom(16).hex(),
                      peer_encryption=peer_encryption)
-    procs = {n: start_node(d, n, budget, daemon_args) for n in ids}
-    info = {"dir": d, "spec": os.path.join(d, "spec.yaml"), "daemon_args": list(daemon_args), "nodes": {
+    procs = {n: start_node(d, n, budget, daemon_args, tie_to_parent) for n in ids}
+    info = {"dir": d, "spec": os.path.join(d, "spec.yaml"), "daemon_args": list(daemon_args),
+            "tied_to_pid": os.getpid() if tie_to_parent else None, "nodes": {
         n: {"pid": p.pid, "socket": os.path.join(d, f"{n}.sock"), "log": os.path.join(d, f"{n}.log")}
         for n, p in procs.items()}}
     with open(os.path.join(d, "cluster.json"), "w") as f:  # first, so 'down' can stop them

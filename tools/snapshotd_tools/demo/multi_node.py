@@ -13,6 +13,8 @@
    lost steps) and plots both loss curves into DIR/loss.png.
 
 The cluster is always stopped and its shared memory freed, on errors and Ctrl-C too.
+Its daemons and the trainers are tied to the demo's process (``localcluster.up(...,
+tie_to_parent=True)``): if the demo is SIGKILLed, the kernel stops them too.
 This module is the script of those steps; the trainer processes are in
 ``trainer_group.py``, the closing figures and plot in ``summary.py``.
 """
@@ -123,7 +125,7 @@ def run_multi_node_demo(workdir: str | None = None, steps: int = 30, kill_at: in
         say(f"1/7 starting a local cluster: {nodes} nodes, k={k} data + m={parity} parity blocks "
              f"per stripe (survives the loss of any {parity} nodes), block size {BLOCK_SIZE}")
         cluster_started = True
-        info = lc.up(d, nodes, parity, block_size=BLOCK_SIZE)
+        info = lc.up(d, nodes, parity, block_size=BLOCK_SIZE, tie_to_parent=True)  # they die with us
         for n, v in info["nodes"].items():
             say(f"    {n}: daemon pid {v['pid']}, socket {v['socket']}")
         socks = [info["nodes"][n]["socket"] for n in node_ids]

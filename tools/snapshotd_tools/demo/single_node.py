@@ -20,13 +20,21 @@ import time
 import uuid
 
 from snapshotd.wire import shm
+from snapshotd_tools import localcluster as lc
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def start_daemon(workdir: str, node_id: str, budget: str = "2GiB") -> tuple[subprocess.Popen, str]:
+def start_daemon(workdir: str, node_id: str, budget: str = "2GiB",
+                 tie_to_parent: bool = False) -> tuple[subprocess.Popen, str]:
+    """A daemon for ``node_id``; with ``tie_to_parent`` it gets SIGTERM when this process
+    dies (``localcluster.die_with_parent``; call from the main thread)."""
+    preexec = None
+    if tie_to_parent:
+        lc.require_main_thread(f"starting daemon {node_id}")
+        preexec = lc.die_with_parent(signal.SIGTERM)
     ready = os.path.join(workdir, f"{node_id}.ready")
     sock = os.path.join(workdir, f"{node_id}.sock")
     if os.path.exists(ready):
@@ -35,7 +43,7 @@ def start_daemon(workdir: str, node_id: str, budget: str = "2GiB") -> tuple[subp
     p = subprocess.Popen([sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node_id,
                           "--state-dir", os.path.join(workdir, node_id), "--socket", sock,
                           "--memory-budget-bytes", budget, "--ready-file", ready],
-                         stdout=log, stderr=subprocess.STDOUT)
+                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
     t0 = time.monotonic()
     while not os.path.exists(ready):
         if p.poll() is not None or time.monotonic() - t0 > 60:
@@ -53,7 +61,8 @@ def trainer_cmd(steps: int, job: str, sock: str | None, out: str | None, *extra:
 
 def run_until_killed(cmd: list[str], kill_after_step: int) -> list[dict]:
     """Run a trainer, SIGKILL it as soon as it reports ``kill_after_step``."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                         preexec_fn=lc.die_with_parent(signal.SIGKILL))  # this call waits for it
     events = []
     for line in p.stdout:
         ev = json.loads(line)
@@ -67,7 +76,8 @@ def run_until_killed(cmd: list[str], kill_after_step: int) -> list[dict]:
 
 
 def run_to_end(cmd: list[str]) -> list[dict]:
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
+                         preexec_fn=lc.die_with_parent(signal.SIGKILL)).stdout  # waited for
     return [json.loads(x) for x in out.splitlines() if x.startswith("{")]
 
 
@@ -82,7 +92,7 @@ def run_demo(workdir: str | None = None, steps: int = 40, kill_at: int = 17) -> 
     _say(f"1/5 reference run: {steps} steps, no snapshots")
     ref = os.path.join(workdir, "reference.json")
     run_to_end(trainer_cmd(steps, job, None, ref))
-    daemon, sock = start_daemon(workdir, node)
+    daemon, sock = start_daemon(workdir, node, tie_to_parent=True)
     try:
         _say(f"2/5 daemon {node} up (pid {daemon.pid}); training with a snapshot every step")
         events = run_until_killed(trainer_cmd(steps, job, sock, None), kill_at)
@@ -95,7 +105,7 @@ def run_demo(workdir: str | None = None, steps: int = 40, kill_at: int = 17) -> 
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
         cl.close()
-        daemon, sock = start_daemon(workdir, node)
+        daemon, sock = start_daemon(workdir, node, tie_to_parent=True)
         cl = DaemonClient.for_socket(sock, timeout_s=10)
         readopted = cl.list_versions(job).latest_committed_version
         _say(f"    restarted daemon (pid {daemon.pid}) re-adopted step {readopted} from shared memory")

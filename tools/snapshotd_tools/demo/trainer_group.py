@@ -19,7 +19,7 @@ import threading
 import time
 
 from snapshotd_tools.demo.console import say, tail
-from snapshotd_tools.localcluster import free_port
+from snapshotd_tools.localcluster import die_with_parent, free_port, require_main_thread
 
 JOB = "dp"
 
@@ -42,6 +42,7 @@ class TrainerGroup:
 
     def __init__(self, d: str, phase: str, world: int, steps: int, sockets: list[str] | None,
                  shard_replicated: bool | None, out: str | None, registry: list):
+        require_main_thread("the demo's trainers")
         self.world, self.phase = world, phase
         self.events: queue.Queue = queue.Queue()
         self.procs: list[subprocess.Popen] = []
@@ -59,8 +60,9 @@ class TrainerGroup:
                 cmd.append("--no-shard-replicated")
             if out and r == 0:
                 cmd += ["--out", out]
-            with open(self.logs[r], "ab") as log:
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+            with open(self.logs[r], "ab") as log:  # a rank dies with the demo, however it dies
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                     preexec_fn=die_with_parent(signal.SIGKILL))
             self.procs.append(p)
             registry.append(p)
             threading.Thread(target=self._read, args=(r, p), daemon=True).start()
