@@ -174,11 +174,8 @@ def restore_checkfree(snap, version: int, cause: Exception) -> int:
                 f"CheckFree cannot rebuild it: {plan.reason}" + (f" [{'; '.join(why)}]" if why else "")) from cause
         (rb,) = plan.rebuilds
         apply_checkfree(snap.model, snap.optimizer, snap.lr_scheduler, rb, models, settings, version)
-    finally:
-        try:
-            snap.segments.close()
-        except BufferError:  # a view still alive on an error path: the mapping goes with it
-            log.debug("snapshotd: segment still exported, left to the garbage collector")
+    finally:  # the neighbours' segments: nothing above keeps a view of them (copies only)
+        snap.segments.close()
     snap.restored_approximate = True
     snap.restored_method = rb.method
     snap.stage_recorder.last_meta = {**snap.stage_recorder.entry(), "grad_norm": None}
