@@ -228,8 +228,9 @@ class Reshard:
         order = [home] + [s for r, s in sorted(self.sources.items()) if r != self.home]
         for src in order:
             c = src.chunks.get(name)
-            if c is None or tuple(c.global_shape) != gshape or not c.global_offset:
-                continue
+            if c is None or tuple(c.global_shape) != gshape or not (
+                    len(c.global_offset) == len(c.shape) == len(gshape)):
+                continue  # not a chunk of this tensor (or one stored without its offset)
             lo_, hi_ = [], []
             for d in range(len(gshape)):
                 a = max(off[d], c.global_offset[d])
@@ -268,17 +269,19 @@ class Reshard:
         specs = live_specs(model, optimizer)
         self.bytes_copied = 0
         rep_tensors = []
-        for e in m.replicated_tensors:
-            if e.global_shape:
-                rep_tensors.append(self._assemble(e.name, e, _target_spec(
-                    e.name, tuple(e.global_shape), specs)))
-            else:
-                t = home.view(home.rep_base, e).clone()
-                self.bytes_copied += e.nbytes
-                rep_tensors.append(t)
-        rep = st.unflatten_state(meta["replicated"], rep_tensors)
-        local = st.unflatten_state(meta["local"], [home.view(home.base, e).clone() for e in m.tensors])
-        self.sources.clear()  # nothing below points into a mapping
+        try:
+            for e in m.replicated_tensors:
+                if e.global_shape:
+                    rep_tensors.append(self._assemble(e.name, e, _target_spec(
+                        e.name, tuple(e.global_shape), specs)))
+                else:
+                    rep_tensors.append(home.view(home.rep_base, e).clone())
+                    self.bytes_copied += e.nbytes
+            rep = st.unflatten_state(meta["replicated"], rep_tensors)
+            local = st.unflatten_state(meta["local"], [home.view(home.base, e).clone() for e in m.tensors])
+        finally:
+            self.sources.clear()  # nothing below points into a mapping
+            del home
         model.load_state_dict(rep.get("model", {}))
         if optimizer is not None and "optimizer" in rep:
             optimizer.load_state_dict(rep["optimizer"])
