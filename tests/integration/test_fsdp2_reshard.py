@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from clusterkit import JOB, make_cluster, wait_for  # noqa: F401 (fixture)
+from clusterkit import JOB, make_cluster  # noqa: F401 (fixture)
 
 TRAINER = os.path.join(os.path.dirname(__file__), "fsdp2_trainer.py")
 STEPS = 3
