@@ -289,6 +289,9 @@ def main(argv=None) -> int:
                                   for a in acc]
         par = [sum(r["cluster"].get("parity_bytes", {}).values()) for r in status]
         res["parity_bytes_per_node"] = par
+        fw = [r["cluster"].get("forwarding", {}) for r in status]  # private memory of the route
+        res["held_contributions_peak_mib"] = [round(f.get("held_peak_bytes", 0) / 2**20) for f in fw]
+        res["forward_rows_waiting_peak_mib"] = [round(f.get("waiting_peak_bytes", 0) / 2**20) for f in fw]
         phases = set(a.phases.split(","))
         if "one_active" in phases:
             mem.phase = "one_active"
@@ -334,6 +337,8 @@ def main(argv=None) -> int:
               f"{res['rebuild_bytes'] / 2**20:.0f} MiB rebuilt")
         print(f"  rebuild phases     {res.get('rebuild_phases_s')}")
     print(f"  parity accumulate  {res.get('accumulate_gbps')} GB/s of contributions per CPU-second, per node")
+    print(f"  route memory       held contributions peak {res['held_contributions_peak_mib']} MiB, "
+          f"forwarded rows waiting peak {res['forward_rows_waiting_peak_mib']} MiB, per node")
     for ph, pk in res["memory_peaks"].items():
         print(f"  memory peak {ph:<14} total {pk['total_mib']} MiB (daemons' private + cluster /dev/shm + "
               f"writer's private {pk['writer_anon_mib']}); per daemon {pk['nodes_mib']}")

@@ -10,6 +10,7 @@ would take the payload over the limit is refused.
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 import pytest
@@ -28,6 +29,14 @@ def _block(real: int, size: int = 4 * MiB, seed: int = 1) -> bytes:
     out = np.zeros(size, np.uint8)
     out[:real] = rng.integers(1, 256, real, dtype=np.uint8)  # no zero byte in the real part
     return out.tobytes()
+
+
+def _wait(pred, timeout_s: float = 10):
+    t0 = time.monotonic()
+    while (got := pred()) is None:
+        assert time.monotonic() - t0 < timeout_s, "timed out"
+        time.sleep(0.002)
+    return got
 
 
 def _fetch() -> ppb.PeerRequest:
@@ -59,7 +68,8 @@ def test_a_padded_payload_crosses_without_its_tail_and_arrives_whole(stored):
         xx = xxhash.xxh3_64_intdigest(block) if stored else None
         ((_rep, payload),) = cli.call_many([(_fetch(), memoryview(block), xx)] if stored
                                            else [(_fetch(), memoryview(block))])
-        t1 = TRAFFIC.snapshot()
+        # The server counts a reply once its send returns, which may be after we got it.
+        t1 = _wait(lambda: (lambda t: t if t["replies"] > t0["replies"] else None)(TRAFFIC.snapshot()))
         assert hashlib.sha256(got["req"]).digest() == hashlib.sha256(block).digest()
         assert bytes(payload) == reply_block
         sent_req = t1["request_bytes"] - t0["request_bytes"]

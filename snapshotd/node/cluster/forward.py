@@ -63,7 +63,9 @@ class Forwarder:
         self._wake = threading.Condition(self._lock)
         self._targets: dict[str, _Target] = {}
         self._started = False
-        self.stats = {"rows_sent": 0, "rows_received": 0, "rows_dropped": 0, "failed_deliveries": 0}
+        self.stats = {"rows_sent": 0, "rows_received": 0, "rows_dropped": 0, "failed_deliveries": 0,
+                      "waiting_peak_bytes": 0}
+        self._waiting_bytes = 0
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -91,7 +93,10 @@ class Forwarder:
             for t, block in rows:
                 node = self.group[(s + t) % len(self.group)]
                 tg = self._targets.setdefault(node, _Target())
+                if (job_id, v, s, t) not in tg.rows:
+                    self._waiting_bytes += block.nbytes
                 tg.rows[(job_id, v, s, t)] = (tuple(counts), block, xxhash.xxh3_64_intdigest(block))
+            self.stats["waiting_peak_bytes"] = max(self.stats["waiting_peak_bytes"], self._waiting_bytes)
             self._wake.notify_all()
 
     def _open(self, job_id: str, v: int) -> bool:
@@ -112,7 +117,7 @@ class Forwarder:
             if closed:
                 with self._wake:
                     for key in [k for k in tg.rows if (k[0], k[1]) in closed]:
-                        del tg.rows[key]
+                        self._waiting_bytes -= tg.rows.pop(key)[1].nbytes
                         self.stats["rows_dropped"] += 1
                 continue
             self._deliver(node, tg, batch)
@@ -140,7 +145,9 @@ class Forwarder:
         del reqs
         with self._wake:
             for key in done:
-                tg.rows.pop(key, None)
+                row = tg.rows.pop(key, None)
+                if row is not None:
+                    self._waiting_bytes -= row[1].nbytes
             self.stats["rows_sent"] += len(done)
             if err is None:
                 if tg.tries:
@@ -187,8 +194,13 @@ class Forwarder:
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
-        """{"waiting": {peer: {"rows", "tries", "last_error"}}, counters}."""
+        """{"waiting": {peer: {"rows", "tries", "last_error"}}, counters, and (for the
+        memory accounting) the bytes of rows waiting now and at most, and the most
+        contributions one parity buffer held at once."""
         with self._lock:
             waiting = {node: {"rows": len(tg.rows), "tries": tg.tries, "last_error": tg.last_error}
                        for node, tg in self._targets.items() if tg.rows}
-            return {"waiting": waiting, **self.stats}
+            out = {"waiting": waiting, **self.stats, "waiting_bytes": self._waiting_bytes}
+        if self.parity is not None:
+            out["held_peak_bytes"] = self.parity.held_peak_bytes
+        return out

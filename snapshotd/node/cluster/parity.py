@@ -84,6 +84,7 @@ class ParityBuffers:
         # [(t, block)]), called under the buffer's lock: it must only queue them.
         self.on_rows = None
         self.forward = True
+        self.held_peak_bytes = 0  # the most contributions one buffer held at once (memory)
 
     # -- lookup ---------------------------------------------------------------------------
     def get(self, job_id: str, v: int) -> ParityBuffer | None:
@@ -279,6 +280,7 @@ class ParityBuffers:
                 held = buf.held.setdefault(key, [])
                 held.append((p, block))
                 buf.held_bytes += block.nbytes
+                self.held_peak_bytes = max(self.held_peak_bytes, buf.held_bytes)
                 if len(held) >= buf.need.get(key, 0):
                     t0 = time.thread_time()  # CPU time: the cores are shared
                     dsts = [buf.view(s, t)] + [np.empty(self.bs, np.uint8) for _ in rows[1:]]
