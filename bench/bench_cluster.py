@@ -203,6 +203,10 @@ def main(argv=None) -> int:
                         "needs the least memory: no second job, no rebuild)")
     p.add_argument("--commit-timeout-s", type=float, default=120,
                    help="a version not committed by then fails the run, with the reason (default 120)")
+    p.add_argument("--budget-mib", type=int, default=0,
+                   help="each daemon's memory budget (default: what one job needs -- the committed "
+                        "and the next version's data and parity, (2 + 2m/k) x state, plus 1/8 -- so "
+                        "the store reuses freed slots instead of growing; 10 x state before)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     a = p.parse_args(argv)
     if a.quick:
@@ -215,7 +219,9 @@ def main(argv=None) -> int:
 
     d = tempfile.mkdtemp(prefix="bench-cluster-")
     size = a.size_mib << 20
-    budget = f"{10 * size + (256 << 20)}"  # two jobs: all nodes active, then one
+    k_ = a.nodes - a.parity
+    need = int((2 + 2 * a.parity / k_) * size * 1.125) + (256 << 20)
+    budget = str(a.budget_mib << 20 if a.budget_mib else need)  # one job at a time (the first is dropped)
     lc.up(d, a.nodes, a.parity, a.block_size, budget)
     socks = lc.sockets(d)
     nodes = sorted(socks)
@@ -293,6 +299,9 @@ def main(argv=None) -> int:
         res["held_contributions_peak_mib"] = [round(f.get("held_peak_bytes", 0) / 2**20) for f in fw]
         res["forward_rows_waiting_peak_mib"] = [round(f.get("waiting_peak_bytes", 0) / 2**20) for f in fw]
         phases = set(a.phases.split(","))
+        if phases & {"one_active", "rebuild"}:  # one job at a time: the budget holds one
+            for c in clients:
+                c.drop_job("bench")
         if "one_active" in phases:
             mem.phase = "one_active"
             res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job, d,

@@ -194,7 +194,7 @@ def _forwarder(script, open_version: bool = True):
     stop = threading.Event()
     commit = _Commit(script)
     fw = Forwarder(me="n0", group=group, jobs=jobs, parity=None, commit=commit, membership=None, stop=stop,
-                   min_backoff_s=0.01)
+                   min_backoff_s=0.01, send=commit.deliver)
     fw.start()
     return fw, commit, stop, jobs
 

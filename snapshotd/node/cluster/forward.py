@@ -4,8 +4,11 @@ With the accumulator route (issue 16, :mod:`snapshotd.core.placement`) the data 
 stripe s reach only the holder of its parity row 0, which computes every row
 (:meth:`ParityBuffers.add <.parity.ParityBuffers.add>`) and hands rows 1..m-1 here
 (:meth:`Forwarder.submit`). One sender thread per target peer sends them (the ``contrib``
-op with ``forwarded`` set, the row's xxh3 computed once) and drops each row when the
-peer acknowledges it. A delivery that fails (a stalled receiver, a peer that looked dead
+op with ``forwarded`` set, the row's xxh3 computed once) on a connection of its own
+(not the commit worker's, whose contributions to that peer would otherwise hold the
+rows back until they are all sent: at 512 MiB per node that kept every forwarded row,
+(m-1)/k of the data, in memory at once) and drops each row when the peer acknowledges
+it. A delivery that fails (a stalled receiver, a peer that looked dead
 for a while) is never dropped: what is left is sent again after a backoff (doubling from
 the heartbeat interval up to :data:`RESEND_MAX_S`) for as long as the version is open; a
 committed, fenced or dropped version's rows are dropped. A holder stores a forwarded row
@@ -30,7 +33,7 @@ import time
 
 import xxhash
 
-from snapshotd.node.peer import PeerUnavailableError, RemoteError
+from snapshotd.node.peer import PeerClient, PeerUnavailableError, RemoteError
 
 from . import peer_ops
 
@@ -54,8 +57,12 @@ class _Target:
 
 class Forwarder:
     def __init__(self, *, me: str, group: tuple, jobs, parity, commit, membership, stop: threading.Event,
-                 min_backoff_s: float):
+                 min_backoff_s: float, send=None):
+        """``send(node, reqs, job_id, v, on_acked=...)`` delivers requests (raising
+        PeerUnavailableError or RemoteError); default: our own client per peer."""
         self.me, self.group = me, tuple(group)
+        self._send = send or self._send_own
+        self._clients: dict = {}  # node -> PeerClient of our own (touched by its sender thread only)
         self.jobs, self.parity, self.commit, self.membership = jobs, parity, commit, membership
         self._stop = stop
         self.min_backoff_s = max(0.01, float(min_backoff_s))
@@ -85,6 +92,17 @@ class Forwarder:
         for tg in list(self._targets.values()):
             if tg.thread is not None and tg.thread is not threading.current_thread():
                 tg.thread.join(5)
+        for c in list(self._clients.values()):
+            c.close()
+
+    def _send_own(self, node: str, reqs: list, job_id=None, v=None, on_acked=None) -> None:
+        c = self._clients.get(node)
+        if c is None:
+            mb = self.membership
+            nd = mb.spec.node(node)
+            c = self._clients[node] = PeerClient(f"tcp://{nd.host}:{nd.peer_port}", self.me, node, mb.key,
+                                                 timeout_ms=mb.spec.heartbeat_timeout_ms, curve=mb.curve)
+        c.call_many(reqs, window=8, on_reply=lambda i, rep, d: on_acked(i))
 
     # -- the accumulator's side ---------------------------------------------------------------
     def submit(self, job_id: str, v: int, s: int, counts: tuple, rows: list) -> None:
@@ -134,9 +152,8 @@ class Forwarder:
 
         err = None
         try:
-            # Retries what stalls while the peer's heartbeats still answer; raises once it
-            # gives up (then we wait a backoff and try again, while the version is open).
-            self.commit.deliver(node, reqs, items[0][0][0], items[0][0][1], on_acked=acked)
+            # A stall raises: we wait a backoff and send what is left, while the version is open.
+            self._send(node, reqs, items[0][0][0], items[0][0][1], on_acked=acked)
         except (PeerUnavailableError, RemoteError) as exc:
             err = exc
         except Exception as exc:  # never let the sender thread die
