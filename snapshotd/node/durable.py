@@ -3,10 +3,12 @@
 Two threads per daemon, so a trainer crash never stops a flush:
 
 - the **watcher** hears of each commit (:meth:`DurableFlusher.attach`; and polls the
-  store's committed versions every ``poll_s``); a version is
-  due when it is the first committed version of a new window of ``every_versions`` (the
-  same versions on every node, so the nodes' parts meet), or, with ``every_s`` on a job
-  whose ranks are all on this node, when ``every_s`` passed since the last capture. It
+  store's committed versions every ``poll_s``); a version is due when it is the first
+  committed version of a new window of ``every_versions`` (``v // N`` grows; counted from
+  the newest complete durable version when the daemon first sees the job, so the same
+  versions on every node and across restarts: the nodes' parts meet), or, with
+  ``every_s`` on a job whose ranks are all on this node, when ``every_s`` passed since
+  the last capture; a version already complete on the durable tier is not due. It
   *captures* a due version at once: copies this node's shards of it into private memory
   and checks every block against the manifest's checksums (a slot reused meanwhile, or a
   corrupt block, is never flushed). At most one capture waits per job: a newer one
@@ -168,8 +170,13 @@ class DurableFlusher:
             if not v or info is None or v <= self._seen.get(job, 0):
                 continue
             self._seen[job] = v
+            if job not in self._last:  # first sight (a restart too): go on from the durable tier
+                done = ds.complete_versions(self.target, job)
+                self._last[job] = (done[-1] if done else 0, now)
             if not self._due(job, v, info, now):
                 continue
+            if ds.INDEX in self.target.listdir(f"{job}/{ds.version_dir(v)}"):
+                continue  # already complete (flushed before a restart)
             cap = self.capture(job, v, info["world_size"])
             if cap is None:
                 continue

@@ -38,7 +38,7 @@ def _train(model, opt, steps, snap=None, start=1):
             snap.save(step).result(30)
 
 
-def _flagged(daemon_factory, url, *extra, env=None):
+def _flagged(daemon_factory, url, *extra):
     d = daemon_factory(extra_args=["--durable-url", url, "--durable-every-versions", "2",
                                    "--durable-keep", "2", "--log-level", "INFO", *extra])
     return d
@@ -46,6 +46,13 @@ def _flagged(daemon_factory, url, *extra, env=None):
 
 def _complete(root, job=JOB):
     return ds.complete_versions(ds.open_store(root), job)
+
+
+def _wait_latest(root, v):
+    """latest.json (a hint for people and tools) moves after the index is written."""
+    path = os.path.join(root, JOB, ds.LATEST)
+    wait_for(lambda: os.path.exists(path) and json.load(open(path))["version"] == v, 30,
+             f"latest.json to name v{v}")
 
 
 def _snap(d, model, opt, url, **kw):
@@ -66,9 +73,7 @@ def test_flush_layout_stock_load_and_retention(daemon_factory, tmp_path):
     assert ds.versions(ds.open_store(root), JOB) == done
     vdir = os.path.join(root, JOB, ds.version_dir(6))
     assert sorted(os.listdir(vdir)) == [".metadata", "__0_0.distcp", "parts", ds.INDEX]
-    # latest.json (a hint for people and tools) moves after the index is written
-    wait_for(lambda: json.load(open(os.path.join(root, JOB, ds.LATEST)))["version"] == 6, 30,
-             "latest.json to name v6")
+    _wait_latest(root, 6)
     # stock DCP reads it: the model's tensors under their names, the step as rank0.*
     want = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
     got = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
@@ -149,6 +154,7 @@ def test_flush_killed_halfway_never_becomes_latest(daemon_factory, tmp_path, poi
     with _snap(d, model, opt, root) as snap:
         _train(model, opt, 2, snap)
         wait_for(lambda: _complete(root) == [2], 30, "v2 durable")
+        _wait_latest(root, 2)
         want2 = {k: v.clone() for k, v in model.state_dict().items()}
         d.kill(signal.SIGKILL)
     # the same daemon state, now with the stall hook: v4's flush stops at `point`
