@@ -8,19 +8,30 @@ Layout (root, ``ip`` and ``tc`` needed; everything stays on this machine)::
       |-- veth  <->  namespace <tag>-n1: rank 1                     + daemon n1 of each cluster
       ...
 
-Both ends of every veth are shaped with ``tc`` like a NIC port and its switch port:
-netem (``--delay-ms`` one way) with a tbf child (``--rate-mbit``, a queue of
-``--queue-ms``). The namespaces, bridge and veths are built by the chaos harness's
+Both ends of every veth are shaped with ``tc`` like a NIC port and its switch port with
+QoS: HTB at ``--rate-mbit`` with a default class and a low-priority class for DSCP CS1
+(served after the default class, a 2 % guaranteed rate, borrowing the whole link when
+the default class is idle), each class a queue of ``--queue-ms`` of line rate (netem
+``--delay-ms`` where the kernel has sch_netem; this VM's kernel does not). The
+namespaces, bridge and veths are built by the chaos harness's
 :class:`snapshotd_tools.chaos.netns.Network`, the daemons started in them as the chaos
 harness does (``setns`` around the fork, :func:`snapshotd_tools.localcluster.start_node`).
-Two daemon clusters run side by side in the same namespaces: ``snap`` (no traffic
-control) and ``paced`` (``--peer-rate``: the daemon's token bucket on its bulk peer
-bytes); the trainers (:mod:`bench.shaped_trainer`) hold a Snapshotter for each and
-interleave three configurations in rounds: ``none`` (no snapshots), ``snap`` and
-``paced`` (a snapshot after every optimizer step). Reported per configuration: step
-time (median, p90, mean) of rank 0, the slowdown against ``none`` (ratio of medians
-and of means, measured in the same run), save() blocking, the bytes each node put on
-its link per step (veth counters) and what the daemons added to it.
+One daemon cluster per snapshot configuration runs side by side in the same namespaces:
+
+  ``local``   a one-node cluster per namespace (m = 0): the same saves, no peer
+              traffic -- the cost of a snapshot without the network;
+  ``snap``    no traffic control;
+  ``paced``   ``--peer-rate`` (``--peer-rate-share`` of the link): the daemon's token
+              bucket on its bulk peer bytes;
+  ``marked``  ``--peer-dscp 8``: the daemon's peer connections carry CS1, so the link
+              serves the job's all-reduce first and the parity in its gaps.
+
+The trainers (:mod:`bench.shaped_trainer`) hold a Snapshotter for each and interleave
+the configurations and ``none`` (no snapshots) in rounds (a snapshot after every
+optimizer step). Reported per configuration: step time (median, p90, mean) of rank 0,
+the slowdown against ``none`` (ratio of medians and of means, measured in the same
+run), save() blocking, the bytes each node put on its link per step (veth counters)
+and what the daemons added to it.
 
     sudo nice -n 10 .venv/bin/python -m bench.bench_shaped --nodes 2 --rate-mbit 1000 \\
         --json docs/shaped/result.json --plot docs/shaped/step_time.png
@@ -43,7 +54,9 @@ import tempfile
 import time
 
 MIB = 1 << 20
-CONFIGS = ("none", "snap", "paced")
+CONFIGS = ("none", "local", "snap", "paced", "marked")
+LOW_DSCP = 8      # CS1, what the "marked" daemons set (--peer-dscp)
+LOW_SHARE = 0.02  # the low class's guaranteed share of the link
 
 
 def say(msg: str) -> None:
@@ -75,7 +88,7 @@ def _run(*cmd: str) -> None:
 
 
 class ShapedNetwork:
-    """A chaos-harness :class:`Network` whose veth ends are all shaped (netem + tbf)."""
+    """A chaos-harness :class:`Network` whose veth ends are all shaped (HTB, two classes)."""
 
     def __init__(self, nodes: int, rate_mbit: float, delay_ms: float, queue_ms: float):
         from snapshotd_tools.chaos.netns import Network
@@ -89,32 +102,66 @@ class ShapedNetwork:
 
     def create(self) -> None:
         self.net.create()
-        rate_bps = self.rate_mbit * 1e6 / 8
-        burst = max(64 << 10, int(rate_bps * 0.001))  # 1 ms of line rate, >= one GSO packet
-        limit = max(2 * burst, int(rate_bps * self.queue_ms / 1000))
         for i in range(self.net.n):
-            for pre, dev in (((), self.net.host_link(i)), (("-n", self.net.ns(i)), self.peer_link(i))):
-                tbf_parent = ("root",)
-                if self.delay_ms > 0 and self.netem is not False:
-                    r = subprocess.run(["tc", *pre, "qdisc", "replace", "dev", dev, "root", "handle",
-                                        "1:", "netem", "delay", f"{self.delay_ms}ms", "limit", "10000"],
-                                       capture_output=True, text=True)
-                    self.netem = r.returncode == 0
-                    if r.returncode == 0:
-                        tbf_parent = ("parent", "1:1")
-                    elif "unknown" not in r.stderr:
-                        raise RuntimeError(f"tc netem on {dev}: {r.stderr.strip()}")
-                _run("tc", *pre, "qdisc", "replace", "dev", dev, *tbf_parent, "handle", "10:", "tbf",
-                     "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "limit", str(limit))
+            self._shape((), self.net.host_link(i))
+            self._shape(("-n", self.net.ns(i)), self.peer_link(i))
+
+    def _shape(self, pre: tuple, dev: str) -> None:
+        """HTB at the link rate with two classes, as a switch port with QoS: 1:10 (the
+        default: the job's traffic, unmarked daemons) and 1:20 (what carries DSCP
+        ``LOW_DSCP``: served after 1:10, with a small guaranteed rate so it never starves,
+        borrowing the whole link when 1:10 is idle). Each class's queue is
+        ``--queue-ms`` of line rate (netem with ``--delay-ms`` where the kernel has it)."""
+        rate = self.rate_mbit
+        rate_bps = rate * 1e6 / 8
+        burst = str(max(64 << 10, int(rate_bps * 0.001)))  # 1 ms of line rate, >= a GSO packet
+        limit = max(2 * int(burst), int(rate_bps * self.queue_ms / 1000))
+        tc = ("tc", *pre)
+        _run(*tc, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10")
+        _run(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
+             "rate", f"{rate}mbit", "ceil", f"{rate}mbit", "burst", burst, "cburst", burst)
+        for cls, share, prio in (("10", 1 - LOW_SHARE, "0"), ("20", LOW_SHARE, "1")):
+            _run(*tc, "class", "add", "dev", dev, "parent", "1:1", "classid", f"1:{cls}", "htb",
+                 "rate", f"{rate * share}mbit", "ceil", f"{rate}mbit", "prio", prio,
+                 "burst", burst, "cburst", burst)
+            leaf = ("bfifo", "limit", str(limit))
+            if self.delay_ms > 0 and self.netem is not False:
+                r = subprocess.run([*tc, "qdisc", "add", "dev", dev, "parent", f"1:{cls}", "handle",
+                                    f"{cls}:", "netem", "delay", f"{self.delay_ms}ms", "limit",
+                                    str(max(100, limit // 1500))], capture_output=True, text=True)
+                self.netem = r.returncode == 0
+                if r.returncode == 0:
+                    continue
+                if "unknown" not in r.stderr:
+                    raise RuntimeError(f"tc netem on {dev}: {r.stderr.strip()}")
+            _run(*tc, "qdisc", "add", "dev", dev, "parent", f"1:{cls}", "handle", f"{cls}:", *leaf)
+        _run(*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "tos", hex(LOW_DSCP << 2), "0xfc", "flowid", "1:20")
+
+    def class_bytes(self, i: int) -> dict[str, int]:
+        """Bytes sent so far by each HTB class of node ``i``'s egress (its veth end):
+        {"1:10": default, "1:20": low priority, ...}."""
+        r = subprocess.run(["tc", "-n", self.net.ns(i), "-s", "class", "show", "dev", self.peer_link(i)],
+                           capture_output=True, text=True, check=True)
+        out, cls = {}, None
+        for line in r.stdout.splitlines():
+            words = line.split()
+            if words[:2] == ["class", "htb"]:
+                cls = words[2]
+            elif words[:1] == ["Sent"] and cls is not None:
+                out[cls] = int(words[1])
+                cls = None
+        return out
 
     def destroy(self) -> list[str]:
         return self.net.destroy()
 
 
-def _start_cluster(d: str, sn: ShapedNetwork, parity: int, block_size: str, budget: str,
-                   extra: list[str], taken: set) -> dict:
-    """Start a cluster of one daemon per namespace (ports distinct from ``taken``); its
-    processes are in ``info["procs"]`` (wait for them with ``localcluster.wait_ready``)."""
+def _start_cluster(d: str, sn: ShapedNetwork, members: list[int], parity: int, block_size: str,
+                   budget: str, extra: list[str], taken: set) -> dict:
+    """Start a cluster with a daemon in each namespace of ``members`` (its node j in
+    namespace ``members[j]``; ports distinct from ``taken``); its processes are in
+    ``info["procs"]`` (wait for them with ``localcluster.wait_ready``)."""
     import yaml
 
     from snapshotd_tools import localcluster as lc
@@ -123,7 +170,7 @@ def _start_cluster(d: str, sn: ShapedNetwork, parity: int, block_size: str, budg
     os.makedirs(d, exist_ok=True)
     spec = os.path.join(d, "spec.yaml")
     for _ in range(50):
-        ids = lc.write_spec(spec, sn.net.n, parity, block_size, os.urandom(16).hex())
+        ids = lc.write_spec(spec, len(members), parity, block_size, os.urandom(16).hex())
         with open(spec) as f:
             doc = yaml.safe_load(f)
         ports = {p for nd in doc["nodes"] for p in (nd["port"], nd["peer_port"])}
@@ -132,8 +179,8 @@ def _start_cluster(d: str, sn: ShapedNetwork, parity: int, block_size: str, budg
     else:
         raise RuntimeError("no free ports for a second cluster")
     taken |= ports
-    for i, nd in enumerate(doc["nodes"]):
-        nd["host"] = sn.net.addr(i)
+    for j, nd in enumerate(doc["nodes"]):
+        nd["host"] = sn.net.addr(members[j])
     with open(spec, "w") as f:
         yaml.safe_dump(doc, f)
     info = {"dir": d, "spec": spec, "daemon_args": list(extra), "nodes": {
@@ -142,8 +189,8 @@ def _start_cluster(d: str, sn: ShapedNetwork, parity: int, block_size: str, budg
     with open(os.path.join(d, "cluster.json"), "w") as f:  # first, so 'down' finds them
         json.dump(info, f, indent=2)
     procs = {}
-    for i, n in enumerate(ids):
-        with entered(sn.net.ns(i)):
+    for j, n in enumerate(ids):
+        with entered(sn.net.ns(members[j])):
             procs[n] = lc.start_node(d, n, budget, extra)
         lc.set_pid(d, n, procs[n].pid)
         info["nodes"][n]["pid"] = procs[n].pid
@@ -196,14 +243,24 @@ def run(a) -> dict:
     try:
         sn.create()
         taken: set = set()
-        extra = {"snap": [], "paced": ["--peer-rate", str(peer_rate), "--peer-burst", str(a.peer_burst)]}
+        extra = {"snap": [], "paced": ["--peer-rate", str(peer_rate), "--peer-burst", str(a.peer_burst)],
+                 "marked": ["--peer-dscp", str(LOW_DSCP)]}
+        daemons: dict[str, list[tuple[dict, str]]] = {}  # config -> per rank: (cluster, node id)
         for c in [c for c in a.configs if c != "none"]:
-            clusters[c] = _start_cluster(os.path.join(work, c), sn, a.parity, a.block_size,
-                                         a.budget, extra[c], taken)
+            if c == "local":  # a one-node cluster per namespace: no parity, no peer traffic
+                daemons[c] = []
+                for i in range(a.nodes):
+                    info = _start_cluster(os.path.join(work, f"local{i}"), sn, [i], 0, a.block_size,
+                                          a.budget, [], taken)
+                    clusters[f"local{i}"] = info
+                    daemons[c].append((info, "n0"))
+                continue
+            info = clusters[c] = _start_cluster(os.path.join(work, c), sn, list(range(a.nodes)),
+                                                a.parity, a.block_size, a.budget, extra[c], taken)
+            daemons[c] = [(info, f"n{i}") for i in range(a.nodes)]
         port = 20000 + int.from_bytes(os.urandom(2), "big") % 40000
         outs, job = [], "shaped" + os.urandom(2).hex()
         for i in range(a.nodes):  # while the daemons start (importing torch takes a while)
-            node = f"n{i}"
             out = os.path.join(work, f"rank{i}.json")
             outs.append(out)
             cmd = ["ip", "netns", "exec", sn.net.ns(i), sys.executable, "-m", "bench.shaped_trainer",
@@ -212,10 +269,10 @@ def run(a) -> dict:
                    "--width", str(a.width), "--batch", str(a.batch), "--warmup", str(a.warmup),
                    "--rounds", str(a.rounds), "--steps", str(a.steps), "--threads", str(a.threads),
                    "--out", out, "--job", job]
-            for c in clusters:
-                d = clusters[c]["dir"]
-                cmd += ["--daemon", f"{c}={clusters[c]['nodes'][node]['socket']}",
-                        "--ready-file", os.path.join(d, f"{node}.ready")]
+            for c, per_rank in daemons.items():
+                info, node = per_rank[i]
+                cmd += ["--daemon", f"{c}={info['nodes'][node]['socket']}",
+                        "--ready-file", os.path.join(info["dir"], f"{node}.ready")]
             log = open(os.path.join(work, f"rank{i}.log"), "wb")
             trainers.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -223,7 +280,7 @@ def run(a) -> dict:
             for n, proc in info.pop("procs").items():
                 lc.wait_ready(info["dir"], n, proc)
         if sn.netem is False:
-            say("this kernel has no netem qdisc: links shaped by tbf only, no added delay")
+            say("this kernel has no netem qdisc: links shaped by HTB only, no added delay")
         say(f"{a.nodes} namespaces, links {a.rate_mbit:g} Mbit/s + {a.delay_ms if sn.netem else 0:g} ms, "
             f"clusters up (paced at {peer_rate / MIB:.1f} MiB/s)")
         t0 = time.monotonic()
@@ -242,10 +299,13 @@ def run(a) -> dict:
         for out in outs:
             with open(out) as f:
                 ranks.append(json.load(f))
+        classes = [sn.class_bytes(i) for i in range(a.nodes)]
         from bench.common import machine  # imports torch: after the ranks are done
 
         res = {"machine": machine(), "nodes": a.nodes, "parity": a.parity,
                "netns": [sn.net.ns(i) for i in range(a.nodes)],
+               # per node, the whole run: what its egress sent in each class (1:20 = DSCP CS1)
+               "egress_class_bytes": classes,
                "rate_mbit": a.rate_mbit, "delay_ms": a.delay_ms if sn.netem else 0.0,
                "delay_note": None if sn.netem or a.delay_ms <= 0 else "kernel without sch_netem: no delay added",
                "queue_ms": a.queue_ms,
@@ -286,9 +346,11 @@ def plot(res: dict, path: str) -> str:
 
     cs = res["configs"]
     names = [c for c in CONFIGS if c in cs]
-    labels = {"none": "no snapshots", "snap": "snapshot every step",
-              "paced": f"every step, --peer-rate {fmt_bytes(res['peer_rate_bytes_s'])}/s"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    labels = {"none": "no snapshots", "local": "every step, m=0\n(no peer traffic)",
+              "snap": "every step, m=1",
+              "paced": f"m=1, --peer-rate\n{fmt_bytes(res['peer_rate_bytes_s'])}/s",
+              "marked": f"m=1, --peer-dscp {LOW_DSCP}"}
+    fig, ax = plt.subplots(figsize=(9, 4.6))
     data = [[s * 1000 for s in cs[c]["step_s"]] for c in names]
     ax.boxplot(data, whis=(10, 90), showfliers=True, widths=0.5)
     ax.set_xticks(range(1, len(names) + 1),
@@ -339,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout-s", type=float, default=900.0)
-    p.add_argument("--configs", default="none,snap,paced",
-                   help="which of none, snap, paced to run (default all three; 'none' always runs)")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="which of none, local, snap, paced, marked to run (default all; 'none' "
+                        "always runs)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of step time per configuration")
     p.add_argument("--keep-dir", action="store_true", help="keep the logs (daemons, ranks)")

@@ -38,7 +38,7 @@ def test_bench_shaped_tiny(tmp_path):
     _skip_or_fail()
     out, png = tmp_path / "r.json", tmp_path / "p.png"
     steps = 3
-    cmd = [sys.executable, "-m", "bench.bench_shaped", "--configs", "none,paced",
+    cmd = [sys.executable, "-m", "bench.bench_shaped", "--configs", "none,paced,marked",
            "--param-mib", "0.25", "--width", "256", "--batch", "16", "--warmup", "1",
            "--rounds", "1", "--steps", str(steps), "--rate-mbit", "1000",
            "--peer-rate-share", "0.5", "--timeout-s", "150", "--json", str(out), "--plot", str(png)]
@@ -51,7 +51,7 @@ def test_bench_shaped_tiny(tmp_path):
         pytest.fail(f"bench_shaped did not finish:\n{log[-3000:]}")
     assert p.returncode == 0, log[-3000:]
     r = json.loads(out.read_text())
-    assert set(r["configs"]) == {"none", "paced"}
+    assert set(r["configs"]) == {"none", "paced", "marked"}
     assert r["peer_rate_bytes_s"] == int(0.5 * 1000e6 / 8)
     d = r["state_bytes_per_rank"]
     assert d >= 0.25 * (1 << 20)
@@ -61,15 +61,23 @@ def test_bench_shaped_tiny(tmp_path):
         assert c["median_s"] <= c["p90_s"] <= max(c["step_s"])
         # gloo's all-reduce crossed the shaped link: each rank sends about D per step
         assert c["link_bytes_per_node_step"] >= 0.5 * d, (name, c["link_bytes_per_node_step"], d)
-    none, paced = r["configs"]["none"], r["configs"]["paced"]
+    none = r["configs"]["none"]
     assert none["saved"] == 0 and none["daemon_bytes_per_node_step"] == 0
     assert none["slowdown_median"] == 1.0
-    # every step saved, the block's last version committed after the drain
-    assert paced["saved"] == steps and paced["skipped"] == 0
-    assert paced["last_committed"] == paced["last_saved"] > 0
-    # the parity (m = 1: each node's data to the other) crossed the link as well
-    assert paced["daemon_bytes_per_node_step"] >= 0.9 * r["parity"] * d
-    assert paced["slowdown_median"] == pytest.approx(paced["median_s"] / none["median_s"])
+    for name in ("paced", "marked"):
+        c = r["configs"][name]
+        # every step saved, the block's last version committed after the drain
+        assert c["saved"] == steps and c["skipped"] == 0, (name, c)
+        assert c["last_committed"] == c["last_saved"] > 0, (name, c)
+        # the parity (m = 1: each node's data to the other) crossed the link as well
+        assert c["daemon_bytes_per_node_step"] >= 0.9 * r["parity"] * d, (name, c)
+        assert c["slowdown_median"] == pytest.approx(c["median_s"] / none["median_s"])
+    # the marked daemons' parity went through the low-priority class of every link,
+    # the job's all-reduce (and the unmarked daemons) through the default one
+    marked_bytes = r["configs"]["marked"]["daemon_bytes_per_node_step"] * (steps + 1)  # + warm-up
+    for node in r["egress_class_bytes"]:
+        assert node["1:20"] >= 0.9 * marked_bytes, (node, marked_bytes)
+        assert node["1:10"] >= (steps + 1) * 3 * 0.5 * d  # gloo in all three configurations
     assert png.stat().st_size > 1000
     # nothing left behind: our namespaces (and with them the veths and qdiscs) are gone
     assert len(r["netns"]) == r["nodes"]

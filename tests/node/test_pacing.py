@@ -166,3 +166,56 @@ def test_bad_dscp_is_refused(value, capsys):
     with pytest.raises(ValueError):
         pacing.configure(0, 0, 64)
     assert pacing.peer_tos() == 0
+
+
+def test_real_client_and_server_pace_only_bulk_payloads(monkeypatch):
+    """The hooks in PeerClient and PeerServer: a contribution's block waits for the
+    process's PACER before it is sent, a fetch reply's block before it is queued; a ping,
+    a vote and an announce do not (a real server and client on loopback; the pacer's
+    clock and sleep are fakes so nothing here depends on timing)."""
+    from snapshotd.node.peer import PeerClient, PeerServer, peer_pb2 as ppb
+
+    t = FakeTime()
+    lock = threading.Lock()
+    slept = []
+
+    def sleep(s):
+        with lock:
+            slept.append(s)
+
+    monkeypatch.setattr(pacing.PACER, "_clock", t.clock)
+    monkeypatch.setattr(pacing.PACER, "_sleep", sleep)
+    pacing.PACER.set_rate(MIB, MIB)  # 1 MiB/s, 1 MiB of burst, at fake time 0 forever
+    base = pacing.PACER.status()["paced_bytes"]
+
+    def handler(sender, req, payload):
+        op = req.WhichOneof("op")
+        if op == "ping":
+            return ppb.PeerReply(ping=ppb.PingReply()), None
+        if op == "fetch":
+            return ppb.PeerReply(ack=ppb.Ack()), b"f" * MIB
+        return ppb.PeerReply(ack=ppb.Ack()), None
+
+    server = PeerServer("tcp://127.0.0.1:0", "srv", None, None, handler, inline_ops={"ping"}).start()
+    c = PeerClient(server.endpoint, "cli", "srv", None)
+    try:
+        block = b"c" * MIB
+        contrib = ppb.PeerRequest(contrib=ppb.ContribRequest(job="j", version=1, stripe=0, row=0,
+                                                             position=0, block_counts=[1]))
+        c.call(ppb.PeerRequest(ping=ppb.PingRequest()))
+        c.call(ppb.PeerRequest(vote=ppb.VoteRequest(job="j", version=1)))
+        c.call(ppb.PeerRequest(announce=ppb.AnnounceRequest(job="j", version=1, node="cli",
+                                                            block_count=1)), b"m" * MIB)
+        assert slept == [] and pacing.PACER.status()["paced_bytes"] == base
+        c.call(contrib, block)  # the burst
+        c.call(contrib, block)  # 1 MiB behind: waits 1 s
+        assert slept == [pytest.approx(1.0)]
+        _, got = c.call(ppb.PeerRequest(fetch=ppb.FetchRequest(job="j", version=1,
+                                                               kind=ppb.BLOCK_KIND_DATA, block_index=0)))
+        assert bytes(got) == b"f" * MIB
+        assert slept == [pytest.approx(1.0), pytest.approx(2.0)]  # the reply queued behind it
+        assert pacing.PACER.status()["paced_bytes"] == base + 3 * MIB
+    finally:
+        c.close()
+        server.stop()
+        pacing.configure(0, 0)
