@@ -316,7 +316,8 @@ class SnapshotdReader(StorageReader):
         self.segments = SegmentCache()
         self.storage_data: dict = {}
         self.load_id = uuid.uuid4().hex
-        self.fetched_ranks: list[int] = []  # ranks whose whole shard came over gRPC (last load)
+        self.fetched_ranks: list[int] = []  # ranks read over gRPC, not mapped (last load)
+        self.fetched_bytes = 0  # bytes those ranged fetches moved (covering blocks; last load)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
@@ -371,16 +372,48 @@ class SnapshotdReader(StorageReader):
 
     def _open(self, rank: int):
         """(buffer of ``rank``'s payload, its manifest): this node's mapping of the segment,
-        or the whole shard fetched over gRPC when the segment is not on this host."""
+        or None when the segment is not on this host (its items are then fetched one
+        range at a time: ``_fetch``)."""
         resp = self.client.open_shard(self.job_id, rank, self.version)
         try:
             seg = self.segments.get(resp.segment_name, writable=False)
             buf = seg.buf if seg.buf is not None else b""
         except (OSError, ValueError):  # a daemon on another host: its shm is not ours
-            m, buf = self.client.fetch_shard(self.job_id, rank, self.version)
             self.fetched_ranks.append(rank)
-            return buf, m
+            return None, resp.manifest
         return buf, resp.manifest
+
+    def _fetch(self, reqs, m: pb.ShardManifest) -> list:
+        """[(req, info relative to its buffer, buffer)] for the items of a rank not mapped
+        here: the checksum blocks covering them, merged into runs, each fetched once
+        (verified on both ends). Items outside the payload keep their info (_read_one
+        names the bad range)."""
+        bs = m.block_size_bytes or mf.DEFAULT_BLOCK_SIZE_BYTES
+        runs: list[list[int]] = []  # [lo, hi) byte ranges, block-aligned, merged
+        for _, info in sorted(reqs, key=lambda x: x[1].offset):
+            if not info.length or info.offset + info.length > m.payload_bytes:
+                continue
+            lo = info.offset // bs * bs
+            hi = min(-(-(info.offset + info.length) // bs) * bs, m.payload_bytes)
+            if runs and lo <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], hi)
+            else:
+                runs.append([lo, hi])
+        data = []
+        for lo, hi in runs:
+            _, buf, moved = self.client.fetch_range(self.job_id, reqs[0][1].rank, self.version,
+                                                    lo, hi - lo)
+            self.fetched_bytes += moved
+            data.append((lo, hi, buf))
+        out = []
+        for req, info in reqs:
+            run = next(((lo, buf) for lo, hi, buf in data
+                        if info.length and lo <= info.offset and info.offset + info.length <= hi), None)
+            if run is None:
+                out.append((req, info if info.length else replace(info, offset=0), b""))
+            else:
+                out.append((req, replace(info, offset=info.offset - run[0]), run[1]))
+        return out
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         by_rank: dict[int, list] = {}
@@ -389,13 +422,14 @@ class SnapshotdReader(StorageReader):
             if not isinstance(info, SnapshotdStorageInfo):
                 raise InvalidRequestError(f"no snapshotd storage info for {req.storage_index}")
             by_rank.setdefault(info.rank, []).append((req, info))
-        self.fetched_ranks = []
+        self.fetched_ranks, self.fetched_bytes = [], 0
         try:
             for rank, reqs in sorted(by_rank.items()):
                 buf, m = self._open(rank)
-                for req, info in reqs:
-                    self._read_one(planner, req, info, buf, m)
-                del buf
+                items = [(req, info, buf) for req, info in reqs] if buf is not None else self._fetch(reqs, m)
+                for req, info, b in items:
+                    self._read_one(planner, req, info, b, m)
+                del buf, items
         finally:
             self.segments.close()  # nothing handed out points into a mapping (copied above)
         fut: Future = Future()

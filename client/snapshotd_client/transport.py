@@ -171,6 +171,33 @@ class DaemonClient:
         verify_checksums(buf, m, what="fetched shard")
         return m, buf
 
+    def fetch_range(self, job_id: str, rank: int, version: int, offset: int, length: int):
+        """Bytes [offset, offset + length) of a committed shard: the daemon verifies and
+        sends only the checksum blocks covering them, verified again here. Returns
+        (manifest, the bytes, how many bytes crossed the channel)."""
+        if offset < 0 or length < 1:
+            raise errors.InvalidRequestError(f"fetch_range needs offset >= 0 and length >= 1, "
+                                             f"got {offset}, {length}")
+        try:
+            it = self.stub.FetchShard(pb.FetchShardRequest(job_id=job_id, rank=rank, version=version,
+                                                           offset=offset, length=length),
+                                      timeout=self.timeout_s * 10, metadata=self._metadata)
+            m = next(it).manifest
+            data = bytearray()
+            for chunk in it:
+                data += chunk.data
+        except grpc.RpcError as exc:
+            raise _translate(exc, "FetchShard") from None
+        from snapshotd.wire import manifest as mf
+
+        b0, b1 = mf.covering_blocks(m, offset, length)
+        lo, hi = b0 * m.block_size_bytes, min(b1 * m.block_size_bytes, m.payload_bytes)
+        if len(data) != hi - lo:
+            raise errors.ChecksumMismatchError(f"FetchShard: got {len(data)} of the {hi - lo} bytes "
+                                               f"of blocks {b0}..{b1 - 1}")
+        mf.verify_blocks(data, m, b0, "fetched range")
+        return m, bytes(memoryview(data)[offset - lo:offset - lo + length]), len(data)
+
     def close(self) -> None:
         self.channel.close()
 

@@ -33,6 +33,7 @@ import time
 
 import grpc
 
+from snapshotd.wire import manifest as mf
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire._proto import snapshotd_pb2_grpc as pb_grpc
 from snapshotd.wire.errors import (
@@ -360,10 +361,18 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     def FetchShard(self, request, context):
         self._job_access(context, request.job_id)
         t0 = time.monotonic()
-        _, m, seg = self.store.committed_shard(request.job_id, request.rank, request.version)
+        ranged = bool(request.offset or request.length)
+        _, m, seg = self.store.committed_shard(request.job_id, request.rank, request.version,
+                                               verify=not ranged)
+        lo, hi = 0, m.payload_bytes
+        if ranged:  # only the covering blocks: verified here, sent from the first one's start
+            b0, b1 = mf.covering_blocks(m, request.offset, request.length)
+            lo, hi = b0 * m.block_size_bytes, min(b1 * m.block_size_bytes, m.payload_bytes)
+            if not self.store.unsafe_skip_verify:
+                mf.verify_blocks(seg.buf[lo:hi], m, b0, f"segment of job {m.job_id!r} rank {m.rank}")
         yield pb.FetchShardChunk(manifest=m)
-        for off in range(0, m.payload_bytes, STREAM_CHUNK_BYTES):
-            end = min(off + STREAM_CHUNK_BYTES, m.payload_bytes)
+        for off in range(lo, hi, STREAM_CHUNK_BYTES):
+            end = min(off + STREAM_CHUNK_BYTES, hi)
             yield pb.FetchShardChunk(data=seg.buf[off:end])
         if self.metrics is not None:
             self.metrics.restore_served("fetch", time.monotonic() - t0)

@@ -138,6 +138,31 @@ def verify_checksums(buf, m, *, what: str = "shard") -> None:
         raise_mismatch(m, bad, len(got), what)
 
 
+def covering_blocks(m, offset: int, length: int) -> tuple[int, int]:
+    """Blocks [b0, b1) of ``m`` that cover payload bytes [offset, offset + length)
+    (``length`` 0: to the end). InvalidRequestError for a range outside the payload."""
+    n, bs = m.payload_bytes, m.block_size_bytes
+    end = n if length == 0 else offset + length
+    if offset < 0 or length < 0 or end > n or offset > end or bs <= 0:
+        raise InvalidRequestError(f"bytes [{offset}, {end}) are not within the {n}-byte payload "
+                                  f"of job {m.job_id!r} rank {m.rank} version {m.version}")
+    return offset // bs, num_blocks(end, bs)
+
+
+def verify_blocks(data, m, b0: int, what: str) -> None:
+    """Check ``data``, the bytes of blocks b0, b0+1, ... of ``m``'s payload (from block
+    b0's start), against those blocks' checksums only (ChecksumMismatchError)."""
+    bs = m.block_size_bytes
+    got = block_checksums(data, len(memoryview(data).cast("B")), bs)
+    want = list(m.block_checksums[b0:b0 + len(got)])
+    bad = [b0 + i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    if len(want) != len(got):
+        raise ChecksumMismatchError(f"{what}: blocks {b0}..{b0 + len(got) - 1} are not all in the "
+                                    f"manifest ({len(m.block_checksums)} checksums)")
+    if bad:
+        raise_mismatch(m, bad, len(m.block_checksums), what)
+
+
 def raise_mismatch(m, bad: list[int], nblocks: int, what: str) -> None:
     if nblocks != len(m.block_checksums):
         raise ChecksumMismatchError(f"{what}: {nblocks} blocks but {len(m.block_checksums)} checksums")

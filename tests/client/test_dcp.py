@@ -337,6 +337,43 @@ def test_remote_shard_is_fetched_when_not_mappable(where):
     assert _eq(out, {**sd, "strided": sd["strided"].contiguous()})
 
 
+def test_a_remote_load_fetches_only_the_covering_blocks(where, daemon_m):
+    """Not mappable here: each rank's items come by ranged FetchShard, the covering checksum
+    blocks only (merged, each once), verified by the daemon and again here; a corrupted
+    block outside the range does not stop it, one inside does."""
+    from snapshotd.wire import errors, shm
+    from snapshotd.wire.manifest import DEFAULT_BLOCK_SIZE_BYTES as BS
+
+    big = torch.arange(3 * BS // 4, dtype=torch.float32)  # 3 blocks
+    sd = {"big": big, "small": torch.arange(100.0), "tail": torch.ones(7, dtype=torch.int64)}
+    dcp.save(sd, storage_writer=make_writer("snapshotd", where, "ranged"))
+    m = daemon_m.client().open_shard("dcp-ranged", 0).manifest
+    assert m.payload_bytes > 3 * BS
+
+    def load(keys):
+        r = make_reader("snapshotd", where, "ranged")
+        r.segments.get = lambda name, writable=True: (_ for _ in ()).throw(FileNotFoundError(name))
+        out = {k: torch.zeros_like(sd[k]) for k in keys}
+        dcp.load(out, storage_reader=r)
+        assert r.fetched_ranks == [0] and all(torch.equal(out[k], sd[k]) for k in keys)
+        r.close()
+        return r.fetched_bytes
+
+    assert load(["small", "tail"]) == m.payload_bytes - 3 * BS  # the last block only
+    assert load(list(sd)) == m.payload_bytes  # every block once
+    cl = daemon_m.client()
+    with open(shm.path_of(cl.open_shard("dcp-ranged", 0).segment_name), "r+b") as f:
+        f.seek(BS + 8)  # block 1
+        f.write(b"\xde\xad")
+    _, got, moved = cl.fetch_range("dcp-ranged", 0, 0, 3 * BS + 10, 20)
+    assert moved == m.payload_bytes - 3 * BS and len(got) == 20
+    with pytest.raises(errors.ChecksumMismatchError, match="block"):
+        cl.fetch_range("dcp-ranged", 0, 0, BS - 4, 8)  # blocks 0 and 1
+    with pytest.raises(errors.InvalidRequestError, match="not within"):
+        cl.fetch_range("dcp-ranged", 0, 0, m.payload_bytes - 4, 8)
+    cl.close()
+
+
 def test_metadata_codec_round_trip_and_refusals(where, daemon_m):
     from snapshotd.wire import shm
     from snapshotd.wire.errors import InvalidRequestError
