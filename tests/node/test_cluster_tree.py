@@ -88,3 +88,27 @@ def test_two_groups_commit_through_the_tree_and_a_lost_node_comes_back(make_grou
     for node in c.nodes:
         waiting = c.cluster_status(node)["jobs"][JOB]
         assert waiting["committed"] == 2 and not waiting["pending"], (node, waiting)
+
+
+def test_heartbeats_watch_the_group_and_its_tree_neighbours_only():
+    """Three groups of 3: groups 1 and 2 are children of the root 0, so a node of group
+    1 pings its group and the root's members, never group 2's; the root's nodes ping all."""
+    import threading
+
+    from snapshotd.node.cluster.membership import Membership
+
+    doc = {"group_size": 3, "parity": 1, "block_size_bytes": BLOCK,
+           "nodes": [{"id": f"n{i}", "host": "127.0.0.1", "port": 7000 + i, "peer_port": 7100 + i,
+                      "failure_domain": f"host-{i}"} for i in range(9)]}
+    spec = parse_spec(doc)
+    g0, g1, g2 = spec.groups
+
+    def peers(node):
+        gi, _ = spec.group_of(node)
+        return Membership(spec, node, tuple(spec.groups[gi]), None, None, threading.Event(),
+                          committed_versions=dict, on_gossip=lambda c: None).peers
+
+    me = g1[0]
+    assert set(peers(me)) == (set(g1) | set(g0)) - {me} and not set(peers(me)) & set(g2)
+    assert peers(me)[:2] == tuple(x for x in g1 if x != me)  # the group first
+    assert set(peers(g0[1])) == set(spec.groups[0] + g1 + g2) - {g0[1]}
