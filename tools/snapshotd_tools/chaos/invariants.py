@@ -209,7 +209,8 @@ def _commit_through_stall(o: Observation) -> Check:
         return Check("commit_through_stall", False, f"{what} not committed within {o.commit_bound_s:g} s "
                                                     "after the stall ended")
     return Check("commit_through_stall", st["after_s"] <= o.commit_bound_s,
-                 f"{what} committed {st['after_s']:.1f} s after the stall ended (bound {o.commit_bound_s:g} s)")
+                 f"{what} committed {st['after_s']:.1f} s after the stall ended (bound {o.commit_bound_s:g} s; "
+                 f"per {st.get('via', 'the trainers')})")
 
 
 VERSION_RE = re.compile(r"version \d+|v\d+\b")

@@ -99,7 +99,7 @@ def stall_serving_thread(h: Harness, node: str, seconds: float, mode: str, obs: 
     h.drain(g, running_s=0.1)
     # Every version handed over so far was out when the stall began (some with their
     # contributions to the stalled node still unsent): the next one must commit.
-    target = max(g.last.values()) + 1
+    target = min(max(g.last.values()) + 1, h.steps)
     dead_after = None
     observer = next(n for n in rig.nodes if n != node)
     while time.monotonic() - t_stall < seconds:
@@ -109,10 +109,15 @@ def stall_serving_thread(h: Harness, node: str, seconds: float, mode: str, obs: 
     t_clear = time.time()
     deadline = time.monotonic() + obs.commit_bound_s + 1
     seen: list[float] = []
+    via = "the trainers' record"
     while not seen and time.monotonic() < deadline and not any(rc != 0 for rc in g.ended.values()):
         g.pump(0.1)
         seen = [t for t, _, v in g.commits if v >= target]
-    obs.stall = {"node": node, "target": target,
+        if not seen and len(g.ended) == h.n and rig.whole(target):
+            # The epoch ended at the stalled version: no later hand-off can report it, so
+            # the daemons' word (the restart drill then restores it, judged bit-exact).
+            seen, via = [time.time()], "the daemons (the epoch ended at it)"
+    obs.stall = {"node": node, "target": target, "via": via,
                  "after_s": round(max(0.0, min(seen) - t_clear), 2) if seen else None}
     # What the peers felt: requests to the stalled node that timed out (the daemons' words).
     failed = sum(_count_since(logs[n], marks[n], f" to {node} not acknowledged") for n in rig.nodes if n != node)

@@ -54,8 +54,8 @@ def _record_commits(rank_of) -> tuple:
 
     adopt, restore = DaemonClient.adopt, Snapshotter.restore
 
-    def adopt_and_record(self, segment_name, manifest):
-        resp = adopt(self, segment_name, manifest)
+    def adopt_and_record(self, segment_name, manifest, *args, **kw):  # the client's own arguments
+        resp = adopt(self, segment_name, manifest, *args, **kw)
         _write({"event": "commit_seen", "rank": manifest.rank, "version": int(resp.latest_committed_version),
                 "delivered": int(manifest.version), "time": time.time()})
         return resp
