@@ -63,8 +63,12 @@ class DaemonClient:
                 ("grpc.enable_http_proxy", 0),
                 # A restarted daemon is found again within ~2 s (grpc's default backoff
                 # grows to 120 s): the ranks of a job come back at nearly the same step.
+                # Not "grpc.min_reconnect_backoff_ms": gRPC takes it as the minimum
+                # *connect timeout* (default 20 s); at 200 ms a daemon slow to finish the
+                # HTTP/2 handshake (a loaded machine) failed the channel, and a restore's
+                # first call reported the daemon unreachable at once
+                # (tests/client/test_transport_connect.py).
                 ("grpc.initial_reconnect_backoff_ms", 200),
-                ("grpc.min_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 2000)]
         self.channel = grpc.insecure_channel(target, options=opts)
         self.stub = pb_grpc.SnapshotdStub(self.channel)
