@@ -26,7 +26,8 @@ payload, unlike the header, is not bounded at 64 KiB:
                   manifest_sizes_bytes; payload: the manifests
   contrib         job*, version*, stripe*, row*, position*, block_counts;    Ack (idempotent)
                   payload: one block (sent with its stored xxh3)
-  vote            job*, version*, ranks                                      Ack
+  vote            job*, version*, ranks, step (a vote, a report or the       Ack
+                  commit word: the commit tree, core/protocol.py)
   ping            committed_versions {job: version}                          PingReply
                                                                              {committed_versions}
   round           job*, version*                                             RoundReply
