@@ -1,7 +1,7 @@
 """A demo SIGKILLed takes its daemons and trainers with it (issue 18).
 
 ``snapshotd demo`` starts its cluster with ``localcluster.up(..., tie_to_parent=True)``
-and its trainers with ``localcluster.die_with_parent``; a demo that was SIGKILLed used to
+and its trainers through ``localcluster.tied``; a demo that was SIGKILLed used to
 leave its 4 daemons (and trainers) running for hours. Here a small parent script starts a
 2-node local cluster through that same code path and one child as the demo starts its
 trainers, prints their pids and waits; the test SIGKILLs the script and waits (on the
@@ -29,8 +29,8 @@ import json, signal, subprocess, sys
 from snapshotd_tools import localcluster as lc
 d, tie = sys.argv[1], sys.argv[2] == "1"
 info = lc.up(d, 2, 1, block_size="16KiB", budget="64MiB", tie_to_parent=tie)
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                         preexec_fn=lc.die_with_parent(signal.SIGKILL) if tie else None)
+argv = [sys.executable, "-c", "import time; time.sleep(600)"]
+child = subprocess.Popen(lc.tied(argv, signal.SIGKILL) if tie else argv)
 print(json.dumps({"daemons": [v["pid"] for v in info["nodes"].values()], "child": child.pid}), flush=True)
 signal.pause()
 """

@@ -10,7 +10,7 @@ unlinks their shared memory. ``status`` asks every node for its stats.
 
 ``up(..., tie_to_parent=True)`` (the demo's foreground cluster) ties each daemon's life
 to the process that started it: the kernel sends the daemon SIGTERM when that process
-dies, SIGKILL included (``die_with_parent``: Linux ``PR_SET_PDEATHSIG``). Clusters of
+dies, SIGKILL included (``tied``: Linux ``PR_SET_PDEATHSIG``). Clusters of
 ``snapshotd cluster up`` are meant to outlive the command and are not tied.
 """
 
@@ -85,27 +85,24 @@ def shm_prefix(d: str, node: str) -> str:
     return f"snapshotd.{instance_of(d)}.{node}."
 
 
-def die_with_parent(sig: int = signal.SIGTERM):
-    """A ``preexec_fn`` for ``subprocess.Popen`` (Linux): the child gets ``sig`` when the
-    process that started it dies, however it dies. The kernel ties this to the THREAD
-    that forked, so call Popen from a thread that lives as long as the child should (the
-    main thread: ``require_main_thread``). Also covers the parent dying before the child
-    armed it. Elsewhere than Linux: a RuntimeError (nothing would tie them)."""
-    import ctypes
-    import ctypes.util
+# Runs as the child's first program: arms PR_SET_PDEATHSIG (1), catches a parent that is
+# already gone, then execs the real command in the same process (the signal survives it).
+_TIE = ("import ctypes, os, sys; "
+        "ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[2]), 0, 0, 0) == 0 or sys.exit(127); "
+        "os.getppid() == int(sys.argv[1]) or os.kill(os.getpid(), int(sys.argv[2])); "
+        "os.execv(sys.argv[3], sys.argv[3:])")
 
+
+def tied(argv: list[str], sig: int = signal.SIGTERM) -> list[str]:
+    """``argv`` (an absolute program path first) wrapped so that the process gets ``sig``
+    when the process that starts it dies, however it dies (Linux ``PR_SET_PDEATHSIG``).
+    A short Python prelude arms it and execs ``argv`` in the same process (same pid), so
+    nothing runs between fork and exec (a ``preexec_fn`` could deadlock while other
+    threads run). The kernel ties it to the THREAD that forks: start it from a thread that
+    lives as long as the child should (the main thread: ``require_main_thread``)."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError("tying a process to its parent's life needs Linux (PR_SET_PDEATHSIG)")
-    prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def arm() -> None:  # runs in the child between fork and exec: only these calls
-        if prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG; kept across execve
-            os._exit(127)
-        if os.getppid() != parent:  # the parent died before the line above
-            os.kill(os.getpid(), sig)
-
-    return arm
+    return [sys.executable, "-c", _TIE, str(os.getpid()), str(int(sig)), *argv]
 
 
 def require_main_thread(what: str) -> None:
@@ -118,21 +115,19 @@ def require_main_thread(what: str) -> None:
 
 def start_node(d: str, node: str, budget: str = "4GiB", extra=(), tie_to_parent: bool = False) -> subprocess.Popen:
     """Start ``node``'s daemon (its own session); with ``tie_to_parent`` it gets SIGTERM
-    when this process dies (``die_with_parent``; call from the main thread)."""
+    when this process dies (``tied``; call from the main thread)."""
     ready = os.path.join(d, f"{node}.ready")
     if os.path.exists(ready):
         os.unlink(ready)
-    preexec = None
+    argv = [sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
+            "--spec", os.path.join(d, "spec.yaml"), "--state-dir", os.path.join(d, node),
+            "--socket", os.path.join(d, f"{node}.sock"), "--memory-budget-bytes", budget,
+            "--ready-file", ready, "--instance", instance_of(d), *extra]
     if tie_to_parent:
         require_main_thread(f"starting daemon {node}")
-        preexec = die_with_parent(signal.SIGTERM)
+        argv = tied(argv, signal.SIGTERM)
     log = open(os.path.join(d, f"{node}.log"), "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
-         "--spec", os.path.join(d, "spec.yaml"), "--state-dir", os.path.join(d, node),
-         "--socket", os.path.join(d, f"{node}.sock"), "--memory-budget-bytes", budget,
-         "--ready-file", ready, "--instance", instance_of(d), *extra],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(d: str, node: str, proc: subprocess.Popen | None = None, timeout_s: float = 60) -> dict:

@@ -30,20 +30,19 @@ def _say(msg: str) -> None:
 def start_daemon(workdir: str, node_id: str, budget: str = "2GiB",
                  tie_to_parent: bool = False) -> tuple[subprocess.Popen, str]:
     """A daemon for ``node_id``; with ``tie_to_parent`` it gets SIGTERM when this process
-    dies (``localcluster.die_with_parent``; call from the main thread)."""
-    preexec = None
+    dies (``localcluster.tied``; call from the main thread)."""
     if tie_to_parent:
         lc.require_main_thread(f"starting daemon {node_id}")
-        preexec = lc.die_with_parent(signal.SIGTERM)
     ready = os.path.join(workdir, f"{node_id}.ready")
     sock = os.path.join(workdir, f"{node_id}.sock")
     if os.path.exists(ready):
         os.unlink(ready)
     log = open(os.path.join(workdir, f"{node_id}.log"), "ab")
-    p = subprocess.Popen([sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node_id,
-                          "--state-dir", os.path.join(workdir, node_id), "--socket", sock,
-                          "--memory-budget-bytes", budget, "--ready-file", ready],
-                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+    argv = [sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node_id,
+            "--state-dir", os.path.join(workdir, node_id), "--socket", sock,
+            "--memory-budget-bytes", budget, "--ready-file", ready]
+    p = subprocess.Popen(lc.tied(argv, signal.SIGTERM) if tie_to_parent else argv,
+                         stdout=log, stderr=subprocess.STDOUT)
     t0 = time.monotonic()
     while not os.path.exists(ready):
         if p.poll() is not None or time.monotonic() - t0 > 60:
@@ -61,8 +60,7 @@ def trainer_cmd(steps: int, job: str, sock: str | None, out: str | None, *extra:
 
 def run_until_killed(cmd: list[str], kill_after_step: int) -> list[dict]:
     """Run a trainer, SIGKILL it as soon as it reports ``kill_after_step``."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                         preexec_fn=lc.die_with_parent(signal.SIGKILL))  # this call waits for it
+    p = subprocess.Popen(lc.tied(cmd, signal.SIGKILL), stdout=subprocess.PIPE, text=True)  # waited for
     events = []
     for line in p.stdout:
         ev = json.loads(line)
@@ -76,8 +74,8 @@ def run_until_killed(cmd: list[str], kill_after_step: int) -> list[dict]:
 
 
 def run_to_end(cmd: list[str]) -> list[dict]:
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True,
-                         preexec_fn=lc.die_with_parent(signal.SIGKILL)).stdout  # waited for
+    out = subprocess.run(lc.tied(cmd, signal.SIGKILL), stdout=subprocess.PIPE, text=True,
+                         check=True).stdout  # waited for
     return [json.loads(x) for x in out.splitlines() if x.startswith("{")]
 
 

@@ -19,7 +19,7 @@ import threading
 import time
 
 from snapshotd_tools.demo.console import say, tail
-from snapshotd_tools.localcluster import die_with_parent, free_port, require_main_thread
+from snapshotd_tools.localcluster import free_port, require_main_thread, tied
 
 JOB = "dp"
 
@@ -61,8 +61,8 @@ class TrainerGroup:
             if out and r == 0:
                 cmd += ["--out", out]
             with open(self.logs[r], "ab") as log:  # a rank dies with the demo, however it dies
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                     preexec_fn=die_with_parent(signal.SIGKILL))
+                p = subprocess.Popen(tied(cmd, signal.SIGKILL), stdout=subprocess.PIPE, stderr=log,
+                                     text=True, env=env)
             self.procs.append(p)
             registry.append(p)
             threading.Thread(target=self._read, args=(r, p), daemon=True).start()
