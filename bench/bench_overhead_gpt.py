@@ -1,7 +1,7 @@
 """The cost of a save (issue 16): a GPT-style 2-rank DDP loop, and save() against a copy.
 
     python -m bench.bench_overhead_gpt [--rounds 8] [--round-steps 10] [--sizes 1,16,256]
-                                       [--nodes 1] [--json out.json] [--quick]
+                                       [--nodes 1] [--no-stage-ahead] [--json out.json] [--quick]
 
 Two measurements, each side by side in one run on real daemons (``localcluster``: by
 default one node, m=0, both ranks on it, as a user's first try on one machine;
@@ -17,7 +17,10 @@ the return of ``save`` (the hand-off thread and the daemon compete for the same 
 during the following steps, so their cost shows in the step time too). Reported per
 rank and overall: median and mean step time of each mode, overhead = with / without - 1
 (of the medians, and of the means), and the time ``save()`` held the loop (median, p90,
-max) beside one warm copy of the same tensors.
+max; and how much of it was waiting for the previous save's hand-off) beside one warm
+copy of the same tensors, and how many saves had to ask the daemon for their staging
+segment themselves (the others found it acquired by the previous hand-off;
+``--no-stage-ahead``: every save asks, as before issue 16).
 
 ``blocking`` -- one process, one rank, state of each size (parameters + AdamW moments
 in 64 MiB tensors): per repeat, one warm copy of the state into touched buffers, then
@@ -84,9 +87,19 @@ def _rank_main(a) -> None:
     snap = Snapshotter(model, opt, job_id=a.job, socket_path=a.socket,
                        on_daemon_unavailable="raise",
                        state={"batch": lambda: (X, Y), "best_val_loss": lambda: best})
+    if a.no_stage_ahead:
+        snap.stage_ahead = False  # every save asks the daemon for its segment itself
+    asked = [0]  # saves that called AcquireStaging themselves (not staged ahead)
+    real_acquire = snap.client.acquire_staging
+
+    def counting_acquire(*args, **kw):
+        asked[0] += 1
+        return real_acquire(*args, **kw)
+
+    snap.client.acquire_staging = counting_acquire
     step = 0
     times = {"off": [], "on": []}
-    save_s, skipped = [], 0
+    save_s, skipped, futs = [], 0, []
 
     def iteration(save: bool, timed: bool) -> None:
         nonlocal X, Y, step, best, skipped
@@ -107,12 +120,15 @@ def _rank_main(a) -> None:
             skipped += fut is None
             if timed:
                 save_s.append(te - ts)
+                if fut is not None:
+                    futs.append(fut)
         if timed:
             times["on" if save else "off"].append(time.perf_counter() - t0)
 
     for _ in range(a.warmup):  # the staging slots exist and are mapped after these
         iteration(True, False)
     snap.wait()
+    asked[0] = 0
     for rnd in range(a.rounds):
         for mode in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
             for _ in range(a.round_steps):
@@ -120,6 +136,7 @@ def _rank_main(a) -> None:
             if mode == "on":
                 dist.barrier()
     st = snap.wait(a.timeout_s)
+    backpressure_s = [f.result().backpressure_s for f in futs]
     dist.barrier()  # every rank delivered its last save: it commits (a moment later)
     try:
         _wait_committed(snap.client, a.job, step, 60.0)
@@ -132,6 +149,7 @@ def _rank_main(a) -> None:
     snap.close()
     dist.destroy_process_group()
     print(json.dumps({"rank": rank, "times": times, "save_s": save_s, "skipped": skipped,
+                      "backpressure_s": backpressure_s, "acquired_by_save": asked[0],
                       "last_step": step, "last_saved": st.version if st else 0,
                       "latest_committed": committed, "state_bytes": state_bytes,
                       "payload_bytes": st.bytes if st else 0, "warm_copy_s": copy_s}), flush=True)
@@ -148,16 +166,21 @@ def _summary_of(times_off, times_on, save_s, copy_s) -> dict:
 
 
 def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_embd: int = 64,
-            n_layer: int = 2, warmup: int = 5, timeout_s: float = 300.0) -> dict:
-    """Bring up ``nodes`` daemons, run the 2-rank loop, take the daemons down."""
+            n_layer: int = 2, warmup: int = 5, timeout_s: float = 300.0,
+            stage_ahead: bool = True, socket: str | None = None) -> dict:
+    """Bring up ``nodes`` daemons, run the 2-rank loop, take the daemons down
+    (``socket``: use that running daemon instead, both ranks on it)."""
     from snapshotd_tools import localcluster as lc
 
     work = tempfile.mkdtemp(prefix="bench-ovh-gpt-")
     d = os.path.join(work, "cluster")
     job = "ovh" + os.urandom(3).hex()
     try:
-        info = lc.up(d, nodes, parity, block_size="1MiB", budget="1GiB")
-        socks = [info["nodes"][f"n{i % nodes}"]["socket"] for i in range(2)]
+        if socket is None:
+            info = lc.up(d, nodes, parity, block_size="1MiB", budget="1GiB")
+            socks = [info["nodes"][f"n{i % nodes}"]["socket"] for i in range(2)]
+        else:
+            socks = [socket, socket]
         port = lc.free_port()
         procs = []
         for r in range(2):
@@ -168,7 +191,7 @@ def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_em
                 [sys.executable, "-m", "bench.bench_overhead_gpt", "_rank", "--job", job,
                  "--socket", socks[r], "--rounds", str(rounds), "--round-steps", str(round_steps),
                  "--n-embd", str(n_embd), "--n-layer", str(n_layer), "--warmup", str(warmup),
-                 "--timeout-s", str(timeout_s)],
+                 "--timeout-s", str(timeout_s), *([] if stage_ahead else ["--no-stage-ahead"])],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         outs = []
@@ -192,6 +215,8 @@ def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_em
     for o in sorted(outs, key=lambda o: o["rank"]):
         s = _summary_of(o["times"]["off"], o["times"]["on"], o["save_s"], o["warm_copy_s"])
         s.update(rank=o["rank"], skipped=o["skipped"], state_bytes=o["state_bytes"],
+                 backpressure_median_s=statistics.median(o["backpressure_s"] or [0.0]),
+                 acquired_by_save=o["acquired_by_save"],
                  payload_bytes=o["payload_bytes"], last_step=o["last_step"],
                  last_saved=o["last_saved"], latest_committed=o["latest_committed"])
         ranks.append(s)
@@ -200,12 +225,18 @@ def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_em
     alls = [x for o in outs for x in o["save_s"]]
     res = _summary_of(allo, alln, alls, statistics.median(o["warm_copy_s"] for o in outs))
     res.update(ranks=ranks, nodes=nodes, parity=parity, n_embd=n_embd, n_layer=n_layer,
+               stage_ahead=stage_ahead,
+               backpressure_median_s=statistics.median(x for o in outs for x in o["backpressure_s"] or [0.0]),
                rounds=rounds, round_steps=round_steps, state_bytes_per_rank=ranks[0]["state_bytes"],
                goal_overhead=GOAL_OVERHEAD, met=res["overhead_median"] <= GOAL_OVERHEAD)
     return res
 
 
 # -- save() blocking against a warm copy -------------------------------------------------------
+def _budget(sizes: list[int]) -> int:
+    return 3 * max(sizes, default=0) + 256 * MiB  # three slots (committed, pending, staging)
+
+
 def _wait_committed(client, job: str, version: int, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while client.list_versions(job).latest_committed_version < version:
@@ -214,8 +245,10 @@ def _wait_committed(client, job: str, version: int, timeout_s: float = 60.0) -> 
         time.sleep(0.01)
 
 
-def run_blocking(sizes: list[int], repeats: int, warmup: int = 3, tensor_bytes: int = 64 * MiB) -> dict:
-    """``sizes``: state bytes (parameters + moments) per measurement."""
+def run_blocking(sizes: list[int], repeats: int, warmup: int = 3, tensor_bytes: int = 64 * MiB,
+                 socket: str | None = None) -> dict:
+    """``sizes``: state bytes (parameters + moments) per measurement. ``socket``: a running
+    daemon with room for three slots of the largest size (else one is brought up)."""
     import gc
 
     from bench import common as cm
@@ -226,9 +259,10 @@ def run_blocking(sizes: list[int], repeats: int, warmup: int = 3, tensor_bytes: 
     d = os.path.join(work, "cluster")
     rows = []
     try:
-        budget = 3 * max(sizes) + 256 * MiB  # three slots (committed, pending, staging)
-        info = lc.up(d, 1, 0, block_size="1MiB", budget=str(budget))
-        sock = info["nodes"]["n0"]["socket"]
+        if socket is None:
+            info = lc.up(d, 1, 0, block_size="1MiB", budget=str(_budget(sizes)))
+            socket = info["nodes"]["n0"]["socket"]
+        sock = socket
         for S in sizes:
             model, opt = cm.build_state(S, min(tensor_bytes, max(S // 4, 4096)))
             tensors = cm.state_tensors(model, opt)
@@ -274,11 +308,25 @@ def run_blocking(sizes: list[int], repeats: int, warmup: int = 3, tensor_bytes: 
 
 
 def run(rounds: int, round_steps: int, sizes: list[int], repeats: int, nodes: int = 1,
-        parity: int = 0, n_embd: int = 64, n_layer: int = 2) -> dict:
-    """Both measurements (the suite's "overhead" section)."""
-    res = {"gpt": run_gpt(rounds, round_steps, nodes, parity, n_embd, n_layer)}
-    if sizes:
-        res["blocking"] = run_blocking(sizes, repeats)
+        parity: int = 0, n_embd: int = 64, n_layer: int = 2, stage_ahead: bool = True) -> dict:
+    """Both measurements (the suite's "overhead" section); with one node, on one daemon."""
+    from snapshotd_tools import localcluster as lc
+
+    work = tempfile.mkdtemp(prefix="bench-ovh-")
+    d = os.path.join(work, "cluster")
+    try:
+        sock = None
+        if nodes == 1:
+            info = lc.up(d, 1, 0, block_size="1MiB", budget=str(max(1 << 30, _budget(sizes))))
+            sock = info["nodes"]["n0"]["socket"]
+        res = {"gpt": run_gpt(rounds, round_steps, nodes, parity, n_embd, n_layer,
+                              stage_ahead=stage_ahead, socket=sock)}
+        if sizes:
+            res["blocking"] = run_blocking(sizes, repeats, socket=sock)
+    finally:
+        if os.path.exists(os.path.join(d, "cluster.json")):
+            lc.down(d)
+        shutil.rmtree(work, ignore_errors=True)
     return res
 
 
@@ -294,7 +342,9 @@ def format_text(res: dict) -> str:
                          f"{r['median_step_on_s'] * 1e3:.2f} ms with a save every step "
                          f"(median {r['overhead_median'] * 100:+.1f} %, mean {r['overhead_mean'] * 100:+.1f} %); "
                          f"save() median {r['save_median_s'] * 1e3:.2f} ms, p90 "
-                         f"{r['save_p90_s'] * 1e3:.2f}, max {r['save_max_s'] * 1e3:.1f}; warm copy "
+                         f"{r['save_p90_s'] * 1e3:.2f}, max {r['save_max_s'] * 1e3:.1f} (of which waiting for "
+                         f"the previous hand-off: median {r['backpressure_median_s'] * 1e3:.2f}); "
+                         f"{r.get('acquired_by_save', '-')} saves asked for a segment themselves; warm copy "
                          f"{r['warm_copy_s'] * 1e3:.3f} ms")
     for r in (res.get("blocking") or {}).get("rows", []):
         lines.append(f"  {r['state_bytes'] / MiB:7.0f} MiB: save() {r['blocking_median_s'] * 1e3:8.2f} ms, "
@@ -312,6 +362,7 @@ def main(argv=None) -> int:
         for k in ("--rounds", "--round-steps", "--n-embd", "--n-layer", "--warmup"):
             p.add_argument(k, type=int, required=True)
         p.add_argument("--timeout-s", type=float, required=True)
+        p.add_argument("--no-stage-ahead", action="store_true")
         _rank_main(p.parse_args(argv[1:]))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,6 +374,8 @@ def main(argv=None) -> int:
     p.add_argument("--parity", type=int, default=0)
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--no-stage-ahead", action="store_true",
+                   help="GPT loop: every save asks the daemon for its staging segment itself")
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="few steps, 1 MiB (a smoke test)")
     a = p.parse_args(argv)
@@ -336,7 +389,8 @@ def main(argv=None) -> int:
         p.error("--rounds, --round-steps, --repeats and every size must be positive")
     if a.nodes not in (1, 2) or a.parity not in range(a.nodes):
         p.error("--nodes 1 (m=0) or --nodes 2 (m=0 or 1)")
-    res = run(a.rounds, a.round_steps, sizes, a.repeats, a.nodes, a.parity, a.n_embd, a.n_layer)
+    res = run(a.rounds, a.round_steps, sizes, a.repeats, a.nodes, a.parity, a.n_embd, a.n_layer,
+              not a.no_stage_ahead)
     print(format_text(res))
     if a.json:
         with open(a.json, "w") as f:

@@ -125,7 +125,8 @@ class StagingCopier:
             if d is not None:
                 dst.append(d)
                 src.append(t.view(bits))
-        torch._foreach_copy_(dst, src)
+        if dst:
+            torch._foreach_copy_(dst, src)
         return True
 
     @staticmethod

@@ -26,11 +26,15 @@ def test_bench_overhead_quick(tmp_path):
         assert k["overhead_median"] == pytest.approx(k["median_step_on_s"] / k["median_step_off_s"] - 1)
         assert 0 < k["save_median_s"] <= k["save_p90_s"] <= k["save_max_s"]
         assert k["save_median_s"] < k["median_step_on_s"]  # a save is part of its step
+        assert 0 <= k["backpressure_median_s"] <= k["save_max_s"]
+        # after the gap of the "off" steps three saves set the interval again, asking the
+        # daemon themselves; the next ones may find their segment staged ahead
+        assert 3 <= k["acquired_by_save"] <= steps
     assert g["overhead_median"] == pytest.approx(g["median_step_on_s"] / g["median_step_off_s"] - 1)
     assert g["met"] == (g["overhead_median"] <= g["goal_overhead"])
     assert g["warm_copy_s"] == statistics.median(k["warm_copy_s"] for k in g["ranks"])
     (row,) = r["blocking"]["rows"]
-    assert row["state_bytes"] == 1 << 20 and row["repeats"] == 2
+    assert abs(row["state_bytes"] - (1 << 20)) <= 4096 and row["repeats"] == 2  # params + moments
     assert row["payload_bytes"] >= row["state_bytes"]
     assert row["excess_s"] == pytest.approx(row["blocking_median_s"] - row["warm_copy_median_s"])
     assert row["blocking_over_copy"] == pytest.approx(row["blocking_median_s"] / row["warm_copy_median_s"])
