@@ -118,3 +118,27 @@ def test_a_rank_whose_daemon_is_cut_off_makes_every_rank_skip_the_restore_not_a_
         assert [(o.get("step"), o["w"]) for o in outs] == [(2, 20.0 + r) for r in range(W)], outs
     finally:
         ranks.close()
+
+
+def test_a_node_that_missed_the_commit_still_restores_the_version_every_other_rank_restores(
+        make_cluster, tmp_path, monkeypatch):
+    """One node misses version 2's commit (it voted, the others committed; it heard none
+    of their votes, words or heartbeat reports: the test hook of node/cluster/commit.py).
+    Its daemon alone would answer "latest committed: 0"; the ranks agree on 2 anyway, and
+    the lagging node promotes the version it holds complete when asked to open it."""
+    from snapshotd.node.cluster.commit import MISS_COMMIT_ENV
+
+    monkeypatch.setenv(MISS_COMMIT_ENV, f"n{W - 1}")  # inherited by the daemons; one acts on it
+    c = make_cluster(W, 1)
+    deaf = c.nodes[-1]
+    assert deaf == f"n{W - 1}"
+    ranks = Ranks(c, tmp_path)
+    try:
+        ranks.run("save")
+        c.wait_committed(2, nodes=c.nodes[:-1])
+        assert c.committed(deaf) < 2, "the hook did not make the node miss the commit"
+        outs = ranks.run("restore")
+        assert [(o.get("step"), o["w"]) for o in outs] == [(2, 20.0 + r) for r in range(W)], outs
+        assert c.committed(deaf) == 2  # promoted when asked to open it
+    finally:
+        ranks.close()

@@ -20,6 +20,7 @@ thread; :meth:`stop_worker` then join the threads. Thread-safety: protocol state
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -45,6 +46,13 @@ log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 # peer that its heartbeats still see alive (see CommitDriver.deliver).
 BULK_RETRY_TIMEOUTS = 20
 
+# Test-only fault hook: the node named here misses every commit message from its peers
+# (their votes, reports and words are acknowledged and ignored; heartbeats' committed
+# versions too), while it still votes itself. The others commit; it never learns of it
+# except when a restore asks it to open the version (tests/integration/
+# test_restore_verdict.py). Never set it in production.
+MISS_COMMIT_ENV = "SNAPSHOTD_TEST_MISS_COMMIT"
+
 
 class CommitDriver:
     def __init__(self, *, spec, me: str, my_index: int, group: tuple[str, ...], block_size_bytes: int,
@@ -65,6 +73,10 @@ class CommitDriver:
         self.resender = Resender(jobs=jobs, enqueue=self._enqueue_resent, alive_peers=membership.alive_peers,
                                  min_backoff_s=spec.heartbeat_interval_ms / 1000, stop=stop)
         self._resend_thread: threading.Thread | None = None
+        self._miss_commit = os.environ.get(MISS_COMMIT_ENV, "") == me
+        if self._miss_commit:
+            log.warning("node %s: TEST FAULT armed (%s): it ignores its peers' commit messages",
+                        me, MISS_COMMIT_ENV)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> threading.Thread:
@@ -96,12 +108,16 @@ class CommitDriver:
 
     def on_vote(self, job_id: str, v: int, sender: str, ranks, kind: str = proto.VOTE) -> None:
         """A ``vote`` op: a vote, a report or a commit word (``kind``)."""
+        if self._miss_commit and sender != self.me:
+            return
         with self.jobs.lock:
             acts = self.jobs.job(job_id).step_received(v, sender, kind, ranks)
         self.enqueue(job_id, acts)
 
     def on_peer_committed(self, committed: dict) -> None:
         """A peer reported its committed versions ({job: v}) in a heartbeat."""
+        if self._miss_commit:
+            return
         for job_id, v in committed.items():
             with self.jobs.lock:
                 jp = self.jobs.get(job_id)
@@ -140,6 +156,8 @@ class CommitDriver:
         self.membership.wait_first_round()
         with self.jobs.lock:
             mine = self.jobs.job(job_id).committed_version
+        if self._miss_commit:  # the test hook: deaf to what the peers say committed
+            return mine
         return max([mine] + self.membership.committed_by_alive_peers(job_id))
 
     # -- actions ----------------------------------------------------------------------------
