@@ -228,6 +228,23 @@ def summarize(ranks: list[dict], nodes: int) -> dict:
     return out
 
 
+def add_paired(res: dict) -> dict:
+    """``slowdown_paired``: per round, the mean step of a configuration's block over the
+    mean step of the same round's ``none`` block; the median over rounds. Blocks of one
+    round run back to back, so a load that drifts over the run (other work on the
+    machine) cancels out of these ratios better than out of whole-run medians."""
+    n = res["steps_per_block"]
+    base = res["configs"]["none"]["step_s"]
+    rounds = len(base) // n
+    for c in res["configs"].values():
+        xs = c["step_s"]
+        ratios = [statistics.fmean(xs[r * n:(r + 1) * n]) / statistics.fmean(base[r * n:(r + 1) * n])
+                  for r in range(rounds)]
+        c["round_ratios"] = ratios
+        c["slowdown_paired"] = statistics.median(ratios)
+    return res
+
+
 def run(a) -> dict:
     from snapshotd_tools import localcluster as lc
 
@@ -313,7 +330,7 @@ def run(a) -> dict:
                "state_bytes_per_rank": ranks[0]["state_bytes"], "params": ranks[0]["params"],
                "batch": a.batch, "rounds": a.rounds, "steps_per_block": a.steps,
                "configs": summarize(ranks, a.nodes)}
-        return res
+        return add_paired(res)
     finally:
         for p in trainers:
             if p.poll() is None:
@@ -354,7 +371,8 @@ def plot(res: dict, path: str) -> str:
     data = [[s * 1000 for s in cs[c]["step_s"]] for c in names]
     ax.boxplot(data, whis=(10, 90), showfliers=True, widths=0.5)
     ax.set_xticks(range(1, len(names) + 1),
-                  [f"{labels[c]}\nmedian x{cs[c]['slowdown_median']:.3f}" for c in names], fontsize=8)
+                  [f"{labels[c]}\nx{cs[c]['slowdown_median']:.3f} median\n"
+                   f"x{cs[c]['slowdown_paired']:.3f} paired" for c in names], fontsize=8)
     ax.set_ylabel("step time (ms), rank 0")
     ax.set_title(f"DDP (gloo) on {res['nodes']} nodes, links {res['rate_mbit']:g} Mbit/s "
                  f"+ {res['delay_ms']:g} ms, m={res['parity']}, "
@@ -372,10 +390,11 @@ def plot(res: dict, path: str) -> str:
 
 def report(res: dict) -> str:
     lines = [f"{'config':<8} {'median ms':>10} {'p90 ms':>8} {'mean ms':>8} {'x median':>9} "
-             f"{'x mean':>7} {'save ms':>8} {'link MiB/step':>14} {'daemon MiB/step':>16}"]
+             f"{'x mean':>7} {'x paired':>9} {'save ms':>8} {'link MiB/step':>14} {'daemon MiB/step':>16}"]
     for c, v in res["configs"].items():
         lines.append(f"{c:<8} {v['median_s'] * 1e3:>10.1f} {v['p90_s'] * 1e3:>8.1f} "
                      f"{v['mean_s'] * 1e3:>8.1f} {v['slowdown_median']:>9.3f} {v['slowdown_mean']:>7.3f} "
+                     f"{v['slowdown_paired']:>9.3f} "
                      f"{v['blocking_median_s'] * 1e3:>8.1f} {v['link_bytes_per_node_step'] / MIB:>14.2f} "
                      f"{v['daemon_bytes_per_node_step'] / MIB:>16.2f}")
     return "\n".join(lines)
@@ -407,7 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of step time per configuration")
     p.add_argument("--keep-dir", action="store_true", help="keep the logs (daemons, ranks)")
+    p.add_argument("--replot", default=None, metavar="JSON",
+                   help="no run: read a result written by --json, print its table, write --plot")
     a = p.parse_args(argv)
+    if a.replot:
+        with open(a.replot) as f:
+            res = add_paired(json.load(f))
+        print(report(res))
+        if a.plot:
+            say(f"plot: {plot(res, a.plot)}")
+        return 0
     asked = [c.strip() for c in a.configs.split(",") if c.strip()]
     if set(asked) - set(CONFIGS):
         p.error(f"--configs: unknown {sorted(set(asked) - set(CONFIGS))}; choose from {', '.join(CONFIGS)}")
