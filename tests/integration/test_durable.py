@@ -18,6 +18,8 @@ from snapshotd.wire import durable_store as ds
 from snapshotd_client import Snapshotter
 
 JOB = "dur"
+# A daemon with --durable-url imports torch and DCP before it says ready: slow on a busy host.
+START_S = 120
 
 
 def _model(seed: int = 0):
@@ -61,7 +63,7 @@ def _snap(d, model, opt, url, **kw):
 
 def test_flush_layout_stock_load_and_retention(daemon_factory, tmp_path):
     root = str(tmp_path / "durable")
-    d = _flagged(daemon_factory, root).start()
+    d = _flagged(daemon_factory, root).start(timeout_s=START_S)
     model, opt = _model()
     with _snap(d, model, opt, root) as snap:
         _train(model, opt, 6, snap)
@@ -113,7 +115,7 @@ def test_corrupt_durable_file_is_detected_and_older_used(daemon_factory, tmp_pat
     durable checkpoint is corrupt: restore() detects it and loads the older one, bit-exact
     (optimizer included), and says so; without the durable rung nothing is restored."""
     root = str(tmp_path / "durable")
-    d = _flagged(daemon_factory, root, "--durable-keep", "3").start()
+    d = _flagged(daemon_factory, root, "--durable-keep", "3").start(timeout_s=START_S)
     model, opt = _model()
     with _snap(d, model, opt, root) as snap:
         _train(model, opt, 2, snap)
@@ -149,7 +151,7 @@ def test_corrupt_durable_file_is_detected_and_older_used(daemon_factory, tmp_pat
 def test_flush_killed_halfway_never_becomes_latest(daemon_factory, tmp_path, point):
     root = str(tmp_path / "durable")
     d = daemon_factory(extra_args=["--durable-url", root, "--durable-every-versions", "2"])
-    d.start()
+    d.start(timeout_s=START_S)
     model, opt = _model()
     with _snap(d, model, opt, root) as snap:
         _train(model, opt, 2, snap)
@@ -161,7 +163,7 @@ def test_flush_killed_halfway_never_becomes_latest(daemon_factory, tmp_path, poi
     env_before = os.environ.get("SNAPSHOTD_DURABLE_TEST_STALL")
     os.environ["SNAPSHOTD_DURABLE_TEST_STALL"] = point
     try:
-        d.start()
+        d.start(timeout_s=START_S)
     finally:
         if env_before is None:
             del os.environ["SNAPSHOTD_DURABLE_TEST_STALL"]

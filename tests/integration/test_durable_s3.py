@@ -21,6 +21,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 JOB = "s3job"
+START_S = 120  # a daemon with --durable-url imports torch and DCP before it says ready
 BUCKET = "ckpt"
 
 
@@ -60,7 +61,7 @@ def _steps(model, opt, snap, steps):
 def test_s3_flush_stock_read_corruption_and_killed_flush(daemon_factory, s3, monkeypatch):
     url, fs, endpoint = s3
     a = daemon_factory(extra_args=["--log-level", "INFO", "--durable-url", url, "--durable-every-versions", "2",
-                                   "--durable-keep", "3"]).start()
+                                   "--durable-keep", "3"]).start(timeout_s=START_S)
     model, opt = _model()
     with Snapshotter(model, opt, job_id=JOB, socket_path=a.socket, durable_url=url) as snap:
         _steps(model, opt, snap, [1, 2])
@@ -90,18 +91,20 @@ def test_s3_flush_stock_read_corruption_and_killed_flush(daemon_factory, s3, mon
         ds.verify_version(store, JOB, 4)
     monkeypatch.setenv("SNAPSHOTD_DURABLE_TEST_STALL", "mid-file")
     b = daemon_factory(extra_args=["--durable-url", url, "--durable-every-versions", "3",
-                                   "--durable-keep", "3"]).start()
+                                   "--durable-keep", "3"]).start(timeout_s=START_S)
     m2, o2 = _model(seed=1)
     with Snapshotter(m2, o2, job_id=JOB, socket_path=b.socket, durable_url=url) as snap2:
         assert snap2.restore() == 2 and snap2.restored_method == "durable"
         for k, v in m2.state_dict().items():
             assert torch.equal(v, want2[k]), k
-        _steps(m2, o2, snap2, [3])  # v3 is due: its flush stalls halfway through the rank file
-        wait_for(lambda: store.size(f"{JOB}/{ds.version_dir(3)}.stalled") is not None, 60,
-                 "v3's flush stalled")
+        # windows of 3 counted from the newest complete version (v4): v6 is due, and its
+        # flush stalls halfway through the rank file
+        _steps(m2, o2, snap2, [3, 4, 5, 6])
+        wait_for(lambda: store.size(f"{JOB}/{ds.version_dir(6)}.stalled") is not None, 60,
+                 "v6's flush stalled")
     b.kill(signal.SIGKILL)
     assert ds.complete_versions(store, JOB) == [2, 4]
-    assert store.listdir(f"{JOB}/{ds.version_dir(3)}") == []  # an unfinished upload shows nothing
+    assert store.listdir(f"{JOB}/{ds.version_dir(6)}") == []  # an unfinished upload shows nothing
     assert json.loads(store.read_bytes(f"{JOB}/{ds.LATEST}"))["version"] == 4  # (a hint only)
     v, _idx, skipped = ds.newest_verified(store, JOB)
     assert v == 2 and "corrupt" in skipped[0]
