@@ -63,9 +63,14 @@ def test_jobs_list_show_drop_gc(daemon_factory, capsys):
     for action in ("show", "drop"):
         rc, _, err = _run(capsys, "jobs", action, "nope", "--socket", d.socket)
         assert rc == 1 and "unknown job 'nope'" in err and "done, torn" in err
-    # In use a moment ago: the drop is refused unless forced.
-    rc, _, err = _run(capsys, "jobs", "drop", "done", "--socket", d.socket)
+    # In use a moment ago: the drop is refused unless forced. On a daemon of its own with
+    # the default activity window (30 s): this one's is 1 s (--job-active-s 1, for the gc
+    # below), which a loaded machine could let pass between the save and the drop.
+    busy = daemon_factory(extra_args=["--job-ttl", "0"]).start()
+    _save(busy, "busy", 0, 1, 1)
+    rc, _, err = _run(capsys, "jobs", "drop", "busy", "--socket", busy.socket)
     assert rc == 1 and "in use" in err and "--force" in err
+    assert set(_jobs(capsys, busy)) == {"busy"}
     assert set(_jobs(capsys, d)) == {"done", "torn"}
     # No TTL on this daemon: gc must be told how old.
     rc, _, err = _run(capsys, "jobs", "gc", "--socket", d.socket)
