@@ -151,6 +151,14 @@ def build_payload(store, job: str, version: int, idx: dict, rank: int):
     return out, buf
 
 
+def _min_over_ranks(verdict, v: int) -> int:
+    if verdict is None or not verdict.collective:
+        return v
+    t = torch.tensor([v], dtype=torch.int64, device=verdict.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def restore_durable(snap, verdict=None) -> int:
     """Load the newest durable checkpoint every rank verified into ``snap``'s objects; its
     step. SnapshotdError saying what is missing when there is none (module docstring)."""
@@ -163,7 +171,7 @@ def restore_durable(snap, verdict=None) -> int:
                                    "$SNAPSHOTD_DURABLE_URL)")
     store = ds.open_store(url)
     v, skipped = newest_for_rank(store, job, snap.rank, snap.world_size)
-    agreed = v if verdict is None else -verdict.version(-v)  # the oldest any rank could take
+    agreed = _min_over_ranks(verdict, v)  # the newest version every rank verified
     if agreed != v:
         v, more = newest_for_rank(store, job, snap.rank, snap.world_size, not_above=agreed)
         skipped += more
