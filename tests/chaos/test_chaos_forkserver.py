@@ -40,6 +40,25 @@ def test_exit_status_stdout_and_stderr_of_a_forked_rank(server, tmp_path):
     assert p.wait(60) == 0 and "--world-size" in out
 
 
+def test_a_reused_pid_does_not_inherit_an_earlier_ranks_exit_status(server, tmp_path):
+    """The kernel reuses pids (they wrap at pid_max, within an hour on a busy machine): a
+    new rank whose pid an earlier rank had must not be taken to have exited with that
+    rank's status. A 2-hour soak saw ranks "exit 1" with no error at all. Every pid is
+    made to look used (an exit status of 1 recorded), so the new rank's is one of them."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid_max = int(f.read())
+    with server.cond:
+        server.exits.update({pid: 1 for pid in range(1, pid_max + 1)})
+    try:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        p = server.spawn(TRAINER, ["--help"], env, str(tmp_path / "help.log"))
+        out = p.stdout.read()
+        assert p.wait(60) == 0 and "--world-size" in out
+    finally:
+        with server.cond:
+            server.exits.clear()
+
+
 def test_a_killed_rank_reports_the_signal_and_its_pid_is_gone(server, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # Rank 0 of 2 waits forever in the gloo rendezvous: a live process to kill.

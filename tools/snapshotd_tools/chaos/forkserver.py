@@ -225,6 +225,12 @@ class ForkServer:
                     if "exited" in ev:
                         self.exits[ev["exited"]] = ev["rc"]
                     else:
+                        # A new rank's pid may be an old rank's, reused by the kernel (pids
+                        # wrap at pid_max: within an hour on a busy machine). Its old exit
+                        # code must not be taken for the new rank's: a soak saw ranks that
+                        # "exited 1" with no error at all. The server sends a rank's
+                        # "spawned" before its "exited", so what is dropped here is stale.
+                        self.exits.pop(ev.get("pid"), None)
                         self.replies[ev.get("spawned")] = ev
                     self.cond.notify_all()
         except OSError:
