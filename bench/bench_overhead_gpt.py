@@ -18,7 +18,9 @@ during the following steps, so their cost shows in the step time too). Reported 
 rank and overall: median and mean step time of each mode, overhead = with / without - 1
 (of the medians, and of the means), and the time ``save()`` held the loop (median, p90,
 max; and how much of it was waiting for the previous save's hand-off) beside one warm
-copy of the same tensors, and how many saves had to ask the daemon for their staging
+copy of the same tensors; the CPU time per step of each mode (both ranks' processes,
+hand-off threads included, plus the daemon's: a figure that does not depend on how busy
+the machine is, unlike step times on a shared one) and its ratio, and how many saves had to ask the daemon for their staging
 segment themselves (the others found it acquired by the previous hand-off;
 ``--no-stage-ahead``: every save asks, as before issue 16).
 
@@ -101,9 +103,12 @@ def _rank_main(a) -> None:
     times = {"off": [], "on": []}
     save_s, skipped, futs = [], 0, []
 
+    cpu = {"off": [], "on": []}  # CPU seconds of this process (all its threads) per step
+    daemon_cpu = {"off": 0.0, "on": 0.0}  # the daemons' CPU seconds in each mode (rank 0)
+
     def iteration(save: bool, timed: bool) -> None:
         nonlocal X, Y, step, best, skipped
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(2):  # gradient accumulation, as the demo
             _, loss = model(X, Y)
             X, Y = get_batch()
@@ -124,6 +129,7 @@ def _rank_main(a) -> None:
                     futs.append(fut)
         if timed:
             times["on" if save else "off"].append(time.perf_counter() - t0)
+            cpu["on" if save else "off"].append(time.process_time() - c0)
 
     for _ in range(a.warmup):  # the staging slots exist and are mapped after these
         iteration(True, False)
@@ -131,10 +137,14 @@ def _rank_main(a) -> None:
     asked[0] = 0
     for rnd in range(a.rounds):
         for mode in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
+            d0 = _cpu_of(a.daemon_pids) if rank == 0 else 0.0
             for _ in range(a.round_steps):
                 iteration(mode == "on", True)
             if mode == "on":
+                snap.wait(a.timeout_s)  # this round's hand-offs count in this round
                 dist.barrier()
+            if rank == 0:
+                daemon_cpu[mode] += _cpu_of(a.daemon_pids) - d0
     st = snap.wait(a.timeout_s)
     backpressure_s = [f.result().backpressure_s for f in futs]
     dist.barrier()  # every rank delivered its last save: it commits (a moment later)
@@ -150,9 +160,23 @@ def _rank_main(a) -> None:
     dist.destroy_process_group()
     print(json.dumps({"rank": rank, "times": times, "save_s": save_s, "skipped": skipped,
                       "backpressure_s": backpressure_s, "acquired_by_save": asked[0],
+                      "cpu_s": cpu, "daemon_cpu_s": daemon_cpu,
                       "last_step": step, "last_saved": st.version if st else 0,
                       "latest_committed": committed, "state_bytes": state_bytes,
                       "payload_bytes": st.bytes if st else 0, "warm_copy_s": copy_s}), flush=True)
+
+
+def _cpu_of(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` used so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _summary_of(times_off, times_on, save_s, copy_s) -> dict:
@@ -167,7 +191,7 @@ def _summary_of(times_off, times_on, save_s, copy_s) -> dict:
 
 def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_embd: int = 64,
             n_layer: int = 2, warmup: int = 5, timeout_s: float = 300.0,
-            stage_ahead: bool = True, socket: str | None = None) -> dict:
+            stage_ahead: bool = True, socket: str | None = None, daemon_pids=()) -> dict:
     """Bring up ``nodes`` daemons, run the 2-rank loop, take the daemons down
     (``socket``: use that running daemon instead, both ranks on it)."""
     from snapshotd_tools import localcluster as lc
@@ -181,6 +205,7 @@ def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_em
             socks = [info["nodes"][f"n{i % nodes}"]["socket"] for i in range(2)]
         else:
             socks = [socket, socket]
+        pids = daemon_pids if socket is not None else [v["pid"] for v in info["nodes"].values()]
         port = lc.free_port()
         procs = []
         for r in range(2):
@@ -191,7 +216,8 @@ def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_em
                 [sys.executable, "-m", "bench.bench_overhead_gpt", "_rank", "--job", job,
                  "--socket", socks[r], "--rounds", str(rounds), "--round-steps", str(round_steps),
                  "--n-embd", str(n_embd), "--n-layer", str(n_layer), "--warmup", str(warmup),
-                 "--timeout-s", str(timeout_s), *([] if stage_ahead else ["--no-stage-ahead"])],
+                 "--timeout-s", str(timeout_s), "--daemon-pids", ",".join(map(str, pids)),
+                 *([] if stage_ahead else ["--no-stage-ahead"])],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         outs = []
@@ -224,6 +250,14 @@ def run_gpt(rounds: int, round_steps: int, nodes: int = 1, parity: int = 0, n_em
     alln = [x for o in outs for x in o["times"]["on"]]
     alls = [x for o in outs for x in o["save_s"]]
     res = _summary_of(allo, alln, alls, statistics.median(o["warm_copy_s"] for o in outs))
+    # CPU cost per step (both ranks' processes, hand-off threads included, + the daemons):
+    # independent of how busy the machine is, unlike the step times
+    n = len(outs[0]["cpu_s"]["off"])
+    dc = next(o["daemon_cpu_s"] for o in outs if o["rank"] == 0)
+    cpu_off = sum(sum(o["cpu_s"]["off"]) for o in outs) / n + dc["off"] / n
+    cpu_on = sum(sum(o["cpu_s"]["on"]) for o in outs) / n + dc["on"] / n
+    res.update(cpu_step_off_s=cpu_off, cpu_step_on_s=cpu_on, cpu_overhead=cpu_on / cpu_off - 1,
+               daemon_cpu_step_off_s=dc["off"] / n, daemon_cpu_step_on_s=dc["on"] / n)
     res.update(ranks=ranks, nodes=nodes, parity=parity, n_embd=n_embd, n_layer=n_layer,
                stage_ahead=stage_ahead,
                backpressure_median_s=statistics.median(x for o in outs for x in o["backpressure_s"] or [0.0]),
@@ -320,7 +354,8 @@ def run(rounds: int, round_steps: int, sizes: list[int], repeats: int, nodes: in
             info = lc.up(d, 1, 0, block_size="1MiB", budget=str(max(1 << 30, _budget(sizes))))
             sock = info["nodes"]["n0"]["socket"]
         res = {"gpt": run_gpt(rounds, round_steps, nodes, parity, n_embd, n_layer,
-                              stage_ahead=stage_ahead, socket=sock)}
+                              stage_ahead=stage_ahead, socket=sock,
+                              daemon_pids=[info["nodes"]["n0"]["pid"]] if sock else ())}
         if sizes:
             res["blocking"] = run_blocking(sizes, repeats, socket=sock)
     finally:
@@ -346,6 +381,9 @@ def format_text(res: dict) -> str:
                          f"the previous hand-off: median {r['backpressure_median_s'] * 1e3:.2f}); "
                          f"{r.get('acquired_by_save', '-')} saves asked for a segment themselves; warm copy "
                          f"{r['warm_copy_s'] * 1e3:.3f} ms")
+        lines.append(f"  CPU per step (2 ranks + daemon): {g['cpu_step_off_s'] * 1e3:.2f} ms without, "
+                     f"{g['cpu_step_on_s'] * 1e3:.2f} ms with ({g['cpu_overhead'] * 100:+.1f} %; daemon "
+                     f"{g['daemon_cpu_step_off_s'] * 1e3:.2f} -> {g['daemon_cpu_step_on_s'] * 1e3:.2f} ms)")
     for r in (res.get("blocking") or {}).get("rows", []):
         lines.append(f"  {r['state_bytes'] / MiB:7.0f} MiB: save() {r['blocking_median_s'] * 1e3:8.2f} ms, "
                      f"warm copy {r['warm_copy_median_s'] * 1e3:8.2f} ms, excess "
@@ -363,7 +401,10 @@ def main(argv=None) -> int:
             p.add_argument(k, type=int, required=True)
         p.add_argument("--timeout-s", type=float, required=True)
         p.add_argument("--no-stage-ahead", action="store_true")
-        _rank_main(p.parse_args(argv[1:]))
+        p.add_argument("--daemon-pids", default="")
+        ra = p.parse_args(argv[1:])
+        ra.daemon_pids = [int(x) for x in ra.daemon_pids.split(",") if x]
+        _rank_main(ra)
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=8)

@@ -32,6 +32,10 @@ def test_bench_overhead_quick(tmp_path):
         assert 3 <= k["acquired_by_save"] <= steps
     assert g["overhead_median"] == pytest.approx(g["median_step_on_s"] / g["median_step_off_s"] - 1)
     assert g["met"] == (g["overhead_median"] <= g["goal_overhead"])
+    assert g["cpu_overhead"] == pytest.approx(g["cpu_step_on_s"] / g["cpu_step_off_s"] - 1)
+    # the daemon's CPU is a part of the total (read in clock ticks: may be 0 in a short run)
+    assert 0 <= g["daemon_cpu_step_off_s"] < g["cpu_step_off_s"]
+    assert 0 <= g["daemon_cpu_step_on_s"] < g["cpu_step_on_s"]
     assert g["warm_copy_s"] == statistics.median(k["warm_copy_s"] for k in g["ranks"])
     (row,) = r["blocking"]["rows"]
     assert abs(row["state_bytes"] - (1 << 20)) <= 4096 and row["repeats"] == 2  # params + moments
