@@ -89,6 +89,23 @@ def _owned(x):
     return x
 
 
+def load_the_rest(rep: dict, local: dict, optimizer, lr_scheduler, extra_state: dict) -> None:
+    """Everything of a restored state but the model, into the user's objects: the
+    optimizer, the scheduler, extra state (loaded in place when it has
+    ``load_state_dict``), and the RNG states. ``rep`` and ``local`` own their memory."""
+    if optimizer is not None and "optimizer" in rep:
+        optimizer.load_state_dict(rep["optimizer"])
+    if lr_scheduler is not None and "lr_scheduler" in local:
+        lr_scheduler.load_state_dict(local["lr_scheduler"])
+    for k, v in local.get("extra", {}).items():
+        tgt = extra_state.get(k)
+        if hasattr(tgt, "load_state_dict"):
+            tgt.load_state_dict(v)
+        else:
+            extra_state[k] = v
+    st.restore_rng_state(local["rng"])
+
+
 def _view(base: torch.Tensor, slot: tz.TensorSlot) -> torch.Tensor:
     """``slot``'s tensor as a view of ``base`` (see :func:`_anchored`)."""
     dtype = tz.torch_dtype(slot.dtype)
@@ -168,17 +185,7 @@ class ShardLoader:
             model.load_state_dict(model_sd)
         finally:
             rep["model"] = model_sd = None
-        if optimizer is not None and "optimizer" in rep:
-            optimizer.load_state_dict(rep["optimizer"])
-        if lr_scheduler is not None and "lr_scheduler" in local:
-            lr_scheduler.load_state_dict(local["lr_scheduler"])
-        for k, v in local.get("extra", {}).items():
-            tgt = extra_state.get(k)
-            if hasattr(tgt, "load_state_dict"):
-                tgt.load_state_dict(v)
-            else:
-                extra_state[k] = v
-        st.restore_rng_state(local["rng"])
+        load_the_rest(rep, local, optimizer, lr_scheduler, extra_state)
         pipeline_meta = local.get("pipeline")
         del rep, local
         return int(m.version), pipeline_meta

@@ -37,6 +37,7 @@ import torch
 
 from snapshotd.wire.errors import SnapshotdError
 from snapshotd_client import layout as lo
+from snapshotd_client.loader import load_the_rest
 from snapshotd_client import state as st
 from snapshotd_client import tensors as tz
 
@@ -283,17 +284,7 @@ class Reshard:
             self.sources.clear()  # nothing below points into a mapping
             del home
         model.load_state_dict(rep.get("model", {}))
-        if optimizer is not None and "optimizer" in rep:
-            optimizer.load_state_dict(rep["optimizer"])
-        if lr_scheduler is not None and "lr_scheduler" in local:
-            lr_scheduler.load_state_dict(local["lr_scheduler"])
-        for k, v in local.get("extra", {}).items():
-            tgt = extra_state.get(k)
-            if hasattr(tgt, "load_state_dict"):
-                tgt.load_state_dict(v)
-            else:
-                extra_state[k] = v
-        st.restore_rng_state(local["rng"])
+        load_the_rest(rep, local, optimizer, lr_scheduler, extra_state)
         if self.old_world != self.world_size:
             log.info("snapshotd: rank %d of %d restored version %d saved by %d ranks (per-rank state "
                      "of rank %d; %.1f MiB copied)", self.rank, self.world_size, m.version,
