@@ -163,7 +163,9 @@ class TrainerStore:
             slot = led.apply_staging(plan, version)
             name = st.name_at(job_id, rank, slot.index)
             st.held(name).manifest = None
-            st.persist()
+            # No index write: staging takes a FREE or STAGING slot, never a committed one,
+            # and a restart abandons every uncommitted slot and unlinks segments the index
+            # does not hold committed; what the index must get right is what committed.
             return name, slot.size
 
     def adopt(self, segment_name: str, m: pb.ShardManifest) -> tuple[bool, int]:
@@ -218,7 +220,8 @@ class TrainerStore:
             st.forget_freed(m.job_id, d.freed)
             st.touch(m.job_id)
             self._abandon_dead(m.job_id, led)
-            st.persist()
+            if d.committed or d.freed:  # the committed state changed (see acquire)
+                st.persist()
             hook = self.commit_hook if (d.local_complete and not d.committed) else None
             result = d.committed, led.committed_version
         if hook is not None:
