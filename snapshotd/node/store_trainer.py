@@ -17,6 +17,7 @@ rank delivered a version that does not commit by itself (cluster mode).
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -120,6 +121,36 @@ class TrainerStore:
             return freed
 
     # -- writing a shard --------------------------------------------------------------
+    def _refuse_early(self, job_id: str, led, rank: int, version: int, nbytes: int,
+                      force: bool) -> None:
+        """Raise the memory-budget refusal an acquire would end in, before it changes
+        anything (under the lock). Asking for a version tells the ledger that the rank moved
+        past the versions it never delivered, which frees them; an acquire refused for want
+        of memory must not have done that (found by the service fuzzer). So the acquire is
+        planned on a copy of the ledger first, and the budget checked against it."""
+        trial = copy.deepcopy(led)
+        if version > trial.committed_version:
+            trial.note_asked(rank, version)
+        trial.abandon_dead()
+        try:
+            plan = trial.acquire(rank, version, nbytes, force)
+        except Exception:  # the ledger's own refusals: raised by the real acquire below
+            return
+        if plan.new_size is None:
+            return
+        st = self.state
+        needed = max(plan.new_size - plan.old_size, 0)
+        reserved = st.bytes_reserved() - led.bytes_allocated() + trial.bytes_allocated()
+        if reserved + needed <= st.memory_budget_bytes:
+            return
+        ledgers = [trial if j == job_id else other for j, other in st.jobs.items()]
+        releasable = sum(sl.size for lg in ledgers for r, ss in lg.slots.items() for sl in ss
+                         if sl.state is SlotState.FREE and not (lg is trial and r == rank and sl.index == plan.slot))
+        if reserved - releasable + needed > st.memory_budget_bytes:
+            raise MemoryBudgetExceededError(
+                f"{needed} more bytes would exceed the memory budget of "
+                f"{st.memory_budget_bytes} bytes ({reserved} reserved)")
+
     def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int,
                         force: bool = False) -> tuple[str, int]:
         st = self.state
@@ -127,6 +158,7 @@ class TrainerStore:
             led = st.job(job_id)
             st.touch(job_id)
             try:
+                self._refuse_early(job_id, led, rank, version, nbytes, force)
                 if version > led.committed_version:
                     led.note_asked(rank, version)
                 self._abandon_dead(job_id, led)
