@@ -184,7 +184,7 @@ def _wait(pred, what: str, timeout_s: float = 20):
         time.sleep(0.005)
 
 
-def _forwarder(script, open_version: bool = True):
+def _forwarder(script, open_version: bool = True, start: bool = True):
     group = ("n0", "n1", "n2", "n3")
     jobs = JobTable("n0", group, group, 2, _Store())
     with jobs.lock:
@@ -195,7 +195,8 @@ def _forwarder(script, open_version: bool = True):
     commit = _Commit(script)
     fw = Forwarder(me="n0", group=group, jobs=jobs, parity=None, commit=commit, membership=None, stop=stop,
                    min_backoff_s=0.01, send=commit.deliver)
-    fw.start()
+    if start:
+        fw.start()
     return fw, commit, stop, jobs
 
 
@@ -240,10 +241,14 @@ def test_a_holder_that_dies_mid_forward_gets_the_rest_and_only_the_rest():
             return 0
         return None
 
-    fw, commit, stop, _jobs = _forwarder(script)
+    # Every row is in before the sender starts: its first batch holds all 12 (a sender
+    # already running may take the first rows alone, and the script's "4 acknowledged"
+    # would exceed that batch).
+    fw, commit, stop, _jobs = _forwarder(script, start=False)
     try:
         for s, rows in _rows(12):
             fw.submit(JOB, 1, s, (6, 5, 6, 5), rows)
+        fw.start()
         _wait(lambda: not fw.status()["waiting"], "nothing left to forward")
         acked = [k for _n, k in commit.acked]
         assert sorted(acked) == [(s, 1) for s in range(0, 48, 4)]
