@@ -279,7 +279,8 @@ class JobLedger:
             raise ConflictError(
                 f"job {self.job_id!r}: version {version} is being written at world_size {other} "
                 f"and now at world_size {self.world_size}: two runs of different sizes use this "
-                f"job id at once (give each its own job id)")
+                f"job id at once (give each its own job id; if the other run is gone, "
+                f"`snapshotd jobs drop {self.job_id} --force` on each node starts the job over)")
         gone = self.skipped_by(version)
         if gone:
             raise SnapshotSkippedError(

@@ -124,16 +124,23 @@ def test_a_finished_job_is_dropped_after_the_ttl(daemon_factory, capsys):
 
 
 def test_world_size_conflict_names_the_command_that_fixes_it(daemon_factory, capsys):
+    """A job relaunched at another world size registers (its committed version keeps its
+    layout, issue 14); what still conflicts is two runs of different sizes writing one
+    version at once, and that error says what to do about it."""
     d = daemon_factory().start()
-    _save(d, "resize", 0, 2, 4)
+    _save(d, "resize", 1, 2, 4)  # rank 1 of 2 wrote version 4; rank 0 never will
+    c = d.client()
+    assert c.register_job("resize", 1).latest_committed_version == 0  # no ConflictError now
     with pytest.raises(ConflictError) as ei:
-        d.client().register_job("resize", 1)
+        c.acquire_staging("resize", 0, 4, 1024)  # version 4 again, at world size 1
     msg = str(ei.value)
-    assert "snapshotd jobs drop resize" in msg
+    assert "world_size 2" in msg and "world_size 1" in msg and "own job id" in msg, msg
+    assert "snapshotd jobs drop resize" in msg, msg
     argv = msg[msg.index("snapshotd jobs drop"):].split()[1:4]  # jobs drop resize
     rc, _, err = _run(capsys, *argv, "--socket", d.socket, "--force")
     assert rc == 0, err
-    assert d.client().register_job("resize", 1).latest_committed_version == 0
+    assert c.register_job("resize", 1).latest_committed_version == 0
+    c.acquire_staging("resize", 0, 4, 1024)  # the job starts over at its new size
 
 
 def test_health_answers_serving_only_while_the_daemon_serves(daemon_factory, capsys):
