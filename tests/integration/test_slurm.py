@@ -190,9 +190,24 @@ def _events(text: str) -> list[dict]:
     return out
 
 
+SRUN_LINE_CHUNK = 1024  # srun --label cuts an output line longer than this into labelled pieces
+
+
 def _stats(text: str) -> dict:
-    """The JSON that `snapshotd stats` printed under srun --label ("0: {" ... "0: }")."""
-    lines = [ln[3:] for ln in text.splitlines() if ln.startswith("0: ")]
+    """The JSON that `snapshotd stats` printed under srun --label ("0: {" ... "0: }").
+    A line longer than 1024 bytes (the cluster status string) arrives cut into pieces,
+    each with its own label (seen in CI: a newline inside a JSON string): pieces of
+    exactly that length are joined to the next one again."""
+    lines, glue = [], False
+    for ln in text.splitlines():
+        if not ln.startswith("0: "):
+            continue
+        piece = ln[3:]
+        if glue:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+        glue = len(piece.encode()) == SRUN_LINE_CHUNK
     start = lines.index("{")
     end = lines.index("}", start)
     return json.loads("\n".join(lines[start:end + 1]))
