@@ -221,11 +221,15 @@ def test_oversized_length_claims_are_refused_before_allocation(daemon_factory, t
     rss0 = psutil.Process(d.proc.pid).memory_info().rss
     with socket.create_connection(("127.0.0.1", peer_port), timeout=5) as s:
         s.sendall(_zmtp_null_greeting())
-        s.recv(64)
+        greeting = b""
+        while len(greeting) < 64:  # the daemon's whole greeting (recv may return part of it)
+            chunk = s.recv(64 - len(greeting))
+            assert chunk, "the daemon closed the connection during the greeting"
+            greeting += chunk
         s.sendall(_zmtp_ready(b"DEALER"))
         s.sendall(b"\x00\x03" + MAGIC)  # a well-framed one-frame message: proves the handshake took
         wait_for(lambda: metric(port, "snapshotd_peer_messages_refused_total", reason="malformed") == 3,
-                 what="the raw ZMTP message to arrive")
+                 timeout_s=90, what="the raw ZMTP message to arrive")  # 20 s was too short in a loaded CI
         s.sendall(b"\x02" + struct.pack(">Q", 1 << 40) + b"\0" * 4096)  # long frame, 1 TiB claimed
         s.settimeout(5)
         dropped = False
