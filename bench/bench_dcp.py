@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--disk-dir", default=None, help="where FileSystemWriter writes (default: a "
                    "temporary directory beside the repository, on disk)")
+    p.add_argument("--part", choices=["all", "save", "load"], default="all",
+                   help="run only the async_save part or only the reshard restore part")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke test)")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -246,21 +248,21 @@ def main(argv=None) -> dict:
                  "snapshotd m=2": {"kind": "snap", "sockets": csocks, "local_world_size": 1,
                                    "job": "bench-dcp-m2"}}
         got = {k: {"blocking": [], "safe": []} for k in kinds}
-        for rep in range(a.repeats):  # alternating, so a load change hits every kind alike
+        for rep in range(a.repeats if a.part != "load" else 0):  # alternating: load changes hit all
             for k, cfg in kinds.items():
                 r = run_ranks({**base, **cfg, "op": "save"}, 4, tmp)
                 got[k]["blocking"] += r["blocking"]
                 got[k]["safe"] += r["safe"]
                 say(f"save {k} rep {rep}: blocking {r['blocking'][0]:.3f} s, safe {r['safe'][0]:.3f} s")
-        for k, v in got.items():
+        for k, v in got.items() if a.part != "load" else ():
             res["save"][k] = {"blocking_s": med(v["blocking"]), "safe_s": med(v["safe"]), "runs": v}
         # reshard restore: saved at 2 ranks, loaded at 1 and 4
         two = {"fs": {"kind": "fs", "dir": os.path.join(disk, "save2")},
                "snapshotd (RAM)": {"kind": "snap", "sockets": [solo], "local_world_size": 2,
                                    "job": "bench-dcp-r2"}}
-        for k, cfg in two.items():
+        for k, cfg in two.items() if a.part != "save" else ():
             run_ranks({**base, **cfg, "op": "save"}, 2, tmp)
-        for world in (1, 4):
+        for world in (1, 4) if a.part != "save" else ():
             lg = {k: [] for k in two}
             for rep in range(a.repeats):
                 for k, cfg in two.items():
