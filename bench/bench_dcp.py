@@ -196,7 +196,7 @@ def run_ranks(cfg: dict, world: int, tmp: str) -> dict:
 
 
 # -- daemons ----------------------------------------------------------------------------------------
-def start_daemon(d: str, node: str = "solo") -> tuple[subprocess.Popen, str]:
+def start_daemon(d: str, node: str = f"solo{os.getpid()}") -> tuple[subprocess.Popen, str]:
     sock, ready = os.path.join(d, f"{node}.sock"), os.path.join(d, f"{node}.ready")
     proc = subprocess.Popen([sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
                              "--state-dir", os.path.join(d, node), "--socket", sock,
@@ -211,13 +211,18 @@ def start_daemon(d: str, node: str = "solo") -> tuple[subprocess.Popen, str]:
     return proc, sock
 
 
-def stop_daemon(proc: subprocess.Popen) -> None:
+def stop_daemon(proc: subprocess.Popen, node: str) -> None:
+    """Stop the daemon and free its shared memory (a stopped daemon keeps its segments)."""
+    from snapshotd.wire import shm
+
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    for name in shm.list_segments(f"snapshotd.{node}."):
+        shm.unlink(name)
 
 
 def med(xs) -> float:
@@ -234,7 +239,8 @@ def main(argv=None) -> dict:
 
     tmp = tempfile.mkdtemp(prefix="bench-dcp-")
     disk = a.disk_dir or tempfile.mkdtemp(prefix="bench-dcp-disk-", dir=os.path.dirname(REPO))
-    solo_proc, solo = start_daemon(tmp)
+    node = f"solo{os.getpid()}"
+    solo_proc, solo = start_daemon(tmp, node)
     cdir = os.path.join(tmp, "cluster")
     base = {"size_mib": a.size_mib, "tensor_mib": a.tensor_mib, "repeats": 1}
     res = {"size_mib": a.size_mib, "repeats": a.repeats, "machine": machine(),
@@ -271,7 +277,7 @@ def main(argv=None) -> dict:
                     say(f"load 2->{world} {k} rep {rep}: {r['load'][0]:.3f} s")
             res["load"][f"2->{world}"] = {k: {"load_s": med(v), "runs": v} for k, v in lg.items()}
     finally:
-        stop_daemon(solo_proc)
+        stop_daemon(solo_proc, node)
         if os.path.exists(os.path.join(cdir, "cluster.json")):
             localcluster.down(cdir)
         shutil.rmtree(disk, ignore_errors=True)
