@@ -743,3 +743,29 @@ def test_call_many_on_reply_streams_in_order(make_server, make_client):
         cli.call_many([(rnd(i), None) for i in range(30)], window=8, on_reply=failing)
     assert cli.resets == 1
     assert [size(r) for r in cli.call_many([(rnd(i), None) for i in range(5)])] == list(range(5))
+
+
+def test_a_failure_forwarding_a_bulk_reply_does_not_end_the_serving_loop(make_server, make_client,
+                                                                          monkeypatch):
+    """The serving thread sends the bulk thread's replies. An exception there once ended
+    the loop (a bug in the traffic counter did, in a daemon started from a half-edited
+    tree): the daemon kept serving gRPC while its peers could no longer reach it. Now that
+    failure is counted as internal, and the server goes on answering."""
+    from snapshotd.node.peer import server as server_mod
+
+    srv = make_server(inline_ops={"ping"})
+    cli = make_client(srv, timeout_ms=1000)
+    real, calls = server_mod.TRAFFIC.count, []
+
+    def count_once_broken(kind, n):
+        calls.append(kind)
+        if kind == "reply" and calls.count("reply") == 1:
+            raise KeyError("broken once")
+        return real(kind, n)
+
+    monkeypatch.setattr(server_mod.TRAFFIC, "count", count_once_broken)
+    cli.call(fetch(), b"x" * 10)  # a bulk op (not inline): sent, then its count raised
+    assert _wait_for(lambda: srv.refused["internal"] >= 1)
+    rep, payload = cli.call(fetch(), b"y" * 10)  # the loop still serves the bulk ops ...
+    assert bytes(payload) == b"y" * 10
+    rep, _ = cli.call(ppb.PeerRequest(ping=ppb.PingRequest()))  # ... and the pings

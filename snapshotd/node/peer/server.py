@@ -242,7 +242,11 @@ class PeerServer:
             while not self._stop.is_set():
                 ready = dict(poller.poll(_POLL_MS))
                 if replies is not None and replies in ready:
-                    self._forward_replies()
+                    try:
+                        self._forward_replies()
+                    except Exception:  # nor one reply: a dead loop leaves a half-alive daemon
+                        self.refused["internal"] += 1
+                        log.exception("peer server %s: failed to forward a bulk reply", self.node_id)
                 if sock not in ready:
                     continue
                 while not self._stop.is_set():
