@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from snapshotd.wire import tagged
 from snapshotd.wire.errors import InvalidRequestError
 
 __all__ = ["FORMAT", "SnapshotdStorageInfo", "decode_metadata", "encode_metadata"]
@@ -66,27 +67,7 @@ def _torch_attr(name: str, kind: type, what: str):
 
 
 # -- generic values (planner_data): tagged so tuples, int keys and dicts survive -----------
-def _enc_value(x, where: str):
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if isinstance(x, tuple):
-        return {"t": [_enc_value(v, where) for v in x]}
-    if isinstance(x, list):
-        return {"l": [_enc_value(v, where) for v in x]}
-    if isinstance(x, dict):
-        return {"d": [[_enc_value(k, where), _enc_value(v, where)] for k, v in x.items()]}
-    raise InvalidRequestError(f"{where}: a {type(x).__name__} cannot be stored without pickle "
-                              "(supported: None, bool, int, float, str, list, tuple, dict)")
-
-
-def _dec_value(x):
-    if not isinstance(x, dict):
-        return x
-    if "t" in x:
-        return tuple(_dec_value(v) for v in x["t"])
-    if "l" in x:
-        return [_dec_value(v) for v in x["l"]]
-    return {_dec_value(k): _dec_value(v) for k, v in x["d"]}
+_enc_value, _dec_value = tagged.encode, tagged.decode
 
 
 # -- the metadata classes ----------------------------------------------------------------------

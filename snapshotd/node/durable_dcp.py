@@ -43,6 +43,7 @@ import torch
 from google.protobuf import json_format
 
 from snapshotd.wire import durable_store as ds
+from snapshotd.wire import tagged
 
 DCP_VERSION = "1.0.0"  # torch's CURRENT_DCP_VERSION at 2.13
 DCP_FORMAT = "snapshotd-dcp/1"  # meta_json["format"] of SnapshotdWriter's shards (dcp_codec.FORMAT)
@@ -177,15 +178,7 @@ def manifest_from_json(d: dict):
     return json_format.ParseDict(d, pb.ShardManifest())
 
 
-def _dec_value(x):
-    """planner_data as dcp_codec tags it: {"t": tuple}, {"l": list}, {"d": [[k, v], ...]}."""
-    if not isinstance(x, dict):
-        return x
-    if "t" in x:
-        return tuple(_dec_value(v) for v in x["t"])
-    if "l" in x:
-        return [_dec_value(v) for v in x["l"]]
-    return {_dec_value(k): _dec_value(v) for k, v in x["d"]}
+_dec_value = tagged.decode  # planner_data as the client's dcp_codec tagged it
 
 
 def _torch(name: str, kind: type):
