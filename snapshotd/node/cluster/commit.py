@@ -46,6 +46,9 @@ log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 # peer that its heartbeats still see alive (see CommitDriver.deliver).
 BULK_RETRY_TIMEOUTS = 20
 
+# Contributions read and sent to one holder at a time (a delta is memory of its own).
+CONTRIB_BATCH = 64
+
 # Test-only fault hook: the node named here misses every commit message from its peers
 # (their votes, reports and words are acknowledged and ignored; heartbeats' committed
 # versions too), while it still votes itself. The others commit; it never learns of it
@@ -74,6 +77,7 @@ class CommitDriver:
                                  min_backoff_s=spec.heartbeat_interval_ms / 1000, stop=stop)
         self._resend_thread: threading.Thread | None = None
         self._miss_commit = os.environ.get(MISS_COMMIT_ENV, "") == me
+        self.delta = None  # .delta.DeltaParity (set by the node): deltas instead of whole blocks
         if self._miss_commit:
             log.warning("node %s: TEST FAULT armed (%s): it ignores its peers' commit messages",
                         me, MISS_COMMIT_ENV)
@@ -130,8 +134,9 @@ class CommitDriver:
             acts = self.jobs.job(job_id).committed_elsewhere(v)
         self.enqueue(job_id, acts)
 
-    def accumulate(self, job_id: str, v, s: int, t: int, p: int, counts: tuple, data) -> None:
-        """A parity contribution for us (from a peer, or from ourselves)."""
+    def accumulate(self, job_id: str, v, s: int, t: int, p: int, counts: tuple, data, base: int = 0) -> None:
+        """A parity contribution for us (from a peer, or from ourselves); with ``base``, the
+        block's change since that committed version (None: unchanged; :mod:`.delta`)."""
         # One sender's contributions arrive through the peer server thread (ours through
         # the worker), one at a time, so no (s, t, p) is ever applied by two threads at once.
         with self.jobs.lock:
@@ -142,8 +147,9 @@ class CommitDriver:
             r = jp.round(v)
             if (s, t, p) not in r.expected:
                 return  # a retry of something already accumulated
+        based = self.delta.base_buffer(job_id, v, base, counts) if base else None  # refused: raises
         buf = self.parity.buffer(job_id, v, layout)
-        if not self.parity.add(buf, s, t, p, data):
+        if not self.parity.add(buf, s, t, p, data, base=based):
             return
         with self.jobs.lock:
             if self.parity.get(job_id, v) is not buf:
@@ -272,7 +278,8 @@ class CommitDriver:
             return jp is not None and v > jp.committed_version and v in jp.rounds
 
     def _send_announce(self, job_id: str, a: proto.SendAnnounce) -> list:
-        req, blob = peer_ops.announce(job_id, a.version, a.announce)
+        base = self.delta.claim(job_id, a.version) if self.delta is not None else 0
+        req, blob = peer_ops.announce(job_id, a.version, a.announce, delta_base=base)
         return self.broadcast(a.to or self.group, req, blob, job_id, a.version, kind=proto.ANNOUNCE)
 
     def _send_contributions(self, job_id: str, a: proto.SendContributions) -> list:
@@ -280,7 +287,10 @@ class CommitDriver:
         to those, and only what they have not acknowledged). [(holder, exc)] of the
         holders not (wholly) delivered to."""
         v = a.version
-        blocks = self.store.block_reader(job_id, v, self.bs, with_checksum=True)
+        # Delta parity: u > 0 when the group agreed to send changes since committed version u.
+        u = self.delta.mode(job_id, v, a.layout) if self.delta is not None else 0
+        blocks = self.delta.reader(job_id, v, u) if self.delta is not None else \
+            self.store.block_reader(job_id, v, self.bs, with_checksum=True)
         targets = None if a.to is None else set(a.to)
         prebuild = None
         if targets is None and self.m and a.layout.parity_blocks(self.my_index):  # our own parity buffer: built beside the sends, not on demand
@@ -294,20 +304,28 @@ class CommitDriver:
                 if holder == self.my_index:
                     if targets is None:
                         data, _known = blocks(j)
-                        self.accumulate(job_id, v, s, t, p, tuple(a.block_counts), data)
+                        self.accumulate(job_id, v, s, t, p, tuple(a.block_counts), data, base=u)
                 elif targets is None or node in targets:
                     if (s, t, p) in self._acked_contribs.get((job_id, v, node), ()):
                         continue
-                    data, known = blocks(j)  # with the adopt-time checksum: the holder verifies it
-                    per_holder.setdefault(node, []).append(
-                        (peer_ops.contrib(job_id, v, s, t, p, a.block_counts), data, known))
+                    # read when sent (a delta is memory of its own): the holder verifies the checksum
+                    per_holder.setdefault(node, []).append((j, peer_ops.contrib(job_id, v, s, t, p, a.block_counts,
+                                                                                base=u)))
                     keys.setdefault(node, []).append((s, t, p))
         errs = []
 
-        def send(node, reqs):
+        def send(node, todo):
             got = self._acked_contribs.setdefault((job_id, v, node), set())
             try:
-                self.deliver(node, reqs, job_id, v, on_acked=lambda i: got.add(keys[node][i]))
+                step = CONTRIB_BATCH if u else max(1, len(todo))  # whole blocks: views, no memory
+                for lo in range(0, len(todo), step):
+                    reqs = []
+                    for j, req in todo[lo:lo + step]:
+                        data, known = blocks(j)
+                        if data is None:  # a delta of zero: said in the header, no payload
+                            req.contrib.unchanged = True
+                        reqs.append((req, data, known))
+                    self.deliver(node, reqs, job_id, v, on_acked=lambda i, lo=lo: got.add(keys[node][lo + i]))
             except Exception as exc:
                 errs.append((node, exc))
                 return

@@ -16,6 +16,12 @@ as it comes (:meth:`Forwarder.receive_row`, on the peer server's bulk thread) an
 it, in the commit protocol, as every data block of the stripe received (the row is
 their combination), so the protocol's accounting is the same on either route.
 
+Delta parity (:mod:`.delta`): a row computed from deltas against committed version u is
+the row's change; it travels naming u (``delta_base``), or as a header alone
+(``unchanged``) when no block of its stripe changed, and the holder adds it to its own
+parity of u (:meth:`ParityBuffers.put_row <.parity.ParityBuffers.put_row>`), which it must
+hold verified (``delta.base_buffer``), else it refuses the row and it is sent again.
+
 Rows waiting here are private memory (m-1 blocks per accumulated stripe, at most
 (m-1)/k of the node's data, usually a few blocks: they leave as fast as they are made);
 ``status()`` reports them.
@@ -47,7 +53,7 @@ class _Target:
     """Rows waiting for one peer, and that peer's sender state."""
 
     def __init__(self) -> None:
-        self.rows: dict = {}  # (job, v, s, t) -> (counts, block, xxh3)
+        self.rows: dict = {}  # (job, v, s, t) -> (counts, block or None (unchanged), xxh3, delta base)
         self.due = 0.0  # monotonic time of the next try
         self.backoff = 0.0
         self.tries = 0  # failed deliveries in the current episode
@@ -73,6 +79,7 @@ class Forwarder:
         self.stats = {"rows_sent": 0, "rows_received": 0, "rows_dropped": 0, "failed_deliveries": 0,
                       "waiting_peak_bytes": 0}
         self._waiting_bytes = 0
+        self.delta = None  # .delta.DeltaParity: checks the base a delta row names (set by the node)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -105,15 +112,18 @@ class Forwarder:
         c.call_many(reqs, window=8, on_reply=lambda i, rep, d: on_acked(i))
 
     # -- the accumulator's side ---------------------------------------------------------------
-    def submit(self, job_id: str, v: int, s: int, counts: tuple, rows: list) -> None:
-        """Rows [(t, block)] of stripe s of version v, computed here, for their holders."""
+    def submit(self, job_id: str, v: int, s: int, counts: tuple, rows: list, base: int = 0) -> None:
+        """Rows [(t, block)] of stripe s of version v, computed here, for their holders.
+        With ``base`` (delta parity) each block is the row's change since version ``base``,
+        None when nothing changed."""
         with self._wake:
             for t, block in rows:
                 node = self.group[(s + t) % len(self.group)]
                 tg = self._targets.setdefault(node, _Target())
-                if (job_id, v, s, t) not in tg.rows:
+                if (job_id, v, s, t) not in tg.rows and block is not None:
                     self._waiting_bytes += block.nbytes
-                tg.rows[(job_id, v, s, t)] = (tuple(counts), block, xxhash.xxh3_64_intdigest(block))
+                xx = None if block is None else xxhash.xxh3_64_intdigest(block)
+                tg.rows[(job_id, v, s, t)] = (tuple(counts), block, xx, int(base))
             self.stats["waiting_peak_bytes"] = max(self.stats["waiting_peak_bytes"], self._waiting_bytes)
             self._wake.notify_all()
 
@@ -135,7 +145,7 @@ class Forwarder:
             if closed:
                 with self._wake:
                     for key in [k for k in tg.rows if (k[0], k[1]) in closed]:
-                        self._waiting_bytes -= tg.rows.pop(key)[1].nbytes
+                        self._waiting_bytes -= _nbytes(tg.rows.pop(key)[1])
                         self.stats["rows_dropped"] += 1
                 continue
             self._deliver(node, tg, batch)
@@ -143,8 +153,8 @@ class Forwarder:
     def _deliver(self, node: str, tg: _Target, batch: list) -> None:
         with self._lock:
             items = [(key, tg.rows[key]) for key in batch if key in tg.rows]
-        reqs = [(peer_ops.parity_row(job, v, s, t, counts), block, xx)
-                for (job, v, s, t), (counts, block, xx) in items]
+        reqs = [(peer_ops.parity_row(job, v, s, t, counts, base=base, unchanged=block is None), block, xx)
+                for (job, v, s, t), (counts, block, xx, base) in items]
         done: list = []
 
         def acked(i: int) -> None:
@@ -164,7 +174,7 @@ class Forwarder:
             for key in done:
                 row = tg.rows.pop(key, None)
                 if row is not None:
-                    self._waiting_bytes -= row[1].nbytes
+                    self._waiting_bytes -= _nbytes(row[1])
             self.stats["rows_sent"] += len(done)
             if err is None:
                 if tg.tries:
@@ -181,9 +191,11 @@ class Forwarder:
                         "they are, or their versions commit or are dropped", node, err)
 
     # -- the holder's side ------------------------------------------------------------------------
-    def receive_row(self, job_id: str, v: int, s: int, t: int, counts: tuple, data) -> None:
+    def receive_row(self, job_id: str, v: int, s: int, t: int, counts: tuple, data, base: int = 0) -> None:
         """Parity row t of stripe s, forwarded by the stripe's accumulator: store it and
-        count every real data block of the stripe as received for row t."""
+        count every real data block of the stripe as received for row t. With ``base``:
+        the row's change since that committed version (None: unchanged), added to our
+        parity of it (refused, ConflictError, when we do not hold it verified)."""
         with self.jobs.lock:
             jp = self.jobs.job(job_id)
             if v <= jp.committed_version:
@@ -196,8 +208,13 @@ class Forwarder:
             r = jp.round(v)
             if not any((s, t, p) in r.expected for p in positions):
                 return  # a retry of something already stored
+        based = None
+        if base:
+            if self.delta is None:
+                raise ValueError("delta parity rows are not accepted here")
+            based = self.delta.base_buffer(job_id, v, base, tuple(counts))
         buf = self.parity.buffer(job_id, v, layout)
-        if not self.parity.put_row(buf, s, t, data):
+        if not self.parity.put_row(buf, s, t, data, base=based):
             return
         acts: list = []
         with self.jobs.lock:
@@ -221,3 +238,7 @@ class Forwarder:
         if self.parity is not None:
             out["held_peak_bytes"] = self.parity.held_peak_bytes
         return out
+
+
+def _nbytes(block) -> int:
+    return 0 if block is None else block.nbytes

@@ -6,6 +6,7 @@ what the service, the server, the store and the metrics call. The parts (one job
   jobs.JobTable           the commit protocol state of every job, and its one lock
   membership.Membership   peer clients, heartbeats, liveness, peers' committed versions
   parity.ParityBuffers    the parity blocks we hold: create/reuse, accumulate, seal, release
+  delta.DeltaParity       delta parity: changes since the committed version instead of blocks
   records.RoundRecords    round records: served to peers, saved at commit, loaded at restart
   commit.CommitDriver     carries out the commit protocol's actions; fence, drop a job
   repairs.RepairRunner    fetch + verify + decode of repair plans, around corrupt sources
@@ -47,6 +48,7 @@ from .copies import RemoteCopies
 from .corrupt import CorruptBlocks
 from .forward import Forwarder
 from .degraded import DegradedReads
+from .delta import DeltaParity
 from .jobs import JobTable
 from .membership import Membership
 from .parity import ParityBuffers
@@ -110,11 +112,15 @@ class ClusterNode:
                                  store=store, jobs=self.jobs, parity=self.parity, membership=self.membership,
                                  repairs=self.repairs, corrupt=self.corrupt, degraded=self.degraded,
                                  stop=self._stop)
+        self.delta = DeltaParity(me=node_id, my_index=li, group=self.group, block_size_bytes=self.bs, m=self.m,
+                                 store=store, jobs=self.jobs, parity=self.parity, degraded=self.degraded,
+                                 suspects=self.corrupt)
+        self.commit.delta = self.forwarder.delta = self.delta
         self.ops = PeerOps(me=node_id, n=self.n, block_size_bytes=self.bs, store=store, jobs_table=self.jobs,
                            membership=self.membership, commit=self.commit, parity=self.parity,
                            records=self.records, suspects=self.corrupt, rebuilder=self.rebuilder,
                            fence_job=self.fence, bounded_counts=self.records.bounded_counts,
-                           forwarder=self.forwarder)
+                           forwarder=self.forwarder, delta=self.delta)
         self.server = PeerServer(f"tcp://{host}:{me.peer_port}", node_id, key,
                                  allowed_peers={nd.id for nd in spec.nodes}, handler=self.ops.handle,
                                  max_payload_bytes=max(self.bs, 64 << 20) + (1 << 20), curve=self.curve,
@@ -224,5 +230,6 @@ class ClusterNode:
                 "accumulate": {"cpu_seconds": round(self.parity.accumulate_stats[0], 4),
                                "bytes": self.parity.accumulate_stats[1]},
                 "forwarding": self.forwarder.status(),
+                "delta_parity": self.delta.status(),
                 "peer_traffic": TRAFFIC.snapshot(),  # bytes handed to our peer sockets (H4, issue 16)
                 **self.scrubber.status()}

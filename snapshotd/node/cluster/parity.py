@@ -14,6 +14,14 @@ holders); a holder of row t >= 1 stores the forwarded row as it comes
 (:meth:`ParityBuffers.put_row`). ``on_rows`` None (or ``forward`` False): every holder
 combines its own row from the data blocks, the route before issue 16.
 
+Delta parity (issue 16, :mod:`.delta`): a version whose contributions are deltas against
+committed version u is given u's sealed buffer as ``base`` (:meth:`ParityBuffers.add`,
+:meth:`ParityBuffers.put_row`); row 0 starts from u's block instead of zero, the rows
+forwarded are changes (``None``: no change) that their holders add to u's block, and an
+unchanged block comes as ``None``. Every block of u used is checked against its
+seal-time checksum first (``on_corrupt_base`` is told of a bad one, and the contribution
+is refused). One buffer takes deltas against one base, or whole contributions, never both.
+
 Locks: the map of buffers and the pool are guarded by the job table's lock
 (:attr:`JobTable.lock <snapshotd.node.cluster.jobs.JobTable.lock>`); a buffer's held
 contributions and its bytes by the buffer's own ``lock``. Lock order: ``JobTable.lock``,
@@ -32,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from snapshotd.wire.errors import ChecksumMismatchError
+from snapshotd.wire.errors import ChecksumMismatchError, ConflictError
 
 from .jobs import JobTable
 
@@ -64,6 +72,8 @@ class ParityBuffer:
     counts: tuple = ()  # the layout's block counts (a forwarded row carries them)
     arrived: dict = field(default_factory=dict)  # (s, t) -> contributions folded, in `direct`
     fwd: dict = field(default_factory=dict)  # s -> rows 1..m-1 being accumulated, in `direct`
+    base: "ParityBuffer | None" = None  # delta parity: the committed version's sealed buffer
+    mode_set: bool = False  # whole or delta (against `base`) fixed by the first contribution
 
     def view(self, s: int, t: int) -> np.ndarray:
         i = self.index[(s, t)]
@@ -85,6 +95,7 @@ class ParityBuffers:
         self.on_rows = None
         self.forward = True
         self.held_peak_bytes = 0  # the most contributions one buffer held at once (memory)
+        self.on_corrupt_base = None  # (job, u, s, t): a delta's base block failed its checksum
 
     # -- lookup ---------------------------------------------------------------------------
     def get(self, job_id: str, v: int) -> ParityBuffer | None:
@@ -193,7 +204,7 @@ class ParityBuffers:
         with self.jobs.lock:
             self._buffers[(job_id, v)] = ParityBuffer(
                 name, seg, {tuple(b): i for i, b in enumerate(blocks)}, self.bs,
-                {i: c for i, c in enumerate(checksums) if c is not None})
+                {i: c for i, c in enumerate(checksums) if c is not None}, job=job_id, version=v)
 
     def seal(self, job_id: str, v: int) -> None:
         """Before voting (and at the latest at the commit): make sure the parity buffer
@@ -255,23 +266,28 @@ class ParityBuffers:
         (row 0) when we forward, else row t alone."""
         return list(range(self.m)) if t == 0 and self.m > 1 and self.forward and self.on_rows else [t]
 
-    def add(self, buf: ParityBuffer, s: int, t: int, p: int, data) -> bool:
+    def add(self, buf: ParityBuffer, s: int, t: int, p: int, data, base: ParityBuffer | None = None) -> bool:
         """Fold one contribution (data position p of stripe s, for parity row t) into
         ``buf`` (at the accumulator, into every row of s; rows 1..m-1 are forwarded once
-        the stripe is whole). One sender's contributions arrive one at a time, so no
-        (s, t, p) is ever applied by two threads at once. False if the buffer was
-        released meanwhile."""
-        block = np.frombuffer(data, np.uint8)
+        the stripe is whole). With ``base`` (delta parity) ``data`` is the block's change
+        since the base's version, None if it did not change. One sender's contributions
+        arrive one at a time, so no (s, t, p) is ever applied by two threads at once.
+        False if the buffer was released meanwhile."""
+        block = None if data is None else np.frombuffer(data, np.uint8)
+        if block is None and base is None:
+            raise ValueError("an unchanged block is a delta: it needs its base")
         key = (s, t)
         rows = self._rows(t)
         pm = self.code.parity_matrix
         with buf.lock:
             if buf.released:  # the round was dropped meanwhile
                 return False
+            self._set_mode(buf, base)
             if key in buf.direct:
                 dsts = self._direct_rows(buf, s, t, rows)
-                for r, dst in zip(rows, dsts):
-                    self.code.mul_accumulate(int(pm[r, p]), block, dst)
+                if block is not None:
+                    for r, dst in zip(rows, dsts):
+                        self.code.mul_accumulate(int(pm[r, p]), block, dst)
                 buf.arrived[key] = buf.arrived.get(key, 0) + 1
                 if buf.arrived[key] >= buf.need.get(key, 0):
                     self._forward(buf, s, rows, dsts)
@@ -279,20 +295,67 @@ class ParityBuffers:
             else:
                 held = buf.held.setdefault(key, [])
                 held.append((p, block))
-                buf.held_bytes += block.nbytes
+                buf.held_bytes += 0 if block is None else block.nbytes
                 self.held_peak_bytes = max(self.held_peak_bytes, buf.held_bytes)
                 if len(held) >= buf.need.get(key, 0):
                     t0 = time.thread_time()  # CPU time: the cores are shared
-                    dsts = [buf.view(s, t)] + [np.empty(self.bs, np.uint8) for _ in rows[1:]]
-                    self.code.combine_rows([[int(pm[r, p_]) for p_, _ in held] for r in rows],
-                                           [b for _, b in held], dsts)
+                    dsts = self._combine(buf, s, t, rows, [(p_, b) for p_, b in held if b is not None])
                     self.accumulate_stats[0] += time.thread_time() - t0
-                    self.accumulate_stats[1] += sum(b.nbytes for _, b in held)
-                    buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key))
+                    buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key) if b is not None)
                     self._forward(buf, s, rows, dsts)
                 elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
                     self._flush_held(buf)
         return True
+
+    def _combine(self, buf: ParityBuffer, s: int, t: int, rows: list, held: list) -> list:
+        """Row t of stripe s (into the buffer) and the rows forwarded from it, in one pass
+        over the contributions ``held`` [(p, block)]. Delta parity: row t starts from the
+        base's block (one more source, coefficient 1 in row t, 0 in the others) and the
+        forwarded rows are changes; all None when nothing of the stripe changed."""
+        pm = self.code.parity_matrix
+        dst = buf.view(s, t)
+        srcs = [b for _, b in held]
+        coefs = [[int(pm[r, p_]) for p_, _ in held] for r in rows]
+        if buf.base is not None:
+            old = self._base_block(buf, s, t)
+            if not held:  # the whole stripe is unchanged
+                dst[:] = old
+                return [dst] + [None for _ in rows[1:]]
+            srcs.append(old)
+            for i, row in enumerate(coefs):
+                row.append(1 if i == 0 else 0)
+        dsts = [dst] + [np.empty(self.bs, np.uint8) for _ in rows[1:]]
+        self.code.combine_rows(coefs, srcs, dsts)
+        self.accumulate_stats[1] += sum(b.nbytes for b in srcs)
+        return dsts
+
+    def _set_mode(self, buf: ParityBuffer, base: ParityBuffer | None) -> None:
+        """Under ``buf.lock``: the first contribution fixes whole or delta (against one
+        base); a contribution of the other kind is refused."""
+        if not buf.mode_set:
+            buf.base, buf.mode_set = base, True
+        elif buf.base is not base:
+            have = f"deltas against v{buf.base.version}" if buf.base is not None else "whole contributions"
+            got = f"a delta against v{base.version}" if base is not None else "a whole one"
+            raise ConflictError(f"parity of job {buf.job!r} v{buf.version} takes {have}, not {got}")
+
+    def _base_block(self, buf: ParityBuffer, s: int, t: int) -> np.ndarray:
+        """A copy of block (s, t) of the delta's base, checked against its seal-time
+        checksum (lock order: ``buf.lock``, then the base's: a sealed base takes no adds)."""
+        base = buf.base
+        with base.lock:
+            slot = base.index.get((s, t))
+            if base.released or slot is None or slot not in base.checksums:
+                raise ConflictError(f"parity block ({s}, {t}) of job {buf.job!r} v{base.version} "
+                                    "is no longer held: refused as a delta base")
+            old = np.array(base.view(s, t))
+            want = base.checksums[slot]
+        if xxhash.xxh3_64_intdigest(old) != want:
+            if self.on_corrupt_base is not None:
+                self.on_corrupt_base(buf.job, base.version, s, t)
+            raise ChecksumMismatchError(f"parity block ({s}, {t}) of job {buf.job!r} v{base.version} is "
+                                        "corrupt (checksum mismatch): refused as a delta base")
+        return old
 
     def _direct_rows(self, buf: ParityBuffer, s: int, t: int, rows: list) -> list:
         """The destinations of a stripe accumulated block by block: our row, then the
@@ -304,28 +367,45 @@ class ParityBuffers:
 
     def _forward(self, buf: ParityBuffer, s: int, rows: list, dsts: list) -> None:
         if len(rows) > 1:
-            self.on_rows(buf.job, buf.version, s, buf.counts, list(zip(rows[1:], dsts[1:])))
+            more = {"base": buf.base.version} if buf.base is not None else {}
+            self.on_rows(buf.job, buf.version, s, buf.counts, list(zip(rows[1:], dsts[1:])), **more)
 
-    def put_row(self, buf: ParityBuffer, s: int, t: int, data) -> bool:
-        """Store parity row t of stripe s as its accumulator forwarded it (whole).
-        Idempotent (a re-sent row has the same bytes). False if the buffer was released."""
-        block = np.frombuffer(data, np.uint8)
+    def put_row(self, buf: ParityBuffer, s: int, t: int, data, base: ParityBuffer | None = None) -> bool:
+        """Store parity row t of stripe s as its accumulator forwarded it: whole, or (with
+        ``base``) the row's change since the base's version, added to the base's block
+        (None: unchanged). Idempotent (a re-sent row has the same bytes, and the result
+        is computed from the base, not from what is stored). False if the buffer was released."""
+        block = None if data is None else np.frombuffer(data, np.uint8)
+        if block is None and base is None:
+            raise ValueError("an unchanged parity row is a delta: it needs its base")
         with buf.lock:
             if buf.released:
                 return False
-            buf.view(s, t)[:] = block
-            self.accumulate_stats[1] += block.nbytes
+            self._set_mode(buf, base)
+            dst = buf.view(s, t)
+            if base is None:
+                dst[:] = block
+            elif block is None:
+                dst[:] = self._base_block(buf, s, t)
+            else:
+                np.bitwise_xor(self._base_block(buf, s, t), block, out=dst)
+            self.accumulate_stats[1] += self.bs if block is not None else 0
         return True
 
     def _flush_held(self, buf: ParityBuffer) -> None:
         """Too much held in memory: fold what is held into the parity now and
         accumulate those stripes' later contributions one by one."""
         pm = self.code.parity_matrix
+        # Delta parity starts from the base: every base block is read (and checked) before
+        # anything changes, so a refused one leaves the buffer as it was.
+        starts = {key: 0 if buf.base is None else self._base_block(buf, *key) for key in buf.held}
         for (s, t), held in buf.held.items():
             rows = self._rows(t)
             dsts = self._direct_rows(buf, s, t, rows)
-            dsts[0][:] = 0  # a reused segment: not yet overwritten by a combine
+            dsts[0][:] = starts[(s, t)]  # a reused segment: not yet overwritten by a combine
             for p, b in held:
+                if b is None:  # unchanged (delta parity)
+                    continue
                 for r, dst in zip(rows, dsts):
                     self.code.mul_accumulate(int(pm[r, p]), b, dst)
             buf.arrived[(s, t)] = len(held)

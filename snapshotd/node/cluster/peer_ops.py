@@ -9,7 +9,9 @@ server calls :meth:`PeerOps.handle`, which maps the request's op
 op's message and calling a part with plain arguments.
 
 A block travels with its stored checksum (the request's or the reply's
-``payload_xxh3``): the receiver verifies it.
+``payload_xxh3``): the receiver verifies it. Delta parity (:mod:`.delta`): an announce
+offers a base (``delta_base``), and a contribution or forwarded row against it names it
+and carries the change (or, ``unchanged``, no payload at all).
 
 Thread-safety: :meth:`PeerOps.handle` runs in the peer server thread; every handler is
 fast (queues work, or reads what is held) and idempotent. The builders are pure.
@@ -29,17 +31,30 @@ KIND_NAMES = {v: k for k, v in KINDS.items()}
 
 
 # -- requests ------------------------------------------------------------------------------
-def announce(job_id: str, v: int, ann: proto.Announce) -> tuple[ppb.PeerRequest, bytes]:
+def announce(job_id: str, v: int, ann: proto.Announce, delta_base: int = 0) -> tuple[ppb.PeerRequest, bytes]:
+    """Our announce of v; ``delta_base``: the committed version we offer as the base of
+    delta contributions (0: none; see :mod:`.delta`)."""
     sizes, blob = pack_blobs(ann.manifests)
+    more = {"delta_base": delta_base} if delta_base else {}
     return ppb.PeerRequest(announce=ppb.AnnounceRequest(
         job=job_id, version=v, node=ann.node, block_count=ann.block_count, ranks=list(ann.ranks),
-        manifest_sizes_bytes=sizes)), blob
+        manifest_sizes_bytes=sizes, **more)), blob
 
 
-def contrib(job_id: str, v: int, s: int, t: int, p: int, counts) -> ppb.PeerRequest:
-    """One contribution; send it with the block's adopt-time checksum as its payload_xxh3."""
+def _delta_fields(base: int, unchanged: bool) -> dict:
+    if unchanged and not base:
+        raise ValueError("an unchanged contribution is a delta: it needs its base")
+    return {"delta_base": base, **({"unchanged": True} if unchanged else {})} if base else {}
+
+
+def contrib(job_id: str, v: int, s: int, t: int, p: int, counts, base: int = 0,
+            unchanged: bool = False) -> ppb.PeerRequest:
+    """One contribution; send a whole block with its adopt-time checksum as its
+    payload_xxh3. With ``base``: the block's change since committed version ``base``
+    (``unchanged``: none, and no payload)."""
     return ppb.PeerRequest(contrib=ppb.ContribRequest(job=job_id, version=v, stripe=s, row=t, position=p,
-                                                      block_counts=list(counts)))
+                                                      block_counts=list(counts),
+                                                      **_delta_fields(base, unchanged)))
 
 
 # The commit tree's message kinds (snapshotd.core.protocol) as the ``vote`` op's step.
@@ -47,10 +62,13 @@ COMMIT_STEPS = {proto.VOTE: ppb.COMMIT_STEP_VOTE, proto.REPORT: ppb.COMMIT_STEP_
                 proto.WORD: ppb.COMMIT_STEP_WORD}
 
 
-def parity_row(job_id: str, v: int, s: int, t: int, counts) -> ppb.PeerRequest:
-    """Parity row t of stripe s, forwarded by its accumulator; send it with its xxh3."""
+def parity_row(job_id: str, v: int, s: int, t: int, counts, base: int = 0,
+               unchanged: bool = False) -> ppb.PeerRequest:
+    """Parity row t of stripe s, forwarded by its accumulator; send it with its xxh3.
+    With ``base``: the row's change since committed version ``base`` (``unchanged``: none)."""
     return ppb.PeerRequest(contrib=ppb.ContribRequest(job=job_id, version=v, stripe=s, row=t, position=0,
-                                                      block_counts=list(counts), forwarded=True))
+                                                      block_counts=list(counts), forwarded=True,
+                                                      **_delta_fields(base, unchanged)))
 
 
 def vote(job_id: str, v: int, ranks, kind: str = proto.VOTE) -> ppb.PeerRequest:
@@ -135,13 +153,14 @@ class PeerOps:
 
     def __init__(self, *, me: str, n: int, block_size_bytes: int, store, jobs_table, membership, commit,
                  parity, records, suspects, rebuilder, fence_job: Callable[[str], None],
-                 bounded_counts: Callable, forwarder=None):
+                 bounded_counts: Callable, forwarder=None, delta=None):
         self.me, self.n, self.bs = me, n, block_size_bytes
         self.store, self.jobs_table, self.membership = store, jobs_table, membership
         self.commit, self.parity, self.records = commit, parity, records
         self.suspects, self.rebuilder = suspects, rebuilder
         self.fence_job, self.bounded_counts = fence_job, bounded_counts
         self.forwarder = forwarder  # .forward.Forwarder: stores the rows accumulators forward
+        self.delta = delta  # .delta.DeltaParity: the bases members offer with their announces
         self.table: dict[str, Callable] = {
             "ping": self._ping, "contrib": self._contrib, "announce": self._announce,
             "vote": self._vote, "fence": self._fence, "jobs": self._jobs, "round": self._round,
@@ -164,20 +183,30 @@ class PeerOps:
 
     def _contrib(self, sender, msg: ppb.ContribRequest, payload):
         counts = self.bounded_counts(list(msg.block_counts))
-        if payload is None or len(payload) != self.bs:
+        base = msg.delta_base
+        if base and (self.delta is None or base >= msg.version):
+            raise ValueError(f"delta contribution against v{base} not accepted for v{msg.version} here")
+        if msg.unchanged:  # delta parity: the change is zero, said explicitly
+            if not base or (payload is not None and len(payload)):
+                raise ValueError("an unchanged contribution needs a delta_base and carries no payload")
+            payload = None
+        elif payload is None or len(payload) != self.bs:
             raise ValueError(f"contribution must carry exactly {self.bs} bytes")
-        if msg.forwarded:  # a whole parity row from the stripe's accumulator (issue 16)
+        if msg.forwarded:  # a parity row from the stripe's accumulator (issue 16)
             if self.forwarder is None:
                 raise ValueError("forwarded parity rows are not accepted here")
-            self.forwarder.receive_row(msg.job, msg.version, msg.stripe, msg.row, counts, payload)
+            self.forwarder.receive_row(msg.job, msg.version, msg.stripe, msg.row, counts, payload, base=base)
             return ack(), None
-        self.commit.accumulate(msg.job, msg.version, msg.stripe, msg.row, msg.position, counts, payload)
+        self.commit.accumulate(msg.job, msg.version, msg.stripe, msg.row, msg.position, counts, payload,
+                               base=base)
         return ack(), None
 
     def _announce(self, sender, msg: ppb.AnnounceRequest, payload):
         self.bounded_counts([msg.block_count] * self.n)
         ann = proto.Announce(msg.node, msg.block_count, tuple(msg.ranks),
                              tuple(unpack_blobs(list(msg.manifest_sizes_bytes), payload)))
+        if self.delta is not None:  # before the protocol sees it: it may start our contributions
+            self.delta.announced(msg.job, msg.version, msg.node, msg.delta_base)
         self.commit.on_announce(msg.job, msg.version, ann)
         return ack(), None
 

@@ -23,9 +23,12 @@ payload, unlike the header, is not bounded at 64 KiB:
   op              request fields                                             reply
   ==============  =========================================================  ================
   announce        job*, version*, node*, block_count*, ranks,                Ack
-                  manifest_sizes_bytes; payload: the manifests
-  contrib         job*, version*, stripe*, row*, position*, block_counts;    Ack (idempotent)
-                  payload: one block (sent with its stored xxh3)
+                  manifest_sizes_bytes, delta_base (the base offered for
+                  delta parity); payload: the manifests
+  contrib         job*, version*, stripe*, row*, position*, block_counts,    Ack (idempotent)
+                  forwarded, delta_base, unchanged; payload: one block (sent
+                  with its stored xxh3), a parity row, or (delta_base) a
+                  change; none when unchanged
   vote            job*, version*, ranks, step (a vote, a report or the       Ack
                   commit word: the commit tree, core/protocol.py)
   ping            committed_versions {job: version}                          PingReply

@@ -8,7 +8,7 @@ schema lacks or of the wrong wire type. What is left is checked here, on the mes
 * a request carries exactly one op this node knows (:data:`REQUIRED` names them);
 * the fields its op needs are set (:data:`REQUIRED`; a fetch or suspect of a data block
   needs ``block_index``, of a parity block ``stripe`` and ``row``);
-* a ``version`` is not negative, a ``kind`` is ``BLOCK_KIND_DATA`` or
+* a ``version`` (or ``delta_base``) is not negative, a ``kind`` is ``BLOCK_KIND_DATA`` or
   ``BLOCK_KIND_PARITY`` (an enum is open: any number parses);
 * a reply's body is the form its request's op answers (:data:`REPLY_OF`).
 
@@ -71,6 +71,8 @@ def check_request(request) -> str:
         raise PeerProtocolError(f"op {op!r} lacks {', '.join(missing)}")
     if "version" in REQUIRED[op] and msg.version < 0:
         raise PeerProtocolError(f"op {op!r}: version {msg.version} is negative")
+    if op in ("announce", "contrib") and msg.delta_base < 0:
+        raise PeerProtocolError(f"op {op!r}: delta_base {msg.delta_base} is negative")
     return op
 
 
