@@ -38,6 +38,12 @@ class SnapshotterConfig:
     on_daemon_unavailable: str = "warn"  # or "raise"
     block_size_bytes: int = mf.DEFAULT_BLOCK_SIZE_BYTES
     checksum_on_client: bool = False  # end-to-end checksums computed by the trainer
+    # Incremental snapshots (docs/INCREMENTAL.md): frozen parameters (requires_grad=False,
+    # not in the optimizer) unchanged since their last copy into a reused staging segment
+    # are not copied again, and the daemon hashes only the blocks written. Off by default:
+    # it trusts that frozen parameters are written only through torch ops that bump their
+    # version counter (never through .data, numpy views or raw pointers).
+    incremental: bool = False
     timeout_s: float = 30.0
     # Older snapshots still waiting for other ranks/nodes: wait this long for them to
     # commit (back-pressure), then give up the oldest (it was torn) and go on.

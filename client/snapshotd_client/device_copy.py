@@ -67,17 +67,24 @@ class StagingCopier:
         # host fast path's destinations. They point into the mapping: dropped by unpin(),
         # which SegmentCache calls before unmapping it; never handed out.
         self._views: dict[str, tuple] = {}
+        self.last_skipped: frozenset = frozenset()  # replicated tensors the last copy skipped
+        self.last_bytes_copied = 0  # bytes the last copy wrote
 
-    def copy(self, seg, lay, rep_tensors, loc_tensors):
+    def copy(self, seg, lay, rep_tensors, loc_tensors, skip: frozenset = frozenset()):
         """Copy this rank's bytes into the staging segment; the CUDA event that marks the
         end of the copies (None: they are done, all tensors were on the host).
 
         ``lay`` must be the layout planned for exactly these tensors (names, dtypes,
-        shapes): the Snapshotter re-plans whenever one of them changes."""
+        shapes): the Snapshotter re-plans whenever one of them changes. ``skip``: indices
+        of replicated tensors the segment already holds (incremental snapshots); honoured
+        on the host fast path only. ``last_skipped`` / ``last_bytes_copied`` say what
+        this call skipped and copied."""
         buf = seg.buf if seg.buf is not None else bytearray(0)
         tensors = rep_tensors + loc_tensors
+        self.last_skipped = frozenset()
+        self.last_bytes_copied = lay.slice_hi - lay.slice_lo + sum(s.nbytes for s in lay.local)
         cuda = any(t.device.type == "cuda" for t in tensors)
-        if not cuda and seg.buf is not None and self._copy_views(seg, lay, tensors):
+        if not cuda and seg.buf is not None and self._copy_views(seg, lay, tensors, skip):
             self._copy_done = None
             return None
         if not cuda:
@@ -103,7 +110,7 @@ class StagingCopier:
         self._copy_done = ev
         return ev
 
-    def _copy_views(self, seg, lay, tensors) -> bool:
+    def _copy_views(self, seg, lay, tensors, skip: frozenset = frozenset()) -> bool:
         """The host fast path: one ``torch._foreach_copy_`` of bit views of the sources
         into views of the segment made once per (mapping, layout), instead of a typed
         view made per tensor per save. False (nothing copied): not applicable here (a
@@ -119,14 +126,18 @@ class StagingCopier:
                 return False
             self._views[seg.name] = (seg, lay, views)  # unpin() drops it before unmapping
         dst, src = [], []
+        nbytes = 0
         for (i, bits, d), t in zip(views, tensors):
             if type(t) is not torch.Tensor or t.is_conj() or t.is_neg():
                 return False
-            if d is not None:
+            if d is not None and i not in skip:
                 dst.append(d)
                 src.append(t.view(bits))
+                nbytes += d.nbytes
         if dst:
             torch._foreach_copy_(dst, src)
+        self.last_skipped = frozenset(i for i in skip if i < len(lay.replicated))
+        self.last_bytes_copied = nbytes
         return True
 
     @staticmethod

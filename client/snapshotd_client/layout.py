@@ -46,8 +46,19 @@ class ShardLayout:
     payload_bytes: int
 
 
-def plan_shard(replicated_named, local_named, dp_size: int = 1, dp_rank: int = 0) -> ShardLayout:
-    rep_slots, rep_total = tz.plan_layout(replicated_named, align=ALIGN)
+def plan_shard(replicated_named, local_named, dp_size: int = 1, dp_rank: int = 0,
+               frozen_first: tuple[bool, ...] = ()) -> ShardLayout:
+    """``frozen_first`` (incremental snapshots): per replicated tensor, True places it
+    before every False one in the payload (slots stay in the given order; offsets then
+    do not grow with it), so the blocks that change at every save are few and together."""
+    if any(frozen_first):
+        order = sorted(range(len(replicated_named)), key=lambda i: not frozen_first[i])
+        placed, rep_total = tz.plan_layout([replicated_named[i] for i in order], align=ALIGN)
+        rep_slots = [None] * len(order)
+        for j, i in enumerate(order):
+            rep_slots[i] = placed[j]
+    else:
+        rep_slots, rep_total = tz.plan_layout(replicated_named, align=ALIGN)
     lo, hi = slice_bounds(rep_total, dp_size, dp_rank)
     base = -(-(hi - lo) // ALIGN) * ALIGN
     loc_slots, loc_total = tz.plan_layout(local_named, align=ALIGN)

@@ -114,32 +114,143 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-class _Source:
-    """One stored shard: its manifest, a uint8 tensor over its mapped payload, and its
-    replicated payload (its own bytes, or gathered from its DP peers' slices)."""
+class _Mapped:
+    """A payload mapped here (this node's segment, or memory of our own): read in place."""
 
-    def __init__(self, rank: int, buf, m):
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def numel(self) -> int:
+        return self.t.numel()
+
+    def need(self, offset: int, nbytes: int) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def slice(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self.t[offset:offset + nbytes]
+
+
+class _Fetched:
+    """A payload held on another node: read by ranged fetches (``fetch(offset, length)
+    -> (bytes, bytes moved)``, the daemon's FetchShard: the covering checksum blocks
+    from the holder, or decoded from its group when the holder is lost; verified by the
+    daemon and again by the client). Byte ranges are noted first (:meth:`need`) and
+    fetched together (:meth:`prefetch`): the covering blocks, merged into runs, each
+    block once."""
+
+    def __init__(self, m, fetch):
+        self.m, self.fetch = m, fetch
+        self.bs = m.block_size_bytes or (1 << 22)
+        self.wanted: set[int] = set()  # blocks noted, not yet fetched
+        self.blocks: dict[int, memoryview] = {}  # block -> its bytes
+        self.moved = 0  # bytes the fetches moved
+
+    def numel(self) -> int:
+        return self.m.payload_bytes
+
+    def _covering(self, offset: int, nbytes: int) -> range:
+        return range(offset // self.bs, -(-(offset + nbytes) // self.bs)) if nbytes else range(0)
+
+    def need(self, offset: int, nbytes: int) -> None:
+        self.wanted.update(b for b in self._covering(offset, nbytes) if b not in self.blocks)
+
+    def prefetch(self) -> None:
+        todo = sorted(self.wanted - set(self.blocks))
+        self.wanted.clear()
+        i = 0
+        while i < len(todo):
+            j = i
+            while j + 1 < len(todo) and todo[j + 1] == todo[j] + 1:
+                j += 1
+            lo = todo[i] * self.bs
+            hi = min((todo[j] + 1) * self.bs, self.m.payload_bytes)
+            data, moved = self.fetch(lo, hi - lo)
+            self.moved += moved
+            mv = memoryview(data)
+            for b in range(todo[i], todo[j] + 1):
+                self.blocks[b] = mv[(b - todo[i]) * self.bs:min((b - todo[i] + 1) * self.bs, hi - lo)]
+            i = j + 1
+
+    def slice(self, offset: int, nbytes: int) -> torch.Tensor:
+        self.need(offset, nbytes)
+        self.prefetch()  # nothing when open() noted everything load() reads
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        dst = out.numpy()
+        for b in self._covering(offset, nbytes):
+            a, z = max(offset, b * self.bs), min(offset + nbytes, (b + 1) * self.bs)
+            dst[a - offset:z - offset] = np.frombuffer(self.blocks[b], np.uint8)[a - b * self.bs:z - b * self.bs]
+        return out
+
+
+class _Source:
+    """One stored shard: its manifest, its payload (mapped here, or :class:`_Fetched` from
+    another node) and its replicated payload (its own bytes, or gathered from its DP
+    peers' slices)."""
+
+    def __init__(self, rank: int, buf, m, fetch=None):
         self.rank, self.m = rank, m
-        with warnings.catch_warnings():  # a read-only mapping: only read, then copied
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self.base = (torch.from_numpy(np.frombuffer(buf, np.uint8)) if buf is not None and
-                         len(memoryview(buf)) else torch.empty(0, dtype=torch.uint8))
+        if fetch is not None:
+            self.base = _Fetched(m, fetch)
+        else:
+            with warnings.catch_warnings():  # a read-only mapping: only read, then copied
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self.base = _Mapped(torch.from_numpy(np.frombuffer(buf, np.uint8)) if buf is not None and
+                                    len(memoryview(buf)) else torch.empty(0, dtype=torch.uint8))
         self.rep_base = self.base if self.whole() else None
         self.chunks = {e.name: e for e in m.replicated_tensors}
+
+    @property
+    def fetched(self) -> bool:
+        return isinstance(self.base, _Fetched)
 
     def whole(self) -> bool:
         m = self.m
         return not m.replicated_bytes or (m.slice_offset == 0 and m.slice_bytes == m.replicated_bytes)
 
+    def _slot(self, base, e):
+        slot = lo.slot_of(e)
+        if slot.offset + slot.nbytes > base.numel():
+            raise SnapshotdError(f"rank {self.rank}: tensor {slot.name!r} ends at byte "
+                                 f"{slot.offset + slot.nbytes}, past its {base.numel()}-byte payload")
+        return slot
+
     def view(self, base, e) -> torch.Tensor:
+        """Entry ``e``'s whole tensor (a view of a mapped payload)."""
         slot = lo.slot_of(e)
         dtype = tz.torch_dtype(slot.dtype)
         if slot.nbytes == 0:
             return torch.empty(slot.shape, dtype=dtype)
-        if slot.offset + slot.nbytes > base.numel():
-            raise SnapshotdError(f"rank {self.rank}: tensor {slot.name!r} ends at byte "
-                                 f"{slot.offset + slot.nbytes}, past its {base.numel()}-byte payload")
-        return base[slot.offset:slot.offset + slot.nbytes].view(dtype).view(slot.shape)
+        self._slot(base, e)
+        return base.slice(slot.offset, slot.nbytes).view(dtype).view(slot.shape)
+
+    def need(self, base, e) -> None:
+        slot = self._slot(base, e)
+        base.need(slot.offset, slot.nbytes)
+
+    def _box_bytes(self, e, a, b) -> tuple[int, int, tuple[int, ...]]:
+        """(first byte, byte count, element strides) of the part [a, b) (chunk-relative
+        corners) of entry ``e``'s row-major chunk: from its first element to its last."""
+        stride = _contiguous_stride(tuple(e.shape))
+        es = tz.torch_dtype(e.dtype).itemsize
+        first = sum(x * s for x, s in zip(a, stride))
+        last = sum((y - 1) * s for y, s in zip(b, stride))
+        return lo.slot_of(e).offset + first * es, (last - first + 1) * es, stride
+
+    def need_piece(self, base, e, a, b) -> None:
+        self._slot(base, e)
+        off, n, _ = self._box_bytes(e, a, b)
+        base.need(off, n)
+
+    def piece(self, base, e, a, b) -> torch.Tensor:
+        """The part [a, b) of entry ``e``'s chunk, reading only the bytes from its first
+        element to its last."""
+        self._slot(base, e)
+        off, n, stride = self._box_bytes(e, a, b)
+        flat = base.slice(off, n).view(tz.torch_dtype(e.dtype))
+        return flat.as_strided([y - x for x, y in zip(a, b)], stride)
 
 
 class Reshard:
@@ -151,13 +262,33 @@ class Reshard:
         self.sources: dict[int, _Source] = {}
         self.old_world = 0
         self.bytes_copied = 0  # stored bytes copied into this rank's state (last load)
+        self.bytes_fetched = 0  # bytes ranged fetches moved from other nodes (last open)
+        self.fetched_ranks: list[int] = []  # old ranks read by ranged fetches (last open)
 
     def _open_rank(self, rank: int, version: int) -> _Source:
+        """An old rank's shard: mapped when it is on this node, else its manifest only
+        (its bytes come by ranged fetches of what this rank reads)."""
         src = self.sources.get(rank)
         if src is None:
-            resp = self.client.open_shard(self.job_id, rank, version)
-            seg = self.segments.get(resp.segment_name, writable=False)
-            src = self.sources[rank] = _Source(rank, seg.buf, resp.manifest)
+            resp = self.client.open_shard(self.job_id, rank, version, no_copy=True)
+            buf = None
+            if resp.segment_name:
+                try:
+                    buf = self.segments.get(resp.segment_name, writable=False).buf
+                except (OSError, ValueError):  # a daemon on another host: its shm is not ours
+                    buf = None
+            if buf is not None or not resp.manifest.payload_bytes:
+                src = _Source(rank, buf, resp.manifest)
+            else:
+                v = resp.manifest.version
+
+                def fetch(offset, length, rank=rank, v=v):
+                    _, data, moved = self.client.fetch_range(self.job_id, rank, v, offset, length)
+                    return data, moved
+
+                src = _Source(rank, None, resp.manifest, fetch)
+                self.fetched_ranks.append(rank)
+            self.sources[rank] = src
         return src
 
     @property
@@ -168,9 +299,12 @@ class Reshard:
     def open(self, version: int, own=None, model=None, optimizer=None) -> None:
         """Open what this rank needs of ``version``: the home rank's shard, its DP peers'
         slices, and, when a DTensor's new chunk is not the home rank's stored chunk,
-        every old rank's shard. ``own``: this rank's OpenShardResponse when it was
+        every old rank's shard; then fetch, from the shards on other nodes, the covering
+        blocks of exactly the bytes :meth:`load` reads (so a failure shows here, before
+        any rank loads anything). ``own``: this rank's OpenShardResponse when it was
         opened already (same rank in the old layout)."""
         self.sources.clear()
+        self.fetched_ranks, self.bytes_fetched = [], 0
         if own is not None:
             seg = self.segments.get(own.segment_name, writable=False)
             self.sources[self.rank] = _Source(self.rank, seg.buf, own.manifest)
@@ -184,6 +318,25 @@ class Reshard:
         if self._needs_all(home, specs):
             for r in range(self.old_world):
                 self._gather(self._open_rank(r, version), version)
+        self._prefetch(specs)
+
+    def _prefetch(self, specs: dict) -> None:
+        """Note every byte range :meth:`load` reads and fetch them (remote shards only)."""
+        home = self.sources[self.home]
+        for e in home.m.replicated_tensors:
+            if e.global_shape:
+                for src, c, _, a, b in self._cover(e.name, e, _target_spec(
+                        e.name, tuple(e.global_shape), specs))[2]:
+                    src.need_piece(src.rep_base, c, a, b)
+            else:
+                home.need(home.rep_base, e)
+        for e in home.m.tensors:
+            home.need(home.base, e)
+        for src in self.sources.values():
+            src.base.prefetch()
+            if src.fetched:
+                self.bytes_fetched += src.base.moved
+                src.base.moved = 0
 
     def _gather(self, src: _Source, version: int) -> None:
         """Rebuild ``src``'s replicated payload from its DP peers' slices (sharded)."""
@@ -199,8 +352,8 @@ class Reshard:
             if n:
                 if n > om.base.numel():
                     raise SnapshotdError(f"rank {r}'s slice is larger than its segment")
-                out[om.m.slice_offset:om.m.slice_offset + n].copy_(om.base[:n])
-        src.rep_base = out
+                out[om.m.slice_offset:om.m.slice_offset + n].copy_(om.base.slice(0, n))
+        src.rep_base = _Mapped(out)
 
     def _needs_all(self, home: _Source, specs: dict) -> bool:
         """Some DTensor's new chunk is not exactly the home rank's stored chunk."""
@@ -217,16 +370,17 @@ class Reshard:
                 return True
         return False
 
-    def _assemble(self, name: str, e, spec) -> torch.Tensor:
-        """The new chunk of DTensor item ``name`` (``spec`` None: the whole tensor),
-        copied from the covering parts of every stored chunk."""
+    def _cover(self, name: str, e, spec):
+        """(shape, offset, pieces, complete) of the new chunk of DTensor item ``name``
+        (``spec`` None: the whole tensor): pieces [(source, its chunk entry, destination
+        index, a, b)] copy the part [a, b) (chunk-relative corners) of a stored chunk;
+        the home rank's first, then each old rank's, skipping parts already covered."""
         gshape = tuple(e.global_shape)
         shape, off = _local_box(spec) if spec is not None else (gshape, (0,) * len(gshape))
-        dtype = tz.torch_dtype(e.dtype)
-        out = torch.empty(shape, dtype=dtype)
         covered = torch.zeros(shape, dtype=torch.bool)
         home = self.sources[self.home]
         order = [home] + [s for r, s in sorted(self.sources.items()) if r != self.home]
+        pieces = []
         for src in order:
             c = src.chunks.get(name)
             if c is None or tuple(c.global_shape) != gshape or not (
@@ -244,17 +398,26 @@ class Reshard:
                 dst_idx = tuple(slice(a - off[d], b - off[d]) for d, (a, b) in enumerate(zip(lo_, hi_)))
                 if bool(covered[dst_idx].all()):
                     continue
-                view = src.view(src.rep_base, c)
-                src_idx = tuple(slice(a - c.global_offset[d], b - c.global_offset[d])
-                                for d, (a, b) in enumerate(zip(lo_, hi_)))
-                piece = view[src_idx]
-                out[dst_idx].copy_(piece)
                 covered[dst_idx] = True
-                self.bytes_copied += piece.numel() * piece.element_size()
-        if not bool(covered.all()):
+                pieces.append((src, c, dst_idx, tuple(a - c.global_offset[d] for d, a in enumerate(lo_)),
+                               tuple(b - c.global_offset[d] for d, b in enumerate(hi_))))
+        return shape, off, pieces, bool(covered.all())
+
+    def _assemble(self, name: str, e, spec) -> torch.Tensor:
+        """The new chunk of DTensor item ``name`` (``spec`` None: the whole tensor),
+        copied from the covering parts of every stored chunk."""
+        gshape = tuple(e.global_shape)
+        shape, off, pieces, complete = self._cover(name, e, spec)
+        home = self.sources[self.home]
+        if not complete:
             raise SnapshotdError(
                 f"{name}: the stored chunks of version {home.m.version} (saved by {self.old_world} "
                 f"ranks) do not cover the part {list(off)}+{list(shape)} of {list(gshape)} this rank needs")
+        out = torch.empty(shape, dtype=tz.torch_dtype(e.dtype))
+        for src, c, dst_idx, a, b in pieces:
+            piece = src.piece(src.rep_base, c, a, b)
+            out[dst_idx].copy_(piece)
+            self.bytes_copied += piece.numel() * piece.element_size()
         if spec is None:
             return out
         mesh, placements, _ = spec

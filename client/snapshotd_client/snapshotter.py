@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,7 @@ from snapshotd_client import pipeline as pl
 from snapshotd_client import state as st
 from snapshotd_client.config import SnapshotterConfig, default_rank_world, resolve_job_id
 from snapshotd_client.device_copy import StagingCopier
+from snapshotd_client.incremental import IncrementalTracker
 from snapshotd_client.loader import ShardLoader
 from snapshotd_client.providers import (ProvidingLoader, StateProviders, ensure_visible_logging,
                                         unwrap_model)
@@ -73,6 +75,12 @@ class SaveStats:
     backpressure_s: float  # part of blocking_s spent waiting for the previous hand-off
     committed: bool = False
     handoff_s: float = 0.0
+    # what the save wrote into the staging segment (< bytes with incremental=True when
+    # frozen tensors were skipped) and what it skipped
+    bytes_copied: int = 0
+    bytes_skipped: int = 0
+    tensors_skipped: int = 0
+    bytes_hashed: int = 0  # payload bytes the daemon checksummed when it adopted the shard
 
 
 class Snapshotter:
@@ -119,12 +127,18 @@ class Snapshotter:
         self.loader = ProvidingLoader(ShardLoader(self.client, self.segments, self.cfg.job_id,
                                                   self.rank), self.providers)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-handoff")
+        # Incremental snapshots (cfg.incremental, docs/INCREMENTAL.md): frozen parameters a
+        # reused staging segment already holds are not copied again. The writer id makes the
+        # daemon's content token of a segment ours alone.
+        self.incremental = (IncrementalTracker(self.model, optimizer)
+                            if self.cfg.incremental else None)
+        self.writer_id = secrets.token_hex(8) if self.cfg.incremental else ""
         self._pending: Future | None = None
         self._registered = False
         self._layout_key = None
         self._layout = None  # (slots, total, manifest template)
         # The staging segment of the next save, acquired by the hand-off thread once the
-        # saves come at a steady interval (see _stage_next): (version, name, mapping).
+        # saves come at a steady interval (see _stage_next): (version, name, mapping, token).
         self._staged: tuple | None = None
         self._asked: list[int] = []  # the last versions save() was asked for
         # False: every save asks the daemon for its staging segment itself (the old way;
@@ -218,12 +232,12 @@ class Snapshotter:
             raise ValueError(f"rank {self.rank} is not in dp_ranks {ranks}")
         return ranks, ranks.index(self.rank)
 
-    def _plan(self, rep_named, loc_named):
+    def _plan(self, rep_named, loc_named, frozen: tuple[bool, ...] = ()):
         key = (tuple((n, t.dtype, tuple(t.shape)) for n, t in rep_named),
-               tuple((n, t.dtype, tuple(t.shape)) for n, t in loc_named))
+               tuple((n, t.dtype, tuple(t.shape)) for n, t in loc_named), frozen)
         if key != self._layout_key:
             dp_ranks, dp_index = self._dp()
-            lay = lo.plan_shard(rep_named, loc_named, len(dp_ranks), dp_index)
+            lay = lo.plan_shard(rep_named, loc_named, len(dp_ranks), dp_index, frozen_first=frozen)
             tmpl = pb.ShardManifest(
                 job_id=self.cfg.job_id, rank=self.rank, payload_bytes=lay.payload_bytes,
                 block_size_bytes=self.cfg.block_size_bytes, checksum_algo=mf.CHECKSUM_ALGO,
@@ -257,21 +271,34 @@ class Snapshotter:
             rep_state, loc_state = self._collect(step)
             rep_meta, rep_named = st.flatten_state(rep_state)
             loc_meta, loc_named = st.flatten_state(loc_state)
-            lay, tmpl = self._plan(rep_named, loc_named)
+            rep_tensors = [t for _, t in rep_named]
+            inc = self.incremental
+            frozen = inc.frozen_mask(rep_tensors) if inc is not None else ()
+            lay, tmpl = self._plan(rep_named, loc_named, frozen)
             total = lay.payload_bytes
             if (staged is not None and staged[0] == step and staged[2].buf is not None
                     and staged[2].size >= total):
-                name, seg = staged[1], staged[2]  # acquired by the last hand-off: no RPC here
+                name, seg, token = staged[1], staged[2], staged[3]  # no RPC here
             else:
                 try:
                     resp = self._acquire(step, total)
                 except UnknownJobError:  # the daemon lost its index: register again
                     self._ensure_registered()
                     resp = self._acquire(step, total)
-                name = resp.segment_name
+                name, token = resp.segment_name, resp.content_token
                 seg = self.segments.get(name, writable=True)
-            copy_done = self.copier.copy(seg, lay, [t for _, t in rep_named],
-                                         [t for _, t in loc_named])
+            skip = inc.plan(name, lay, token, rep_tensors, frozen) if inc is not None else frozenset()
+            try:
+                copy_done = self.copier.copy(seg, lay, rep_tensors, [t for _, t in loc_named], skip)
+            except BaseException:
+                if inc is not None:
+                    inc.forget(name)  # what the segment holds now is unknown
+                raise
+            hint = None
+            if inc is not None:
+                inc.copied(name, lay, rep_tensors, frozen, self.copier.last_skipped,
+                           self.cfg.block_size_bytes)
+                hint = inc.hint(name, total, self.cfg.block_size_bytes)
         except DaemonUnavailableError as exc:
             self._registered = False
             self._unavailable(f"snapshot of step {step}", exc)
@@ -287,9 +314,13 @@ class Snapshotter:
         # the hand-off thread writes it as JSON, off the training thread.
         meta = {"replicated": rep_meta, "local": loc_meta,
                 "world_size": self.world_size}  # for a reshard restore
-        stats = SaveStats(version=step, bytes=total, blocking_s=0.0, backpressure_s=t_bp)
+        skipped = self.copier.last_skipped
+        stats = SaveStats(version=step, bytes=total, blocking_s=0.0, backpressure_s=t_bp,
+                          bytes_copied=self.copier.last_bytes_copied,
+                          bytes_skipped=sum(lay.replicated[i].nbytes for i in skipped),
+                          tensors_skipped=len(skipped))
         self._pending = self._pool.submit(self._handoff, name, seg, tmpl, meta, stats, copy_done,
-                                          self._next_version(step))
+                                          self._next_version(step), token, hint)
         stats.blocking_s = self.last_blocking_s = time.perf_counter() - t0
         return self._pending
 
@@ -317,21 +348,22 @@ class Snapshotter:
         except (OSError, ValueError) as exc:
             log.debug("snapshotd: staging segment of version %d: %s", version, exc)
             return
-        self._staged = (version, resp.next_segment_name, seg)
+        self._staged = (version, resp.next_segment_name, seg, resp.next_content_token)
 
     def _acquire(self, step: int, total: int):
         deadline = time.monotonic() + self.cfg.inflight_wait_s
         delay = 0.001
+        kw = {"writer_id": self.writer_id} if self.writer_id else {}
         while True:
             try:
-                return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total)
+                return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total, **kw)
             except SnapshotSkippedError:
                 raise  # waiting would not help (the daemon says why): skip this step now
             except SnapshotInFlightError as exc:
                 if time.monotonic() >= deadline:
                     log.warning("snapshotd: %s; giving up the oldest uncommitted version", exc)
                     return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total,
-                                                       force=True)
+                                                       force=True, **kw)
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
@@ -341,7 +373,8 @@ class Snapshotter:
         return self.copier.pinned_segments
 
     def _handoff(self, name: str, seg, tmpl: pb.ShardManifest, meta: dict, stats: SaveStats,
-                 ev=None, next_version: int | None = None) -> SaveStats:
+                 ev=None, next_version: int | None = None, token: int = 0,
+                 hint: tuple | None = None) -> SaveStats:
         t0 = time.perf_counter()
         m = pb.ShardManifest()
         m.CopyFrom(tmpl)
@@ -353,7 +386,12 @@ class Snapshotter:
             m.block_checksums.extend(mf.block_checksums(seg.buf, m.payload_bytes, m.block_size_bytes))
         nxt = next_version if (next_version is not None and self.stage_ahead) else 0
         try:
-            resp = self.client.adopt(name, m, nxt, m.payload_bytes if nxt else 0)
+            hint_pb = None
+            if hint is not None:
+                hint_pb = pb.IncrementalHint(base_version=hint[0], content_token=hint[1],
+                                             dirty_blocks=hint[2])
+            resp = self.client.adopt(name, m, nxt, m.payload_bytes if nxt else 0,
+                                     writer_id=self.writer_id, hint=hint_pb)
         except SnapshotdError as exc:
             if isinstance(exc, (DaemonUnavailableError, UnknownJobError)):
                 self._registered = False  # the next save registers again (a restarted daemon)
@@ -363,6 +401,9 @@ class Snapshotter:
                             _warn_limiter.held_note(held))
             raise
         stats.committed = resp.committed
+        stats.bytes_hashed = resp.bytes_hashed
+        if self.incremental is not None:
+            self.incremental.adopted(name, token, m.version)
         stats.handoff_s = time.perf_counter() - t0
         self.last_stats = stats
         if nxt:

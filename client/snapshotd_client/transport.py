@@ -92,18 +92,23 @@ class DaemonClient:
             restarting=restarting))
 
     def acquire_staging(self, job_id: str, rank: int, version: int, payload_bytes: int,
-                        force: bool = False):
+                        force: bool = False, writer_id: str = ""):
+        """``writer_id``: this writer's random id, for the reply's ``content_token``
+        (incremental snapshots, docs/INCREMENTAL.md); "" gets a new token every time."""
         return self._call("AcquireStaging", pb.AcquireStagingRequest(
-            job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes, force=force))
+            job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes, force=force,
+            writer_id=writer_id))
 
     def adopt(self, segment_name: str, manifest: pb.ShardManifest, next_version: int = 0,
-              next_payload_bytes: int = 0) -> pb.AdoptShardResponse:
+              next_payload_bytes: int = 0, writer_id: str = "",
+              hint: pb.IncrementalHint | None = None) -> pb.AdoptShardResponse:
         """Hand a filled staging segment to the daemon. ``next_version``: also acquire the
         staging segment of this rank's next save, in the same call (its name comes back
-        in ``next_segment_name``; ``next_refused`` says why not)."""
+        in ``next_segment_name``; ``next_refused`` says why not). ``hint``: which blocks
+        were written since this writer's last adoption of the segment."""
         return self._call("AdoptShard", pb.AdoptShardRequest(
             segment_name=segment_name, manifest=manifest, next_version=next_version,
-            next_payload_bytes=next_payload_bytes))
+            next_payload_bytes=next_payload_bytes, writer_id=writer_id, incremental=hint))
 
     def commit(self, job_id: str, version: int) -> pb.CommitResponse:
         return self._call("Commit", pb.CommitRequest(job_id=job_id, version=version))
@@ -111,8 +116,13 @@ class DaemonClient:
     def list_versions(self, job_id: str) -> pb.ListVersionsResponse:
         return self._call("ListVersions", pb.ListVersionsRequest(job_id=job_id))
 
-    def open_shard(self, job_id: str, rank: int, version: int = 0) -> pb.OpenShardResponse:
-        return self._call("OpenShard", pb.FetchShardRequest(job_id=job_id, rank=rank, version=version))
+    def open_shard(self, job_id: str, rank: int, version: int = 0,
+                   no_copy: bool = False) -> pb.OpenShardResponse:
+        """A committed shard's segment (read-only) and manifest. ``no_copy``: a shard held on
+        another node comes back as its manifest only (empty ``segment_name``), not copied
+        here; read its bytes with :meth:`fetch_range`."""
+        return self._call("OpenShard", pb.FetchShardRequest(job_id=job_id, rank=rank, version=version,
+                                                            no_copy=no_copy))
 
     def stats(self) -> pb.StatsResponse:
         return self._call("Stats", pb.StatsRequest())

@@ -345,7 +345,10 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
                         None, self.cluster.me):
                     raise
             if not self.store.holds_rank(request.job_id, request.rank):
-                name, m = self.cluster.open_remote_shard(request.job_id, request.rank, request.version)
+                if request.no_copy:  # the manifest only: the caller reads ranges (FetchShard)
+                    name, m = self.cluster.remote_manifest(request.job_id, request.rank, request.version)
+                else:
+                    name, m = self.cluster.open_remote_shard(request.job_id, request.rank, request.version)
                 return pb.OpenShardResponse(segment_name=name, manifest=m)
         try:
             name, m, _ = self.store.committed_shard(request.job_id, request.rank, request.version)
@@ -362,6 +365,20 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         self._job_access(context, request.job_id)
         t0 = time.monotonic()
         ranged = bool(request.offset or request.length)
+        if ranged and self.cluster is not None and not self.store.holds_rank(request.job_id, request.rank):
+            # Another node's rank: its covering blocks from its node, or decoded from the
+            # stripes holding them when that node is lost (never the whole shard).
+            got = self.cluster.read_range(request.job_id, request.rank, request.version,
+                                          request.offset, request.length)
+            try:
+                yield pb.FetchShardChunk(manifest=got.manifest)
+                for off in range(0, got.nbytes, STREAM_CHUNK_BYTES):
+                    yield pb.FetchShardChunk(data=bytes(got.buf[off:min(off + STREAM_CHUNK_BYTES, got.nbytes)]))
+            finally:
+                got.release()
+            if self.metrics is not None:
+                self.metrics.restore_served("fetch", time.monotonic() - t0)
+            return
         _, m, seg = self.store.committed_shard(request.job_id, request.rank, request.version,
                                                verify=not ranged)
         lo, hi = 0, m.payload_bytes

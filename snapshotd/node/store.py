@@ -94,6 +94,14 @@ class ShardStore:
     def adopt(self, segment_name: str, m: pb.ShardManifest) -> tuple[bool, int]:
         return self.trainer.adopt(segment_name, m)
 
+    def acquire_for_writer(self, job_id: str, rank: int, version: int, nbytes: int,
+                           force: bool = False, writer_id: str = "") -> tuple[str, int, int]:
+        return self.trainer.acquire_for_writer(job_id, rank, version, nbytes, force, writer_id)
+
+    def adopt_hinted(self, segment_name: str, m: pb.ShardManifest,
+                     hint=None) -> tuple[bool, int, int]:
+        return self.trainer.adopt_hinted(segment_name, m, hint)
+
     def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
         return self.trainer.push(m, chunks)
 

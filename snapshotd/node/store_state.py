@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from snapshotd.wire import shm
 from snapshotd.wire._proto import snapshotd_pb2 as pb
@@ -34,12 +35,33 @@ log = logging.getLogger("snapshotd.store")
 INDEX_FORMAT = 1
 
 
+def new_content_token() -> int:
+    """A fresh random 64-bit content token (never 0: 0 means "no token" on the wire)."""
+    return secrets.randbits(64) or 1
+
+
 @dataclass
 class Held:
-    """The daemon's view of one slot's segment."""
+    """The daemon's view of one slot's segment.
+
+    Incremental snapshots (docs/INCREMENTAL.md): ``content_token`` names the segment's
+    contents for its writer. It is drawn afresh whenever anything but that writer may
+    have written the segment: a new Held (a new segment, one re-adopted by a restarted
+    daemon, one a rebuild installs), an acquire by another writer id or by none (a push
+    is one), so an unchanged token tells the writer its own bytes are still there.
+    ``clean``: (version, block size, payload bytes, checksums) of this writer's last
+    adoption of the segment under that token, the base an IncrementalHint refers to;
+    dropped with the token."""
 
     segment: shm.Segment | None = None
     manifest: object | None = None  # ShardManifest once delivered
+    content_token: int = field(default_factory=new_content_token)
+    writer_id: str = ""
+    clean: tuple | None = None
+
+    def renew_token(self, writer_id: str) -> None:
+        """Another writer (or an unnamed one) may write the segment from now on."""
+        self.content_token, self.writer_id, self.clean = new_content_token(), writer_id, None
 
 
 class StoreState:

@@ -151,8 +151,17 @@ class TrainerStore:
                 f"{needed} more bytes would exceed the memory budget of "
                 f"{st.memory_budget_bytes} bytes ({reserved} reserved)")
 
+    def acquire_for_writer(self, job_id: str, rank: int, version: int, nbytes: int,
+                           force: bool = False, writer_id: str = "") -> tuple[str, int, int]:
+        """``acquire_staging`` for a named writer: (name, size, content token). The token
+        is the one this writer got at its last acquire of the segment unless anything else
+        may have written it since (see ``Held``; docs/INCREMENTAL.md)."""
+        with self.state.lock:
+            name, size = self.acquire_staging(job_id, rank, version, nbytes, force, writer_id)
+            return name, size, self.state.held(name).content_token
+
     def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int,
-                        force: bool = False) -> tuple[str, int]:
+                        force: bool = False, writer_id: str = "") -> tuple[str, int]:
         st = self.state
         with st.lock:
             led = st.job(job_id)
@@ -194,7 +203,10 @@ class TrainerStore:
                 st.hold(job_id, rank, slot.index, name, Held(seg, None))
             slot = led.apply_staging(plan, version)
             name = st.name_at(job_id, rank, slot.index)
-            st.held(name).manifest = None
+            held = st.held(name)
+            held.manifest = None
+            if not writer_id or writer_id != held.writer_id:
+                held.renew_token(writer_id)  # its contents are nobody's to reuse now
             # No index write: staging takes a FREE or STAGING slot, never a committed one,
             # and a restart abandons every uncommitted slot and unlinks segments the index
             # does not hold committed; what the index must get right is what committed.
@@ -202,6 +214,15 @@ class TrainerStore:
 
     def adopt(self, segment_name: str, m: pb.ShardManifest) -> tuple[bool, int]:
         """Take ownership of a staged segment as ``m.rank``'s shard of ``m.version``."""
+        return self.adopt_hinted(segment_name, m)[:2]
+
+    def adopt_hinted(self, segment_name: str, m: pb.ShardManifest,
+                     hint: pb.IncrementalHint | None = None) -> tuple[bool, int, int]:
+        """``adopt`` with an optional IncrementalHint: (committed, latest committed,
+        payload bytes hashed). The hint is used only when this segment's last adoption
+        under the hint's content token was its base version with the same payload and
+        block size; then only the dirty blocks are hashed (and, with checksums from the
+        client, the others must equal that adoption's). A malformed bitmap is refused."""
         st = self.state
         try:
             mf.validate_manifest(m)
@@ -215,22 +236,64 @@ class TrainerStore:
                 raise st.refuse(ConflictError(
                     f"segment {segment_name!r} is not the staging segment of job "
                     f"{m.job_id!r} rank {m.rank} version {m.version}"))
-            seg = st.held(name).segment
+            held = st.held(name)
+            seg, token = held.segment, held.content_token
             if m.payload_bytes > slot.size:
                 raise st.refuse(InvalidRequestError(
                     f"payload of {m.payload_bytes} bytes does not fit the {slot.size}-byte segment"))
+            base = self._hint_base(held, m, hint) if hint is not None else None
         m = _copy(m)
         buf = seg.buf if seg.buf is not None else b""
+        what = f"adopted segment {segment_name}"
         try:
-            if m.block_checksums and self.verify_on_adopt:
-                self.verifier.verify_payload(buf, m, f"adopted segment {segment_name}")
+            if base is not None:
+                hashed = self._checksum_dirty(buf, m, base, hint.dirty_blocks, what)
+            elif m.block_checksums and self.verify_on_adopt:
+                self.verifier.verify_payload(buf, m, what)
+                hashed = m.payload_bytes
             elif not m.block_checksums:
                 m.block_checksums.extend(self.verifier.checksums(buf, m))
+                hashed = m.payload_bytes
+            else:
+                hashed = 0
         except Exception as exc:
             raise st.refuse(exc)
-        return self._deliver(m, name)
+        committed, latest = self._deliver(m, name, token)
+        return committed, latest, hashed
 
-    def _deliver(self, m: pb.ShardManifest, name: str) -> tuple[bool, int]:
+    def _hint_base(self, held, m: pb.ShardManifest, hint) -> list[int] | None:
+        """The checksums an IncrementalHint may reuse (under the lock), else None."""
+        nb = mf.num_blocks(m.payload_bytes, m.block_size_bytes)
+        if len(hint.dirty_blocks) != (nb + 7) // 8:
+            raise self.state.refuse(InvalidRequestError(
+                f"incremental hint: {len(hint.dirty_blocks)} bitmap bytes for {nb} blocks "
+                f"(need {(nb + 7) // 8})"))
+        c = held.clean
+        if (c is None or hint.content_token != held.content_token or c[0] != hint.base_version
+                or c[1] != m.block_size_bytes or c[2] != m.payload_bytes):
+            return None
+        return c[3]
+
+    def _checksum_dirty(self, buf, m: pb.ShardManifest, base: list[int], bitmap: bytes,
+                        what: str) -> int:
+        """Checksums of ``m``'s payload: the dirty blocks hashed, the others ``base``'s.
+        Returns the bytes hashed."""
+        bs, n = m.block_size_bytes, m.payload_bytes
+        dirty = [i for i in range(len(base)) if bitmap[i >> 3] >> (i & 7) & 1]
+        sums = list(base)
+        for i, c in zip(dirty, self.verifier.checksums_of(buf, m, dirty)):
+            sums[i] = c
+        if m.block_checksums and self.verify_on_adopt:
+            if list(m.block_checksums) != sums:
+                bad = [i for i, (a, b) in enumerate(zip(sums, m.block_checksums)) if a != b]
+                mf.raise_mismatch(m, bad, len(sums), what)
+        elif not m.block_checksums:
+            m.block_checksums.extend(sums)
+        return sum(min(bs, n - i * bs) for i in dirty)
+
+    def _deliver(self, m: pb.ShardManifest, name: str, token: int = 0) -> tuple[bool, int]:
+        """``token``: an adoption's content token; its checksums become the segment's
+        ``clean`` base if the token is still the segment's (a push passes none)."""
         st = self.state
         with st.lock:
             led = st.job(m.job_id)
@@ -249,6 +312,8 @@ class TrainerStore:
                 st.unlink_manifest(name)
                 st.persist()
                 raise st.refuse(exc)
+            if token and token == held.content_token:
+                held.clean = (m.version, m.block_size_bytes, m.payload_bytes, list(m.block_checksums))
             st.forget_freed(m.job_id, d.freed)
             st.touch(m.job_id)
             self._abandon_dead(m.job_id, led)

@@ -51,6 +51,22 @@ class PayloadVerifier:
                  for i in range(workers) if i * per * bs < n]
         return [c for p in parts for c in p.result()]
 
+    def checksums_of(self, buf, m, blocks: list[int]) -> list[int]:
+        """Checksums of the given blocks only (in that order), runs of consecutive blocks
+        hashed as one piece each, large runs on several cores."""
+        bs, n = m.block_size_bytes, m.payload_bytes
+        mv = memoryview(buf)
+        out: list[int] = []
+        i = 0
+        while i < len(blocks):
+            j = i
+            while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+                j += 1
+            lo, hi = blocks[i] * bs, min((blocks[j] + 1) * bs, n)
+            out.extend(self.checksums(mv[lo:hi], _Span(hi - lo, bs)))
+            i = j + 1
+        return out
+
     def verify_payload(self, buf, m, what: str) -> None:
         """Raise ChecksumMismatchError (naming ``what``) unless ``buf`` matches ``m``."""
         if self.unsafe_skip_verify:
@@ -62,3 +78,10 @@ class PayloadVerifier:
 
     def close(self) -> None:
         self._hashers.shutdown(wait=False)
+
+
+class _Span:
+    """Stands in for a manifest in ``checksums``: a run of blocks of a payload."""
+
+    def __init__(self, payload_bytes: int, block_size_bytes: int):
+        self.payload_bytes, self.block_size_bytes = payload_bytes, block_size_bytes

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
-from snapshotd.core.blockmap import map_manifests
+from snapshotd.core.blockmap import RankSpan, map_manifests
 from snapshotd.core.recovery import Unrecoverable
 from snapshotd.core.repair import plan_repair
 from snapshotd.node.peer import PeerUnavailableError, RemoteError
@@ -154,10 +155,11 @@ class DegradedReads:
                     "decoded from the group", job_id, owner, rank, v, why)
         return out
 
-    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str, owner_up: bool = False):
-        """A degraded read: ``owner`` is down, so decode its shard of ``rank`` from the
-        survivors of owner's group (k blocks per lost block, as a rebuild would, but only
-        that rank's data blocks). Returns (segment name, manifest) like a copy."""
+    def lost_rank(self, job_id: str, rank: int, v: int, owner: str, owner_up: bool = False) -> "LostRank":
+        """What decoding ``owner``'s shard of ``rank`` from its group needs: the survivors
+        that retain version v, its layout, the rank's span in the owner's data and its
+        manifest (from the owner's announce in the round record). InsufficientShardsError
+        when no survivor retains the version or the announce lacks the rank."""
         gi, oi = self.spec.group_of(owner)
         group = tuple(self.spec.groups[gi])
         alive = self.membership.alive_peers() | {self.me}
@@ -166,29 +168,54 @@ class DegradedReads:
                 + ("no longer holds it" if owner_up else "is down"))
         if record is None or owner not in record.announces:
             raise InsufficientShardsError(f"{what} and no live node of its group {gi} retains the version")
-        layout = self.records.layout_of(record)
-        alive_idx = {group.index(x) for x in holders}
         ann = record.announces[owner]
         ranks = list(ann.ranks)
         manifests = [pb.ShardManifest.FromString(blob) for blob in ann.manifests]
         span = map_manifests(ranks, manifests, self.bs).span_of(rank)
-        plan = plan_repair(layout, alive_idx, oi, version=v, group=gi, span=span)
-        if isinstance(plan, Unrecoverable):
-            raise InsufficientShardsError(f"{what}, and {plan.reason}")
         if span is None:
             raise InsufficientShardsError(f"{what}, and its announce does not list that rank")
-        m = manifests[ranks.index(rank)]
+        return LostRank(what=what, group=group, group_index=gi, owner_index=oi,
+                        layout=self.records.layout_of(record), holders=tuple(holders),
+                        alive=frozenset(group.index(x) for x in holders), span=span,
+                        manifest=manifests[ranks.index(rank)])
+
+    def _degraded_copy(self, job_id: str, rank: int, v: int, owner: str, owner_up: bool = False):
+        """A degraded read: ``owner`` is down, so decode its shard of ``rank`` from the
+        survivors of owner's group (k blocks per lost block, as a rebuild would, but only
+        that rank's data blocks). Returns (segment name, manifest) like a copy."""
+        lost = self.lost_rank(job_id, rank, v, owner, owner_up)
+        span, m = lost.span, lost.manifest
+        plan = plan_repair(lost.layout, lost.alive, lost.owner_index, version=v, group=lost.group_index,
+                           span=span)
+        if isinstance(plan, Unrecoverable):
+            raise InsufficientShardsError(f"{lost.what}, and {plan.reason}")
         name, seg = self.store.create_aux(f"{job_id}.remote.r{rank}.v{v}", max(1, m.payload_bytes))
         spans = {span.first + i: (seg, i * self.bs, span.block_bytes(i, self.bs)) for i in range(span.count)}
         t0 = time.monotonic()
         try:
-            self.repairs.run(job_id, v, plan, spans, None, group=group, layout=layout, alive=alive_idx,
-                             found_by="degraded read")
+            self.repairs.run(job_id, v, plan, spans, None, group=lost.group, layout=lost.layout,
+                             alive=lost.alive, found_by="degraded read")
             self.store.verify_payload(seg.buf, m, f"degraded read of rank {rank} (node {owner} down)")
         except Exception:
             self.store.release_aux(name)
             raise
-        log.info("%s: decoded its %d bytes from %s in %.2f s", what, m.payload_bytes, holders,
-                 time.monotonic() - t0)
+        log.info("%s: decoded its %d bytes from %s in %.2f s", lost.what, m.payload_bytes,
+                 list(lost.holders), time.monotonic() - t0)
         self.copies.put(job_id, rank, v, name, m)
         return name, m
+
+
+@dataclass(frozen=True)
+class LostRank:
+    """A rank whose owner cannot serve it, as its group's survivors see it
+    (:meth:`DegradedReads.lost_rank`)."""
+
+    what: str  # "job 'x' rank r version v: its node n is down", for errors and logs
+    group: tuple[str, ...]  # the owner's group
+    group_index: int
+    owner_index: int  # the owner's group-local index
+    layout: object  # the retained round's GroupLayout
+    holders: tuple[str, ...]  # the survivors that retain the round
+    alive: frozenset[int]  # their group-local indices
+    span: RankSpan  # the rank's blocks in the owner's data
+    manifest: object  # the rank's ShardManifest

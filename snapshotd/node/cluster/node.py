@@ -12,6 +12,7 @@ what the service, the server, the store and the metrics call. The parts (one job
   repairs.RepairRunner    fetch + verify + decode of repair plans, around corrupt sources
   rebuild.Rebuilder       catch up, make restorable, rebuild our data and parity
   degraded.DegradedReads  copies of other nodes' ranks, decoded when the owner cannot serve
+  ranged.RangedReads      byte ranges of other nodes' ranks: covering blocks, or stripes decoded
   scrub.Scrubber          re-hash what we hold, repair our corrupt blocks
   peer_ops.PeerOps        the peer requests we send; the server's op -> handler table
 
@@ -53,6 +54,7 @@ from .jobs import JobTable
 from .membership import Membership
 from .parity import ParityBuffers
 from .peer_ops import PeerOps
+from .ranged import RangedReads
 from .rebuild import Rebuilder
 from .records import RoundRecords
 from .repairs import RepairRunner
@@ -108,6 +110,9 @@ class ClusterNode:
                                    store=store, jobs=self.jobs, membership=self.membership, records=self.records,
                                    commit=self.commit, repairs=self.repairs, corrupt=self.corrupt,
                                    copies=self.copies)
+        self.ranged = RangedReads(me=node_id, block_size_bytes=self.bs, store=store, membership=self.membership,
+                                  commit=self.commit, repairs=self.repairs, corrupt=self.corrupt,
+                                  copies=self.copies, reads=self.reads)
         self.scrubber = Scrubber(me=node_id, my_index=li, group=self.group, m=self.m, block_size_bytes=self.bs,
                                  store=store, jobs=self.jobs, parity=self.parity, membership=self.membership,
                                  repairs=self.repairs, corrupt=self.corrupt, degraded=self.degraded,
@@ -196,6 +201,12 @@ class ClusterNode:
     def decode_own_rank(self, job_id: str, rank: int, v: int, why: Exception):
         return self.reads.decode_own_rank(job_id, rank, v, why)
 
+    def remote_manifest(self, job_id: str, rank: int, version: int = 0):
+        return self.ranged.manifest(job_id, rank, version)
+
+    def read_range(self, job_id: str, rank: int, version: int, offset: int, length: int):
+        return self.ranged.read(job_id, rank, version, offset, length)
+
     def fence(self, job_id: str, broadcast: bool = False) -> None:
         self.commit.fence(job_id, broadcast=broadcast)
 
@@ -227,6 +238,7 @@ class ClusterNode:
                 "jobs": jobs, "parity_bytes": parity, "degraded": dict(self.degraded),
                 "resending": self.commit.resender.status(),
                 "last_rebuild": self.rebuilder.stats,
+                "ranged_reads": self.ranged.stats(),
                 "accumulate": {"cpu_seconds": round(self.parity.accumulate_stats[0], 4),
                                "bytes": self.parity.accumulate_stats[1]},
                 "forwarding": self.forwarder.status(),
