@@ -295,16 +295,24 @@ class ParityBuffers:
             else:
                 held = buf.held.setdefault(key, [])
                 held.append((p, block))
-                buf.held_bytes += 0 if block is None else block.nbytes
+                nbytes = 0 if block is None else block.nbytes
+                buf.held_bytes += nbytes
                 self.held_peak_bytes = max(self.held_peak_bytes, buf.held_bytes)
-                if len(held) >= buf.need.get(key, 0):
-                    t0 = time.thread_time()  # CPU time: the cores are shared
-                    dsts = self._combine(buf, s, t, rows, [(p_, b) for p_, b in held if b is not None])
-                    self.accumulate_stats[0] += time.thread_time() - t0
-                    buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key) if b is not None)
-                    self._forward(buf, s, rows, dsts)
-                elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
-                    self._flush_held(buf)
+                try:
+                    if len(held) >= buf.need.get(key, 0):
+                        t0 = time.thread_time()  # CPU time: the cores are shared
+                        dsts = self._combine(buf, s, t, rows, [(p_, b) for p_, b in held if b is not None])
+                        self.accumulate_stats[0] += time.thread_time() - t0
+                        buf.held_bytes -= sum(b.nbytes for _, b in buf.held.pop(key) if b is not None)
+                        self._forward(buf, s, rows, dsts)
+                    elif buf.held_bytes > HELD_CONTRIBUTIONS_MAX_BYTES:
+                        self._flush_held(buf)
+                except (ConflictError, ChecksumMismatchError):
+                    # A delta's base refused: nothing changed, this contribution is not
+                    # taken (the sender sends it again; the protocol still expects it).
+                    held.pop()
+                    buf.held_bytes -= nbytes
+                    raise
         return True
 
     def _combine(self, buf: ParityBuffer, s: int, t: int, rows: list, held: list) -> list:
