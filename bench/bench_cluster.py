@@ -145,8 +145,19 @@ def measure_rebuild(d: str, victim: str, budget: str) -> dict:
             "rebuild_phases_s": rb.get("phases_s", {})}
 
 
+def change(params, fraction: float) -> None:
+    """Rewrite the first ``fraction`` of every tensor in place before a save (1: every
+    byte changes, as a full fine-tune's step does; 0.05: a LoRA-style step, 95 % of the
+    state frozen); 0 leaves the state as it is."""
+    with torch.no_grad():
+        for p in params:
+            n = int(p.numel() * fraction)
+            if n:
+                p.view(-1)[:n].add_(1.0)
+
+
 def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed, d: str | None = None,
-                       timeout_s: float = 120) -> dict:
+                       timeout_s: float = 120, changed_fraction: float = 1.0) -> dict:
     """The pipeline of one node whose work does not share the cores with three others.
 
     Node 0's rank snapshots the full state; the other ranks snapshot a few bytes (the
@@ -165,6 +176,7 @@ def measure_one_active(socks: dict, nodes: list, params, repeats: int, committed
     times = []
     try:
         for step in range(1, repeats + 3):
+            change(params, changed_fraction)
             t0 = time.perf_counter()
             for s in snaps:
                 s.save(step)
@@ -207,6 +219,9 @@ def main(argv=None) -> int:
                    help="each daemon's memory budget (default: what one job needs -- the committed "
                         "and the next version's data and parity, (2 + 2m/k) x state, plus 1/8 -- so "
                         "the store reuses freed slots instead of growing; 10 x state before)")
+    p.add_argument("--changed-fraction", type=float, default=1.0,
+                   help="the fraction of each tensor rewritten before every save (default 1: every byte "
+                        "changes; 0.05: a LoRA-style fine-tune, where delta parity sends only the change)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     a = p.parse_args(argv)
     if a.quick:
@@ -226,7 +241,8 @@ def main(argv=None) -> int:
     socks = lc.sockets(d)
     nodes = sorted(socks)
     res: dict = {"nodes": a.nodes, "parity": a.parity, "k": a.nodes - a.parity,
-                 "state_bytes_per_node": size, "block_size": a.block_size}
+                 "state_bytes_per_node": size, "block_size": a.block_size,
+                 "changed_fraction": a.changed_fraction}
     res["committed_versions"] = 0
     with open(os.path.join(d, "cluster.json")) as f:
         pids = {n: v["pid"] for n, v in json.load(f)["nodes"].items()}
@@ -260,6 +276,7 @@ def main(argv=None) -> int:
         times, blocking, cpu, sent_ratio = [], [], [], []
         for step in range(1, a.repeats + 3):
             mem.phase = "versions 1-2" if step <= 2 else "versions 3+"
+            change(params, a.changed_fraction)
             b0 = peer_bytes_sent(d)
             c0 = daemon_cpu()
             t0 = time.perf_counter()
@@ -305,7 +322,7 @@ def main(argv=None) -> int:
         if "one_active" in phases:
             mem.phase = "one_active"
             res.update(measure_one_active(socks, nodes, params, a.repeats, committed_everywhere_job, d,
-                                          a.commit_timeout_s))
+                                          a.commit_timeout_s, changed_fraction=a.changed_fraction))
         if "rebuild" in phases:  # lose the last node and bring it back empty
             mem.phase = "rebuild"
             res.update(measure_rebuild(d, nodes[-1], budget))
