@@ -35,6 +35,7 @@ default). Thread-safety: one lock of its own (never held while taking ``JobTable
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -42,6 +43,8 @@ import numpy as np
 import xxhash
 
 from snapshotd.wire.errors import ChecksumMismatchError, ConflictError
+
+log = logging.getLogger("snapshotd.cluster")
 
 ENV_DELTA_PARITY = "SNAPSHOTD_DELTA_PARITY"
 _KEEP_VERSIONS = 64  # (job, version) entries kept per job, newest first
@@ -62,6 +65,7 @@ class DeltaParity:
         self._lock = threading.Lock()
         self._bases: dict[tuple[str, int], dict[str, int]] = {}  # (job, v) -> member -> offered base
         self._modes: dict[tuple[str, int], int] = {}  # (job, v) -> the base we send against (0: whole)
+        self._delta_on: dict[str, bool] = {}  # job -> whether its last decided version went delta (logged on change)
         self.stats = {"versions_delta": 0, "versions_full": 0, "blocks_unchanged": 0, "blocks_delta": 0,
                       "refused": 0}
         parity.on_corrupt_base = self._corrupt_base
@@ -123,19 +127,26 @@ class DeltaParity:
                 return self._modes[key]
             bases = dict(self._bases.get(key, {}))
         u = bases.get(self.me, 0)
+        why = "" if u else "this node offered no base"
         if u and any(bases.get(nd) != u for nd in self.group):
-            u = 0
+            u, why = 0, "bases offered: " + ", ".join(f"{nd} v{bases.get(nd, 0)}" for nd in self.group)
         if u:
             with self.jobs.lock:
                 jp = self.jobs.get(job_id)
                 ru = jp.rounds.get(u) if jp is not None else None
                 if ru is None or ru.layout is None or tuple(ru.layout.block_counts) != tuple(layout.block_counts):
-                    u = 0
+                    u, why = 0, f"the layout differs from v{u}'s"
         with self._lock:
             if key not in self._modes:
                 self._modes[key] = u
                 self.stats["versions_delta" if u else "versions_full"] += 1
                 self._trim(job_id)
+                if self.enabled and self._delta_on.get(job_id) != bool(u):
+                    self._delta_on[job_id] = bool(u)
+                    if u:
+                        log.info("job %s v%d: delta parity, changes since v%d", job_id, v, u)
+                    else:
+                        log.info("job %s v%d: whole contributions (%s)", job_id, v, why)
             return self._modes[key]
 
     def _trim(self, job_id: str) -> None:
