@@ -187,12 +187,15 @@ def markdown(res: dict) -> str:
     if tr:
         L += ["", f"## Training overhead ({res['train_overhead']['model']}, "
                   f"{fmt_bytes(tr[0]['state_bytes'])} of state, 1 torch thread)", "",
-              "| configuration | mean step ms | median | p95 | overhead | in snapshot calls, ms per step |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| configuration | mean step ms | median | p95 | overhead | in snapshot calls, ms per step "
+              "| CPU ms per step (job + daemon, drained rounds) | CPU overhead |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in tr:
+            cpu = (f"{r['cpu_s_per_step'] * 1e3:.1f} | {r['cpu_overhead_pct']:+.1f}%" if "cpu_s_per_step" in r
+                   else "- | -")
             L.append(f"| {r['config']} | {r['mean_step_s'] * 1e3:.1f} | {r['median_step_s'] * 1e3:.1f} | "
                      f"{r['p95_step_s'] * 1e3:.1f} | {r['overhead_pct']:+.1f}% | "
-                     f"{r.get('snapshot_call_s_per_step', 0) * 1e3:.2f} |")
+                     f"{r.get('snapshot_call_s_per_step', 0) * 1e3:.2f} | {cpu} |")
     mem = res.get("memory", {}).get("sizes", [])
     if mem:
         L += ["", "## Memory of the daemons (peak over the run, all daemons summed)", "",

@@ -261,12 +261,13 @@ def run_train(a, res: dict) -> None:
     daemon = cs.SingleDaemon(work, 1 << 30)
     try:
         res["train_overhead"] = train_overhead.run(a.train_steps, 2 if a.quick else 10, not a.quick,
-                                                   daemon.socket)
+                                                   daemon.socket, daemon.proc.pid, 1 if a.quick else 6)
     finally:
         daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
     for r in res["train_overhead"]["rows"]:
-        cm.say(f"train {r['config']:<36} {r['mean_step_s'] * 1e3:8.1f} ms/step ({r['overhead_pct']:+.1f}%)")
+        cm.say(f"train {r['config']:<36} {r['mean_step_s'] * 1e3:8.1f} ms/step ({r['overhead_pct']:+.1f}%), "
+               f"CPU {r['cpu_s_per_step'] * 1e3:.1f} ms/step ({r['cpu_overhead_pct']:+.1f}%)")
 
 
 def run_overhead(a, res: dict) -> None:

@@ -26,6 +26,15 @@ the overhead that the call itself blocks, which is less noisy on a shared machin
 differences of step times). ``comparison``: per interval, snapshotd's overhead against
 the other contenders' at the same interval, in the same run.
 
+Step times on a shared 2-core machine swing with its load. A second measurement counts
+CPU seconds instead, which the load distorts far less: after the timed rounds, every
+configuration runs ``--cpu-rounds`` more rounds of 10 steps, each round followed by a drain
+(snapshotd's hand-off finished, DCP's write finished), and the round is charged the CPU
+seconds (user + system) of this process over the round and the drain, plus the daemon's
+for snapshotd (from /proc). Nothing of another configuration runs in the window, so the
+CPU of every background thread lands on the configuration that caused it.
+``cpu_overhead_pct``: CPU per step / CPU per step of "never" - 1; ``comparison`` gives both.
+
     python -m bench.train_overhead [--steps 40] [--warmup 10] [--small] [--json out.json]
 """
 
@@ -66,10 +75,25 @@ def comparison(rows: list[dict]) -> list[dict]:
         others = [r for r in same if not r["config"].startswith("snapshotd")]
         if not ours or not others:
             continue
-        out.append({"every": every, "snapshotd_overhead_pct": ours[0]["overhead_pct"],
-                    "others": {r["config"]: r["overhead_pct"] for r in others},
-                    "snapshotd_cheapest": all(ours[0]["overhead_pct"] < r["overhead_pct"] for r in others)})
+        row = {"every": every, "snapshotd_overhead_pct": ours[0]["overhead_pct"],
+               "others": {r["config"]: r["overhead_pct"] for r in others},
+               "snapshotd_cheapest": all(ours[0]["overhead_pct"] < r["overhead_pct"] for r in others)}
+        if all("cpu_overhead_pct" in r for r in same):
+            row.update({"snapshotd_cpu_overhead_pct": ours[0]["cpu_overhead_pct"],
+                        "others_cpu": {r["config"]: r["cpu_overhead_pct"] for r in others},
+                        "snapshotd_cheapest_cpu": all(ours[0]["cpu_overhead_pct"] < r["cpu_overhead_pct"]
+                                                      for r in others)})
+        out.append(row)
     return out
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far; 0 without one."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class _Run:
@@ -86,6 +110,7 @@ class _Run:
         self.data = DataStream(1235, batch=8, seq=seq, vocab=self.vocab)
         self.loss_fn = nn.CrossEntropyLoss()
         self.snap, self.fut, self.step, self.times, self.snap_call_s = None, None, 0, [], 0.0
+        self.cpu_s, self.cpu_steps = 0.0, 0
         if kind == "snapshotd":
             from snapshotd_client import Snapshotter
 
@@ -128,6 +153,13 @@ class _Run:
                 self.fut.result()  # one in flight, as a training loop would do
             self.fut = dcp.async_save(sd, checkpoint_id=os.path.join(self.workdir, f"{self.job}-{self.step}"))
 
+    def drain(self) -> None:
+        """Wait for the work the last snapshot left running in the background."""
+        if self.fut is not None:
+            self.fut.result()
+        if self.snap is not None:
+            self.snap.wait()
+
     def close(self) -> None:
         if self.fut is not None:
             self.fut.result()
@@ -135,10 +167,12 @@ class _Run:
             self.snap.close()
 
 
-def run(steps: int, warmup: int, big: bool, daemon_socket: str) -> dict:
+def run(steps: int, warmup: int, big: bool, daemon_socket: str, daemon_pid: int | None = None,
+        cpu_rounds: int = 0) -> dict:
     """Every configuration, interleaved in rounds of 10 steps in a rotating order (so that
     a change in the machine's load hits them all alike); ``daemon_socket``: a running
-    snapshotd daemon."""
+    snapshotd daemon (``daemon_pid``: its pid, whose CPU is charged to snapshotd's rows);
+    then ``cpu_rounds`` drained rounds per configuration counting CPU seconds."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     workdir = tempfile.mkdtemp(prefix="bench-suite-train-", dir="/tmp")
@@ -158,6 +192,18 @@ def run(steps: int, warmup: int, big: bool, daemon_socket: str) -> dict:
                     # start each round at a multiple of 10: one every-10 snapshot per round
                     r.run_steps(10 - r.step % 10 if r.step % 10 else 10, timed=True)
             for r in runs:
+                r.drain()
+            for rnd in range(cpu_rounds):
+                k = rnd % len(runs)
+                for r in runs[k:] + runs[:k]:
+                    n = 10 - r.step % 10 if r.step % 10 else 10
+                    d0, c0 = cpu_seconds(daemon_pid if r.kind == "snapshotd" else None), time.process_time()
+                    r.run_steps(n, timed=False)
+                    r.drain()
+                    r.cpu_s += time.process_time() - c0
+                    r.cpu_s += cpu_seconds(daemon_pid if r.kind == "snapshotd" else None) - d0
+                    r.cpu_steps += n
+            for r in runs:
                 r.close()
         nbytes = cm.state_nbytes(runs[0].model, runs[0].opt)
     finally:
@@ -173,9 +219,13 @@ def run(steps: int, warmup: int, big: bool, daemon_socket: str) -> dict:
                      "mean_step_s": sum(ts) / len(ts), "median_step_s": cm.med(ts),
                      "p95_step_s": ts[min(len(ts) - 1, int(0.95 * len(ts)))], "state_bytes": nbytes,
                      "snapshot_call_s_per_step": r.snap_call_s / len(ts)})
+        if r.cpu_steps:
+            rows[-1].update({"cpu_steps": r.cpu_steps, "cpu_s_per_step": r.cpu_s / r.cpu_steps})
     base = rows[0]["mean_step_s"]
     for r in rows:
         r["overhead_pct"] = (r["mean_step_s"] / base - 1) * 100
+        if "cpu_s_per_step" in r:
+            r["cpu_overhead_pct"] = (r["cpu_s_per_step"] / rows[0]["cpu_s_per_step"] - 1) * 100
     v, d, l_, s_ = BIG if big else SMALL
     return {"model": f"TinyLM vocab {v}, d_model {d}, {l_} layers, seq {s_}, batch 8",
             "torch_threads": 1, "rows": rows, "comparison": comparison(rows)}
@@ -191,24 +241,32 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--small", action="store_true", help="the demo's tiny TinyLM instead of the big one")
+    p.add_argument("--cpu-rounds", type=int, default=6,
+                   help="drained rounds of 10 steps per configuration counting CPU seconds (default 6)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    if a.steps < 1 or a.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if a.steps < 1 or a.warmup < 0 or a.cpu_rounds < 0:
+        p.error("--steps must be >= 1, --warmup and --cpu-rounds >= 0")
     work = tempfile.mkdtemp(prefix="bench-train-")
     daemon = cs.SingleDaemon(work, 1 << 30)
     try:
-        res = run(a.steps, a.warmup, not a.small, daemon.socket)
+        res = run(a.steps, a.warmup, not a.small, daemon.socket, daemon.proc.pid, a.cpu_rounds)
     finally:
         daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
     for r in res["rows"]:
         print(f"{r['config']:<36} {r['mean_step_s'] * 1e3:8.2f} ms/step mean, {r['median_step_s'] * 1e3:8.2f} "
-              f"median ({r['overhead_pct']:+.1f}%), in snapshot calls {r['snapshot_call_s_per_step'] * 1e3:.2f} ms/step")
+              f"median ({r['overhead_pct']:+.1f}%), in snapshot calls {r['snapshot_call_s_per_step'] * 1e3:.2f} ms/step"
+              + (f"; CPU {r['cpu_s_per_step'] * 1e3:.2f} ms/step ({r['cpu_overhead_pct']:+.1f}%)"
+                 if "cpu_s_per_step" in r else ""))
     for c in res["comparison"]:
         print(f"every {c['every']}: snapshotd {c['snapshotd_overhead_pct']:+.1f}% vs "
               + ", ".join(f"{k} {v:+.1f}%" for k, v in c["others"].items())
               + (" (snapshotd cheapest)" if c["snapshotd_cheapest"] else " (snapshotd NOT cheapest)"))
+        if "snapshotd_cpu_overhead_pct" in c:
+            print(f"every {c['every']}, CPU: snapshotd {c['snapshotd_cpu_overhead_pct']:+.1f}% vs "
+                  + ", ".join(f"{k} {v:+.1f}%" for k, v in c["others_cpu"].items())
+                  + (" (snapshotd cheapest)" if c["snapshotd_cheapest_cpu"] else " (snapshotd NOT cheapest)"))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -106,6 +106,12 @@ def test_every_section_has_sane_numbers(quick_run):
     base = tr["never"]["mean_step_s"]
     for r in tr.values():  # the overhead quoted is the ratio of the mean steps in this run
         assert r["overhead_pct"] == pytest.approx((r["mean_step_s"] / base - 1) * 100, abs=0.05), r
+    cpu_base = tr["never"]["cpu_s_per_step"]  # CPU seconds per step, from the drained rounds
+    for r in tr.values():
+        assert r["cpu_steps"] >= 10 and _pos(r["cpu_s_per_step"]), r
+        assert r["cpu_overhead_pct"] == pytest.approx((r["cpu_s_per_step"] / cpu_base - 1) * 100, abs=0.05), r
+    for c in res["train_overhead"]["comparison"]:  # "cheapest" follows from the rows it names
+        assert c["snapshotd_cheapest_cpu"] == all(c["snapshotd_cpu_overhead_pct"] < v for v in c["others_cpu"].values())
     from bench import report  # the verdicts stored are those of the stored measurements
 
     assert [(g["goal"], g["status"]) for g in res["goals"]] == \
