@@ -46,7 +46,8 @@ log = logging.getLogger("snapshotd.cluster")  # the name operators filter on
 # peer that its heartbeats still see alive (see CommitDriver.deliver).
 BULK_RETRY_TIMEOUTS = 20
 
-# Contributions read and sent to one holder at a time (a delta is memory of its own).
+# Delta contributions are compared with the committed blocks and sent to a holder this
+# many at a time, so the first leave while the rest are being read (cluster/delta.py).
 CONTRIB_BATCH = 64
 
 # Test-only fault hook: the node named here misses every commit message from its peers
@@ -308,7 +309,7 @@ class CommitDriver:
                 elif targets is None or node in targets:
                     if (s, t, p) in self._acked_contribs.get((job_id, v, node), ()):
                         continue
-                    # read when sent (a delta is memory of its own): the holder verifies the checksum
+                    # read when sent, in batches (a delta is compared first): the holder verifies the checksum
                     per_holder.setdefault(node, []).append((j, peer_ops.contrib(job_id, v, s, t, p, a.block_counts,
                                                                                 base=u)))
                     keys.setdefault(node, []).append((s, t, p))

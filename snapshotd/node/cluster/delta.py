@@ -42,6 +42,7 @@ import threading
 import numpy as np
 import xxhash
 
+from snapshotd.node.peer import Deferred
 from snapshotd.wire.errors import ChecksumMismatchError, ConflictError
 
 log = logging.getLogger("snapshotd.cluster")
@@ -190,7 +191,8 @@ class DeltaParity:
     # -- the sending side --------------------------------------------------------------------
     def reader(self, job_id: str, v: int, u: int):
         """j -> (payload or None, payload xxh3 or None): whole blocks of v with their stored
-        checksums (u = 0), or the delta of block j against u's (None: unchanged)."""
+        checksums (u = 0), or the delta of block j against u's (None: unchanged), a
+        :class:`~snapshotd.node.peer.Deferred` made when it is sent."""
         new = self.store.block_reader(job_id, v, self.bs, with_checksum=True)
         if not u:
             return new
@@ -210,7 +212,8 @@ class DeltaParity:
             self._check(job_id, u, j, du, cu)
             with self._lock:
                 self.stats["blocks_delta"] += 1
-            return np.bitwise_xor(a, b), None
+            # made when sent: a window of changes in memory, not the batch (node/peer/framing.py)
+            return Deferred(lambda: np.bitwise_xor(a, b)), None
 
         return read
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from snapshotd.node.peer import Deferred
 from snapshotd.wire.errors import ChecksumMismatchError, ConflictError
 
 from .jobs import JobTable
@@ -273,6 +274,8 @@ class ParityBuffers:
         since the base's version, None if it did not change. One sender's contributions
         arrive one at a time, so no (s, t, p) is ever applied by two threads at once.
         False if the buffer was released meanwhile."""
+        if isinstance(data, Deferred):  # a delta made when it is used (cluster/delta.py)
+            data = data.make()
         block = None if data is None else np.frombuffer(data, np.uint8)
         if block is None and base is None:
             raise ValueError("an unchanged block is a delta: it needs its base")

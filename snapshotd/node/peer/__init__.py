@@ -113,6 +113,7 @@ from snapshotd.node.peer.framing import (
     MAX_NODE_ID_BYTES,
     MAXMSGSIZE_SLACK,
     RID_BYTES,
+    Deferred,
     frame_mac,
 )
 from snapshotd.node.peer.malloc import tune_malloc_for_bulk_transfers
@@ -127,6 +128,7 @@ from snapshotd.wire.errors import (  # re-exported: the peer plane's errors
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
+    "Deferred",
     "Handler",
     "MAC_BYTES",
     "MAGIC",

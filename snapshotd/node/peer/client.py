@@ -5,7 +5,8 @@ Calls: ``call(PeerRequest, payload=None, payload_xxh3=None)`` and
 replies are ``(PeerReply, payload)``. Requests are checked by :mod:`.checks` before
 anything is sent, replies on arrival (a reply of the wrong form is a
 :class:`PeerProtocolError`). ``payload_xxh3`` is the payload's stored checksum when the
-caller has one (sent instead of hashing again; the receiver still verifies).
+caller has one (sent instead of hashing again; the receiver still verifies). A payload
+may be a :class:`~.framing.Deferred`, made just before its request is sent.
 
 Thread-safety: one lock per client, so concurrent calls serialise (a heartbeat queued
 behind a bulk ``call_many`` waits for it: keep a separate client for latency-sensitive
@@ -32,6 +33,7 @@ from snapshotd.node.peer.framing import (
     MAX_NODE_ID_BYTES,
     MAXMSGSIZE_SLACK,
     RID_BYTES,
+    Deferred,
     as_byte_view,
     check_key,
     check_payload,
@@ -141,7 +143,7 @@ class PeerClient:
         """(op, header body bytes, payload view, known xxh3): checked before anything is
         sent; the payload is hashed just before sending (overlapping the transfer)."""
         op = check_request(request)
-        view = None if payload is None else as_byte_view(payload)
+        view = payload if payload is None or isinstance(payload, Deferred) else as_byte_view(payload)
         return op, encode_body("request", request, view is not None), view, known
 
     def _call(self, encoded: list, window: int, timeout_ms: int | None, on_reply) -> list:
@@ -198,6 +200,8 @@ class PeerClient:
                 while sent < n and len(pending) < window:
                     rid = self._next_rid()
                     _, header_raw, view, known = encoded[sent]
+                    if isinstance(view, Deferred):  # made now: a window of them at most
+                        view = as_byte_view(view.make())
                     if view is not None:  # the frame leaves a zero tail off (framing.payload_frame)
                         extra, view = payload_frame(view, known)
                         header_raw += extra

@@ -49,6 +49,17 @@ def frame_mac(key: bytes, sender: bytes, rid: bytes, header: bytes) -> bytes:
     return h.digest()
 
 
+class Deferred:
+    """A request payload made only when the client sends it (``make()`` returns a buffer):
+    a batch of computed payloads (delta parity's changes) then holds at most a window
+    of them in memory, not the whole batch. Made again if the request is sent again."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+
 def as_byte_view(obj) -> memoryview:
     """A flat, C-contiguous, unsigned-byte memoryview of any buffer-protocol object."""
     try:
