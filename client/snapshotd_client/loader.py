@@ -123,19 +123,40 @@ class ShardLoader:
     def __init__(self, client, segments, job_id: str, rank: int):
         self.client, self.segments = client, segments
         self.job_id, self.rank = job_id, rank
+        self._fetched: dict = {}  # (rank, version) -> (bytes, manifest): slices fetched from other nodes
+        self.bytes_fetched = 0  # bytes those ranged fetches moved (covering blocks)
 
     def open_slices(self, m: pb.ShardManifest, version: int) -> list:
-        """[(segment, manifest)] of every DP rank's slice of the replicated payload other than
-        ours (empty when it was not stored sharded). Opening is what can fail (a peer's slice
-        lost for good: ConflictError); ``Snapshotter.restore`` opens them before any rank
-        loads anything, so every rank learns of a failure first."""
+        """[(buffer, manifest)] of every DP rank's slice of the replicated payload other than
+        ours (empty when it was not stored sharded). A slice on this node is its mapped
+        segment; one held on another node comes by a ranged fetch of its covering blocks
+        (from that node, or decoded from its group when it is lost), never the rank's whole
+        shard, and is kept for this restore. Opening is what can fail (a peer's slice lost
+        for good: ConflictError); ``Snapshotter.restore`` opens them before any rank loads
+        anything, so every rank learns of a failure first."""
         if not m.replicated_bytes or (m.slice_offset == 0 and m.slice_bytes == m.replicated_bytes):
             return []
         out = []
         for r in m.dp_ranks:
-            if r != self.rank:
-                resp = self.client.open_shard(self.job_id, r, version)
-                out.append((self.segments.get(resp.segment_name, writable=False), resp.manifest))
+            if r == self.rank:
+                continue
+            got = self._fetched.get((r, version))
+            if got is None:
+                resp = self.client.open_shard(self.job_id, r, version, no_copy=True)
+                buf = None
+                if resp.segment_name:
+                    try:
+                        buf = self.segments.get(resp.segment_name, writable=False).buf
+                    except (OSError, ValueError):  # a daemon on another host: its shm is not ours
+                        buf = None
+                if buf is None and resp.manifest.slice_bytes:
+                    _, buf, moved = self.client.fetch_range(self.job_id, r, resp.manifest.version, 0,
+                                                            resp.manifest.slice_bytes)
+                    self.bytes_fetched += moved
+                    self._fetched[(r, version)] = got = (buf, resp.manifest)
+                else:
+                    got = (buf if buf is not None else b"", resp.manifest)
+            out.append(got)
         return out
 
     def replicated_payload(self, seg, m: pb.ShardManifest, version: int):
@@ -144,16 +165,19 @@ class ShardLoader:
         if m.slice_offset == 0 and m.slice_bytes == m.replicated_bytes:
             return seg.buf
         out = torch.empty(m.replicated_bytes, dtype=torch.uint8)
-        for other, om in [(seg, m)] + self.open_slices(m, version):
-            if om.replicated_bytes != m.replicated_bytes:
-                raise SnapshotdError(f"rank {om.rank}'s slice belongs to another layout")
-            if om.slice_bytes:
-                if om.slice_bytes > len(memoryview(other.buf)):
-                    raise SnapshotdError(f"rank {om.rank}'s slice is larger than its segment")
-                src = _view(_anchored(other.buf), tz.TensorSlot("slice", "uint8", (om.slice_bytes,),
-                                                                0, om.slice_bytes, (), ()))
-                out[om.slice_offset:om.slice_offset + om.slice_bytes].copy_(src)
-                del src
+        try:
+            for buf, om in [(seg.buf, m)] + self.open_slices(m, version):
+                if om.replicated_bytes != m.replicated_bytes:
+                    raise SnapshotdError(f"rank {om.rank}'s slice belongs to another layout")
+                if om.slice_bytes:
+                    if om.slice_bytes > len(memoryview(buf)):
+                        raise SnapshotdError(f"rank {om.rank}'s slice is larger than its segment")
+                    src = _view(_anchored(buf), tz.TensorSlot("slice", "uint8", (om.slice_bytes,),
+                                                              0, om.slice_bytes, (), ()))
+                    out[om.slice_offset:om.slice_offset + om.slice_bytes].copy_(src)
+                    del src
+        finally:
+            self._fetched.clear()  # fetched for this restore only
         return out.numpy()
 
     def load(self, name: str, m: pb.ShardManifest, version: int, model, optimizer, lr_scheduler,

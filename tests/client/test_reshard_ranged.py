@@ -6,7 +6,8 @@ It reads rank 0's shard in place, rank 1's slice by ranged fetches from node 1 (
 covering blocks) and rank 2's slice decoded from the survivors (k blocks per stripe
 holding its covering blocks) -- never ranks 1 and 2's per-rank state, never a whole
 shard. The state comes back bit-exact, and the bytes the survivors served (their peer
-traffic counters) stay within the bound derived from the manifests and the layout.
+traffic counters) stay within the bound derived from the manifests and the layout. The
+exact rung (rank 0 restoring at the saved size) gathers the slices the same way.
 """
 
 from __future__ import annotations
@@ -103,3 +104,20 @@ def test_a_reshard_restore_reads_only_covering_blocks_of_a_remote_and_a_lost_ran
     st = c.cluster_status(n0)["ranged_reads"]
     assert st["owner_reads"] >= 1 and st["decoded_reads"] >= 1
     assert set(st["last_decoded"]["stripes"]) <= stripes2
+
+    # The exact rung at the saved size gathers the same slices the same way (rank 0 of 3,
+    # its own shard mapped on node 0): the same bound.
+    m3, o3 = trained()
+    with torch.no_grad():
+        for p in m3.parameters():
+            p.zero_()
+    before = served(c, (n0, n1))
+    s = snap(c, n0, m3, o3, 0, N, {"buffer": None, "tag": None})
+    assert s.restore() == 1 and s.restored_method == "exact"
+    moved = served(c, (n0, n1)) - before
+    s.close()
+    for (key, x), (_, y) in zip(model.state_dict().items(), m3.state_dict().items()):
+        assert torch.equal(x, y), key
+    assert torch.equal(o3.state_dict()["state"][0]["exp_avg"], sa["state"][0]["exp_avg"])
+    print(f"exact restore of rank 0 of 3: peers served {moved} bytes")
+    assert nb1 * bs + len(stripes2) * bs <= moved <= bound + SLACK, (moved, bound)
