@@ -243,11 +243,12 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     @_rpc
     def AcquireStaging(self, request, context):
         self._job_access(context, request.job_id)
-        name, size = self.store.acquire_staging(
-            request.job_id, request.rank, request.version, request.payload_bytes, request.force)
+        name, size, token = self.store.acquire_for_writer(
+            request.job_id, request.rank, request.version, request.payload_bytes, request.force,
+            request.writer_id)
         if self.metrics is not None:
             self.metrics.staged(request.job_id, request.version)
-        return pb.AcquireStagingResponse(segment_name=name, segment_bytes=size)
+        return pb.AcquireStagingResponse(segment_name=name, segment_bytes=size, content_token=token)
 
     @_rpc
     def AdoptShard(self, request, context):
@@ -258,11 +259,12 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         if request.next_version and request.next_version <= m.version:
             raise InvalidRequestError(f"AdoptShard: next_version {request.next_version} is not "
                                       f"newer than version {m.version}")
-        committed, latest = self.store.adopt(request.segment_name, m)
+        hint = request.incremental if request.HasField("incremental") else None
+        committed, latest, hashed = self.store.adopt_hinted(request.segment_name, m, hint)
         if committed and self.metrics is not None:
             self.metrics.committed(m.job_id, m.version)
         resp = pb.AdoptShardResponse(version=m.version, committed=committed,
-                                     latest_committed_version=latest)
+                                     latest_committed_version=latest, bytes_hashed=hashed)
         if request.next_version:
             self._stage_next(request, resp)
         return resp
@@ -273,14 +275,16 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         refusal only goes into ``next_refused``: the adoption itself succeeded."""
         m = request.manifest
         try:
-            name, size = self.store.acquire_staging(m.job_id, m.rank, request.next_version,
-                                                    request.next_payload_bytes, False)
+            name, size, token = self.store.acquire_for_writer(
+                m.job_id, m.rank, request.next_version, request.next_payload_bytes, False,
+                request.writer_id)
         except (SnapshotdError, ValueError) as exc:
             resp.next_refused = f"{type(exc).__name__}: {exc}"[:500]
             return
         if self.metrics is not None:
             self.metrics.staged(m.job_id, request.next_version)
         resp.next_segment_name, resp.next_segment_bytes = name, size
+        resp.next_content_token = token
 
     @_rpc
     def PushShard(self, request_iterator, context):
