@@ -129,12 +129,13 @@ class SnapshotdReader(StorageReader):
 
     def read_metadata(self, *args) -> Metadata:
         # No **kwargs: DCP then never asks for rank-local metadata (there is one per version).
-        m0 = self.client.open_shard(self.job_id, 0, self.version).manifest
+        m0 = self.client.open_shard(self.job_id, 0, self.version, no_copy=True).manifest
         head = self._head(m0)
         self.version = int(m0.version)  # pinned: every later read names this version
         m = m0
         if head.get("metadata_rank", 0) != 0:
-            m = self.client.open_shard(self.job_id, int(head["metadata_rank"]), self.version).manifest
+            m = self.client.open_shard(self.job_id, int(head["metadata_rank"]), self.version,
+                                       no_copy=True).manifest
             head = self._head(m)
         if "metadata" not in head:
             raise InvalidRequestError(f"job {self.job_id!r} version {self.version}: rank {m.rank}'s "
@@ -160,7 +161,10 @@ class SnapshotdReader(StorageReader):
         """(buffer of ``rank``'s payload, its manifest): this node's mapping of the segment,
         or None when the segment is not on this host (its items are then fetched one
         range at a time: ``_fetch``)."""
-        resp = self.client.open_shard(self.job_id, rank, self.version)
+        resp = self.client.open_shard(self.job_id, rank, self.version, no_copy=True)
+        if not resp.segment_name:  # held on another node (or lost): ranged reads, not a copy
+            self.fetched_ranks.append(rank)
+            return None, resp.manifest
         try:
             seg = self.segments.get(resp.segment_name, writable=False)
             buf = seg.buf if seg.buf is not None else b""
