@@ -6,7 +6,8 @@ the network replaced by direct calls (the real-daemon cases are in test_delta_pa
 * a corrupt base block is refused, reported, and leaves the buffer as it was: once it is
   repaired the same contribution goes in and the parity is right;
 * one buffer never takes whole contributions and deltas together;
-* the group's agreement on the base, and the knob; the peer messages' checks.
+* the group's agreement on the base, the knob, no base offered while the state changes
+  nearly whole every version; the peer messages' checks.
 """
 
 from __future__ import annotations
@@ -229,6 +230,23 @@ def test_the_group_sends_deltas_only_when_every_member_offers_the_same_base():
     with d.jobs.lock:
         d.jobs.job(JOB).round(4)
     assert d.claim(JOB, 4) == 0 and not d.status()["enabled"]
+
+
+def test_a_state_changing_whole_every_version_stops_offering_a_base_and_probes_again():
+    from snapshotd.node.cluster import delta as delta_mod
+
+    d, _lay = _agreeing({})
+    runs, probe = delta_mod.MOSTLY_CHANGED_RUNS, delta_mod.PROBE_EVERY
+    for w in range(2, 2 + runs - 1):  # nearly every block changed, but not yet enough versions in a row
+        d._read[(JOB, w)] = [100, 100]
+    assert not d._mostly_changed(JOB, 2 + runs)
+    last = 2 + runs - 1
+    d._read[(JOB, last)] = [95, 100]
+    assert d._mostly_changed(JOB, last + 1) and d._mostly_changed(JOB, last + probe - 1)
+    assert not d._mostly_changed(JOB, last + probe)  # time to try again
+    d._read[(JOB, last)] = [80, 100]  # a version with a fifth unchanged: deltas pay
+    assert not d._mostly_changed(JOB, last + 1)
+    assert d.status()["not_offered_mostly_changed"] == 2
 
 
 def test_delta_fields_of_the_peer_messages_are_checked():

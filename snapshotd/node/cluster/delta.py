@@ -15,6 +15,8 @@ Agreement (both ends must use the same u):
    (the same ranks), its sealed parity of u accumulated here (not rebuilt, not re-adopted
    after a restart), nothing being rebuilt or degraded, and no other version of ours in
    flight between u and v (which could commit and free u meanwhile). Otherwise 0: none.
+   Nor does it offer one while its state changes nearly whole every version (full
+   fine-tuning: deltas would save no bytes and cost CPU), trying again now and then.
 2. A node sends deltas for v only if every member of its group offered the same u and v's
    layout equals u's (:meth:`DeltaParity.mode`, decided once per version); else every
    contribution is whole, as before. So a replaced node, a rebuilt or restarted one, a
@@ -49,6 +51,12 @@ log = logging.getLogger("snapshotd.cluster")
 
 ENV_DELTA_PARITY = "SNAPSHOTD_DELTA_PARITY"
 _KEEP_VERSIONS = 64  # (job, version) entries kept per job, newest first
+# A state that changes nearly whole every version (full fine-tuning) gains nothing from
+# deltas and costs more CPU (both blocks read and checked, the change made, the base
+# read): after MOSTLY_CHANGED_RUNS delta versions in a row in which at least
+# MOSTLY_CHANGED of our blocks changed, we offer no base, and try again PROBE_EVERY
+# versions after the last delta.
+MOSTLY_CHANGED, MOSTLY_CHANGED_RUNS, PROBE_EVERY = 0.9, 3, 16
 
 
 def enabled_from_env() -> bool:
@@ -67,8 +75,9 @@ class DeltaParity:
         self._bases: dict[tuple[str, int], dict[str, int]] = {}  # (job, v) -> member -> offered base
         self._modes: dict[tuple[str, int], int] = {}  # (job, v) -> the base we send against (0: whole)
         self._delta_on: dict[str, bool] = {}  # job -> whether its last decided version went delta (logged on change)
+        self._read: dict[tuple[str, int], list] = {}  # (job, v) of our delta versions -> [changed, blocks]
         self.stats = {"versions_delta": 0, "versions_full": 0, "blocks_unchanged": 0, "blocks_delta": 0,
-                      "refused": 0}
+                      "refused": 0, "not_offered_mostly_changed": 0}
         parity.on_corrupt_base = self._corrupt_base
 
     # -- what we offer, what the group offered ---------------------------------------------
@@ -83,7 +92,7 @@ class DeltaParity:
             return self._bases.setdefault((job_id, v), {}).setdefault(self.me, u)
 
     def _eligible_base(self, job_id: str, v: int) -> int:
-        if not self.enabled or not self.m:
+        if not self.enabled or not self.m or self._mostly_changed(job_id, v):
             return 0
         with self.jobs.lock:
             jp = self.jobs.get(job_id)
@@ -111,6 +120,18 @@ class DeltaParity:
         if tuple(r for r, _m, _s in self.store.local_shards(job_id, u)) != ranks:
             return 0
         return u
+
+    def _mostly_changed(self, job_id: str, v: int) -> bool:
+        """Our last MOSTLY_CHANGED_RUNS delta versions each changed nearly every block, and
+        the last was fewer than PROBE_EVERY versions ago."""
+        with self._lock:
+            recent = sorted((w, c) for (j, w), c in self._read.items() if j == job_id and w < v and c[1])
+            recent = recent[-MOSTLY_CHANGED_RUNS:]
+            skip = (len(recent) == MOSTLY_CHANGED_RUNS and v - recent[-1][0] < PROBE_EVERY
+                    and all(c[0] >= MOSTLY_CHANGED * c[1] for _w, c in recent))
+            if skip:
+                self.stats["not_offered_mostly_changed"] += 1
+            return skip
 
     def announced(self, job_id: str, v: int, node: str, base: int) -> None:
         """A member's announce of v offered ``base`` (0: none). Call before the announce
@@ -151,7 +172,7 @@ class DeltaParity:
             return self._modes[key]
 
     def _trim(self, job_id: str) -> None:
-        for d in (self._bases, self._modes):
+        for d in (self._bases, self._modes, self._read):
             old = sorted(k for k in d if k[0] == job_id)[:-_KEEP_VERSIONS]
             for k in old:
                 del d[k]
@@ -197,6 +218,8 @@ class DeltaParity:
         if not u:
             return new
         old = self.store.block_reader(job_id, u, self.bs, with_checksum=True)
+        with self._lock:
+            seen = self._read.setdefault((job_id, v), [0, 0])  # [changed, blocks]: see _mostly_changed
 
         def read(j: int):
             dv, cv = new(j)
@@ -205,6 +228,7 @@ class DeltaParity:
             if (cv is None or cu is None or cv == cu) and np.array_equal(a, b):
                 with self._lock:
                     self.stats["blocks_unchanged"] += 1
+                    seen[1] += 1
                 return None, None
             # Changed: both sides are checked before they go into the parity (the
             # receiver cannot check a delta against anything we stored).
@@ -212,6 +236,8 @@ class DeltaParity:
             self._check(job_id, u, j, du, cu)
             with self._lock:
                 self.stats["blocks_delta"] += 1
+                seen[0] += 1
+                seen[1] += 1
             # made when sent: a window of changes in memory, not the batch (node/peer/framing.py)
             return Deferred(lambda: np.bitwise_xor(a, b)), None
 
