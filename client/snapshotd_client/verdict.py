@@ -204,7 +204,7 @@ def _open(snap, version: int):
         if snap.rank == 0:
             raise
         try:
-            m0 = snap.client.open_shard(snap.cfg.job_id, 0, version).manifest
+            m0 = snap.client.open_shard(snap.cfg.job_id, 0, version, no_copy=True).manifest
         except Exception:
             raise exc from None
         if snap.rank < stored_world_size(m0, snap.world_size):
