@@ -202,6 +202,58 @@ def peer_bytes_sent(d: str) -> dict:
             for r in lc.collect_status(d)}
 
 
+class WontFit(RuntimeError):
+    """The run's projected memory is more than this machine has available now;
+    ``figures``: the projection, what was available, and the sizes suggested instead."""
+
+    def __init__(self, message: str, figures: dict):
+        super().__init__(message)
+        self.figures = figures
+
+
+def preflight(a, size: int, budget: int) -> dict:
+    """Refuse (WontFit, with what is needed, what is available and what to pass instead)
+    when the cluster's projected peak (bench/memwatch.py ``project_cluster``) plus
+    ``--mem-margin-mib`` exceeds MemAvailable, or its shared memory exceeds the free
+    space of /dev/shm: a run the kernel would OOM-kill halfway reports nothing."""
+    from snapshotd.wire.config import parse_size
+
+    from bench import memwatch as mw
+
+    bs = parse_size(a.block_size)
+    proj = mw.project_cluster(a.nodes, a.parity, size, bs, budget)
+    avail, shm_free = mw.mem_available(), mw.shm_free()
+    margin = a.mem_margin_mib << 20
+    proj.update(mem_available=avail, shm_free=shm_free, margin=margin)
+    if proj["total"] + margin <= avail and proj["shm"] <= shm_free:
+        return proj
+
+    def fits(mib: int, nodes: int, parity: int) -> bool:
+        pr = mw.project_cluster(nodes, parity, mib << 20, bs, mw.one_job_budget(nodes, parity, mib << 20, bs))
+        return pr["total"] + margin <= avail and pr["shm"] <= shm_free
+
+    gib = 1 << 30
+    best = next((mib for mib in range(a.size_mib - a.size_mib % 64 or 64, 0, -64) if fits(mib, a.nodes, a.parity)),
+                None)
+    small = fits(a.size_mib, 3, 1) if (a.nodes, a.parity) != (3, 1) else False
+    instead = []
+    if best:
+        instead.append(f"--size-mib {best}")
+    if small:
+        instead.append("--nodes 3 --parity 1")
+    raise WontFit(
+        f"{a.nodes} nodes x {a.size_mib} MiB (k={a.nodes - a.parity} m={a.parity}) would need about "
+        f"{proj['total'] / gib:.1f} GiB at its peak: per daemon {proj['slots']} rank slots of "
+        f"{size / gib:.2f} GiB + 2 parity buffers of {proj['parity_per_version'] / gib:.2f} GiB in /dev/shm "
+        f"({proj['per_node_shm'] / gib:.1f} GiB) and ~{proj['per_node_private'] / gib:.1f} GiB private; "
+        f"this writer {proj['writer'] / gib:.1f} GiB. Available now: {avail / gib:.1f} GiB (MemAvailable; "
+        f"{margin / gib:.1f} GiB kept free by --mem-margin-mib), /dev/shm {shm_free / gib:.1f} GiB free "
+        f"(the cluster's segments need {proj['shm'] / gib:.1f}). "
+        + (f"Pass {' or '.join(instead)} instead" if instead else "Nothing smaller fits either")
+        + ", wait until memory is free, or --skip-memory-check to run anyway.",
+        {**proj, "instead_size_mib": best, "instead_3_nodes_m1": small})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=4)
@@ -217,8 +269,14 @@ def main(argv=None) -> int:
                    help="a version not committed by then fails the run, with the reason (default 120)")
     p.add_argument("--budget-mib", type=int, default=0,
                    help="each daemon's memory budget (default: what one job needs -- the committed "
-                        "and the next version's data and parity, (2 + 2m/k) x state, plus 1/8 -- so "
-                        "the store reuses freed slots instead of growing; 10 x state before)")
+                        "and the next version's data and parity, (2 + 2m/k) x state, plus at most 64 MiB -- so "
+                        "the store reuses freed slots instead of growing, and no third slot is staged "
+                        "ahead; bench/memwatch.py one_job_budget)")
+    p.add_argument("--mem-margin-mib", type=int, default=1024,
+                   help="memory to leave free for the rest of the machine: the run is refused, with "
+                        "the reason, when its projected peak plus this exceeds MemAvailable (default 1024)")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="run even when the projected peak does not fit the memory available now")
     p.add_argument("--changed-fraction", type=float, default=1.0,
                    help="the fraction of each tensor rewritten before every save (default 1: every byte "
                         "changes; 0.05: a LoRA-style fine-tune, where delta parity sends only the change)")
@@ -232,11 +290,23 @@ def main(argv=None) -> int:
 
     from bench.memwatch import MemWatch
 
-    d = tempfile.mkdtemp(prefix="bench-cluster-")
+    from snapshotd.wire.config import parse_size
+
+    from bench import memwatch as mw
+
     size = a.size_mib << 20
-    k_ = a.nodes - a.parity
-    need = int((2 + 2 * a.parity / k_) * size * 1.125) + (256 << 20)
+    need = mw.one_job_budget(a.nodes, a.parity, size, parse_size(a.block_size))
     budget = str(a.budget_mib << 20 if a.budget_mib else need)  # one job at a time (the first is dropped)
+    try:
+        proj = preflight(a, size, int(budget)) if not a.skip_memory_check else None
+    except WontFit as exc:
+        print(f"REFUSED: {exc}", file=sys.stderr)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"nodes": a.nodes, "parity": a.parity, "state_bytes_per_node": size,
+                           "refused": str(exc), "projected_memory": exc.figures}, f, indent=2)
+        return 2
+    d = tempfile.mkdtemp(prefix="bench-cluster-")
     lc.up(d, a.nodes, a.parity, a.block_size, budget)
     socks = lc.sockets(d)
     nodes = sorted(socks)
@@ -244,6 +314,7 @@ def main(argv=None) -> int:
                  "state_bytes_per_node": size, "block_size": a.block_size,
                  "changed_fraction": a.changed_fraction}
     res["committed_versions"] = 0
+    res["projected_memory"] = proj
     with open(os.path.join(d, "cluster.json")) as f:
         pids = {n: v["pid"] for n, v in json.load(f)["nodes"].items()}
     mem = MemWatch(pids, {n: lc.shm_prefix(d, n) for n in pids}).start()
