@@ -1,5 +1,6 @@
 """Ranged FetchShard of a rank another node holds (issue 14), on a real 3-node m=1 cluster
-(k = 2): while its node is up, only the covering blocks come from it; once that node is
+(k = 2): while its node is up, only the covering blocks come from it (a corrupt one: the
+range is decoded from the group instead); once that node is
 SIGKILLed and wiped (not replaced), only the stripes holding the covering blocks are
 decoded from the survivors -- k blocks per stripe -- and the bytes the peers served are
 counted (each daemon's peer traffic counter) against that bound, derived from the
@@ -53,6 +54,19 @@ def test_ranged_read_of_a_lost_node_decodes_only_the_covering_stripes(make_clust
     assert c.cluster_status(n0)["ranged_reads"]["owner_reads"] == 1
 
     seg1 = c.client(n1).open_shard(JOB, 1, 1).segment_name  # for the corruption below
+
+    def corrupt(j):
+        with open(shm.path_of(seg1), "r+b") as f:
+            f.seek(j * bs + 8)
+            f.write(bytes(b ^ 0xFF for b in data[1][j * bs + 8:j * bs + 12]))
+
+    # The owner serves a corrupt block: the range is decoded from the group instead.
+    later = {pl.data_stripe_of(n, m, 2, j)[0] for j in range(21)}  # stripes the reads below use
+    j_bad = next(j for j in range(21) if pl.data_stripe_of(n, m, 1, j)[0] not in later)
+    corrupt(j_bad)
+    _, got, _ = cl.fetch_range(JOB, 1, 1, j_bad * bs, 100)
+    assert got == data[1][j_bad * bs:j_bad * bs + 100]
+    assert c.cluster_status(n0)["ranged_reads"]["decoded_reads"] == 1
     c.kill(n2, wipe=True)  # the machine is gone; nothing replaces it
     for node in (n0, n1):
         wait_for(lambda node=node: not c.cluster_status(node)["peers"][n2]["alive"], 30,
@@ -93,11 +107,6 @@ def test_ranged_read_of_a_lost_node_decodes_only_the_covering_stripes(make_clust
             if holds_rank2 and (s in stripe_set) == want_inside:
                 return j, s
         raise AssertionError("no such block")
-
-    def corrupt(j):
-        with open(shm.path_of(seg1), "r+b") as f:
-            f.seek(j * bs + 8)
-            f.write(bytes(b ^ 0xFF for b in data[1][j * bs + 8:j * bs + 12]))
 
     j_out, s_out = node1_block_in(stripes, want_inside=False)
     corrupt(j_out)
