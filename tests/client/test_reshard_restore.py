@@ -178,3 +178,39 @@ def test_stored_world_size_from_the_meta():
     assert stored_world_size(pb.ShardManifest(meta_json='{"world_size": 4}'), 2) == 4
     for bad in ("", "{}", '{"world_size": 0}', '{"world_size": "4"}', "[1]", "not json"):
         assert stored_world_size(pb.ShardManifest(meta_json=bad), 2) == 2  # older snapshots
+
+
+def test_a_remote_chunk_is_read_by_its_covering_blocks_only(monkeypatch):
+    """Sources on other nodes (read by ranged fetches): a box of the new chunk fetches only
+    the checksum blocks from each piece's first element to its last, each block once,
+    and the strided piece comes back exact."""
+    from snapshotd_client import reshard
+
+    sources, whole = _shards(2, 4, cols=6)  # [8, 6] float32: 24-byte rows, 48-byte chunks
+    calls = []
+    for r, src in list(sources.items()):
+        m = src.m
+        m.block_size_bytes, m.payload_bytes = 16, m.replicated_bytes
+        raw = bytes(whole[2 * r:2 * r + 2].numpy().tobytes())
+
+        def fetch(offset, length, r=r, raw=raw):
+            assert offset % 16 == 0 and (length % 16 == 0 or offset + length == len(raw))
+            calls.append((r, offset, length))
+            return raw[offset:offset + length], length
+
+        sources[r] = reshard._Source(r, None, m, fetch)
+    rs = reshard.Reshard(None, None, JOB, 1, 2)
+    rs.sources, rs.old_world = sources, 4
+    monkeypatch.setattr(reshard, "_local_box", lambda spec: ((4, 3), (3, 2)))  # rows 3..6, cols 2..4
+    monkeypatch.setattr(reshard, "_dtensor_cls", lambda: type("D", (), {
+        "from_local": staticmethod(lambda t, *a, **k: t)}))
+    e = sources[1].m.replicated_tensors[0]
+    got = rs._assemble("model/w", e, ("mesh", ("Shard(0)",), tuple(whole.shape)))
+    assert torch.equal(got, whole[3:7, 2:5])
+    # chunk 1 row 1 cols 2..4: bytes 32..44 -> block 2; chunk 2 rows 0-1 cols 2..4: bytes
+    # 8..44 -> blocks 0..2; chunk 3 row 0 cols 2..4: bytes 8..20 -> blocks 0..1
+    assert sorted(calls) == [(1, 32, 16), (2, 0, 48), (3, 0, 32)]
+    calls.clear()
+    assert torch.equal(rs._assemble("model/w", e, ("mesh", ("Shard(0)",), tuple(whole.shape))),
+                       whole[3:7, 2:5])
+    assert calls == []  # each block once
