@@ -220,6 +220,14 @@ def test_the_group_sends_deltas_only_when_every_member_offers_the_same_base():
         assert d.mode(JOB, 4, lay) == 0, bases
     d, lay = _agreeing({"n0": 3, "n1": 3, "n2": 3}, counts_v=(4, 5, 4))  # another layout
     assert d.mode(JOB, 4, lay) == 0 and d.status()["versions_full"] == 1
+    # A fence (the job restarts from v3) forgets v4's decision: the run's next v4 is
+    # decided afresh from the announces it brings (a member restarted: no base).
+    d, lay = _agreeing({"n0": 3, "n1": 3, "n2": 3})
+    assert d.mode(JOB, 4, lay) == 3
+    d.forget(JOB, 3)
+    for node, b in {"n0": 3, "n1": 0, "n2": 3}.items():
+        d.announced(JOB, 4, node, b)
+    assert d.mode(JOB, 4, lay) == 0
     # The receiving side refuses a base it did not offer.
     d, lay = _agreeing({"n0": 0, "n1": 3, "n2": 3})
     with pytest.raises(ConflictError, match="offered no base"):

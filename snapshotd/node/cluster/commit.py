@@ -389,9 +389,12 @@ class CommitDriver:
         """The job restarts from its committed version: drop every uncommitted round
         here (and, for the node whose trainer restarted, on every node of the job)."""
         with self.jobs.lock:
-            dropped = self.jobs.job(job_id).fence()
+            jp = self.jobs.job(job_id)
+            dropped, committed = jp.fence(), jp.committed_version
             for v in dropped:
                 self.parity.release((job_id, v))
+        if self.delta is not None:  # the restarted run's versions are decided afresh
+            self.delta.forget(job_id, committed)
         self.store.fence(job_id, keep_version=self.jobs.rebuilding_version(job_id))
         self._forget_acks(job_id, lambda x: x in dropped)
         if dropped:
@@ -409,6 +412,8 @@ class CommitDriver:
             self.degraded.pop(job_id, None)
         self.records.delete(job_id)
         self._forget_acks(job_id, lambda x: True)
+        if self.delta is not None:
+            self.delta.forget(job_id)
         return freed
 
     def _forget_acks(self, job_id: str, which) -> None:

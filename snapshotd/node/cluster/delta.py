@@ -171,6 +171,16 @@ class DeltaParity:
                         log.info("job %s v%d: whole contributions (%s)", job_id, v, why)
             return self._modes[key]
 
+    def forget(self, job_id: str, above: int = -1) -> None:
+        """The job's versions above ``above`` were fenced (all of them: the job dropped):
+        what was offered and decided for them goes, so a version number used again by the
+        restarted run is decided afresh."""
+        with self._lock:
+            for d in (self._bases, self._modes, self._read):
+                for k in [k for k in d if k[0] == job_id and k[1] > above]:
+                    del d[k]
+            self._delta_on.pop(job_id, None)
+
     def _trim(self, job_id: str) -> None:
         for d in (self._bases, self._modes, self._read):
             old = sorted(k for k in d if k[0] == job_id)[:-_KEEP_VERSIONS]
