@@ -156,6 +156,9 @@ class TrainerStore:
         """``acquire_staging`` for a named writer: (name, size, content token). The token
         is the one this writer got at its last acquire of the segment unless anything else
         may have written it since (see ``Held``; docs/INCREMENTAL.md)."""
+        if len(writer_id) > 64:
+            raise self.state.refuse(InvalidRequestError(
+                f"writer_id has {len(writer_id)} characters; at most 64"))
         with self.state.lock:
             name, size = self.acquire_staging(job_id, rank, version, nbytes, force, writer_id)
             return name, size, self.state.held(name).content_token

@@ -254,7 +254,10 @@ def test_content_token_names_one_writers_bytes_and_the_hint_is_checked(daemon_fa
     t_b = c.acquire_staging("tok", 0, 7, n, writer_id="B").content_token
     t_none = c.acquire_staging("tok", 0, 7, n).content_token
     t_a = c.acquire_staging("tok", 0, 7, n, writer_id="A").content_token
-    assert len({r.content_token, t_b, t_none, t_a}) == 4
+    t_big = c.acquire_staging("tok", 0, 7, 2 * n, writer_id="A").content_token  # a new segment
+    assert len({r.content_token, t_b, t_none, t_a, t_big}) == 5
+    with pytest.raises(InvalidRequestError, match="writer_id"):
+        c.acquire_staging("tok", 0, 7, n, writer_id="x" * 65)
     # A restarted daemon: every segment's token is new.
     c.close()
     d.kill()
@@ -262,7 +265,7 @@ def test_content_token_names_one_writers_bytes_and_the_hint_is_checked(daemon_fa
     c = d.client()
     c.register_job("tok", 1)
     after = c.acquire_staging("tok", 0, 7, n, writer_id="A").content_token
-    assert after not in set(tokens.values()) | {t_a, tok5}
+    assert after not in set(tokens.values()) | {t_a, t_big, tok5}
     c.close()
 
 
