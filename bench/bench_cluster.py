@@ -439,6 +439,14 @@ def main(argv=None) -> int:
     for ph, pk in res["memory_peaks"].items():
         print(f"  memory peak {ph:<14} total {pk['total_mib']} MiB (daemons' private + cluster /dev/shm + "
               f"writer's private {pk['writer_anon_mib']}); per daemon {pk['nodes_mib']}")
+    peak = max(pk["total_mib"] for pk in res["memory_peaks"].values())
+    res["memory_peak_mib"] = peak
+    proj = res.get("projected_memory")
+    bytes_d = res["bytes_sent_per_node"] / size if res["bytes_sent_per_node"] is not None else float("nan")
+    print(f"  summary: {res['committed_versions']} of {a.repeats + 2} versions committed; pipeline "
+          f"{res['pipeline_gbps_per_node']:.2f} GB/s per node; peer bytes sent {bytes_d:.3f} x D per node; "
+          f"memory peak {peak / 1024:.2f} GiB"
+          + (f" (projected {proj['total'] / 2**30:.2f} GiB)" if proj else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
