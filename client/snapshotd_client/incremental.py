@@ -11,8 +11,9 @@ What "provably" means (docs/INCREMENTAL.md):
 
 * Only *frozen parameters* are candidates: parameters of the model with
   ``requires_grad=False``, not in the Snapshotter's optimizer, on a storage that no
-  trainable parameter shares. Everything else (trainable parameters, optimizer state,
-  buffers, the rank's local state) is copied at every save, because torch does not bump
+  trainable parameter, buffer or optimizer state shares. Everything else (trainable
+  parameters, optimizer state, buffers, the rank's local state) is copied at every
+  save, because torch does not bump
   the version counter for every kernel that writes them: the fused AdamW kernel on CPU
   leaves the counters of the parameters and moments it updates as they were, and
   BatchNorm's running statistics are updated without a bump (torch 2.13; both checked in
@@ -79,6 +80,12 @@ class IncrementalTracker:
                 continue
             sp = p.untyped_storage().data_ptr()
             (frozen if not p.requires_grad and id(p) not in in_opt else hot).add(sp)
+        # A storage a buffer or any optimizer state shares is written by their kernels.
+        hot.update(b.untyped_storage().data_ptr() for b in self.model.buffers()
+                   if b.device.type == "cpu")
+        if self.optimizer is not None:
+            hot.update(v.untyped_storage().data_ptr() for st in self.optimizer.state.values()
+                       for v in st.values() if torch.is_tensor(v) and v.device.type == "cpu")
         ok = frozen - hot
         if not ok:
             return (False,) * len(rep_tensors)

@@ -284,3 +284,21 @@ def test_daemon_restart_means_a_full_copy_then_incremental_again(daemon):
             skipped.append(s.save(step).result(20).tensors_skipped)
             _check_committed(daemon, "restart", m, opt, step)
     assert skipped[0] == 0 and skipped[-1] == 8, skipped
+
+
+def test_only_frozen_parameters_alone_on_their_storage_are_candidates():
+    """The tracker's candidate rule, without a daemon: trainable parameters, buffers,
+    optimizer state and anything sharing a storage with them are never skipped."""
+    from snapshotd_client.incremental import IncrementalTracker
+
+    m, opt = _model(5)
+    _train(m, opt)
+    m[1].base.register_buffer("alias", m[1].base.weight.detach()[0])  # shares a frozen storage
+    sd = m.state_dict()
+    rep = list(sd.values()) + [v for st in opt.state_dict()["state"].values() for v in st.values()]
+    got = IncrementalTracker(m, opt).frozen_mask(rep)
+    mask = dict(zip(sd, got))
+    assert mask["0.base.weight"] and mask["3.base.bias"]
+    assert not mask["1.base.weight"] and not mask["1.base.alias"]  # a buffer on its storage
+    assert not any(mask[k] for k in sd if ".A" in k or ".B" in k or k.startswith("4."))
+    assert len(got) == len(rep) > len(sd) and not any(got[len(sd):])  # optimizer state
