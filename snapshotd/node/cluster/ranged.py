@@ -142,7 +142,11 @@ class RangedReads:
             _, m, seg = self.store.committed_shard(job_id, rank, v, verify=False)
             b0, b1 = mf.covering_blocks(m, offset, length)
             out = self._slice(seg.buf, m, b0, b1)
-            mf.verify_blocks(out.buf, m, b0, f"segment of job {job_id!r} rank {rank}")
+            try:
+                mf.verify_blocks(out.buf, m, b0, f"segment of job {job_id!r} rank {rank}")
+            except BaseException:
+                out.release()
+                raise
             return out
         if not self._owner_serves(owner):
             return self._decode(job_id, rank, v, offset, length, owner)
@@ -197,8 +201,7 @@ class RangedReads:
                              window=8, on_reply=put)
             mf.verify_blocks(mv[:n], m, b0, f"blocks of rank {rank} from {owner}")
         except BaseException:
-            del mv
-            self.store.release_aux(name)
+            self.store.release_aux(name)  # the mapping goes with the last view of it
             raise
         self._count(owner_reads=1, owner_bytes=n)
         return RangedData(m, b0, mv[:n], n, lambda: self.store.release_aux(name))
