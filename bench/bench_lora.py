@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--parity", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="snapshots per mode (one per step)")
-    p.add_argument("--warmup", type=int, default=3, help="saves left out of the medians")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="saves left out of the medians (the ring of 3 staging segments fills first)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--block-size", default="1MiB")
     p.add_argument("--commit-timeout-s", type=float, default=120)
@@ -195,8 +196,9 @@ def main(argv=None) -> int:
     model, opt, cfg = build(a.size_mib, a.lora_rank, seed=0, quick=a.quick)
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    size = sum(p.numel() * p.element_size() for p in model.parameters()) + 2 * 4 * n_train + 4096
-    budget = mw.one_job_budget(a.nodes, a.parity, size, a.block_size_bytes) + size  # + a third slot
+    # what a rank stores: the model's state_dict (a tied weight is in it twice) and AdamW's moments
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2 * 4 * n_train + (1 << 20)
+    budget = mw.one_job_budget(a.nodes, a.parity, size, a.block_size_bytes) + size + (64 << 20)  # + a third slot
     print(f"LoRA GPT: {cfg.n_layer} layers, n_embd {cfg.n_embd}, {n_all / 1e6:.1f} M parameters, "
           f"{n_train / 1e6:.2f} M trainable ({100 * n_train / n_all:.1f} %; {100 - 100 * n_train / n_all:.1f} % "
           f"frozen); state per rank {size / 2**20:.1f} MiB; {a.nodes} nodes, k={a.nodes - a.parity} "
