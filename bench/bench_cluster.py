@@ -202,6 +202,22 @@ def peer_bytes_sent(d: str) -> dict:
             for r in lc.collect_status(d)}
 
 
+def make_state(size: int, source_bytes: int = 0) -> list:
+    """The writer's state: parameters of 64 MiB (fewer, smaller ones below that) making
+    ``size`` bytes, every rank saving the same ones. With ``source_bytes`` (less than
+    ``size``) they are views of one random tensor of that many bytes, repeated: the
+    daemons still get ``size`` bytes per rank to hash, encode and send (their cost does
+    not depend on the bytes; none are zero), while this process, which stands in for
+    trainers that would each run on a node of their own, holds less memory."""
+    n_tensors = max(1, size // (64 << 20))
+    numel = size // n_tensors // 4
+    if not source_bytes or source_bytes >= size:
+        return [torch.nn.Parameter(torch.randn(numel)) for _ in range(n_tensors)]
+    base = torch.randn(max(numel, source_bytes // 4))
+    span = base.numel() - numel + 1
+    return [torch.nn.Parameter(base[(i * numel) % span:(i * numel) % span + numel]) for i in range(n_tensors)]
+
+
 class WontFit(RuntimeError):
     """The run's projected memory is more than this machine has available now;
     ``figures``: the projection, what was available, and the sizes suggested instead."""
@@ -221,15 +237,17 @@ def preflight(a, size: int, budget: int) -> dict:
     from bench import memwatch as mw
 
     bs = parse_size(a.block_size)
-    proj = mw.project_cluster(a.nodes, a.parity, size, bs, budget)
+    src = min(size, a.source_mib << 20) if a.source_mib else None
+    proj = mw.project_cluster(a.nodes, a.parity, size, bs, budget, source_bytes=src)
     avail, shm_free = mw.mem_available(), mw.shm_free()
     margin = a.mem_margin_mib << 20
     proj.update(mem_available=avail, shm_free=shm_free, margin=margin)
     if proj["total"] + margin <= avail and proj["shm"] <= shm_free:
         return proj
 
-    def fits(mib: int, nodes: int, parity: int) -> bool:
-        pr = mw.project_cluster(nodes, parity, mib << 20, bs, mw.one_job_budget(nodes, parity, mib << 20, bs))
+    def fits(mib: int, nodes: int, parity: int, source: int | None = src) -> bool:
+        pr = mw.project_cluster(nodes, parity, mib << 20, bs, mw.one_job_budget(nodes, parity, mib << 20, bs),
+                                source_bytes=min(mib << 20, source) if source else None)
         return pr["total"] + margin <= avail and pr["shm"] <= shm_free
 
     gib = 1 << 30
@@ -237,6 +255,8 @@ def preflight(a, size: int, budget: int) -> dict:
                 None)
     small = fits(a.size_mib, 3, 1) if (a.nodes, a.parity) != (3, 1) else False
     instead = []
+    if (src is None or src > 64 << 20) and size > 64 << 20 and fits(a.size_mib, a.nodes, a.parity, 64 << 20):
+        instead.append("--source-mib 64")
     if best:
         instead.append(f"--size-mib {best}")
     if small:
@@ -251,7 +271,8 @@ def preflight(a, size: int, budget: int) -> dict:
         f"(the cluster's segments need {proj['shm'] / gib:.1f}). "
         + (f"Pass {' or '.join(instead)} instead" if instead else "Nothing smaller fits either")
         + ", wait until memory is free, or --skip-memory-check to run anyway.",
-        {**proj, "instead_size_mib": best, "instead_3_nodes_m1": small})
+        {**proj, "instead_size_mib": best, "instead_3_nodes_m1": small,
+         "instead_source_mib_64": "--source-mib 64" in instead})
 
 
 def main(argv=None) -> int:
@@ -272,6 +293,10 @@ def main(argv=None) -> int:
                         "and the next version's data and parity, (2 + 2m/k) x state, plus at most 64 MiB -- so "
                         "the store reuses freed slots instead of growing, and no third slot is staged "
                         "ahead; bench/memwatch.py one_job_budget)")
+    p.add_argument("--source-mib", type=int, default=0,
+                   help="hold only this many MiB of distinct state in this process, the parameters "
+                        "being views of it repeated (default 0: the whole state, distinct bytes); the "
+                        "daemons' work is the same, this writer's memory smaller (at least 64)")
     p.add_argument("--mem-margin-mib", type=int, default=1024,
                    help="memory to leave free for the rest of the machine: the run is refused, with "
                         "the reason, when its projected peak plus this exceeds MemAvailable (default 1024)")
@@ -312,6 +337,7 @@ def main(argv=None) -> int:
     nodes = sorted(socks)
     res: dict = {"nodes": a.nodes, "parity": a.parity, "k": a.nodes - a.parity,
                  "state_bytes_per_node": size, "block_size": a.block_size,
+                 "writer_source_bytes": min(size, a.source_mib << 20) if a.source_mib else size,
                  "changed_fraction": a.changed_fraction}
     res["committed_versions"] = 0
     res["projected_memory"] = proj
@@ -321,8 +347,7 @@ def main(argv=None) -> int:
     mem.phase = "setup"
     try:
         # One process plays every node's rank; each stores the same-sized state.
-        n_tensors = max(1, size // (64 << 20))
-        params = [torch.nn.Parameter(torch.randn(size // n_tensors // 4)) for _ in range(n_tensors)]
+        params = make_state(size, a.source_mib << 20)
         snaps = []
         for r, n in enumerate(nodes):
             model = torch.nn.ParameterList(params)
