@@ -6,13 +6,20 @@
    layout, torch.save per tensor, xxh3 of every file, fsync + rename, part, .metadata and
    index) against writing the same number of bytes to one file with write + fsync. The
    capture (the copy out of shared memory, verified) is timed on its own.
-2. **Training step time** with and without flushing: a real daemon per run, a small
-   model snapshotted every step by ``Snapshotter``; one daemon flushes every
-   ``--every`` versions (``--durable-rate`` as given), the other does not. Median step
-   time (forward, backward, optimizer, save) of each, after warm-up.
+2. **Training step time** with and without flushing, side by side: two real daemons, one
+   flushing every ``--every`` versions (``--durable-rate`` as given), one not; one process
+   trains a small model (``--train-mib`` of parameters + AdamW moments) and snapshots every
+   step with a ``Snapshotter`` on each daemon in alternating rounds of ``--round-steps``
+   steps (``--rounds`` of each, the order flipping every round). Per mode: median step time
+   (forward, backward, optimizer, ``save()``), and CPU seconds per step from /proc (the
+   trainer process, all threads, plus its daemon; a loaded machine distorts these less
+   than step times). After an "on" round the bench waits for its last flush to complete
+   (reported as the flush tail) so no flush runs into an "off" round.
 
 ``python -m bench.bench_durable [--size-mib 256] [--json out.json]``; ``--quick`` for tiny
-sizes. Times in seconds, 1 MiB = 2**20 bytes.
+sizes; ``--skip-flush`` / ``--skip-train`` for one part. Times in seconds, 1 MiB = 2**20
+bytes. The flush part holds the state twice (the shard and its capture): about 2.3x
+``--size-mib`` of memory.
 """
 
 from __future__ import annotations
@@ -44,16 +51,21 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     p.add_argument("--train-mib", type=float, default=64.0, help="state of the training loop's model")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--every", type=int, default=5, help="flush every N versions in the training run")
+    p.add_argument("--batch", type=int, default=32, help="the training loop's batch")
+    p.add_argument("--rounds", type=int, default=6, help="rounds of each mode (off, on), alternating")
+    p.add_argument("--round-steps", type=int, default=20, help="training steps per round")
+    p.add_argument("--every", type=int, default=10, help="flush every N versions in the training run")
     p.add_argument("--durable-rate", default="0", help="--durable-rate of the flushing daemon")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-flush", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if a.quick:
         a.size_mib, a.tensor_mib, a.repeats = 2.0, 0.5, 1
-        a.train_mib, a.steps, a.every = 1.0, 8, 2
+        a.train_mib, a.rounds, a.round_steps, a.every = 1.0, 1, 4, 2
+    if a.every < 2 or a.round_steps < a.every:
+        p.error("--every must be >= 2 and --round-steps >= --every")
     return a
 
 
@@ -112,21 +124,24 @@ def bench_flush(a, root: str) -> dict:
     from snapshotd.node import durable_dcp
 
     durable_dcp.warm_up()  # the flusher's writer thread does this when the daemon starts
-    for rep in range(a.repeats):
-        m.version = rep + 1
+    for rep in range(-1, a.repeats):  # -1: warms up (torch.save's first call, the folders)
+        m.version = rep + 2
         url = os.path.join(root, f"flush-{rep}")
         f = DurableFlusher(store, DurableConfig(url=url, every_versions=1, keep=1), "bench")
         t0 = time.perf_counter()
         cap = f.capture("bench", m.version, 1)
-        capture_s.append(time.perf_counter() - t0)
+        cap_took = time.perf_counter() - t0
         t0 = time.perf_counter()
         assert f.flush(cap) is True
-        flush_s.append(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
         written = f.stats["bytes"]
         path = os.path.join(root, f"plain-{rep}.bin")
         t0 = time.perf_counter()
         _plain_write(path, buf)
-        plain_s.append(time.perf_counter() - t0)
+        if rep >= 0:
+            capture_s.append(cap_took)
+            flush_s.append(took)
+            plain_s.append(time.perf_counter() - t0)
         shutil.rmtree(url, ignore_errors=True)
         os.unlink(path)
     n = int(buf.nbytes)
@@ -137,91 +152,180 @@ def bench_flush(a, root: str) -> dict:
 
 
 def _daemon(d: str, extra: list[str]):
+    """Start a daemon in folder ``d``: (process, socket, node id, ready file); see _ready."""
+    os.makedirs(d, exist_ok=True)
     sock, ready = os.path.join(d, "d.sock"), os.path.join(d, "ready.json")
     node = "b" + uuid.uuid4().hex[:8]
-    log = open(os.path.join(d, "daemon.log"), "ab")
-    p = subprocess.Popen([sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
-                          "--state-dir", os.path.join(d, "state"), "--socket", sock,
-                          "--memory-budget-bytes", "2GiB", "--ready-file", ready, *extra],
-                         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 60
+    with open(os.path.join(d, "daemon.log"), "ab") as log:
+        p = subprocess.Popen([sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
+                              "--state-dir", os.path.join(d, "state"), "--socket", sock,
+                              "--memory-budget-bytes", "2GiB", "--ready-file", ready, *extra],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return p, sock, node, ready
+
+
+def _ready(d, timeout_s: float = 120.0) -> None:
+    p, ready = d[0], d[3]
+    deadline = time.monotonic() + timeout_s
     while not os.path.exists(ready):
         if p.poll() is not None or time.monotonic() > deadline:
             p.kill()
-            raise RuntimeError(f"daemon did not start: {open(os.path.join(d, 'daemon.log')).read()[-2000:]}")
+            log = os.path.join(os.path.dirname(ready), "daemon.log")
+            raise RuntimeError(f"daemon did not start: {open(log).read()[-2000:]}")
         time.sleep(0.05)
-    return p, sock, node
 
 
-def _train_run(a, d: str, extra: list[str]) -> dict:
+def _stop(p, node: str) -> None:
     from snapshotd.wire import shm
-    from snapshotd_client import Snapshotter
 
-    os.makedirs(d, exist_ok=True)
-    p, sock, node = _daemon(d, extra)
+    p.send_signal(signal.SIGTERM)
     try:
-        torch.manual_seed(0)
-        width = max(8, int((a.train_mib * MiB / 12) ** 0.5))  # params + 2 AdamW moments
-        model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randn(32, width)
-        times = []
-        with Snapshotter(model, opt, job_id="bench-train", socket_path=sock) as snap:
-            for step in range(1, a.steps + 1):
-                t0 = time.perf_counter()
-                model(x).square().mean().backward()
-                opt.step()
-                opt.zero_grad()
-                fut = snap.save(step)
-                if fut is not None:
-                    fut.result(60)
-                times.append(time.perf_counter() - t0)
-        warm = times[min(3, len(times) - 1):]
-        return {"median_step_s": statistics.median(warm), "mean_step_s": statistics.fmean(warm),
-                "steps": len(warm)}
-    finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        for name in shm.list_segments(f"snapshotd.{node}."):
-            shm.unlink(name)
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    for name in shm.list_segments(f"snapshotd.{node}."):
+        shm.unlink(name)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` used so far (/proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _drain(store, job: str, version: int, timeout_s: float) -> float:
+    """Wait until ``version`` of ``job`` is complete on the durable tier; seconds waited."""
+    from snapshotd.wire import durable_store as ds
+
+    t0 = time.monotonic()
+    while version not in ds.complete_versions(store, job):
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"durable v{version} of {job} not complete after {timeout_s:g} s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
 
 
 def bench_train(a, root: str) -> dict:
-    url = os.path.join(root, "train-durable")
-    off = _train_run(a, os.path.join(root, "t-off"), [])
-    on = _train_run(a, os.path.join(root, "t-on"), ["--durable-url", url, "--durable-every-versions",
-                                                     str(a.every), "--durable-rate", a.durable_rate])
+    """Alternating rounds of ``--round-steps`` training steps, each step snapshotted, into a
+    daemon without the durable tier ("off") and one flushing every ``--every`` versions
+    ("on"); the same process, model and optimizer. Per step: wall time and this process's
+    CPU (every thread: the Snapshotter's hand-off too); per round: the daemon's CPU from
+    /proc, for "on" until the round's last due version is complete on disk (the drain:
+    so no flush runs into an "off" round; its time is reported, not counted as steps).
+    Versions run so the round's flushes start a quarter and three quarters in."""
     from snapshotd.wire import durable_store as ds
+    from snapshotd_client import Snapshotter
 
-    done = ds.complete_versions(ds.open_store(url), "bench-train")
-    return {"without_flush": off, "with_flush": on, "flushed_versions": done,
-            "step_time_ratio": on["median_step_s"] / off["median_step_s"]}
+    url = os.path.join(root, "train-durable")
+    n = a.every
+    daemons = {}
+    try:
+        for mode, extra in (("off", []), ("on", ["--durable-url", url, "--durable-every-versions", str(n),
+                                                 "--durable-rate", a.durable_rate])):
+            daemons[mode] = _daemon(os.path.join(root, f"t-{mode}"), extra)  # both start at once
+        for d in daemons.values():
+            _ready(d)
+        store = ds.open_store(url)
+        torch.manual_seed(0)
+        width = max(8, int((a.train_mib * MiB / 24) ** 0.5))  # 2 w x w layers, float32, + 2 AdamW moments
+        model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randn(a.batch, width)
+        snaps = {m: Snapshotter(model, opt, job_id=f"bench-{m}", socket_path=daemons[m][1]) for m in daemons}
+        version = dict.fromkeys(daemons, 0)
+        res = {m: {"step_s": [], "cpu_s": [], "daemon_cpu_s": 0.0, "steps": 0, "drain_s": []} for m in daemons}
+
+        def steps(mode: str, count: int, rec) -> None:
+            for _ in range(count):
+                version[mode] += 1
+                t0, c0 = time.perf_counter(), time.process_time()
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                snaps[mode].save(version[mode])
+                if rec is not None:
+                    rec["step_s"].append(time.perf_counter() - t0)
+                    rec["cpu_s"].append(time.process_time() - c0)
+            snaps[mode].wait(120)
+
+        def last_due(mode: str) -> int:
+            return version[mode] // n * n
+
+        for mode in daemons:  # warm-up: one flush, and the rounds' flushes land mid-round
+            steps(mode, n + n // 2, None)
+            if mode == "on":
+                _drain(store, "bench-on", last_due(mode), 300)
+        for r in range(a.rounds):
+            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                rec = res[mode]
+                pid = daemons[mode][0].pid
+                d0 = cpu_s(pid)
+                steps(mode, a.round_steps, rec)
+                if mode == "on":
+                    rec["drain_s"].append(_drain(store, "bench-on", last_due(mode), 300))
+                rec["daemon_cpu_s"] += cpu_s(pid) - d0
+                rec["steps"] += a.round_steps
+        for s in snaps.values():
+            s.close()
+    finally:
+        for p, _, node, _ in daemons.values():
+            _stop(p, node)
+    out = {}
+    for mode, rec in res.items():
+        k = rec["steps"]
+        out[mode] = {"steps": k, "median_step_s": statistics.median(rec["step_s"]),
+                     "mean_step_s": statistics.fmean(rec["step_s"]),
+                     "trainer_cpu_per_step_s": sum(rec["cpu_s"]) / k,
+                     "daemon_cpu_per_step_s": rec["daemon_cpu_s"] / k,
+                     "cpu_per_step_s": (sum(rec["cpu_s"]) + rec["daemon_cpu_s"]) / k,
+                     "drain_s": rec["drain_s"]}
+    out["flushed_versions"] = ds.complete_versions(ds.open_store(url), "bench-on")
+    out["state_bytes"] = sum(t.numel() * 4 for t in model.parameters()) * 3
+    out["step_time_ratio"] = out["on"]["median_step_s"] / out["off"]["median_step_s"]
+    out["cpu_ratio"] = out["on"]["cpu_per_step_s"] / out["off"]["cpu_per_step_s"]
+    return out
+
+
+def _machine() -> dict:
+    try:
+        sys.path.insert(0, REPO)
+        from bench.common import machine
+
+        return machine()
+    except Exception:  # loaded by path (the smoke test) without the bench package
+        return {}
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     root = a.dir or tempfile.mkdtemp(prefix="bench-durable-")
     os.makedirs(root, exist_ok=True)
+    doc = {"bench": "durable", "dir": root, "machine": _machine(), "loadavg_start": os.getloadavg()[0]}
     try:
-        fl = bench_flush(a, root)
-        print(f"durable flush of {fl['bytes'] / MiB:.0f} MiB to {root} (median of {a.repeats}): "
-              f"flush {fl['flush_s']:.3f} s ({fl['flush_mib_s']:.0f} MiB/s), plain write+fsync "
-              f"{fl['plain_write_s']:.3f} s ({fl['plain_mib_s']:.0f} MiB/s): flush/plain = "
-              f"{fl['flush_over_plain']:.2f}x; capture (copy out + verify) {fl['capture_s']:.3f} s "
-              f"({fl['capture_mib_s']:.0f} MiB/s)")
-        doc = {"bench": "durable", "dir": root, "flush": fl}
+        if not a.skip_flush:
+            fl = doc["flush"] = bench_flush(a, root)
+            print(f"durable flush of {fl['bytes'] / MiB:.0f} MiB to {root} (median of {a.repeats}): "
+                  f"flush {fl['flush_s']:.3f} s ({fl['flush_mib_s']:.0f} MiB/s), plain write+fsync "
+                  f"{fl['plain_write_s']:.3f} s ({fl['plain_mib_s']:.0f} MiB/s): flush/plain = "
+                  f"{fl['flush_over_plain']:.2f}x; capture (copy out + verify) {fl['capture_s']:.3f} s "
+                  f"({fl['capture_mib_s']:.0f} MiB/s)", flush=True)
         if not a.skip_train:
-            tr = bench_train(a, root)
-            print(f"training step ({a.train_mib:g} MiB state, snapshot every step): median "
-                  f"{tr['without_flush']['median_step_s'] * 1e3:.1f} ms without flushing, "
-                  f"{tr['with_flush']['median_step_s'] * 1e3:.1f} ms flushing every {a.every} versions "
-                  f"(rate {a.durable_rate}): {tr['step_time_ratio']:.2f}x; durable versions "
-                  f"{tr['flushed_versions']}")
-            doc["train"] = tr
+            tr = doc["train"] = bench_train(a, root)
+            off, on = tr["off"], tr["on"]
+            print(f"training ({tr['state_bytes'] / MiB:.0f} MiB state, a snapshot every step, {a.rounds} "
+                  f"rounds x {a.round_steps} steps each way, alternating): median step "
+                  f"{off['median_step_s'] * 1e3:.1f} ms without flushing, {on['median_step_s'] * 1e3:.1f} ms "
+                  f"flushing every {a.every} versions (rate {a.durable_rate}): {tr['step_time_ratio']:.2f}x; "
+                  f"CPU per step (trainer + daemon) {off['cpu_per_step_s'] * 1e3:.1f} ms "
+                  f"({off['trainer_cpu_per_step_s'] * 1e3:.1f} + {off['daemon_cpu_per_step_s'] * 1e3:.1f}) -> "
+                  f"{on['cpu_per_step_s'] * 1e3:.1f} ms ({on['trainer_cpu_per_step_s'] * 1e3:.1f} + "
+                  f"{on['daemon_cpu_per_step_s'] * 1e3:.1f}): {tr['cpu_ratio']:.2f}x; flush tail after a "
+                  f"round (median) {statistics.median(on['drain_s']):.2f} s; durable versions kept "
+                  f"{tr['flushed_versions']}", flush=True)
+        doc["loadavg_end"] = os.getloadavg()[0]
+        print(f"load average {doc['loadavg_start']:.1f} -> {doc['loadavg_end']:.1f}")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(doc, f, indent=1)

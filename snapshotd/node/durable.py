@@ -12,7 +12,9 @@ Two threads per daemon, so a trainer crash never stops a flush:
   *captures* a due version at once: copies this node's shards of it into private memory
   and checks every block against the manifest's checksums (a slot reused meanwhile, or a
   corrupt block, is never flushed). At most one capture waits per job: a newer one
-  replaces it.
+  replaces it. A capture's memory, once flushed (or replaced), is kept for the job's next
+  capture for ``spare_s`` (a fresh allocation's page faults cost several times the copy
+  itself); unused that long, it is freed.
 - the **writer** writes a capture (:meth:`DurableFlusher.flush`): each local rank's file
   in DCP's layout (:mod:`snapshotd.node.durable_dcp`), at most ``rate_bytes_per_s``; then
   this node's part record; then, if every rank of the job has a part, the version's
@@ -57,6 +59,7 @@ class DurableConfig:
     rate_bytes_per_s: int = 0  # 0: no limit
     replicated: str = "all"  # see durable_dcp: "all" | "rank0"
     poll_s: float = 0.2  # besides the commit hook (attach)
+    spare_s: float = 30.0  # a flushed capture's buffers wait this long for the next capture
     storage_options: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -98,6 +101,7 @@ class DurableFlusher:
         self._seen: dict[str, int] = {}  # job -> last version looked at
         self._last: dict[str, tuple[int, float]] = {}  # job -> (last captured version, when)
         self._threads: list[threading.Thread] = []
+        self._spare: dict[tuple[str, int], tuple[np.ndarray, float]] = {}  # (job, rank) -> (buffer, since)
         self._stall = os.environ.get(c.ENV_DURABLE_TEST_STALL, "")
         if self._stall and self._stall not in STALL_POINTS:
             raise ValueError(f"{c.ENV_DURABLE_TEST_STALL}={self._stall!r}: use one of {STALL_POINTS}")
@@ -153,6 +157,7 @@ class DurableFlusher:
             self._wake.clear()
             try:
                 self.poll_once()
+                self.free_spares()
             except Exception as exc:  # the store closing under us at shutdown, a bug
                 if not self._stop.is_set():
                     log.warning("durable: watcher: %s: %s", type(exc).__name__, exc)
@@ -187,6 +192,8 @@ class DurableFlusher:
                     log.info("durable: %s v%d not flushed yet, v%d replaces it", job, old.version, v)
                 self._pending[job] = cap
                 self._cv.notify_all()
+            if old is not None:
+                self.give_back(old)
 
     def _due(self, job: str, v: int, info: dict, now: float) -> bool:
         last_v, last_t = self._last.get(job, (0, None))
@@ -204,9 +211,11 @@ class DurableFlusher:
         shards = []
         for rank, m, seg in self.store.local_shards(job, version):
             n = int(m.payload_bytes)
-            buf = np.empty(n, np.uint8)
+            buf = self._buffer(job, rank, n)
+            shards.append((rank, m, buf))
             if n:
                 if seg.buf is None:
+                    self.give_back(Capture(job, version, world_size, shards))
                     return None
                 buf[:] = np.frombuffer(seg.buf, np.uint8, n)
             if m.block_checksums and mf.block_checksums(buf, n, m.block_size_bytes) != list(m.block_checksums):
@@ -215,11 +224,37 @@ class DurableFlusher:
                     log.error("durable: %s v%d rank %d: a block does not match its checksum; "
                               "not flushed", job, version, rank)
                 self._count("abandoned")
+                self.give_back(Capture(job, version, world_size, shards))
                 return None
-            shards.append((rank, m, buf))
         if not shards:
             return None
         return Capture(job, version, world_size, shards)
+
+    # -- capture buffers: one spare per (job, rank), for spare_s --------------------------
+    def _buffer(self, job: str, rank: int, n: int) -> np.ndarray:
+        with self._cv:
+            spare = self._spare.pop((job, rank), None)
+        if spare is not None and spare[0].nbytes == n:
+            return spare[0]
+        return np.empty(n, np.uint8)
+
+    def give_back(self, cap: Capture) -> None:
+        """``cap`` is done with (flushed, replaced, abandoned): its buffers become the
+        spares of its job's ranks (nothing may use them afterwards)."""
+        now = time.monotonic()
+        with self._cv:
+            for rank, _, buf in cap.shards:
+                if buf.nbytes and self.cfg.spare_s > 0:
+                    self._spare[(cap.job, rank)] = (buf, now)
+        cap.shards = []
+
+    def free_spares(self, now: float | None = None) -> int:
+        """Drop the spares unused for ``spare_s``; returns how many are left."""
+        now = time.monotonic() if now is None else now
+        with self._cv:
+            for key in [k for k, (_, since) in self._spare.items() if now - since >= self.cfg.spare_s]:
+                del self._spare[key]
+            return len(self._spare)
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
@@ -240,6 +275,8 @@ class DurableFlusher:
                     self.stats["last_error"] = f"{cap.job} v{cap.version}: {type(exc).__name__}: {exc}"
                 log.warning("durable: flush of %s v%d failed: %s: %s", cap.job, cap.version,
                             type(exc).__name__, exc)
+            finally:
+                self.give_back(cap)
 
     # -- one flush --------------------------------------------------------------------
     def flush(self, cap: Capture) -> bool:

@@ -34,4 +34,6 @@ def test_training_part_runs(tmp_path):
     out = tmp_path / "b.json"
     assert _load_bench().main(["--quick", "--dir", str(tmp_path / "w"), "--json", str(out)]) == 0
     tr = json.loads(out.read_text())["train"]
-    assert tr["flushed_versions"] and tr["without_flush"]["steps"] == tr["with_flush"]["steps"] == 5
+    assert tr["flushed_versions"] and tr["off"]["steps"] == tr["on"]["steps"] == 4
+    assert tr["on"]["daemon_cpu_per_step_s"] > 0 and tr["cpu_ratio"] == pytest.approx(
+        tr["on"]["cpu_per_step_s"] / tr["off"]["cpu_per_step_s"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -276,3 +277,34 @@ def test_dcp_written_version_across_two_nodes(tmp_path):
     dcp.load(got, checkpoint_id=vdir)
     assert torch.equal(got["w"], w) and got["cfg"] == {"lr": 0.1}
     assert ds.read_index(ds.open_store(str(tmp_path / "dur")), JOB, 5)["kind"] == "dcp"
+
+
+def test_a_flushed_captures_buffer_serves_the_next_capture_then_is_freed(tmp_path):
+    """The next capture of the job copies into the last flushed one's buffer (no fresh
+    allocation), never into one still in use, and the flushed bytes are the new version's;
+    unused for spare_s, the spare is freed."""
+    w5, w6 = torch.arange(3000, dtype=torch.float32), -torch.arange(3000, dtype=torch.float32)
+    store = FakeStore(1, {0: shard(0, 5, [], [("model/w", w5)])}, 5)
+    f = flusher(tmp_path, store, "n", spare_s=30.0)
+    a = f.capture(JOB, 5, 1)
+    first = a.shards[0][2]
+    assert f.flush(a) is True
+    store.shards, store.version = {0: shard(0, 6, [], [("model/w", w6)])}, 6
+    b = f.capture(JOB, 6, 1)  # a is still held (not given back): a fresh buffer
+    assert not np.shares_memory(b.shards[0][2], first)
+    f.give_back(a)  # a is done with: its buffer waits for the job's next capture
+    c = f.capture(JOB, 6, 1)
+    reused = c.shards[0][2]
+    assert np.shares_memory(reused, first)
+    assert f.flush(c) is True
+    got = {"model": {"w": torch.zeros(3000)}}
+    dcp.load(got, checkpoint_id=os.path.join(str(tmp_path / "dur"), JOB, ds.version_dir(6)))
+    assert torch.equal(got["model"]["w"], w6)  # the new version's bytes, not the old buffer's
+    from torch.utils.serialization import config
+
+    assert config.save.compute_crc32  # the flush's torch.save without CRC32 did not leak out
+    f.give_back(c)
+    assert f.free_spares() == 1  # kept for the next capture...
+    assert f.free_spares(now=time.monotonic() + 31.0) == 0  # ...until unused for spare_s
+    d = f.capture(JOB, 6, 1)
+    assert not np.shares_memory(d.shards[0][2], reused)
