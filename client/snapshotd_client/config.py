@@ -42,7 +42,8 @@ class SnapshotterConfig:
     # not in the optimizer) unchanged since their last copy into a reused staging segment
     # are not copied again, and the daemon hashes only the blocks written. Off by default:
     # it trusts that frozen parameters are written only through torch ops that bump their
-    # version counter (never through .data, numpy views or raw pointers).
+    # version counter (never through .data, numpy views or raw pointers). No effect with
+    # shard_replicated.
     incremental: bool = False
     timeout_s: float = 30.0
     # Older snapshots still waiting for other ranks/nodes: wait this long for them to

@@ -5,9 +5,11 @@ Life of one ``save(step)`` (version = step):
  2) collect the state: model, optimizer, LR scheduler, extra state, RNG states, step
     (tensors by reference, no copies) and lay it out (cached while shapes stay put);
  3) take a staging segment (never the one holding the last committed version) and
-    copy every tensor into it -- the only part that blocks training. When the saves
-    come at a steady interval the segment was acquired and mapped by the previous
-    hand-off (no call to the daemon here); otherwise it is asked for now. On CUDA the
+    copy every tensor into it -- the only part that blocks training (with
+    ``incremental=True``, frozen parameters the segment already holds are skipped:
+    ``incremental.py``, docs/INCREMENTAL.md). When the saves come at a steady interval
+    the segment was acquired and mapped by the previous hand-off (no call to the
+    daemon here); otherwise it is asked for now. On CUDA the
     copies are issued on a side stream into pinned shared memory and training waits
     for them only before the next optimizer step;
  4) in a background thread: write the manifest (JSON metadata) and hand the segment to
@@ -20,8 +22,9 @@ If the daemon cannot be reached, ``save`` warns and training goes on (or raises,
 
 The Snapshotter orchestrates; its parts get what they need in their constructors:
 ``config.SnapshotterConfig`` (the options), ``device_copy.StagingCopier`` (step 3),
-``loader.ShardLoader`` (the exact rung of ``restore``), ``pipeline.StageRecorder``
-(per-stage metadata for CheckFree), ``checkfree_restore`` (the CheckFree rung).
+``incremental.IncrementalTracker`` (what step 3 may skip), ``loader.ShardLoader`` (the
+exact rung of ``restore``), ``pipeline.StageRecorder`` (per-stage metadata for
+CheckFree), ``checkfree_restore`` (the CheckFree rung).
 """
 
 from __future__ import annotations
@@ -130,9 +133,11 @@ class Snapshotter:
         # Incremental snapshots (cfg.incremental, docs/INCREMENTAL.md): frozen parameters a
         # reused staging segment already holds are not copied again. The writer id makes the
         # daemon's content token of a segment ours alone.
+        # Not with shard_replicated: every DP rank must lay the replicated payload out
+        # alike (it stores a slice of it), and slices are copied whole anyway.
         self.incremental = (IncrementalTracker(self.model, optimizer)
-                            if self.cfg.incremental else None)
-        self.writer_id = secrets.token_hex(8) if self.cfg.incremental else ""
+                            if self.cfg.incremental and not self.cfg.shard_replicated else None)
+        self.writer_id = secrets.token_hex(8) if self.incremental is not None else ""
         self._pending: Future | None = None
         self._registered = False
         self._layout_key = None

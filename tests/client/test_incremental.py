@@ -302,3 +302,9 @@ def test_only_frozen_parameters_alone_on_their_storage_are_candidates():
     assert not mask["1.base.weight"] and not mask["1.base.alias"]  # a buffer on its storage
     assert not any(mask[k] for k in sd if ".A" in k or ".B" in k or k.startswith("4."))
     assert len(got) == len(rep) > len(sd) and not any(got[len(sd):])  # optimizer state
+    # No incremental with shard_replicated: every DP rank must lay its payload out alike.
+    for shard, want in ((False, True), (True, False)):
+        s = Snapshotter(m, opt, job_id="x", socket_path="/nonexistent", rank=0, world_size=1,
+                        incremental=True, shard_replicated=shard)
+        assert (s.incremental is not None, bool(s.writer_id)) == (want, want)
+        s.close()
