@@ -17,6 +17,10 @@
    daemon) and from disk (``FileSystemReader``, the files' pages dropped first). Every load
    checks every element it got.
 
+Memory: the run refuses to start when MemAvailable is below its projected peak
+(``projected_peak_bytes``: about 8x the state plus 3 GiB for the whole run at 1 GiB) plus
+4 GiB; the m=2 cluster is taken down before the reshard part.
+
 Each process warms up with one untimed save (or load) first. Medians of 3 (one timed
 operation per set of rank processes, the kinds alternating). ``python -m bench.bench_dcp [--size-mib 256] [--json out.json]``; ``--quick``
 for tiny sizes (the smoke test). Times in seconds.
@@ -51,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--part", choices=["all", "save", "load"], default="all",
                    help="run only the async_save part or only the reshard restore part")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (a smoke test)")
+    p.add_argument("--no-mem-check", action="store_true", help="run even if MemAvailable is below "
+                   "the projected peak plus a 4 GiB margin")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -225,6 +231,39 @@ def stop_daemon(proc: subprocess.Popen, node: str) -> None:
         shm.unlink(name)
 
 
+GiB = 1 << 30
+MARGIN = 4 * GiB  # left for everything else on the machine
+
+
+def projected_peak_bytes(size_mib: int, part: str) -> int:
+    """What this bench adds to the machine's memory at its peak, from a 1 GiB run
+    (shared memory, then processes): async_save holds the solo daemon's m=0 job (two
+    versions, 2x the state) and the m=2 cluster's data and parity (two versions, 4x);
+    the reshard part the m=0 job and the 2-rank job (2x each); plus the rank processes
+    (torch, the state, DCP's staging copy: 2x) and the daemons, about 3 GiB."""
+    state = size_mib * MiB
+    return (6 if part != "load" else 4) * state + 2 * state + 3 * GiB
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def check_memory(size_mib: int, part: str, available: int | None = None) -> None:
+    """Refuse (SystemExit with the figures) when MemAvailable is below the projected
+    peak plus MARGIN: a run that pushes the machine into the OOM killer measures nothing."""
+    need = projected_peak_bytes(size_mib, part)
+    have = mem_available_bytes() if available is None else available
+    if have < need + MARGIN:
+        raise SystemExit(f"bench_dcp: refusing to run --size-mib {size_mib} --part {part}: projected "
+                         f"peak {need / GiB:.1f} GiB + {MARGIN / GiB:.0f} GiB margin > MemAvailable "
+                         f"{have / GiB:.1f} GiB (try later, a smaller --size-mib, or --no-mem-check)")
+
+
 def med(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -237,6 +276,8 @@ def main(argv=None) -> dict:
     from bench.common import machine, say
     from snapshotd_tools import localcluster
 
+    if not a.no_mem_check:
+        check_memory(a.size_mib, a.part)
     tmp = tempfile.mkdtemp(prefix="bench-dcp-")
     disk = a.disk_dir or tempfile.mkdtemp(prefix="bench-dcp-disk-", dir=os.path.dirname(REPO))
     node = f"solo{os.getpid()}"
@@ -244,10 +285,13 @@ def main(argv=None) -> dict:
     cdir = os.path.join(tmp, "cluster")
     base = {"size_mib": a.size_mib, "tensor_mib": a.tensor_mib, "repeats": 1}
     res = {"size_mib": a.size_mib, "repeats": a.repeats, "machine": machine(),
-           "loadavg_start": os.getloadavg()[0], "save": {}, "load": {}}
+           "loadavg_start": os.getloadavg()[0], "mem_available_start_gib": mem_available_bytes() / GiB,
+           "projected_peak_gib": projected_peak_bytes(a.size_mib, a.part) / GiB, "save": {}, "load": {}}
     try:
-        info = localcluster.up(cdir, nodes=4, parity=2, budget="4GiB")
-        csocks = [info["nodes"][f"n{i}"]["socket"] for i in range(4)]
+        csocks = []
+        if a.part != "load":
+            info = localcluster.up(cdir, nodes=4, parity=2, budget="4GiB")
+            csocks = [info["nodes"][f"n{i}"]["socket"] for i in range(4)]
         kinds = {"fs": {"kind": "fs", "dir": os.path.join(disk, "save4")},
                  "snapshotd m=0": {"kind": "snap", "sockets": [solo], "local_world_size": 4,
                                    "job": "bench-dcp-m0"},
@@ -262,6 +306,8 @@ def main(argv=None) -> dict:
                 say(f"save {k} rep {rep}: blocking {r['blocking'][0]:.3f} s, safe {r['safe'][0]:.3f} s")
         for k, v in got.items() if a.part != "load" else ():
             res["save"][k] = {"blocking_s": med(v["blocking"]), "safe_s": med(v["safe"]), "runs": v}
+        if os.path.exists(os.path.join(cdir, "cluster.json")):
+            localcluster.down(cdir)  # the reshard part needs only the solo daemon: free the memory
         # reshard restore: saved at 2 ranks, loaded at 1 and 4
         two = {"fs": {"kind": "fs", "dir": os.path.join(disk, "save2")},
                "snapshotd (RAM)": {"kind": "snap", "sockets": [solo], "local_world_size": 2,
@@ -292,7 +338,8 @@ def main(argv=None) -> dict:
 
 def report(res: dict) -> str:
     lines = [f"DCP, {res['size_mib']} MiB state, medians of {res['repeats']} "
-             f"(load average {res['loadavg_start']:.1f} -> {res['loadavg_end']:.1f})",
+             f"(load average {res['loadavg_start']:.1f} -> {res['loadavg_end']:.1f}; MemAvailable at "
+             f"start {res['mem_available_start_gib']:.1f} GiB, projected peak {res['projected_peak_gib']:.1f} GiB)",
              f"{'async_save at 4 ranks':28s} {'blocking s':>11s} {'safe s':>9s}"]
     for k, v in res["save"].items():
         lines.append(f"{k:28s} {v['blocking_s']:11.3f} {v['safe_s']:9.3f}")

@@ -30,3 +30,17 @@ def test_bench_dcp_workers_save_and_reshard_load_consistently(daemon_m, tmp_path
         assert len(saved["blocking"]) == 1 and 0 < saved["blocking"][0] <= saved["safe"][0]
         loaded = bench_dcp.run_ranks({**base, **cfg, "op": "load"}, 1, str(tmp_path))
         assert len(loaded["load"]) == 1 and loaded["load"][0] > 0
+
+
+def test_bench_dcp_refuses_a_run_that_does_not_fit_in_memory():
+    """The 1 GiB runs share the machine: below the projected peak + margin the bench
+    refuses with the figures, before it starts anything."""
+    from bench import bench_dcp
+
+    need = bench_dcp.projected_peak_bytes(1024, "all")
+    assert need > bench_dcp.projected_peak_bytes(1024, "load") > bench_dcp.projected_peak_bytes(256, "load")
+    with pytest.raises(SystemExit, match=r"refusing .*projected peak .* > MemAvailable"):
+        bench_dcp.check_memory(1024, "all", available=need + bench_dcp.MARGIN - 1)
+    bench_dcp.check_memory(1024, "all", available=need + bench_dcp.MARGIN)  # fits: no error
+    with pytest.raises(SystemExit, match="refusing"):  # main checks before any daemon starts
+        bench_dcp.main(["--size-mib", str(1 << 40)])
