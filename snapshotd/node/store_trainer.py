@@ -282,16 +282,17 @@ class TrainerStore:
         """Checksums of ``m``'s payload: the dirty blocks hashed, the others ``base``'s.
         Returns the bytes hashed."""
         bs, n = m.block_size_bytes, m.payload_bytes
+        if m.block_checksums and not self.verify_on_adopt:
+            return 0  # the client's checksums, taken as they are (as without a hint)
         dirty = [i for i in range(len(base)) if bitmap[i >> 3] >> (i & 7) & 1]
         sums = list(base)
         for i, c in zip(dirty, self.verifier.checksums_of(buf, m, dirty)):
             sums[i] = c
-        if m.block_checksums and self.verify_on_adopt:
-            if list(m.block_checksums) != sums:
-                bad = [i for i, (a, b) in enumerate(zip(sums, m.block_checksums)) if a != b]
-                mf.raise_mismatch(m, bad, len(sums), what)
-        elif not m.block_checksums:
+        if not m.block_checksums:
             m.block_checksums.extend(sums)
+        elif list(m.block_checksums) != sums:  # the client's: the same as ours, or refused
+            bad = [i for i, (a, b) in enumerate(zip(sums, m.block_checksums)) if a != b]
+            mf.raise_mismatch(m, bad, len(sums), what)
         return sum(min(bs, n - i * bs) for i in dirty)
 
     def _deliver(self, m: pb.ShardManifest, name: str, token: int = 0) -> tuple[bool, int]:
