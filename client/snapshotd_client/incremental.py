@@ -45,6 +45,11 @@ from dataclasses import dataclass
 import torch
 
 
+# Records kept: a rank's ring has 3 segments; one that leaves it (resized, released) keeps
+# references to the tensors it recorded until it is dropped here.
+_MAX_RECORDS = 4
+
+
 def _fingerprint(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t._version, t.stride()
 
@@ -100,11 +105,13 @@ class IncrementalTracker:
     def plan(self, name: str, lay, token: int, rep_tensors: list[torch.Tensor],
              mask: tuple[bool, ...]) -> frozenset[int]:
         """Indices of the replicated tensors whose bytes segment ``name`` already holds."""
-        rec = self._recs.get(name)
+        rec = self._recs.pop(name, None)
         if rec is None or not token or rec.token != token or rec.lay is not lay:
             n = len(rep_tensors)
-            self._recs[name] = _Record(token, lay, [None] * n, [None] * n)
-            return frozenset()
+            rec = _Record(token, lay, [None] * n, [None] * n)
+        self._recs[name] = rec  # the most recently used last
+        while len(self._recs) > _MAX_RECORDS:  # the oldest: a segment no longer in the ring
+            self._recs.pop(next(iter(self._recs)))
         skip = {i for i, t in enumerate(rep_tensors)
                 if mask[i] and rec.fps[i] is not None and _fingerprint(t) == rec.fps[i]}
         changed = {rep_tensors[i].untyped_storage().data_ptr()

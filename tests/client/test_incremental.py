@@ -312,3 +312,10 @@ def test_only_frozen_parameters_alone_on_their_storage_are_candidates():
                         incremental=True, shard_replicated=shard)
         assert (s.incremental is not None, bool(s.writer_id)) == (want, want)
         s.close()
+    # Records of segments no longer in the ring are dropped (they hold tensor references).
+    from snapshotd_client import incremental as inc
+
+    tr = IncrementalTracker(m, opt)
+    for i in range(inc._MAX_RECORDS + 3):
+        tr.plan(f"seg{i}", object(), 7, rep, got)
+    assert tr.tracked() == tuple(f"seg{i}" for i in range(3, inc._MAX_RECORDS + 3))
