@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--round-steps", type=int, default=20, help="training steps per round")
     p.add_argument("--every", type=int, default=10, help="flush every N versions in the training run")
     p.add_argument("--durable-rate", default="0", help="--durable-rate of the flushing daemon")
+    p.add_argument("--compare-src", default=None, metavar="DIR", help="also train against a flushing "
+                   "daemon run from the checkout DIR (e.g. the code before a change), side by side")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-flush", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
@@ -116,43 +118,60 @@ def _plain_write(path: str, buf: np.ndarray, chunk: int = 8 * MiB) -> None:
 
 
 def bench_flush(a, root: str) -> dict:
+    """Median wall and CPU seconds (this process) of the flush and of the plain write, the
+    order alternating; the capture once into fresh memory, once into the spare of the
+    last one (what a job's next capture gets within ``spare_s``)."""
+    from snapshotd.node import durable_dcp
     from snapshotd.node.durable import DurableConfig, DurableFlusher
 
     m, buf = _shard(int(a.size_mib * MiB), int(a.tensor_mib * MiB))
     store = _OneShard(m, buf)
-    flush_s, plain_s, capture_s, written = [], [], [], 0
-    from snapshotd.node import durable_dcp
-
+    runs = {k: [] for k in ("flush", "plain", "flush_cpu", "plain_cpu", "capture", "capture_reused",
+                            "capture_cpu", "capture_reused_cpu")}
+    written = 0
     durable_dcp.warm_up()  # the flusher's writer thread does this when the daemon starts
     for rep in range(-1, a.repeats):  # -1: warms up (torch.save's first call, the folders)
         m.version = rep + 2
         url = os.path.join(root, f"flush-{rep}")
         f = DurableFlusher(store, DurableConfig(url=url, every_versions=1, keep=1), "bench")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cap = f.capture("bench", m.version, 1)
-        cap_took = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        assert f.flush(cap) is True
-        took = time.perf_counter() - t0
+        t1, c1 = time.perf_counter(), time.process_time()
+        f.give_back(cap)
+        cap = f.capture("bench", m.version, 1)
+        t2, c2 = time.perf_counter(), time.process_time()
+        took = {"capture": t1 - t0, "capture_reused": t2 - t1, "capture_cpu": c1 - c0,
+                "capture_reused_cpu": c2 - c1}
+
+        def flush():
+            assert f.flush(cap) is True
+
+        def plain():
+            _plain_write(os.path.join(root, f"plain-{rep}.bin"), buf)
+
+        for name, fn in ((("flush", flush), ("plain", plain)) if rep % 2 else (("plain", plain), ("flush", flush))):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            took[name], took[name + "_cpu"] = time.perf_counter() - w0, time.process_time() - c0
         written = f.stats["bytes"]
-        path = os.path.join(root, f"plain-{rep}.bin")
-        t0 = time.perf_counter()
-        _plain_write(path, buf)
         if rep >= 0:
-            capture_s.append(cap_took)
-            flush_s.append(took)
-            plain_s.append(time.perf_counter() - t0)
+            for k, v in took.items():
+                runs[k].append(v)
         shutil.rmtree(url, ignore_errors=True)
-        os.unlink(path)
+        os.unlink(os.path.join(root, f"plain-{rep}.bin"))
     n = int(buf.nbytes)
-    fl, pl, ca = statistics.median(flush_s), statistics.median(plain_s), statistics.median(capture_s)
-    return {"bytes": n, "file_bytes": written, "flush_s": fl, "plain_write_s": pl, "capture_s": ca,
-            "flush_mib_s": n / MiB / fl, "plain_mib_s": n / MiB / pl, "capture_mib_s": n / MiB / ca,
-            "flush_over_plain": fl / pl, "runs": {"flush": flush_s, "plain": plain_s, "capture": capture_s}}
+    md = {k: statistics.median(v) for k, v in runs.items()}
+    return {"bytes": n, "file_bytes": written, "flush_s": md["flush"], "plain_write_s": md["plain"],
+            "flush_cpu_s": md["flush_cpu"], "plain_cpu_s": md["plain_cpu"], "capture_s": md["capture"],
+            "capture_reused_s": md["capture_reused"], "capture_cpu_s": md["capture_cpu"],
+            "capture_reused_cpu_s": md["capture_reused_cpu"], "flush_mib_s": n / MiB / md["flush"],
+            "plain_mib_s": n / MiB / md["plain"], "capture_mib_s": n / MiB / md["capture"],
+            "flush_over_plain": md["flush"] / md["plain"], "runs": runs}
 
 
-def _daemon(d: str, extra: list[str]):
-    """Start a daemon in folder ``d``: (process, socket, node id, ready file); see _ready."""
+def _daemon(d: str, extra: list[str], src: str = REPO):
+    """Start a daemon in folder ``d`` from the checkout ``src``: (process, socket, node id,
+    ready file); see _ready."""
     os.makedirs(d, exist_ok=True)
     sock, ready = os.path.join(d, "d.sock"), os.path.join(d, "ready.json")
     node = "b" + uuid.uuid4().hex[:8]
@@ -160,7 +179,7 @@ def _daemon(d: str, extra: list[str]):
         p = subprocess.Popen([sys.executable, "-m", "snapshotd.node", "serve", "--node-id", node,
                               "--state-dir", os.path.join(d, "state"), "--socket", sock,
                               "--memory-budget-bytes", "2GiB", "--ready-file", ready, *extra],
-                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                             stdout=log, stderr=subprocess.STDOUT, cwd=src)
     return p, sock, node, ready
 
 
@@ -196,11 +215,13 @@ def cpu_s(pid: int) -> float:
 
 
 def _drain(store, job: str, version: int, timeout_s: float) -> float:
-    """Wait until ``version`` of ``job`` is complete on the durable tier; seconds waited."""
+    """Wait until ``version`` of ``job`` or a newer one is complete on the durable tier (a
+    due version whose slot was reused before its capture is passed over for the next
+    one); seconds waited."""
     from snapshotd.wire import durable_store as ds
 
     t0 = time.monotonic()
-    while version not in ds.complete_versions(store, job):
+    while max(ds.complete_versions(store, job), default=0) < version:
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"durable v{version} of {job} not complete after {timeout_s:g} s")
         time.sleep(0.05)
@@ -214,20 +235,25 @@ def bench_train(a, root: str) -> dict:
     CPU (every thread: the Snapshotter's hand-off too); per round: the daemon's CPU from
     /proc, for "on" until the round's last due version is complete on disk (the drain:
     so no flush runs into an "off" round; its time is reported, not counted as steps).
-    Versions run so the round's flushes start a quarter and three quarters in."""
+    Versions run so the round's flushes start a quarter and three quarters in.
+    ``--compare-src DIR``: a third mode, "on-src", flushing from a daemon run from the
+    checkout DIR (the code before a change), the three modes' order rotating each round."""
     from snapshotd.wire import durable_store as ds
     from snapshotd_client import Snapshotter
 
-    url = os.path.join(root, "train-durable")
     n = a.every
+    urls = {m: os.path.join(root, f"train-durable-{m}") for m in ("on", "on-src")}
+    flags = ["--durable-every-versions", str(n), "--durable-rate", a.durable_rate]
+    modes = [("off", [], REPO), ("on", ["--durable-url", urls["on"], *flags], REPO)]
+    if a.compare_src:
+        modes.append(("on-src", ["--durable-url", urls["on-src"], *flags], os.path.abspath(a.compare_src)))
     daemons = {}
     try:
-        for mode, extra in (("off", []), ("on", ["--durable-url", url, "--durable-every-versions", str(n),
-                                                 "--durable-rate", a.durable_rate])):
-            daemons[mode] = _daemon(os.path.join(root, f"t-{mode}"), extra)  # both start at once
+        for mode, extra, src in modes:
+            daemons[mode] = _daemon(os.path.join(root, f"t-{mode}"), extra, src)  # all start at once
         for d in daemons.values():
             _ready(d)
-        store = ds.open_store(url)
+        stores = {m: ds.open_store(u) for m, u in urls.items() if m in daemons}
         torch.manual_seed(0)
         width = max(8, int((a.train_mib * MiB / 24) ** 0.5))  # 2 w x w layers, float32, + 2 AdamW moments
         model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width))
@@ -253,18 +279,19 @@ def bench_train(a, root: str) -> dict:
         def last_due(mode: str) -> int:
             return version[mode] // n * n
 
-        for mode in daemons:  # warm-up: one flush, and the rounds' flushes land mid-round
+        order = list(daemons)
+        for mode in order:  # warm-up: one flush, and the rounds' flushes land mid-round
             steps(mode, n + n // 2, None)
-            if mode == "on":
-                _drain(store, "bench-on", last_due(mode), 300)
+            if mode in stores:
+                _drain(stores[mode], f"bench-{mode}", last_due(mode), 300)
         for r in range(a.rounds):
-            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            for mode in order[r % len(order):] + order[:r % len(order)]:
                 rec = res[mode]
                 pid = daemons[mode][0].pid
                 d0 = cpu_s(pid)
                 steps(mode, a.round_steps, rec)
-                if mode == "on":
-                    rec["drain_s"].append(_drain(store, "bench-on", last_due(mode), 300))
+                if mode in stores:
+                    rec["drain_s"].append(_drain(stores[mode], f"bench-{mode}", last_due(mode), 300))
                 rec["daemon_cpu_s"] += cpu_s(pid) - d0
                 rec["steps"] += a.round_steps
         for s in snaps.values():
@@ -281,11 +308,28 @@ def bench_train(a, root: str) -> dict:
                      "daemon_cpu_per_step_s": rec["daemon_cpu_s"] / k,
                      "cpu_per_step_s": (sum(rec["cpu_s"]) + rec["daemon_cpu_s"]) / k,
                      "drain_s": rec["drain_s"]}
-    out["flushed_versions"] = ds.complete_versions(ds.open_store(url), "bench-on")
+    out["flushed_versions"] = ds.complete_versions(stores["on"], "bench-on")
     out["state_bytes"] = sum(t.numel() * 4 for t in model.parameters()) * 3
     out["step_time_ratio"] = out["on"]["median_step_s"] / out["off"]["median_step_s"]
     out["cpu_ratio"] = out["on"]["cpu_per_step_s"] / out["off"]["cpu_per_step_s"]
     return out
+
+
+def train_report(a, tr: dict) -> str:
+    lines = [f"training: {tr['state_bytes'] / MiB:.0f} MiB state (params + AdamW), a snapshot every step, "
+             f"{a.rounds} rounds x {a.round_steps} steps per mode, alternating; flushing every {a.every} "
+             f"versions, rate {a.durable_rate}",
+             f"{'mode':8s} {'median step ms':>15s} {'CPU/step ms':>12s} {'trainer':>8s} {'daemon':>7s} "
+             f"{'flush tail s':>13s}"]
+    for mode in ("off", "on", "on-src"):
+        if mode in tr:
+            r = tr[mode]
+            tail = f"{statistics.median(r['drain_s']):13.2f}" if r["drain_s"] else f"{'-':>13s}"
+            lines.append(f"{mode:8s} {r['median_step_s'] * 1e3:15.1f} {r['cpu_per_step_s'] * 1e3:12.1f} "
+                         f"{r['trainer_cpu_per_step_s'] * 1e3:8.1f} {r['daemon_cpu_per_step_s'] * 1e3:7.1f} {tail}")
+    lines.append(f"on/off: step time {tr['step_time_ratio']:.2f}x, CPU per step {tr['cpu_ratio']:.2f}x; "
+                 f"durable versions kept {tr['flushed_versions']}")
+    return "\n".join(lines)
 
 
 def _machine() -> dict:
@@ -306,24 +350,16 @@ def main(argv=None) -> int:
     try:
         if not a.skip_flush:
             fl = doc["flush"] = bench_flush(a, root)
-            print(f"durable flush of {fl['bytes'] / MiB:.0f} MiB to {root} (median of {a.repeats}): "
-                  f"flush {fl['flush_s']:.3f} s ({fl['flush_mib_s']:.0f} MiB/s), plain write+fsync "
-                  f"{fl['plain_write_s']:.3f} s ({fl['plain_mib_s']:.0f} MiB/s): flush/plain = "
+            print(f"durable flush of {fl['bytes'] / MiB:.0f} MiB to {root} (median of {a.repeats}, "
+                  f"alternating): flush {fl['flush_s']:.3f} s ({fl['flush_mib_s']:.0f} MiB/s, CPU "
+                  f"{fl['flush_cpu_s']:.3f} s), plain write+fsync {fl['plain_write_s']:.3f} s "
+                  f"({fl['plain_mib_s']:.0f} MiB/s, CPU {fl['plain_cpu_s']:.3f} s): flush/plain = "
                   f"{fl['flush_over_plain']:.2f}x; capture (copy out + verify) {fl['capture_s']:.3f} s "
-                  f"({fl['capture_mib_s']:.0f} MiB/s)", flush=True)
+                  f"(CPU {fl['capture_cpu_s']:.3f} s) into fresh memory, {fl['capture_reused_s']:.3f} s (CPU "
+                  f"{fl['capture_reused_cpu_s']:.3f} s) into the last capture's", flush=True)
         if not a.skip_train:
             tr = doc["train"] = bench_train(a, root)
-            off, on = tr["off"], tr["on"]
-            print(f"training ({tr['state_bytes'] / MiB:.0f} MiB state, a snapshot every step, {a.rounds} "
-                  f"rounds x {a.round_steps} steps each way, alternating): median step "
-                  f"{off['median_step_s'] * 1e3:.1f} ms without flushing, {on['median_step_s'] * 1e3:.1f} ms "
-                  f"flushing every {a.every} versions (rate {a.durable_rate}): {tr['step_time_ratio']:.2f}x; "
-                  f"CPU per step (trainer + daemon) {off['cpu_per_step_s'] * 1e3:.1f} ms "
-                  f"({off['trainer_cpu_per_step_s'] * 1e3:.1f} + {off['daemon_cpu_per_step_s'] * 1e3:.1f}) -> "
-                  f"{on['cpu_per_step_s'] * 1e3:.1f} ms ({on['trainer_cpu_per_step_s'] * 1e3:.1f} + "
-                  f"{on['daemon_cpu_per_step_s'] * 1e3:.1f}): {tr['cpu_ratio']:.2f}x; flush tail after a "
-                  f"round (median) {statistics.median(on['drain_s']):.2f} s; durable versions kept "
-                  f"{tr['flushed_versions']}", flush=True)
+            print(train_report(a, tr), flush=True)
         doc["loadavg_end"] = os.getloadavg()[0]
         print(f"load average {doc['loadavg_start']:.1f} -> {doc['loadavg_end']:.1f}")
         if a.json:
