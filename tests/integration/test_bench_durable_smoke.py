@@ -25,7 +25,7 @@ def test_flush_part_runs_and_writes_json(tmp_path):
     assert _load_bench().main(["--quick", "--skip-train", "--dir", str(tmp_path / "w"), "--json", str(out)]) == 0
     fl = json.loads(out.read_text())["flush"]
     assert fl["bytes"] == 2 << 20 and fl["file_bytes"] > fl["bytes"]  # torch.save adds its headers
-    assert fl["flush_s"] > 0 and fl["plain_write_s"] > 0
+    assert fl["flush_s"] > 0 and fl["plain_write_s"] > 0 and fl["capture_reused_s"] > 0
     assert fl["flush_over_plain"] == pytest.approx(fl["flush_s"] / fl["plain_write_s"])
 
 
