@@ -16,7 +16,12 @@ Measures, on one machine (all daemons share its cores):
 Targets (issue 3, this machine): pipeline >= 1 GB/s per node with m = 2, rebuild
 >= 2 GB/s. 1 GB = 1e9 bytes.
 
-A version that does not commit within --commit-timeout-s fails the run with the
+Before anything starts, the run's peak memory is projected (bench/memwatch.py
+``project_cluster``: per daemon two rank slots and two parity buffers in /dev/shm, sized
+from the real layout, and its private memory; this writer's state) and a run that would
+not fit MemAvailable less --mem-margin-mib, or /dev/shm, is refused (exit 2) with what
+it needs, what there is and what to pass instead (--size-mib, --nodes 3 --parity 1,
+--source-mib 64). A version that does not commit within --commit-timeout-s fails the run with the
 reason, read from every daemon's status: which node has not committed, what its round
 still waits for (announces, contributions, votes) and what it has sent that a peer
 has not acknowledged yet (issue 18).
