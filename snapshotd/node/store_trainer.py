@@ -127,7 +127,15 @@ class TrainerStore:
         anything (under the lock). Asking for a version tells the ledger that the rank moved
         past the versions it never delivered, which frees them; an acquire refused for want
         of memory must not have done that (found by the service fuzzer). So the acquire is
-        planned on a copy of the ledger first, and the budget checked against it."""
+        planned on a copy of the ledger first, and the budget checked against it.
+
+        Planning changes no slot's size (only ``apply_staging`` does), so the trial
+        reserves what the store reserves now and needs at most ``max(nbytes, 1)`` more:
+        when that fits, no plan can be refused for memory, and the copy (the largest
+        part of an acquire's CPU) is skipped."""
+        st = self.state
+        if st.bytes_reserved() + max(nbytes, 1) <= st.memory_budget_bytes:
+            return
         trial = copy.deepcopy(led)
         if version > trial.committed_version:
             trial.note_asked(rank, version)
@@ -138,7 +146,6 @@ class TrainerStore:
             return
         if plan.new_size is None:
             return
-        st = self.state
         needed = max(plan.new_size - plan.old_size, 0)
         reserved = st.bytes_reserved() - led.bytes_allocated() + trial.bytes_allocated()
         if reserved + needed <= st.memory_budget_bytes:
