@@ -188,7 +188,7 @@ class RoundRecords:
                                   "checksums": [buf.checksums.get(i) for i in range(len(buf.index))]}
             path = self._path(job_id)
             with open(path + ".tmp", "w") as f:
-                json.dump(info, f)
+                f.write(json.dumps(info))  # the C encoder: json.dump streams through the pure-Python one
             os.replace(path + ".tmp", path)
 
     def delete(self, job_id: str) -> None:
