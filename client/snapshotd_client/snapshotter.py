@@ -238,8 +238,8 @@ class Snapshotter:
         return ranks, ranks.index(self.rank)
 
     def _plan(self, rep_named, loc_named, frozen: tuple[bool, ...] = ()):
-        key = (tuple((n, t.dtype, tuple(t.shape)) for n, t in rep_named),
-               tuple((n, t.dtype, tuple(t.shape)) for n, t in loc_named), frozen)
+        key = (tuple((n, t.dtype, t.shape) for n, t in rep_named),
+               tuple((n, t.dtype, t.shape) for n, t in loc_named), frozen)
         if key != self._layout_key:
             dp_ranks, dp_index = self._dp()
             lay = lo.plan_shard(rep_named, loc_named, len(dp_ranks), dp_index, frozen_first=frozen)
