@@ -11,7 +11,8 @@
    trains a small model (``--train-mib`` of parameters + AdamW moments) and snapshots every
    step with a ``Snapshotter`` on each daemon in alternating rounds of ``--round-steps``
    steps (``--rounds`` of each, the order flipping every round). Per mode: median step time
-   (forward, backward, optimizer, ``save()``), and CPU seconds per step from /proc (the
+   (forward, backward, optimizer, ``save()``; and of ``save()`` alone, which includes waiting
+   for the last hand-off to the daemon), and CPU seconds per step from /proc (the
    trainer process, all threads, plus its daemon; a loaded machine distorts these less
    than step times). After an "on" round the bench waits for its last flush to complete
    (reported as the flush tail) so no flush runs into an "off" round.
@@ -261,7 +262,8 @@ def bench_train(a, root: str) -> dict:
         x = torch.randn(a.batch, width)
         snaps = {m: Snapshotter(model, opt, job_id=f"bench-{m}", socket_path=daemons[m][1]) for m in daemons}
         version = dict.fromkeys(daemons, 0)
-        res = {m: {"step_s": [], "cpu_s": [], "daemon_cpu_s": 0.0, "steps": 0, "drain_s": []} for m in daemons}
+        res = {m: {"step_s": [], "cpu_s": [], "save_s": [], "daemon_cpu_s": 0.0, "steps": 0, "drain_s": []}
+               for m in daemons}
 
         def steps(mode: str, count: int, rec) -> None:
             for _ in range(count):
@@ -274,6 +276,7 @@ def bench_train(a, root: str) -> dict:
                 if rec is not None:
                     rec["step_s"].append(time.perf_counter() - t0)
                     rec["cpu_s"].append(time.process_time() - c0)
+                    rec["save_s"].append(snaps[mode].last_blocking_s)  # incl. waiting for the last hand-off
             snaps[mode].wait(120)
 
         def last_due(mode: str) -> int:
@@ -303,6 +306,7 @@ def bench_train(a, root: str) -> dict:
     for mode, rec in res.items():
         k = rec["steps"]
         out[mode] = {"steps": k, "median_step_s": statistics.median(rec["step_s"]),
+                     "median_save_s": statistics.median(rec["save_s"]), "mean_save_s": statistics.fmean(rec["save_s"]),
                      "mean_step_s": statistics.fmean(rec["step_s"]),
                      "trainer_cpu_per_step_s": sum(rec["cpu_s"]) / k,
                      "daemon_cpu_per_step_s": rec["daemon_cpu_s"] / k,
@@ -319,13 +323,14 @@ def train_report(a, tr: dict) -> str:
     lines = [f"training: {tr['state_bytes'] / MiB:.0f} MiB state (params + AdamW), a snapshot every step, "
              f"{a.rounds} rounds x {a.round_steps} steps per mode, alternating; flushing every {a.every} "
              f"versions, rate {a.durable_rate}",
-             f"{'mode':8s} {'median step ms':>15s} {'CPU/step ms':>12s} {'trainer':>8s} {'daemon':>7s} "
-             f"{'flush tail s':>13s}"]
+             f"{'mode':8s} {'median step ms':>15s} {'save() ms':>10s} {'CPU/step ms':>12s} {'trainer':>8s} "
+             f"{'daemon':>7s} {'flush tail s':>13s}"]
     for mode in ("off", "on", "on-src"):
         if mode in tr:
             r = tr[mode]
             tail = f"{statistics.median(r['drain_s']):13.2f}" if r["drain_s"] else f"{'-':>13s}"
-            lines.append(f"{mode:8s} {r['median_step_s'] * 1e3:15.1f} {r['cpu_per_step_s'] * 1e3:12.1f} "
+            lines.append(f"{mode:8s} {r['median_step_s'] * 1e3:15.1f} {r['median_save_s'] * 1e3:10.1f} "
+                         f"{r['cpu_per_step_s'] * 1e3:12.1f} "
                          f"{r['trainer_cpu_per_step_s'] * 1e3:8.1f} {r['daemon_cpu_per_step_s'] * 1e3:7.1f} {tail}")
     lines.append(f"on/off: step time {tr['step_time_ratio']:.2f}x, CPU per step {tr['cpu_ratio']:.2f}x; "
                  f"durable versions kept {tr['flushed_versions']}")
