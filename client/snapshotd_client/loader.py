@@ -89,6 +89,18 @@ def _owned(x):
     return x
 
 
+
+def open_no_copy(client, segments, job_id: str, rank: int, version: int):
+    """OpenShard with ``no_copy``: (response, the mapped bytes when the shard is held by this
+    host's daemon, else None: its bytes come by ranged fetches)."""
+    resp = client.open_shard(job_id, rank, version, no_copy=True)
+    if resp.segment_name:
+        try:
+            return resp, segments.get(resp.segment_name, writable=False).buf
+        except (OSError, ValueError):  # a daemon on another host: its shm is not ours
+            pass
+    return resp, None
+
 def load_the_rest(rep: dict, local: dict, optimizer, lr_scheduler, extra_state: dict) -> None:
     """Everything of a restored state but the model, into the user's objects: the
     optimizer, the scheduler, extra state (loaded in place when it has
@@ -142,13 +154,7 @@ class ShardLoader:
                 continue
             got = self._fetched.get((r, version))
             if got is None:
-                resp = self.client.open_shard(self.job_id, r, version, no_copy=True)
-                buf = None
-                if resp.segment_name:
-                    try:
-                        buf = self.segments.get(resp.segment_name, writable=False).buf
-                    except (OSError, ValueError):  # a daemon on another host: its shm is not ours
-                        buf = None
+                resp, buf = open_no_copy(self.client, self.segments, self.job_id, r, version)
                 if buf is None and resp.manifest.slice_bytes:
                     _, buf, moved = self.client.fetch_range(self.job_id, r, resp.manifest.version, 0,
                                                             resp.manifest.slice_bytes)

@@ -37,7 +37,7 @@ import torch
 
 from snapshotd.wire.errors import SnapshotdError
 from snapshotd_client import layout as lo
-from snapshotd_client.loader import load_the_rest
+from snapshotd_client.loader import load_the_rest, open_no_copy
 from snapshotd_client import state as st
 from snapshotd_client import tensors as tz
 
@@ -270,13 +270,7 @@ class Reshard:
         (its bytes come by ranged fetches of what this rank reads)."""
         src = self.sources.get(rank)
         if src is None:
-            resp = self.client.open_shard(self.job_id, rank, version, no_copy=True)
-            buf = None
-            if resp.segment_name:
-                try:
-                    buf = self.segments.get(resp.segment_name, writable=False).buf
-                except (OSError, ValueError):  # a daemon on another host: its shm is not ours
-                    buf = None
+            resp, buf = open_no_copy(self.client, self.segments, self.job_id, rank, version)
             if buf is not None or not resp.manifest.payload_bytes:
                 src = _Source(rank, buf, resp.manifest)
             else:
