@@ -272,12 +272,19 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
     def _stage_next(self, request, resp) -> None:
         """AdoptShard's optional second part: the staging segment of the rank's next save
         (see AdoptShardRequest.next_version). Refused as AcquireStaging would be, but the
-        refusal only goes into ``next_refused``: the adoption itself succeeded."""
+        refusal only goes into ``next_refused``: the adoption itself succeeded.
+
+        In a cluster the grant keeps the room of the parity buffers the job's versions in
+        flight still need (issue 18): a parity buffer cannot take a staged slot's memory,
+        so a stage-ahead that took it would leave the adopted version unable to commit.
+        Refused, the next save asks for its own slot."""
         m = request.manifest
         try:
+            reserve = (self.cluster.parity.room_needed(m.job_id, (m.version,))
+                       if self.cluster is not None else 0)
             name, size, token = self.store.acquire_for_writer(
                 m.job_id, m.rank, request.next_version, request.next_payload_bytes, False,
-                request.writer_id)
+                request.writer_id, reserve=reserve)
         except (SnapshotdError, ValueError) as exc:
             resp.next_refused = f"{type(exc).__name__}: {exc}"[:500]
             return

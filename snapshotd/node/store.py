@@ -95,8 +95,9 @@ class ShardStore:
         return self.trainer.adopt(segment_name, m)
 
     def acquire_for_writer(self, job_id: str, rank: int, version: int, nbytes: int,
-                           force: bool = False, writer_id: str = "") -> tuple[str, int, int]:
-        return self.trainer.acquire_for_writer(job_id, rank, version, nbytes, force, writer_id)
+                           force: bool = False, writer_id: str = "",
+                           reserve: int = 0) -> tuple[str, int, int]:
+        return self.trainer.acquire_for_writer(job_id, rank, version, nbytes, force, writer_id, reserve)
 
     def adopt_hinted(self, segment_name: str, m: pb.ShardManifest,
                      hint=None) -> tuple[bool, int, int]:

@@ -122,7 +122,7 @@ class TrainerStore:
 
     # -- writing a shard --------------------------------------------------------------
     def _refuse_early(self, job_id: str, led, rank: int, version: int, nbytes: int,
-                      force: bool) -> None:
+                      force: bool, reserve: int = 0) -> None:
         """Raise the memory-budget refusal an acquire would end in, before it changes
         anything (under the lock). Asking for a version tells the ledger that the rank moved
         past the versions it never delivered, which frees them; an acquire refused for want
@@ -132,9 +132,14 @@ class TrainerStore:
         Planning changes no slot's size (only ``apply_staging`` does), so the trial
         reserves what the store reserves now and needs at most ``max(nbytes, 1)`` more:
         when that fits, no plan can be refused for memory, and the copy (the largest
-        part of an acquire's CPU) is skipped."""
+        part of an acquire's CPU) is skipped.
+
+        ``reserve``: bytes that must stay free or releasable (FREE slots) once the slot is
+        granted, e.g. the parity buffers the job's versions in flight still need (a
+        stage-ahead must not take their room, issue 18); checked even when the plan
+        reuses a slot, since a reused FREE slot is room make_room could have released."""
         st = self.state
-        if st.bytes_reserved() + max(nbytes, 1) <= st.memory_budget_bytes:
+        if st.bytes_reserved() + max(nbytes, 1) + reserve <= st.memory_budget_bytes:
             return
         trial = copy.deepcopy(led)
         if version > trial.committed_version:
@@ -144,40 +149,44 @@ class TrainerStore:
             plan = trial.acquire(rank, version, nbytes, force)
         except Exception:  # the ledger's own refusals: raised by the real acquire below
             return
-        if plan.new_size is None:
+        if plan.new_size is None and not reserve:
             return
-        needed = max(plan.new_size - plan.old_size, 0)
+        needed = max(plan.new_size - plan.old_size, 0) if plan.new_size is not None else 0
         reserved = st.bytes_reserved() - led.bytes_allocated() + trial.bytes_allocated()
-        if reserved + needed <= st.memory_budget_bytes:
+        if reserved + needed + reserve <= st.memory_budget_bytes:
             return
         ledgers = [trial if j == job_id else other for j, other in st.jobs.items()]
         releasable = sum(sl.size for lg in ledgers for r, ss in lg.slots.items() for sl in ss
                          if sl.state is SlotState.FREE and not (lg is trial and r == rank and sl.index == plan.slot))
-        if reserved - releasable + needed > st.memory_budget_bytes:
+        if reserved - releasable + needed + reserve > st.memory_budget_bytes:
+            held_back = f", {reserve} kept for the parity of versions in flight" if reserve else ""
             raise MemoryBudgetExceededError(
                 f"{needed} more bytes would exceed the memory budget of "
-                f"{st.memory_budget_bytes} bytes ({reserved} reserved)")
+                f"{st.memory_budget_bytes} bytes ({reserved} reserved{held_back})")
 
     def acquire_for_writer(self, job_id: str, rank: int, version: int, nbytes: int,
-                           force: bool = False, writer_id: str = "") -> tuple[str, int, int]:
+                           force: bool = False, writer_id: str = "",
+                           reserve: int = 0) -> tuple[str, int, int]:
         """``acquire_staging`` for a named writer: (name, size, content token). The token
         is the one this writer got at its last acquire of the segment unless anything else
-        may have written it since (see ``Held``; docs/INCREMENTAL.md)."""
+        may have written it since (see ``Held``; docs/INCREMENTAL.md). ``reserve``: see
+        ``_refuse_early``."""
         if len(writer_id) > 64:
             raise self.state.refuse(InvalidRequestError(
                 f"writer_id has {len(writer_id)} characters; at most 64"))
         with self.state.lock:
-            name, size = self.acquire_staging(job_id, rank, version, nbytes, force, writer_id)
+            name, size = self.acquire_staging(job_id, rank, version, nbytes, force, writer_id, reserve)
             return name, size, self.state.held(name).content_token
 
     def acquire_staging(self, job_id: str, rank: int, version: int, nbytes: int,
-                        force: bool = False, writer_id: str = "") -> tuple[str, int]:
+                        force: bool = False, writer_id: str = "", reserve: int = 0) -> tuple[str, int]:
         st = self.state
+        reserve = max(int(reserve), 0)
         with st.lock:
             led = st.job(job_id)
             st.touch(job_id)
             try:
-                self._refuse_early(job_id, led, rank, version, nbytes, force)
+                self._refuse_early(job_id, led, rank, version, nbytes, force, reserve)
                 if version > led.committed_version:
                     led.note_asked(rank, version)
                 self._abandon_dead(job_id, led)

@@ -41,7 +41,7 @@ import numpy as np
 import xxhash
 
 from snapshotd.node.peer import Deferred
-from snapshotd.wire.errors import ChecksumMismatchError, ConflictError
+from snapshotd.wire.errors import ChecksumMismatchError, ConflictError, MemoryBudgetExceededError
 
 from .jobs import JobTable
 
@@ -136,6 +136,30 @@ class ParityBuffers:
             raise ChecksumMismatchError(f"{me}: parity of job {job_id!r} v{v} is not sealed")
         return view, want
 
+    def room_needed(self, job_id: str, also=()) -> int:
+        """Bytes the job's versions in flight may still need here for parity buffers not
+        made yet (issue 18): the size of the job's largest parity buffer (held, pooled, or
+        from a round's layout) for each uncommitted version without one (``also``: versions
+        the protocol may not know yet, e.g. one just adopted), less the pooled segments that
+        will serve them. A stage-ahead grant keeps this room (service ``_stage_next``).
+        0 while no size is known yet (before the job's first layout)."""
+        if not self.m:
+            return 0
+        with self.jobs.lock:
+            jp = self.jobs.get(job_id)
+            committed = jp.committed_version if jp is not None else 0
+            rounds = dict(jp.rounds) if jp is not None else {}
+            pool = self._pool.get(job_id, [])
+            sizes = [b.segment.size for (j, _v), b in self._buffers.items() if j == job_id]
+            sizes += [seg.size for _, seg in pool]
+            sizes += [max(1, len(r.layout.parity_blocks(self.my_index))) * self.bs
+                      for v, r in rounds.items() if v > committed and r.layout is not None]
+            if not sizes:
+                return 0
+            # A buffer being made counts as missing: its allocation may not be reserved yet.
+            missing = {v for v in (*rounds, *also) if v > committed and (job_id, v) not in self._buffers}
+            return max(0, len(missing) - len(pool)) * max(sizes)
+
     # -- creating, sealing, releasing -------------------------------------------------------
     def buffer(self, job_id: str, v: int, layout, prefault: bool = True) -> ParityBuffer:
         """The parity buffer of version v, created on first use. Must be called WITHOUT
@@ -172,8 +196,7 @@ class ParityBuffers:
         if fit is not None:
             name, seg = fit
         else:  # fresh pages are zero
-            name, seg = self.store.create_aux(f"{job_id}.parity.{os.urandom(4).hex()}", size,
-                                              prefault=prefault)
+            name, seg = self._create(job_id, size, prefault)
         pb_ = ParityBuffer(name, seg, {b: i for i, b in enumerate(blocks)}, self.bs,
                            job=job_id, version=v, counts=tuple(layout.block_counts))
         for s_, t, _p, _src, _j in layout.expected_contributions(self.my_index):
@@ -199,6 +222,25 @@ class ParityBuffers:
                 if k[1] != self.jobs.job(job_id).committed_version:
                     self.release(k)
         return pb_
+
+    def _create(self, job_id: str, size: int, prefault: bool):
+        """A fresh parity segment. Refused for memory, the pooled segments (of every job:
+        warm pages kept for reuse, nothing committed) are freed and it is tried once more;
+        refused again, the error goes to the caller and the version's contributions and vote
+        are re-sent with a backoff (:mod:`.resend`), so the buffer is tried again when
+        memory frees (issue 18)."""
+        suffix = f"{job_id}.parity.{os.urandom(4).hex()}"
+        try:
+            return self.store.create_aux(suffix, size, prefault=prefault)
+        except MemoryBudgetExceededError:
+            with self.jobs.lock:
+                pooled = [name for pool in self._pool.values() for name, _ in pool]
+                self._pool = {}
+            if not pooled:
+                raise
+            for name in pooled:
+                self.store.release_aux(name)
+            return self.store.create_aux(suffix, size, prefault=prefault)
 
     def adopt(self, job_id: str, v: int, name: str, seg, blocks, checksums) -> None:
         """After a restart: the sealed buffer of version v, from its round record."""
