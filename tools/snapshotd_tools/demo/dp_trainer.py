@@ -62,7 +62,9 @@ def state_bytes(model, opt) -> int:
 
 
 def _emit(rec: dict) -> None:
-    print(json.dumps(rec), flush=True)
+    from snapshotd_tools.demo.events import emit
+
+    emit(rec)
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from snapshotd_tools.demo.events import emit
+
 
 @dataclass
 class GPTConfig:
@@ -174,12 +176,12 @@ def main(argv=None) -> None:
         snap.save(iter_num)                     # asynchronous: only the copy to host memory blocks
     # --- end of README example ---
         if master_process:
-            print(json.dumps({"event": "iter", "iter": iter_num, "loss": loss.item()}), flush=True)
+            emit({"event": "iter", "iter": iter_num, "loss": loss.item()})
         if iter_num == a.crash_at and rank == a.crash_rank and not snap.restored:
             os.kill(os.getpid(), signal.SIGKILL)
     snap.wait()
-    print(json.dumps({"event": "done", "rank": rank, "iter": iter_num, "best_val_loss": best_val_loss,
-                      "digest": digest(raw_model, optimizer), "job_id": snap.cfg.job_id}), flush=True)
+    emit({"event": "done", "rank": rank, "iter": iter_num, "best_val_loss": best_val_loss,
+          "digest": digest(raw_model, optimizer), "job_id": snap.cfg.job_id})
     snap.close()
     dist.destroy_process_group()
 
@@ -216,7 +218,7 @@ def launch(nproc: int, argv: list[str]) -> int:
         for p in procs:
             p.join(0)
     codes = [p.exitcode for p in procs]
-    print(json.dumps({"event": "exit", "codes": codes}), flush=True)
+    emit({"event": "exit", "codes": codes})
     return 0 if codes == [0] * nproc else 1
 
 

@@ -181,7 +181,9 @@ def train_step_local(stages, opts, scheds, seed: int, step: int, microbatches: i
 # -- the distributed loop ------------------------------------------------------------------
 
 def _emit(rec: dict) -> None:
-    print(json.dumps(rec), flush=True)
+    from snapshotd_tools.demo.events import emit
+
+    emit(rec)
 
 
 def _flat(mod: nn.Module) -> torch.Tensor:

@@ -19,6 +19,8 @@ import time
 import torch
 from torch import nn
 
+from snapshotd_tools.demo.events import emit
+
 
 class TinyLM(nn.Module):
     def __init__(self, vocab: int = 64, d_model: int = 32, layers: int = 2, seq: int = 16):
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
                            job_id=a.job, socket_path=a.socket, rank=a.rank,
                            world_size=a.world_size, local_world_size=a.local_world_size)
         start = snap.restore()
-        print(json.dumps({"event": "restored", "step": start}), flush=True)
+        emit({"event": "restored", "step": start})
     loss_fn = nn.CrossEntropyLoss()
     losses = []
     for step in range(start, a.steps):
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         if snap is not None:
             if snap.save(step + 1) is not None:
                 rec["blocking_ms"] = round(snap.last_blocking_s * 1e3, 3)
-        print(json.dumps(rec), flush=True)
+        emit(rec)
         if a.step_delay_s:
             time.sleep(a.step_delay_s)
     if snap is not None:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
         with open(a.out + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(a.out + ".tmp", a.out)
-    print(json.dumps({"event": "done", "digest": result["digest"]}), flush=True)
+    emit({"event": "done", "digest": result["digest"]})
     return 0
 
 
