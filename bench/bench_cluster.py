@@ -55,6 +55,10 @@ def _wait(pred, timeout_s: float, what: str):
         time.sleep(0.005)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through main's finally, which stops the cluster
+
+
 class NotCommitted(RuntimeError):
     """A version did not commit in time; the message says which node lacks what."""
 
@@ -337,7 +341,12 @@ def main(argv=None) -> int:
                            "refused": str(exc), "projected_memory": exc.figures}, f, indent=2)
         return 2
     d = tempfile.mkdtemp(prefix="bench-cluster-")
-    lc.up(d, a.nodes, a.parity, a.block_size, budget)
+    # A SIGTERM (a timeout, ^C from a wrapper) must still take the cluster down: its
+    # daemons hold (2 + 2m/k) x the state in /dev/shm each. The daemons are also tied to
+    # this process, so a SIGKILL stops them too (their segments then stay; `snapshotd
+    # cluster down --dir DIR` or a reboot frees them).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    lc.up(d, a.nodes, a.parity, a.block_size, budget, tie_to_parent=True)
     socks = lc.sockets(d)
     nodes = sorted(socks)
     res: dict = {"nodes": a.nodes, "parity": a.parity, "k": a.nodes - a.parity,

@@ -77,3 +77,51 @@ def test_a_version_that_does_not_commit_fails_the_run_with_each_nodes_view(tmp_p
     assert all("committed 1" not in ln for ln in lines)
     assert any("lacks" in ln or "not answering" in ln or "no round" in ln for ln in lines)
     assert "memory_peaks" in r
+
+
+def test_a_sigtermed_run_takes_its_cluster_down():
+    """A bench_cluster stopped by SIGTERM (a wrapper's timeout) once left its daemons
+    running with 17 GiB of /dev/shm. Now its finally stops them and frees their segments."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from snapshotd.wire import shm
+    from snapshotd_tools import localcluster as lc
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen([sys.executable, "-m", "bench.bench_cluster", "--nodes", "3", "--parity", "1",
+                          "--size-mib", "4", "--block-size", "256KiB", "--repeats", "500",
+                          "--phases", "pipeline"], cwd=repo, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+
+    def daemons():
+        out = subprocess.run(["ps", "-ww", "-o", "pid=,ppid=,args=", "-e"], capture_output=True, text=True).stdout
+        return [ln.split(None, 2) for ln in out.splitlines() if ln.split(None, 2)[1:2] == [str(p.pid)]
+                and "snapshotd.node" in ln and "serve" in ln]
+
+    try:
+        deadline, d, prefixes, procs = time.monotonic() + 120, None, [], []
+        while not any(shm.list_segments(pf) for pf in prefixes):  # up, and holding segments
+            assert p.poll() is None, p.stdout.read()
+            assert time.monotonic() < deadline, "the cluster did not come up in 120 s"
+            time.sleep(0.2)
+            procs = daemons()
+            dirs = {os.path.dirname(a) for _pid, _pp, args in procs for a in args.split()
+                    if a.endswith("/spec.yaml")}
+            if len(procs) == 3 and len(dirs) == 1:
+                d = dirs.pop()
+                prefixes = [lc.shm_prefix(d, f"n{i}") for i in range(3)]
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signal.SIGTERM, out[-2000:]
+    for pid, _ppid, _args in procs:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower(), pid
+    assert not [n for pf in prefixes for n in shm.list_segments(pf)]
+    assert not os.path.exists(d)
