@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from auxstore import AuxStore
 from snapshotd.core import placement as pl
 from snapshotd.node.cluster import parity as parity_mod
 from snapshotd.node.cluster import peer_ops
@@ -32,26 +33,6 @@ BS = 4096
 JOB = "j"
 
 
-class _Seg:
-    def __init__(self, size: int):
-        self.size, self.buf = size, bytearray(size)
-
-
-class _Store:
-    def __init__(self):
-        self.aux: dict[str, _Seg] = {}
-
-    def create_aux(self, suffix: str, size: int, prefault: bool = True):
-        self.aux[suffix] = _Seg(size)
-        return suffix, self.aux[suffix]
-
-    def release_aux(self, name: str) -> None:
-        self.aux.pop(name, None)
-
-    def committed_version(self, job_id: str) -> int:
-        return 0
-
-
 class _Group:
     """n nodes' JobTables and ParityBuffers; versions go through the accumulator route."""
 
@@ -62,7 +43,7 @@ class _Group:
         self.rows: list = []
         self.corrupt: list = []
         for i in range(layout.n):
-            jobs = JobTable(group[i], group, group, layout.m, _Store())
+            jobs = JobTable(group[i], group, group, layout.m, AuxStore())
             pb = ParityBuffers(jobs.store, jobs, code, i, BS, layout.m)
             pb.on_rows = lambda job, v, s, counts, rows, base=0: self.rows.append((v, s, base, rows))
             pb.on_corrupt_base = lambda job, u, s, t: self.corrupt.append((u, s, t))
@@ -196,7 +177,7 @@ def test_whole_contributions_and_deltas_never_mix_in_one_buffer():
 
 def _agreeing(bases: dict, counts_u=(4, 4, 4), counts_v=(4, 4, 4), enabled=True):
     group = ("n0", "n1", "n2")
-    jobs = JobTable("n0", group, group, 1, _Store())
+    jobs = JobTable("n0", group, group, 1, AuxStore())
     with jobs.lock:
         jp = jobs.job(JOB)
         jp.committed_version = 3

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 
+from auxstore import AuxStore
 from snapshotd.core import placement as pl
 from snapshotd.core import protocol as proto
 from snapshotd.node.cluster import parity as parity_mod
@@ -33,28 +34,6 @@ BS = 4096
 JOB = "j"
 
 
-class _Seg:
-    def __init__(self, size: int):
-        self.size, self.buf = size, bytearray(size)
-
-
-class _Store:
-    """What ParityBuffers and JobTable use of the store: aux segments, committed versions."""
-
-    def __init__(self):
-        self.aux: dict[str, _Seg] = {}
-
-    def create_aux(self, suffix: str, size: int, prefault: bool = True):
-        self.aux[suffix] = _Seg(size)
-        return suffix, self.aux[suffix]
-
-    def release_aux(self, name: str) -> None:
-        self.aux.pop(name, None)
-
-    def committed_version(self, job_id: str) -> int:
-        return 0
-
-
 def _data(layout, seed: int) -> dict:
     """{(node, j): block} of random bytes for every real data block."""
     rng = np.random.default_rng(seed)
@@ -63,7 +42,7 @@ def _data(layout, seed: int) -> dict:
 
 
 def _node(group, i, m, code):
-    jobs = JobTable(group[i], group, group, m, _Store())
+    jobs = JobTable(group[i], group, group, m, AuxStore())
     return jobs, ParityBuffers(jobs.store, jobs, code, i, BS, m)
 
 
@@ -186,7 +165,7 @@ def _wait(pred, what: str, timeout_s: float = 20):
 
 def _forwarder(script, open_version: bool = True, start: bool = True):
     group = ("n0", "n1", "n2", "n3")
-    jobs = JobTable("n0", group, group, 2, _Store())
+    jobs = JobTable("n0", group, group, 2, AuxStore())
     with jobs.lock:
         jp = jobs.job(JOB)
         if open_version:

@@ -21,6 +21,7 @@ import os
 import random
 
 from clusterkit import JOB, BLOCK, Cluster, cluster_fixture, wait_for  # noqa: F401
+from auxstore import AuxStore
 from snapshotd.core import placement as pl
 from snapshotd.node.cluster.jobs import JobTable
 from snapshotd.node.cluster.parity import ParityBuffers
@@ -154,33 +155,9 @@ def test_a_real_acquire_of_the_next_version_leaves_room_for_the_parity_in_flight
 
 
 # -- in-process: a parity allocation refused for memory ---------------------------------------
-class _Seg:
-    def __init__(self, size: int):
-        self.size, self.buf = size, bytearray(size)
-
-
-class _BudgetStore:
-    """The aux segments of a store with a memory budget (nothing else is held)."""
-
-    def __init__(self, budget: int):
-        self.budget, self.aux = budget, {}
-
-    def create_aux(self, suffix: str, size: int, prefault: bool = True):
-        if sum(s.size for s in self.aux.values()) + size > self.budget:
-            raise errors.MemoryBudgetExceededError(f"{size} more bytes would exceed the budget")
-        self.aux[suffix] = _Seg(size)
-        return suffix, self.aux[suffix]
-
-    def release_aux(self, name: str) -> None:
-        self.aux.pop(name, None)
-
-    def committed_version(self, job_id: str) -> int:
-        return 0
-
-
 def _parity_node(budget: int, bs: int):
     group = tuple(f"n{i}" for i in range(N))
-    jobs = JobTable(group[0], group, group, M, _BudgetStore(budget))
+    jobs = JobTable(group[0], group, group, M, AuxStore(budget))
     return jobs, ParityBuffers(jobs.store, jobs, None, 0, bs, M)
 
 
