@@ -450,6 +450,12 @@ def main(argv=None) -> int:
         shutil.rmtree(d, ignore_errors=True)
     res["memory_peaks"] = mem.report()
     k = a.nodes - a.parity
+    from bench.floor import describe as floor_describe, snapshot_floor
+
+    # The least work the daemons could have done (issue 16): measured after the cluster is
+    # down, so it does not share the cores with it; same kernels, same machine, same run.
+    res["floor"] = snapshot_floor(size, k, a.parity, parse_size(a.block_size),
+                                  sample_bytes=min(size, 64 * 2**20))
     print(f"{a.nodes} nodes, k={k} m={a.parity}, {a.size_mib} MiB of state per node, "
           f"blocks {a.block_size}, median of {a.repeats} (all daemons share this machine's "
           f"{os.cpu_count()} cores); {res['committed_versions']} of {a.repeats + 2} versions committed")
@@ -464,6 +470,12 @@ def main(argv=None) -> int:
               f" (only node 0 snapshots {a.size_mib} MiB; the others a few bytes)")
     print(f"  daemon CPU         {res['daemon_cpu_s_per_node'] * 1e3:8.1f} ms per node per snapshot"
           f" = {res['gbps_per_node_per_core']:.2f} GB/s per node if each node had one core")
+    if res.get("floor"):
+        fl = res["floor"]
+        print(f"  minimum work       {fl['total_s'] * 1e3:8.1f} ms per node per snapshot with this machine's "
+              f"kernels: daemon CPU / minimum = {res['daemon_cpu_s_per_node'] / fl['total_s']:.2f} "
+              f"({res['daemon_cpu_s_per_node'] / (size / 1e9):.3f} vs {fl['core_s_per_gb']:.3f} core-s per GB; "
+              f"bench/floor.py: {floor_describe(fl)})")
     print(f"  save() blocking    {res['save_blocking_ms_median']:8.1f} ms per rank")
     print(f"  parity held        {[round(x / 2**20, 1) for x in res['parity_bytes_per_node']]} MiB "
           f"(ideal m/k x data = {a.parity / k * a.size_mib:.0f} MiB)")
