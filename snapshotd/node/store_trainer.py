@@ -47,6 +47,9 @@ class TrainerStore:
         self.verifier = verifier
         self.verify_on_adopt = verify_on_adopt
         self.commit_hook = None
+        # An adopted manifest's tensor entries are walked only when its layout differs
+        # from the last one of its (job, rank) that passed (wire.manifest.LayoutCache).
+        self.layouts = mf.LayoutCache()
 
     # -- jobs -----------------------------------------------------------------------
     def register_job(self, job_id: str, world_size: int, local_world_size: int = 0,
@@ -118,6 +121,7 @@ class TrainerStore:
                     st.release_segment(job_id, r, s)
             st.forget_job(job_id)
             st.persist()
+            self.layouts.forget(lambda key: key[0] == job_id)
             return freed
 
     # -- writing a shard --------------------------------------------------------------
@@ -244,7 +248,7 @@ class TrainerStore:
         client, the others must equal that adoption's). A malformed bitmap is refused."""
         st = self.state
         try:
-            mf.validate_manifest(m)
+            self.layouts.validate((m.job_id, m.rank), m)
         except Exception as exc:
             raise st.refuse(exc)
         with st.lock:

@@ -44,6 +44,12 @@ def num_blocks(payload_bytes: int, block_size_bytes: int) -> int:
 
 def validate_manifest(m, *, segment_bytes: int | None = None, require_checksums: bool = False) -> None:
     """Check a ShardManifest for internal consistency and against its segment size."""
+    _validate_fields(m, segment_bytes, require_checksums)
+    _validate_entries(m)
+
+
+def _validate_fields(m, segment_bytes: int | None, require_checksums: bool) -> None:
+    """Every check of :func:`validate_manifest` but the walks over the tensor entries."""
     validate_job_id(m.job_id)
     if m.version < 1:
         raise InvalidRequestError(f"manifest version must be >= 1, got {m.version}")
@@ -76,8 +82,6 @@ def validate_manifest(m, *, segment_bytes: int | None = None, require_checksums:
         raise InvalidRequestError(f"{len(m.tensors)} tensors exceed the limit of {MAX_TENSORS}")
     if len(m.meta_json) > MAX_META_JSON_CHARS:
         raise InvalidRequestError("meta_json is larger than 64 MiB")
-    for t in m.tensors:
-        _validate_tensor(t, m.payload_bytes)
     if m.replicated_bytes > MAX_PAYLOAD_BYTES or len(m.replicated_tensors) > MAX_TENSORS:
         raise InvalidRequestError("replicated payload or tensor count over the limit")
     if m.slice_offset > m.replicated_bytes or m.slice_bytes > m.replicated_bytes - m.slice_offset:
@@ -88,8 +92,67 @@ def validate_manifest(m, *, segment_bytes: int | None = None, require_checksums:
         raise InvalidRequestError(f"slice of {m.slice_bytes} bytes exceeds the payload")
     if m.replicated_bytes and not m.dp_ranks:
         raise InvalidRequestError("a replicated payload needs dp_ranks")
+
+
+def _validate_entries(m) -> None:
+    """The walks over the tensor entries (their checks depend on the entries and on
+    ``payload_bytes`` / ``replicated_bytes`` only)."""
+    for t in m.tensors:
+        _validate_tensor(t, m.payload_bytes)
     for t in m.replicated_tensors:
         _validate_tensor(t, m.replicated_bytes)
+
+
+# The fields a trainer changes from one save to the next without changing its layout.
+_PER_SAVE_FIELDS = ("version", "block_checksums", "meta_json")
+
+
+class LayoutCache:
+    """:func:`validate_manifest` for a stream of manifests that mostly repeat a layout.
+
+    A trainer sends the same tensor entries at every save; only the version, the block
+    checksums and ``meta_json`` change. :meth:`validate` runs every check of
+    :func:`validate_manifest` on each manifest, but the walk over the tensor entries
+    only when the manifest, with those three fields cleared, is not byte for byte the
+    one last validated in full under the same key (e.g. ``(job, rank)``): the walk's
+    checks read nothing else (the entries, ``payload_bytes``, ``replicated_bytes``), so
+    an equal layout passes them as the cached one did. A differing layout is validated
+    in full and, only if it passes, remembered in place of the previous one.
+
+    Thread-safety: callers may share one cache across threads without a lock; what a
+    key maps to is only ever a layout that passed in full, so a race costs at most a
+    walk. At most ``max_keys`` keys are kept (the oldest half forgotten when full).
+    """
+
+    def __init__(self, max_keys: int = 4096):
+        self._known: dict = {}
+        self._max_keys = max_keys
+
+    @staticmethod
+    def layout_of(m) -> bytes:
+        """The bytes that identify ``m``'s layout (the manifest less its per-save fields)."""
+        x = type(m)()
+        x.CopyFrom(m)
+        for f in _PER_SAVE_FIELDS:
+            x.ClearField(f)
+        return x.SerializeToString(deterministic=True)
+
+    def validate(self, key, m, *, segment_bytes: int | None = None,
+                 require_checksums: bool = False) -> None:
+        _validate_fields(m, segment_bytes, require_checksums)
+        layout = self.layout_of(m)
+        if self._known.get(key) == layout:
+            return
+        _validate_entries(m)
+        if len(self._known) >= self._max_keys:
+            for k in list(self._known)[:len(self._known) // 2]:
+                self._known.pop(k, None)
+        self._known[key] = layout
+
+    def forget(self, match) -> None:
+        """Drop the keys for which ``match(key)`` is true (e.g. a dropped job's)."""
+        for k in [k for k in list(self._known) if match(k)]:
+            self._known.pop(k, None)
 
 
 def _validate_tensor(t, payload_bytes: int) -> None:

@@ -181,6 +181,13 @@ def store_state(h: Harness) -> tuple:
         if os.path.isfile(p):
             with open(p, "rb") as fh:
                 files[f] = fh.read()
+    from snapshotd.node.docfile import DocFile, read_doc
+
+    for slot in DocFile(os.path.join(h.store.state_dir, "index.json")).slots:  # the index's two
+        files.pop(os.path.basename(slot), None)  # slot files hold one document (node.docfile)
+    doc = read_doc(os.path.join(h.store.state_dir, "index.json"))
+    if doc is not None:
+        files["index.json"] = json.dumps(doc).encode()
     return s, jobs, versions, tuple(h.shm.list_segments(h.store.prefix)), files
 
 

@@ -34,6 +34,7 @@ from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.manifest import block_checksums
 from snapshotd.node.cluster import peer_ops
 from snapshotd.node.peer import PeerAuthError, PeerClient, RemoteError
+from snapshotd.node.docfile import DocFile, read_doc
 from snapshotd.core.recovery import plan_recovery
 from snapshotd.node.spec_file import load_spec
 from snapshotd_client.transport import DaemonClient
@@ -512,7 +513,7 @@ def test_round_record_is_served_typed_checked_whole_and_persisted_as_before(tmp_
     rr.load()  # a restart over the old file re-adopts the round
     assert rr.round_record("j", 3) == rec and rr.jobs.job("j").committed_version == 3
     rr.save("j", 3)  # and writes the same document back (no parity buffer here)
-    assert json.loads((tmp_path / "cluster" / "j.json").read_text()) == {
+    assert read_doc(str(tmp_path / "cluster" / "j.json")) == {
         **old_doc, "rank_nodes": {"0": "n0", "1": "n1", "2": "n1"}}
 
     # The round op serves the message as its payload; a peer reads it back checked.
@@ -557,7 +558,7 @@ def test_round_record_is_served_typed_checked_whole_and_persisted_as_before(tmp_
     served.update(n2=refused["does not parse"])
     assert fresh.retained_round("j", 3, ["n1", "n2"]) == (None, [])
     # A damaged file is refused at load, naming it, with nothing installed.
-    (tmp_path / "cluster" / "j.json").write_text(json.dumps({**old_doc, "announces": {"n0": {}}}))
+    DocFile(str(tmp_path / "cluster" / "j.json")).save({**old_doc, "announces": {"n0": {}}})
     with pytest.raises(ValueError, match="j.json: not a round record"):
         fresh.load()
     assert fresh.jobs.get("j") is None

@@ -8,12 +8,12 @@ it is, and a refusal still changes nothing.
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import pytest
 
 from snapshotd.node import store_trainer
+from snapshotd.node.docfile import read_doc
 from snapshotd.wire.errors import MemoryBudgetExceededError
 
 from tests.node.test_store import deliver, make_store  # noqa: F401 (fixture)
@@ -43,8 +43,7 @@ def test_acquire_with_room_makes_no_trial_copy(make_store, counted):
         committed, _ = deliver(s, "j", 0, v, os.urandom(10_000))
         assert committed
     assert counted.calls == 0
-    with open(os.path.join(s.state.state_dir, "index.json")) as f:
-        assert json.load(f)["jobs"]["j"]["committed_version"] == 5
+    assert read_doc(os.path.join(s.state.state_dir, "index.json"))["jobs"]["j"]["committed_version"] == 5
 
 
 def test_acquire_near_the_budget_is_planned_on_a_copy_and_refused_changing_nothing(make_store, counted):

@@ -14,8 +14,9 @@ are, :meth:`bounded_counts`); one that fails is refused (``ValueError`` naming w
 wrong), never half-installed. Manifests stay the bytes their node announced: the readers
 parse and check them (rebuild, degraded reads), as before.
 
-On disk the record stays a JSON document, one file per job under the store's state
-directory (``cluster/<job>.json``: the keys ``v``, ``counts``, ``world_size``,
+On disk the record stays a JSON document, one per job under the store's state
+directory (``cluster/<job>.json``, kept in two slot files ``<job>.json.a``/``.b`` by
+:class:`~snapshotd.node.docfile.DocFile`: one write per commit, never torn; the keys ``v``, ``counts``, ``world_size``,
 ``rank_nodes``, ``announces`` of earlier versions, plus our parity buffer's ``parity``
 index and checksums), so a daemon restarted over a state directory written by an earlier
 version re-adopts its commit and parity, and operators can read it. The one conversion
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 
@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 from snapshotd.core import placement as pl
 from snapshotd.core import protocol as proto
 from snapshotd.core.repair import block_count_limit, check_block_counts
+from snapshotd.node.docfile import DocFile
 from snapshotd.node.peer import PeerUnavailableError, RemoteError, peer_pb2 as ppb
 
 from . import peer_ops
@@ -82,6 +83,8 @@ class RoundRecords:
         self.k = n - m
         self.store, self.jobs, self.parity, self.membership = store, jobs, parity, membership
         self.degraded = degraded
+        self._files: dict[str, DocFile] = {}  # job -> its record's file (under JobTable.lock)
+        self._dir_made = False
 
     # -- the round record -------------------------------------------------------------------
     def round_record(self, job_id: str, v: int) -> ppb.RoundRecord:
@@ -170,9 +173,17 @@ class RoundRecords:
         return os.path.join(self.store.state_dir, "cluster")
 
     def _path(self, job_id: str) -> str:
-        d = self._dir()
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        return os.path.join(d, f"{job_id}.json")
+        return os.path.join(self._dir(), f"{job_id}.json")
+
+    def _file(self, job_id: str) -> DocFile:
+        """The job's record file (under JobTable.lock); the directory made once."""
+        f = self._files.get(job_id)
+        if f is None:
+            if not self._dir_made:
+                os.makedirs(self._dir(), mode=0o700, exist_ok=True)
+                self._dir_made = True
+            f = self._files[job_id] = DocFile(self._path(job_id))
+        return f
 
     def save(self, job_id: str, v: int) -> None:
         """Persist what a restarted daemon needs to keep serving version v: the
@@ -186,16 +197,12 @@ class RoundRecords:
             if buf is not None:
                 info["parity"] = {"name": buf.name, "blocks": [list(b) for b in buf.index],
                                   "checksums": [buf.checksums.get(i) for i in range(len(buf.index))]}
-            path = self._path(job_id)
-            with open(path + ".tmp", "w") as f:
-                f.write(json.dumps(info))  # the C encoder: json.dump streams through the pure-Python one
-            os.replace(path + ".tmp", path)
+            self._file(job_id).save(info)
 
     def delete(self, job_id: str) -> None:
-        try:
-            os.unlink(self._path(job_id))
-        except FileNotFoundError:
-            pass
+        with self.jobs.lock:
+            f = self._files.pop(job_id, None) or DocFile(self._path(job_id))
+            f.delete()
 
     def load(self) -> None:
         """After a restart: restore the committed rounds (and parity) we had persisted;
@@ -210,14 +217,18 @@ class RoundRecords:
         d = self._dir()
         if not os.path.isdir(d):
             return
-        for fn in os.listdir(d):
-            if not fn.endswith(".json"):
+        jobs = sorted({fn[:fn.rindex(".json")] for fn in os.listdir(d)
+                       if fn.endswith(".json") or fn.endswith((".json.a", ".json.b"))})
+        for job_id in jobs:
+            path = self._path(job_id)
+            with self.jobs.lock:
+                info = self._file(job_id).load()
+            if info is None:
                 continue
-            job_id = fn[:-5]
-            path = os.path.join(d, fn)
-            with open(path) as f:
-                info = json.load(f)
-            v = int(info["v"])
+            try:
+                v = int(info["v"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: not a round record: {exc!r}") from None
             if self.store.committed_version(job_id) != v:
                 continue
             try:

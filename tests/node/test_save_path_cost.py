@@ -1,0 +1,124 @@
+"""The daemon's per-save shortcuts (issue 16) keep every guarantee they shortcut.
+
+- An adopted manifest's tensor entries are walked only when its layout differs from the
+  last one of its (job, rank) that passed (wire.manifest.LayoutCache): a changed, invalid
+  layout after a cached valid one is refused, changing nothing.
+- The index and the round records are written in place into two slot files
+  (node.docfile.DocFile): a write torn by a kill leaves the previous document, a restart
+  reads the newest whole one, and a state directory of an earlier version is still read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from snapshotd.node import docfile
+from snapshotd.node.docfile import DocFile, read_doc
+from snapshotd.wire import manifest as mf
+from snapshotd.wire import shm
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd.wire.errors import InvalidRequestError
+
+from tests.node.test_store import BS, make_store  # noqa: F401 (fixture)
+
+
+def _manifest(job: str, rank: int, version: int, payload: bytes, nbytes: int = 64) -> pb.ShardManifest:
+    m = pb.ShardManifest(job_id=job, rank=rank, version=version, payload_bytes=len(payload),
+                         block_size_bytes=BS, checksum_algo="xxh3_64", meta_json=f'{{"v": {version}}}')
+    m.tensors.add(name="w", dtype="float32", shape=[16], offset=0, nbytes=nbytes)
+    return m
+
+
+def _adopt(store, m: pb.ShardManifest, payload: bytes):
+    name, _ = store.acquire_staging(m.job_id, m.rank, m.version, len(payload))
+    seg = shm.open_segment(name, writable=True)
+    seg.buf[:len(payload)] = payload
+    seg.close()
+    return store.adopt(name, m)
+
+
+def test_layout_cache_skips_the_walk_only_for_the_layout_that_passed(monkeypatch):
+    walks = []
+    real = mf._validate_entries
+    monkeypatch.setattr(mf, "_validate_entries", lambda m: (walks.append(m.version), real(m)))
+    cache = mf.LayoutCache()
+    payload = bytes(100)
+    for v in (1, 2, 3):  # the same layout: walked once
+        cache.validate(("j", 0), _manifest("j", 0, v, payload))
+    assert walks == [1]
+    cache.validate(("j", 1), _manifest("j", 1, 4, payload))  # another rank: its own walk
+    assert walks == [1, 4]
+    with pytest.raises(InvalidRequestError, match="nbytes 60 != 64"):  # a changed, invalid layout
+        cache.validate(("j", 0), _manifest("j", 0, 5, payload, nbytes=60))
+    with pytest.raises(InvalidRequestError, match="overflow"):  # same entries, smaller payload
+        cache.validate(("j", 0), _manifest("j", 0, 6, bytes(10)))
+    cache.validate(("j", 0), _manifest("j", 0, 7, payload))  # the valid one is still known
+    assert walks == [1, 4, 5, 6]
+    with pytest.raises(InvalidRequestError, match="version must be >= 1"):  # per-save fields: always
+        cache.validate(("j", 0), _manifest("j", 0, 0, payload))
+
+
+def test_adopt_refuses_a_changed_invalid_layout_after_a_valid_one(make_store):
+    s = make_store()
+    s.register_job("j", 1)
+    payload = os.urandom(100)
+    assert _adopt(s, _manifest("j", 0, 1, payload), payload) == (True, 1)
+    assert _adopt(s, _manifest("j", 0, 2, payload), payload) == (True, 2)
+    before = s.list_versions("j"), s.bytes_committed()
+    with pytest.raises(InvalidRequestError, match="nbytes 60 != 64"):
+        _adopt(s, _manifest("j", 0, 3, payload, nbytes=60), payload)
+    assert (s.list_versions("j")[0], s.bytes_committed()) == (before[0][0], before[1])
+    _, m, _ = s.committed_shard("j", 0)
+    assert m.version == 2 and m.tensors[0].nbytes == 64
+
+
+def test_docfile_keeps_the_previous_document_when_a_write_is_torn(tmp_path):
+    path = str(tmp_path / "index.json")
+    f = DocFile(path)
+    assert f.load() is None
+    for v in range(1, 5):
+        f.save({"v": v, "pad": "x" * (50 - 10 * v)})  # shorter each time: left-overs cut
+    assert read_doc(path)["v"] == 4
+    # The next save goes to the slot holding v3; tear it there (a kill mid-write).
+    newer = docfile.encode(5, json.dumps({"v": 5}).encode())
+    older_slot = f.slots[5 & 1]
+    with open(older_slot, "r+b") as fh:
+        fh.write(newer[:len(newer) // 2])
+    assert read_doc(path)["v"] == 4
+    with open(f.slots[4 & 1], "r+b") as fh:  # the newest slot damaged too: nothing whole
+        fh.write(b"snapshotd-doc 1 4 999 00000000\n")
+    assert read_doc(path) is None
+    g = DocFile(path)
+    assert g.load() is None
+    g.save({"v": 6})  # and a save after that is read back
+    assert read_doc(path) == {"v": 6}
+
+
+def test_docfile_reads_and_replaces_the_file_of_an_earlier_version(tmp_path):
+    path = str(tmp_path / "index.json")
+    with open(path, "w") as fh:
+        json.dump({"v": 1}, fh)
+    f = DocFile(path)
+    assert f.load() == {"v": 1}
+    f.save({"v": 2})
+    assert not os.path.exists(path) and read_doc(path) == {"v": 2}
+
+
+def test_a_restarted_store_reads_the_newest_index_after_a_torn_one(make_store):
+    s = make_store()
+    s.register_job("j", 1)
+    payload = os.urandom(100)
+    for v in (1, 2, 3):
+        assert _adopt(s, _manifest("j", 0, v, payload), payload) == (True, v)
+    idx = s.state._index
+    # A kill while the next index was being written: the slot it went to is torn.
+    with open(idx.slots[(idx._seq + 1) & 1], "r+b") as fh:
+        fh.write(b"snapshotd-doc 1 99 5 0")
+    s.close()
+    again = make_store()
+    assert again.register_job("j", 1) == 3
+    _, m, seg = again.committed_shard("j", 0)
+    assert m.version == 3 and bytes(seg.buf[:100]) == payload
