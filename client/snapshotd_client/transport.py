@@ -4,16 +4,26 @@
 same classes the daemon raised), so callers catch ``DaemonUnavailableError`` or
 ``MemoryBudgetExceededError`` rather than status codes. Every call has a deadline:
 the client never hangs on a dead daemon.
+
+AdoptShard, the one call of every save, goes over the daemon's same-host hand-off
+channel (:class:`HandoffChannel`, ZeroMQ over an ``ipc://`` file beside the Unix
+socket; frames in :mod:`snapshotd.wire.handoff`) when the daemon advertises one at
+registration and this client reached it through its Unix socket; otherwise, or with
+``$SNAPSHOTD_HANDOFF=grpc``, over gRPC. Both raise the same classes.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import grpc
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from snapshotd.wire import errors
+from snapshotd.wire import handoff as hw
 
 from snapshotd.wire import shm
 from snapshotd.wire._proto import snapshotd_pb2 as pb
@@ -47,6 +57,123 @@ def _translate(exc: grpc.RpcError, what: str) -> errors.SnapshotdError:
     return err
 
 
+class HandoffChannel:
+    """AdoptShard over the daemon's hand-off endpoint: a DEALER on ``ipc://<path>``.
+
+    Thread-safe (one call at a time, under a lock). A call waits at most its timeout, then
+    raises :class:`DaemonUnavailableError`, as a gRPC call past its deadline does; so it
+    does, at once, when the connection drops with the request in flight (a daemon killed
+    mid-call) or when the socket file is gone. A DEALER, not a REQ: a lost reply never
+    wedges it; replies carry the request's id and a late one (of a call that timed out)
+    is dropped. ZeroMQ reconnects by itself to a restarted daemon's new socket.
+    """
+
+    CONNECT_GRACE_S = 5.0  # no connection this long: the daemon is taken as unreachable
+
+    def __init__(self, path: str, token: str | None, job_token: str | None):
+        self.path = path
+        self.endpoint = "ipc://" + path
+        self._token, self._job_token = token, job_token
+        self._lock = threading.Lock()
+        # The process's shared context, never terminated by us: a context of our own
+        # collected with a DaemonClient nobody closed would block in term() (the
+        # collector clears its weak list of sockets before closing them).
+        self._ctx = zmq.Context.instance()
+        self._sock = self._mon = None
+        self._rid = 0
+        self._closed = False
+        self.sent = 0  # requests sent
+        self.calls = 0  # answered calls (a reply, or a refusal) over this channel
+
+    def _open(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        self._mon = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._sock.connect(self.endpoint)
+
+    def _drop(self) -> None:
+        """Close the socket (what it had queued goes with it); the next call opens anew."""
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
+            self._sock.close(linger=0)
+        self._sock = self._mon = None
+
+    def _unavailable(self, why: str, drop: bool = True) -> errors.DaemonUnavailableError:
+        if drop:
+            self._drop()
+        err = errors.DaemonUnavailableError(f"AdoptShard: {why} ({self.endpoint})")
+        err.grpc_code = grpc.StatusCode.UNAVAILABLE
+        return err
+
+    def call(self, request: pb.AdoptShardRequest, timeout_s: float) -> pb.AdoptShardResponse:
+        body = request.SerializeToString()
+        if len(body) > MAX_MESSAGE_BYTES:  # as grpc refuses to send it
+            raise errors.InvalidRequestError(f"AdoptShard: request of {len(body)} bytes, at most "
+                                             f"{MAX_MESSAGE_BYTES}")
+        with self._lock:
+            if self._closed:
+                raise self._unavailable("the channel was closed (a new registration replaced it)")
+            if self._sock is None:
+                self._open()
+            sock, mon = self._sock, self._mon
+            self._rid += 1
+            rid = self._rid
+            t0 = time.monotonic()
+            deadline = t0 + timeout_s
+            msg = hw.encode_request(rid, body, self._token, self._job_token)
+            while True:
+                if sock.poll(50, zmq.POLLOUT):
+                    while mon.poll(0):
+                        recv_monitor_message(mon)  # drops of earlier connections
+                    try:
+                        sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                        self.sent += 1
+                        break
+                    except zmq.Again:  # the connection went in between
+                        pass
+                now = time.monotonic()  # no connection (yet)
+                if not os.path.exists(self.path):
+                    raise self._unavailable("the hand-off socket is gone")
+                if now > deadline or now - t0 > self.CONNECT_GRACE_S:
+                    raise self._unavailable(f"cannot connect in {now - t0:.1f} s")
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(mon, zmq.POLLIN)
+            while True:
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    # The socket stays: a late reply is told apart by its id.
+                    raise self._unavailable(f"no reply in {timeout_s:g} s", drop=False)
+                ready = dict(poller.poll(left_ms))
+                if sock in ready:
+                    try:
+                        got, resp, code, msg = hw.decode_reply(sock.recv_multipart())
+                    except errors.MalformedRequestError as exc:
+                        raise self._unavailable(f"unreadable reply: {exc}") from None
+                    if got != rid:
+                        continue  # the late reply of a call that timed out
+                    self.calls += 1
+                    if resp is not None:
+                        return pb.AdoptShardResponse.FromString(resp)
+                    cls = errors.ERROR_CLASSES.get(code or "")
+                    err = errors.from_code(code, f"AdoptShard: {msg}",
+                                           cls.grpc_code_name if cls is not None else None)
+                    err.grpc_code = getattr(grpc.StatusCode, err.grpc_code_name, None)
+                    raise err
+                if mon in ready:
+                    recv_monitor_message(mon)
+                    raise self._unavailable("the daemon dropped the connection during the call")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+
 class DaemonClient:
     def __init__(self, target: str, token: str | None = None, timeout_s: float = 30.0,
                  job_token: str | None = None):
@@ -56,6 +183,9 @@ class DaemonClient:
         self.target = target
         self.timeout_s = timeout_s
         job_token = job_token if job_token is not None else os.environ.get(ENV_JOB_TOKEN)
+        self._token, self._job_token = token, job_token
+        # The hand-off channel AdoptShard goes over, once a registration advertised one.
+        self.handoff: HandoffChannel | None = None
         self._metadata = (((TOKEN_METADATA_KEY, token),) if token else ()) + (
             ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else ())
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -86,10 +216,32 @@ class DaemonClient:
 
     def register_job(self, job_id: str, world_size: int, local_world_size: int = 0,
                      restarting: bool = False):
-        """Returns the RegisterJobResponse (latest committed version, block size)."""
-        return self._call("RegisterJob", pb.RegisterJobRequest(
+        """Returns the RegisterJobResponse (latest committed version, block size); takes
+        up the hand-off channel it advertises (see :meth:`_use_handoff`)."""
+        resp = self._call("RegisterJob", pb.RegisterJobRequest(
             job_id=job_id, world_size=world_size, local_world_size=local_world_size,
             restarting=restarting))
+        self._use_handoff(resp.handoff_endpoint)
+        return resp
+
+    def _use_handoff(self, endpoint: str) -> None:
+        """AdoptShard over ``endpoint`` from now on, if this client reached the daemon
+        through its Unix socket (the same host), the endpoint is an ``ipc://`` file and
+        its file is found beside our socket path (the daemon may see that directory
+        under another path: a container's mount), and ``$SNAPSHOTD_HANDOFF`` is not
+        "grpc"; else over gRPC."""
+        path = None
+        if endpoint.startswith("ipc://") and self.target.startswith("unix:") and hw.enabled():
+            sock = self.target[len("unix:"):]
+            path = os.path.join(os.path.dirname(sock), os.path.basename(endpoint[len("ipc://"):]))
+            if not os.path.exists(path):
+                path = None
+        old = self.handoff
+        if old is not None and old.path == path:
+            return
+        self.handoff = HandoffChannel(path, self._token, self._job_token) if path else None
+        if old is not None:
+            old.close()
 
     def acquire_staging(self, job_id: str, rank: int, version: int, payload_bytes: int,
                         force: bool = False, writer_id: str = ""):
@@ -106,9 +258,13 @@ class DaemonClient:
         staging segment of this rank's next save, in the same call (its name comes back
         in ``next_segment_name``; ``next_refused`` says why not). ``hint``: which blocks
         were written since this writer's last adoption of the segment."""
-        return self._call("AdoptShard", pb.AdoptShardRequest(
+        req = pb.AdoptShardRequest(
             segment_name=segment_name, manifest=manifest, next_version=next_version,
-            next_payload_bytes=next_payload_bytes, writer_id=writer_id, incremental=hint))
+            next_payload_bytes=next_payload_bytes, writer_id=writer_id, incremental=hint)
+        ch = self.handoff
+        if ch is not None:
+            return ch.call(req, self.timeout_s)
+        return self._call("AdoptShard", req)
 
     def commit(self, job_id: str, version: int) -> pb.CommitResponse:
         return self._call("Commit", pb.CommitRequest(job_id=job_id, version=version))
@@ -213,6 +369,9 @@ class DaemonClient:
         return m, bytes(memoryview(data)[offset - lo:offset - lo + length]), len(data)
 
     def close(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
         self.channel.close()
 
 

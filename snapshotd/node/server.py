@@ -16,6 +16,11 @@ The Unix socket is created 0600 (umask 0177 while binding, then chmod) and is ch
 to be owned by the daemon's user before the daemon reports ready: only that user (and
 root) can connect, which is what protects a token-less daemon on a shared host.
 
+Beside the socket, the same-host hand-off channel (:mod:`snapshotd.node.handoff`,
+``<socket>.ho``, as private) serves AdoptShard without gRPC; it is started with the
+socket and advertised to registering clients, unless ``DaemonConfig.handoff`` is off or
+``$SNAPSHOTD_HANDOFF`` is "grpc". A daemon whose channel cannot start serves gRPC alone.
+
 Every request body is parsed by :class:`RequestParseGuard` (after the token check):
 bytes that are not the method's protobuf message are refused with INVALID_ARGUMENT,
 logged and counted, instead of grpc's own INTERNAL "Exception deserializing request!".
@@ -75,6 +80,9 @@ class DaemonConfig:
     # (0 = never); a job with a request in the last job_active_s is "active".
     job_ttl_s: float = 24 * 3600.0
     job_active_s: float = 600.0
+    # The same-host hand-off channel for AdoptShard (snapshotd.node.handoff); also off
+    # when $SNAPSHOTD_HANDOFF is "grpc".
+    handoff: bool = True
 
 
 class Daemon:
@@ -114,8 +122,9 @@ class Daemon:
             self.cluster.metrics = self.metrics
         self.metrics_port: int | None = None
         interceptors = []
-        if cfg.token:
-            interceptors.append(TokenInterceptor(cfg.token, self._count_refused))
+        self.tokens = TokenInterceptor(cfg.token, self._count_refused) if cfg.token else None
+        if self.tokens is not None:
+            interceptors.append(self.tokens)
         # After the token check: a caller without the token learns nothing about parsing.
         interceptors.append(RequestParseGuard(self._count_malformed))
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -136,6 +145,7 @@ class Daemon:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.tcp_port: int | None = None
+        self.handoff = None  # snapshotd.node.handoff.HandoffServer while it serves
         self._stopped = threading.Event()
 
     def _count_refused(self) -> None:
@@ -179,6 +189,7 @@ class Daemon:
             self.cluster.start()
         os.chmod(sock, 0o600)
         _check_private_socket(sock)
+        self._start_handoff()
         if self.cfg.metrics_addr:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_addr)
             log.info("metrics on http://%s/metrics", self.cfg.metrics_addr.rsplit(":", 1)[0] +
@@ -203,10 +214,33 @@ class Daemon:
                            "metrics_port": self.metrics_port}, f)
             os.replace(tmp, self.cfg.ready_file)
 
+    def _start_handoff(self) -> None:
+        from snapshotd.wire import handoff as hw
+
+        if not (self.cfg.handoff and hw.enabled()):
+            log.info("hand-off channel off (%s=grpc or handoff=False): AdoptShard over gRPC",
+                     hw.ENV_HANDOFF)
+            return
+        from snapshotd.node.handoff import HandoffServer
+
+        server = HandoffServer(self.servicer, self.cfg.socket_path, self.tokens, self._count_malformed)
+        try:
+            endpoint = server.start()
+            _check_private_socket(server.path)
+        except Exception as exc:  # gRPC alone still serves everything
+            log.warning("hand-off channel not started (%s); AdoptShard over gRPC only", exc)
+            server.stop()
+            return
+        self.handoff = server
+        self.servicer.handoff_endpoint = endpoint
+
     def stop(self, grace_s: float = 2.0) -> None:
         self._remove_ready_file()
         self.health.enter_graceful_shutdown()
         self.jobs.stop()
+        if self.handoff is not None:
+            self.servicer.handoff_endpoint = ""
+            self.handoff.stop()
         if self.cluster is not None:
             self.cluster.stop()
         self.server.stop(grace_s).wait()

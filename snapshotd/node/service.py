@@ -80,15 +80,24 @@ def _rpc(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            return self.refusing(method.__name__, method, request, context)
         except SnapshotdError as exc:
-            self._refused(method.__name__, _status_of(exc), exc)
             _abort(context, exc)
-        except ValueError as exc:  # e.g. a bad segment name from shm.check_name
-            self._refused(method.__name__, grpc.StatusCode.INVALID_ARGUMENT, exc)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return wrapper
+
+
+class MetadataContext:
+    """The one part of a gRPC context an RPC body reads, for a face other than gRPC
+    (:mod:`snapshotd.node.handoff`): the invocation metadata, as (key, value) pairs."""
+
+    __slots__ = ("_metadata",)
+
+    def __init__(self, metadata):
+        self._metadata = tuple(metadata)
+
+    def invocation_metadata(self):
+        return self._metadata
 
 
 def _stream_rpc(method):
@@ -199,6 +208,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             jobs = JobKeeper(store, self.drop_job_extras, ttl_s=0)
         self.jobs = jobs  # snapshotd.node.job_keeper.JobKeeper: list, show, drop, gc
         self._log_limiter = WarningLimiter(10.0)
+        # Advertised to registering clients while the hand-off channel serves ("" = none).
+        self.handoff_endpoint = ""
 
     def _refused(self, method: str, code: grpc.StatusCode, exc: BaseException) -> None:
         # A refusal that repeats by design (ABORTED: a client polling for a slot, ranks
@@ -213,6 +224,26 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             self.store.requests_refused += 1  # the store never saw these
         if self.metrics is not None:
             self.metrics.refused_request(code.name)
+
+    def refusing(self, name: str, body, request, context):
+        """Run an RPC body; a refusal is logged and counted, then raised as a SnapshotdError
+        (a ValueError, e.g. a bad segment name from shm.check_name, as InvalidRequestError)."""
+        try:
+            return body(self, request, context)
+        except SnapshotdError as exc:
+            self._refused(name, _status_of(exc), exc)
+            raise
+        except ValueError as exc:
+            self._refused(name, grpc.StatusCode.INVALID_ARGUMENT, exc)
+            raise InvalidRequestError(str(exc)) from None
+
+    def adopt_shard(self, request, metadata):
+        """AdoptShard for the same-host hand-off channel: ``metadata`` as the gRPC call
+        would carry it ((key, value) pairs; the daemon token is checked by the caller).
+        The same body as over gRPC; a refusal is raised as the SnapshotdError gRPC's
+        status would name."""
+        return self.refusing("AdoptShard", SnapshotdServicer.AdoptShard.__wrapped__, request,
+                             MetadataContext(metadata))
 
     def _job_access(self, context, job_id: str, registering: bool = False) -> None:
         if self.job_tokens is not None:
@@ -238,7 +269,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             v = self.cluster.latest_committed(request.job_id)
         return pb.RegisterJobResponse(
             latest_committed_version=v,
-            block_size_bytes=self.cluster.bs if self.cluster is not None else 0)
+            block_size_bytes=self.cluster.bs if self.cluster is not None else 0,
+            handoff_endpoint=self.handoff_endpoint)
 
     @_rpc
     def AcquireStaging(self, request, context):
@@ -461,21 +493,29 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._token = token.encode()
         self._on_refused = on_refused
 
+    def refusal(self, got: str | bytes | None) -> str | None:
+        """None when ``got`` is the token, else why not (also for the hand-off channel)."""
+        got = (got or b"").encode() if isinstance(got, str) else (got or b"")
+        if got and hmac.compare_digest(got, self._token):
+            return None
+        return "missing snapshotd token" if not got else "wrong snapshotd token"
+
+    def refuse(self, method: str, msg: str) -> None:
+        """Count and log a call refused for its token."""
+        if self._on_refused is not None:
+            self._on_refused()
+        log.warning("%s: %s", method, msg)
+
     def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(details)
-        got = dict(details.invocation_metadata or ()).get(TOKEN_METADATA_KEY, "")
-        if isinstance(got, str):
-            got = got.encode()
-        if got and hmac.compare_digest(got, self._token):
+        msg = self.refusal(dict(details.invocation_metadata or ()).get(TOKEN_METADATA_KEY))
+        if msg is None:
             return continuation(details)
         handler = continuation(details)
         if handler is None:
             return None
-        if self._on_refused is not None:
-            self._on_refused()
-        msg = "missing snapshotd token" if not got else "wrong snapshotd token"
-        log.warning("%s: %s", details.method, msg)
+        self.refuse(details.method, msg)
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
