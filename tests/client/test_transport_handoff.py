@@ -1,0 +1,131 @@
+"""The client's end of the hand-off channel (transport.HandoffChannel) against a scripted
+ROUTER in this process: which reply it takes, how a refusal's code becomes its class,
+and when it gives up with DaemonUnavailableError. The daemon's end: tests/node/test_handoff.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import zmq
+
+from snapshotd.wire import errors
+from snapshotd.wire import handoff as hw
+from snapshotd.wire._proto import snapshotd_pb2 as pb
+from snapshotd_client.transport import DaemonClient, HandoffChannel
+
+
+class Router:
+    """A ROUTER on an ipc file that answers each request with ``script(rid, parts)``
+    (a list of replies, each a list of frames; [] = no answer)."""
+
+    def __init__(self, path, script):
+        self.path, self.script = path, script
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind("ipc://" + path)
+        self.seen: list[list[bytes]] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop:
+            if not self.sock.poll(50):
+                continue
+            ident, *parts = self.sock.recv_multipart()
+            self.seen.append(parts)
+            for reply in self.script(hw.read_header(parts[0])[1], parts):
+                self.sock.send_multipart([ident, *reply])
+
+    def close(self):
+        self._stop = True
+        self.thread.join(5)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def _req(v=1):
+    return pb.AdoptShardRequest(segment_name="s", manifest=pb.ShardManifest(job_id="j", version=v))
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "d.sock.ho")
+
+
+def test_stale_replies_are_dropped_and_tokens_travel(path):
+    def script(rid, parts):  # an old request's reply first, then this one's
+        return [hw.encode_ok(rid - 1, pb.AdoptShardResponse(version=999).SerializeToString()),
+                hw.encode_ok(rid, pb.AdoptShardResponse(version=rid).SerializeToString())]
+
+    r = Router(path, script)
+    ch = HandoffChannel(path, "dtok", "jtok")
+    try:
+        for i in (1, 2, 3):
+            assert ch.call(_req(), 10).version == i
+        assert ch.calls == 3 and ch.sent == 3
+        assert r.seen[0][1:3] == [b"dtok", b"jtok"]
+        assert pb.AdoptShardRequest.FromString(r.seen[0][3]) == _req()
+    finally:
+        ch.close()
+        r.close()
+
+
+@pytest.mark.parametrize("code, cls", [
+    ("UNKNOWN_JOB", errors.UnknownJobError),
+    ("SNAPSHOT_SKIPPED", errors.SnapshotSkippedError),
+    ("AUTHENTICATION", errors.AuthenticationError),
+    ("NO_SUCH_CODE", errors.DaemonError),  # an unknown code: as gRPC's unknown status
+])
+def test_a_refusal_raises_the_class_its_code_names(path, code, cls):
+    r = Router(path, lambda rid, parts: [hw.encode_error(rid, code, "why")])
+    ch = HandoffChannel(path, None, None)
+    try:
+        with pytest.raises(errors.SnapshotdError) as ei:
+            ch.call(_req(), 10)
+        assert type(ei.value) is cls and str(ei.value) == "AdoptShard: why"
+    finally:
+        ch.close()
+        r.close()
+
+
+def test_no_reply_then_socket_gone_are_daemon_unavailable(path):
+    r = Router(path, lambda rid, parts: [])
+    ch = HandoffChannel(path, None, None)
+    try:
+        with pytest.raises(errors.DaemonUnavailableError, match="no reply in 0.2 s"):
+            ch.call(_req(), 0.2)
+        r.close()
+        os.unlink(path)
+        with pytest.raises(errors.DaemonUnavailableError, match="socket is gone"):
+            ch.call(_req(), 30)
+        ch.close()
+        with pytest.raises(errors.DaemonUnavailableError, match="closed"):
+            ch.call(_req(), 30)
+    finally:
+        ch.close()
+
+
+def test_used_only_for_an_ipc_file_beside_a_unix_socket(tmp_path, monkeypatch):
+    sock = str(tmp_path / "d.sock")
+    open(sock + ".ho", "w").close()
+    cl = DaemonClient.for_socket(sock)
+    cl._use_handoff("ipc:///elsewhere/d.sock.ho")  # the daemon's view of the directory
+    assert cl.handoff is not None and cl.handoff.path == sock + ".ho"
+    same = cl.handoff
+    cl._use_handoff("ipc:///elsewhere/d.sock.ho")
+    assert cl.handoff is same
+    for endpoint in ("tcp://127.0.0.1:5555", "", "ipc:///x/missing.ho"):
+        cl._use_handoff(endpoint)
+        assert cl.handoff is None, endpoint
+    monkeypatch.setenv(hw.ENV_HANDOFF, "grpc")
+    cl._use_handoff("ipc:///elsewhere/d.sock.ho")
+    assert cl.handoff is None
+    cl.close()
+    tcp = DaemonClient("127.0.0.1:1")
+    tcp._use_handoff("ipc://" + sock + ".ho")
+    assert tcp.handoff is None
+    tcp.close()
