@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import operator
 import os
 import warnings
 
@@ -23,6 +24,14 @@ import torch
 from snapshotd_client import layout as lo
 
 log = logging.getLogger("snapshotd_client")
+
+_PLAIN_TENSOR = {torch.Tensor}
+_IS_CUDA = operator.attrgetter("is_cuda")
+# dtypes whose same-dtype copy_ moves the bits as they are (no value conversion: NaN
+# payloads and -0.0 kept); the host fast path copies them without a bits view
+_BIT_EXACT_COPY = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                             torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                             torch.bool})
 
 
 def _clear_cuda_error() -> None:
@@ -83,7 +92,7 @@ class StagingCopier:
         tensors = rep_tensors + loc_tensors
         self.last_skipped = frozenset()
         self.last_bytes_copied = lay.slice_hi - lay.slice_lo + sum(s.nbytes for s in lay.local)
-        cuda = any(t.device.type == "cuda" for t in tensors)
+        cuda = any(map(_IS_CUDA, tensors))
         if not cuda and seg.buf is not None and self._copy_views(seg, lay, tensors, skip):
             self._copy_done = None
             return None
@@ -111,37 +120,57 @@ class StagingCopier:
         return ev
 
     def _copy_views(self, seg, lay, tensors, skip: frozenset = frozenset()) -> bool:
-        """The host fast path: one ``torch._foreach_copy_`` of bit views of the sources
-        into views of the segment made once per (mapping, layout), instead of a typed
-        view made per tensor per save. False (nothing copied): not applicable here (a
-        slice of the replicated part, a DTensor, conjugate/negative bits, odd sizes)."""
+        """The host fast path: one ``torch._foreach_copy_`` of the sources into views of
+        the segment made once per (mapping, layout), instead of a view made per tensor
+        per save. Views of the dtypes whose same-dtype copy is a plain bit copy are typed
+        (the sources go in as they are); others (complex, float8, ...) are same-size
+        integer views of the bits, and so are their sources. False (nothing copied): not
+        applicable here (a slice of the replicated part, a DTensor or other subclass,
+        conjugate/negative bits on a bits-view source, odd sizes)."""
         if lay.slice_lo != 0 or lay.slice_hi != lay.replicated_bytes:
             return False
         held = self._views.get(seg.name)
         if held is not None and held[0] is seg and held[1] is lay:
-            views = held[2]
+            plan = held[2]
         else:
-            views = self._plan_views(seg, lay, tensors)
-            if views is None:
+            plan = self._plan_views(seg, lay, tensors)
+            if plan is None:
                 return False
-            self._views[seg.name] = (seg, lay, views)  # unpin() drops it before unmapping
-        dst, src = [], []
-        nbytes = 0
-        for (i, bits, d), t in zip(views, tensors):
-            if type(t) is not torch.Tensor or t.is_conj() or t.is_neg():
-                return False
-            if d is not None and i not in skip:
-                dst.append(d)
-                src.append(t.view(bits))
-                nbytes += d.nbytes
+            self._views[seg.name] = (seg, lay, plan)  # unpin() drops it before unmapping
+        views, dst_all, idx_all, nbytes_all, bits_at = plan
+        if len(tensors) != len(views) or set(map(type, tensors)) != _PLAIN_TENSOR:
+            return False
+        if not skip:
+            dst = dst_all
+            src = list(tensors) if idx_all is None else [tensors[i] for i in idx_all]
+            for j, bits in bits_at:  # the few sources copied as bits
+                t = src[j]
+                if t.is_conj() or t.is_neg():
+                    return False
+                src[j] = t.view(bits)
+            nbytes = nbytes_all
+        else:
+            dst, src = [], []
+            nbytes = 0
+            for (i, bits, d), t in zip(views, tensors):
+                if bits is not None and (t.is_conj() or t.is_neg()):
+                    return False
+                if d is not None and i not in skip:
+                    dst.append(d)
+                    src.append(t if bits is None else t.view(bits))
+                    nbytes += d.nbytes
         if dst:
-            torch._foreach_copy_(dst, src)
+            with torch.no_grad():
+                torch._foreach_copy_(dst, src)
         self.last_skipped = frozenset(i for i in skip if i < len(lay.replicated))
         self.last_bytes_copied = nbytes
         return True
 
     @staticmethod
     def _plan_views(seg, lay, tensors):
+        """(per tensor (index, bits dtype or None when typed, view or None when empty),
+        the non-empty views, their tensor indices (None: all), their bytes, [(position
+        among the non-empty views, bits dtype)] of those copied as bits)."""
         from snapshotd_client import tensors as tz
 
         slots = lay.replicated + lay.local
@@ -152,12 +181,17 @@ class StagingCopier:
             bits = tz._BITS.get(t.element_size())
             if bits is None or tz.dtype_name(t.dtype) != slot.dtype or tuple(t.shape) != slot.shape:
                 return None
+            if t.dtype in _BIT_EXACT_COPY:
+                bits = None
             if slot.nbytes == 0:
                 views.append((i, bits, None))
                 continue
             raw = torch.frombuffer(seg.buf, dtype=torch.uint8, count=slot.nbytes, offset=slot.offset)
-            views.append((i, bits, raw.view(bits).view(slot.shape)))
-        return views
+            views.append((i, bits, raw.view(t.dtype if bits is None else bits).view(slot.shape)))
+        live = [(i, b, d) for i, b, d in views if d is not None]
+        idx = None if len(live) == len(views) else [i for i, _, _ in live]
+        bits_at = [(j, b) for j, (_, b, _) in enumerate(live) if b is not None]
+        return views, [d for _, _, d in live], idx, sum(d.nbytes for _, _, d in live), bits_at
 
     def wait(self) -> None:
         """Block until the last copy is done (the optimizer's step pre-hook)."""

@@ -30,11 +30,12 @@ CheckFree), ``checkfree_restore`` (the CheckFree rung).
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import secrets
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -55,16 +56,19 @@ from snapshotd_client import pipeline as pl
 from snapshotd_client import state as st
 from snapshotd_client.config import SnapshotterConfig, default_rank_world, resolve_job_id
 from snapshotd_client.device_copy import StagingCopier
+from snapshotd_client.flatcache import FlatCache, compose_meta_json
 from snapshotd_client.incremental import IncrementalTracker
 from snapshotd_client.loader import ShardLoader
 from snapshotd_client.providers import (ProvidingLoader, StateProviders, ensure_visible_logging,
                                         unwrap_model)
 from snapshotd_client.transport import DaemonClient, SegmentCache
 from snapshotd_client.verdict import run_restore
+from snapshotd_client.worker import HandoffWorker
 
 __all__ = ["SaveStats", "Snapshotter", "SnapshotterConfig"]
 
 log = logging.getLogger("snapshotd_client")
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")
 # One line per condition per 10 s, not one per step: a daemon away for a while, or ranks
 # converging after it came back, repeat on every save.
 _warn_limiter = WarningLimiter(10.0)
@@ -129,7 +133,7 @@ class Snapshotter:
         self.segments = SegmentCache(on_close=self.copier.unpin)
         self.loader = ProvidingLoader(ShardLoader(self.client, self.segments, self.cfg.job_id,
                                                   self.rank), self.providers)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshotd-handoff")
+        self._pool = HandoffWorker("snapshotd-handoff")
         # Incremental snapshots (cfg.incremental, docs/INCREMENTAL.md): frozen parameters a
         # reused staging segment already holds are not copied again. The writer id makes the
         # daemon's content token of a segment ours alone.
@@ -142,6 +146,10 @@ class Snapshotter:
         self._registered = False
         self._layout_key = None
         self._layout = None  # (slots, total, manifest template)
+        # the replicated state's walk, cached while its structure stays put (flatcache.py)
+        self._rep_flat = FlatCache()
+        self._loc_flat = FlatCache()
+        self._rng = st.PackedRngCapture()
         # The staging segment of the next save, acquired by the hand-off thread once the
         # saves come at a steady interval (see _stage_next): (version, name, mapping, token).
         self._staged: tuple | None = None
@@ -194,7 +202,7 @@ class Snapshotter:
         rep = {"model": self.model.state_dict()}
         if self.optimizer is not None:
             rep["optimizer"] = self.optimizer.state_dict()
-        local = {"step": step, "rng": st.capture_rng_state(packed=True)}
+        local = {"step": step, "rng": self._rng()}
         if self.lr_scheduler is not None:
             local["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.extra_state or self.providers.objects or self.providers.getters:
@@ -238,8 +246,9 @@ class Snapshotter:
         return ranks, ranks.index(self.rank)
 
     def _plan(self, rep_named, loc_named, frozen: tuple[bool, ...] = ()):
-        key = (tuple((n, t.dtype, t.shape) for n, t in rep_named),
-               tuple((n, t.dtype, t.shape) for n, t in loc_named), frozen)
+        ts = [t for _, t in rep_named] + [t for _, t in loc_named]
+        key = ([n for n, _ in rep_named], [n for n, _ in loc_named],
+               list(map(_DTYPE, ts)), list(map(_SHAPE, ts)), frozen)
         if key != self._layout_key:
             dp_ranks, dp_index = self._dp()
             lay = lo.plan_shard(rep_named, loc_named, len(dp_ranks), dp_index, frozen_first=frozen)
@@ -274,8 +283,8 @@ class Snapshotter:
                 self._ensure_registered()
                 staged = None
             rep_state, loc_state = self._collect(step)
-            rep_meta, rep_named = st.flatten_state(rep_state)
-            loc_meta, loc_named = st.flatten_state(loc_state)
+            rep_meta, rep_named = self._rep_flat.flatten(rep_state)
+            loc_meta, loc_named = self._loc_flat.flatten(loc_state)
             rep_tensors = [t for _, t in rep_named]
             inc = self.incremental
             frozen = inc.frozen_mask(rep_tensors) if inc is not None else ()
@@ -315,10 +324,10 @@ class Snapshotter:
                 log.warning("snapshotd: step %d skipped: %s%s", step, exc, _warn_limiter.held_note(held))
             return None
         self.stage_recorder.last_meta = loc_state.get("pipeline")
-        # The metadata is made of fresh containers and immutable leaves (flatten_state):
-        # the hand-off thread writes it as JSON, off the training thread.
-        meta = {"replicated": rep_meta, "local": loc_meta,
-                "world_size": self.world_size}  # for a reshard restore
+        # The metadata is made of fresh containers and immutable leaves (flatten_state,
+        # MetaText): the hand-off thread writes it as JSON, off the training thread.
+        # world_size: for a reshard restore.
+        meta = (rep_meta, loc_meta, self.world_size)
         skipped = self.copier.last_skipped
         stats = SaveStats(version=step, bytes=total, blocking_s=0.0, backpressure_s=t_bp,
                           bytes_copied=self.copier.last_bytes_copied,
@@ -377,14 +386,14 @@ class Snapshotter:
         """Names of the staging segments currently registered with the CUDA driver."""
         return self.copier.pinned_segments
 
-    def _handoff(self, name: str, seg, tmpl: pb.ShardManifest, meta: dict, stats: SaveStats,
+    def _handoff(self, name: str, seg, tmpl: pb.ShardManifest, meta: tuple, stats: SaveStats,
                  ev=None, next_version: int | None = None, token: int = 0,
                  hint: tuple | None = None) -> SaveStats:
         t0 = time.perf_counter()
         m = pb.ShardManifest()
         m.CopyFrom(tmpl)
         m.version = stats.version
-        m.meta_json = st.dumps_meta(meta)
+        m.meta_json = compose_meta_json(*meta)
         if ev is not None:  # this save's own event: the optimizer hook may have waited already
             ev.synchronize()
         if self.cfg.checksum_on_client and seg.buf is not None:

@@ -286,6 +286,26 @@ def capture_rng_state(packed: bool = False) -> dict:
             "torch": torch.get_rng_state(), "cuda": cuda}
 
 
+class PackedRngCapture:
+    """``capture_rng_state(packed=True)``, with python's state words made into a tensor
+    only when they changed since the last call (a loop that does not use ``random``
+    leaves them as they are). The tensor of an earlier call may be handed out again:
+    callers only read it (the Snapshotter copies it into the staging segment)."""
+
+    def __init__(self) -> None:
+        self._words: tuple | None = None
+        self._tensor: torch.Tensor | None = None
+
+    def __call__(self) -> dict:
+        d = capture_rng_state()
+        version, words, gauss = d["python"]
+        if words != self._words:
+            self._tensor = torch.from_numpy(np.array(words, dtype=np.int64))
+            self._words = words
+        d["python"] = (version, self._tensor, gauss)
+        return d
+
+
 def restore_rng_state(d: dict) -> None:
     """Set every RNG back to a ``capture_rng_state`` result (also after a
     flatten/JSON/unflatten round trip, or with lists where tuples were).
