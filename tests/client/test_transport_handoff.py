@@ -125,6 +125,8 @@ def test_used_only_for_an_ipc_file_beside_a_unix_socket(tmp_path, monkeypatch):
     cl._use_handoff("ipc:///elsewhere/d.sock.ho")
     assert cl.handoff is None
     cl.close()
+    monkeypatch.delenv(hw.ENV_HANDOFF)
+    monkeypatch.chdir(tmp_path)  # even where the endpoint's file name resolves
     tcp = DaemonClient("127.0.0.1:1")
     tcp._use_handoff("ipc://" + sock + ".ho")
     assert tcp.handoff is None
