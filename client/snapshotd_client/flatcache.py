@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ _I64 = 1 << 63
 _SCALARS = frozenset({type(None), bool, str, int, float, bytes})
 _KEYS = frozenset({type(None), bool, str, int})
 _enc_str = json.encoder.encode_basestring  # json.dumps(ensure_ascii=False) of a str
+_chain = chain.from_iterable
 _FLOAT_WORDS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
 
 
@@ -173,12 +175,20 @@ class _Builder:
 
 def _node(kind, tp, keys, ktypes, vtypes, kids, md):
     flag = "T" if all(k is _T for k in kids) else "S" if all(k is _S for k in kids) else ""
-    return (kind, tp, keys, ktypes, vtypes, tuple(kids), flag, md)
+    bulk = None
+    if kids and not flag and all(type(k) is tuple and k[0] == "m" and k[1] is dict
+                                 and k[6] == kids[0][6] in ("T", "S") for k in kids):
+        # children that are all plain dicts of tensors only (or scalars only), such as
+        # the optimizer's per-parameter states: checked together, a few passes in C
+        flag = "H" + kids[0][6]
+        bulk = ([tuple(k[2]) for k in kids], [t for k in kids for t in k[3]],
+                [t for k in kids for t in k[4]])
+    return (kind, tp, keys, ktypes, vtypes, tuple(kids), flag, md, bulk)
 
 
 def _match(x: Any, node, occ: list, vals: list) -> bool:
     """Does ``x`` have ``node``'s structure? Appends its tensors and scalar leaves."""
-    kind, tp, keys, ktypes, vtypes, kids, flag, md = node
+    kind, tp, keys, ktypes, vtypes, kids, flag, md, bulk = node
     if type(x) is not tp:
         return False
     if kind == "s":
@@ -205,6 +215,14 @@ def _match(x: Any, node, occ: list, vals: list) -> bool:
         occ.extend(vs)
     elif flag == "S":
         vals.extend(vs)
+    elif flag:  # "HT" / "HS": every value a plain dict of tensors / of scalars
+        ks = list(map(tuple, vs))
+        if ks != bulk[0] or list(map(type, _chain(ks))) != bulk[1]:
+            return False
+        leaves = list(_chain(map(dict.values, vs)))
+        if list(map(type, leaves)) != bulk[2]:
+            return False
+        (occ if flag == "HT" else vals).extend(leaves)
     else:
         for v, k in zip(vs, kids):
             if k is _T:
