@@ -216,3 +216,13 @@ def test_snapshotter_manifests_follow_every_change_and_restore(daemon):
     assert opt2.param_groups[0]["lr"] == 3e-3 and len(opt2.param_groups) == 2
     assert random.getstate() == rng["python"]
     assert torch.equal(torch.get_rng_state(), rng["torch"])
+
+
+def test_per_parameter_states_checked_together_still_see_a_renamed_key():
+    t = [torch.full((2,), float(i)) for i in range(4)]
+    fc = FlatCache()
+    _same_as_fresh(fc, {"state": {0: {"a": t[0], "b": t[1]}, 1: {"a": t[2], "b": t[3]}}})
+    _same_as_fresh(fc, {"state": {0: {"a": t[0], "b": t[1]}, 1: {"a": t[2], "c": t[3]}}})
+    _same_as_fresh(fc, {"state": {0: {"a": t[0], "b": t[1]}, 1: {"a": t[2], "c": 1}}})
+    _same_as_fresh(fc, {"state": {0: {"a": t[0], "b": t[1]}, 1: {"a": t[2], "c": 1.0}}})
+    assert fc.misses == 4
