@@ -262,6 +262,13 @@ class FlatCache:
         self.misses = 0
 
     def flatten(self, obj: Any) -> tuple[MetaText, list[tuple[str, torch.Tensor]]]:
+        """(metadata, [(name, tensor), ...]) as ``flatten_state`` gives them."""
+        meta, names, tensors = self.split(obj)
+        return meta, list(zip(names, tensors))
+
+    def split(self, obj: Any) -> tuple[MetaText, tuple[str, ...], list[torch.Tensor]]:
+        """``flatten`` with the names and the tensors apart; while the template holds,
+        the names are the same tuple object at every call."""
         t = self._tmpl
         if t is not None:
             occ: list = []
@@ -271,22 +278,25 @@ class FlatCache:
             except RecursionError:
                 ok = False
             if ok:
-                named = self._named(t, occ)
-                if named is not None:
+                tensors = self._tensors(t, occ)
+                if tensors is not None:
                     self.hits += 1
-                    return MetaText(parts=t[1], vals=vals), named
+                    return MetaText(parts=t[1], vals=vals), t[2], tensors
         self.misses += 1
         meta, named = st.flatten_state(obj)  # raises what a fresh walk raises
-        self._tmpl = _template(obj, meta, named)
-        return MetaText(meta=meta), named
+        self._tmpl = tmpl = _template(obj, meta, named)
+        names = tmpl[2] if tmpl is not None else tuple(n for n, _ in named)
+        return MetaText(meta=meta), names, [x for _, x in named]
 
     @staticmethod
-    def _named(t, occ: list):
-        names, pattern = t[2], t[3]
+    def _tensors(t, occ: list):
+        """The distinct tensors of ``occ`` (every tensor met, in order), or None when
+        the tensors met more than once are not those of the template."""
+        pattern = t[3]
         if pattern is None:
             if len(set(map(id, occ))) != len(occ):
                 return None  # a tensor now met twice
-            return list(zip(names, occ))
+            return occ
         first: dict[int, int] = {}
         pat = [first.setdefault(id(x), len(first)) for x in occ]
         if pat != pattern:
@@ -294,7 +304,7 @@ class FlatCache:
         uniq = [None] * len(first)
         for i, x in zip(pat, occ):
             uniq[i] = x
-        return list(zip(names, uniq))
+        return uniq
 
 
 def _template(obj: Any, meta: dict, named: list) -> tuple | None:

@@ -245,13 +245,13 @@ class Snapshotter:
             raise ValueError(f"rank {self.rank} is not in dp_ranks {ranks}")
         return ranks, ranks.index(self.rank)
 
-    def _plan(self, rep_named, loc_named, frozen: tuple[bool, ...] = ()):
-        ts = [t for _, t in rep_named] + [t for _, t in loc_named]
-        key = ([n for n, _ in rep_named], [n for n, _ in loc_named],
-               list(map(_DTYPE, ts)), list(map(_SHAPE, ts)), frozen)
+    def _plan(self, rep_names, rep_tensors, loc_names, loc_tensors, frozen: tuple[bool, ...] = ()):
+        ts = rep_tensors + loc_tensors
+        key = (rep_names, loc_names, list(map(_DTYPE, ts)), list(map(_SHAPE, ts)), frozen)
         if key != self._layout_key:
             dp_ranks, dp_index = self._dp()
-            lay = lo.plan_shard(rep_named, loc_named, len(dp_ranks), dp_index, frozen_first=frozen)
+            lay = lo.plan_shard(list(zip(rep_names, rep_tensors)), list(zip(loc_names, loc_tensors)),
+                                len(dp_ranks), dp_index, frozen_first=frozen)
             tmpl = pb.ShardManifest(
                 job_id=self.cfg.job_id, rank=self.rank, payload_bytes=lay.payload_bytes,
                 block_size_bytes=self.cfg.block_size_bytes, checksum_algo=mf.CHECKSUM_ALGO,
@@ -283,12 +283,11 @@ class Snapshotter:
                 self._ensure_registered()
                 staged = None
             rep_state, loc_state = self._collect(step)
-            rep_meta, rep_named = self._rep_flat.flatten(rep_state)
-            loc_meta, loc_named = self._loc_flat.flatten(loc_state)
-            rep_tensors = [t for _, t in rep_named]
+            rep_meta, rep_names, rep_tensors = self._rep_flat.split(rep_state)
+            loc_meta, loc_names, loc_tensors = self._loc_flat.split(loc_state)
             inc = self.incremental
             frozen = inc.frozen_mask(rep_tensors) if inc is not None else ()
-            lay, tmpl = self._plan(rep_named, loc_named, frozen)
+            lay, tmpl = self._plan(rep_names, rep_tensors, loc_names, loc_tensors, frozen)
             total = lay.payload_bytes
             if (staged is not None and staged[0] == step and staged[2].buf is not None
                     and staged[2].size >= total):
@@ -303,7 +302,7 @@ class Snapshotter:
                 seg = self.segments.get(name, writable=True)
             skip = inc.plan(name, lay, token, rep_tensors, frozen) if inc is not None else frozenset()
             try:
-                copy_done = self.copier.copy(seg, lay, rep_tensors, [t for _, t in loc_named], skip)
+                copy_done = self.copier.copy(seg, lay, rep_tensors, loc_tensors, skip)
             except BaseException:
                 if inc is not None:
                     inc.forget(name)  # what the segment holds now is unknown
