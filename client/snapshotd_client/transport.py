@@ -228,13 +228,16 @@ class DaemonClient:
         """AdoptShard over ``endpoint`` from now on, if this client reached the daemon
         through its Unix socket (the same host), the endpoint is an ``ipc://`` file and
         its file is found beside our socket path (the daemon may see that directory
-        under another path: a container's mount), and ``$SNAPSHOTD_HANDOFF`` is not
-        "grpc"; else over gRPC."""
+        under another path: a container's mount) owned by the socket's owner, and
+        ``$SNAPSHOTD_HANDOFF`` is not "grpc"; else over gRPC."""
         path = None
         if endpoint.startswith("ipc://") and self.target.startswith("unix:") and hw.enabled():
             sock = self.target[len("unix:"):]
             path = os.path.join(os.path.dirname(sock), os.path.basename(endpoint[len("ipc://"):]))
-            if not os.path.exists(path):
+            try:  # the daemon's own file: owned as its socket is
+                if os.stat(path).st_uid != os.stat(sock).st_uid:
+                    path = None
+            except OSError:
                 path = None
         old = self.handoff
         if old is not None and old.path == path:

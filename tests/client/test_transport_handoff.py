@@ -111,6 +111,7 @@ def test_no_reply_then_socket_gone_are_daemon_unavailable(path):
 
 def test_used_only_for_an_ipc_file_beside_a_unix_socket(tmp_path, monkeypatch):
     sock = str(tmp_path / "d.sock")
+    open(sock, "w").close()
     open(sock + ".ho", "w").close()
     cl = DaemonClient.for_socket(sock)
     cl._use_handoff("ipc:///elsewhere/d.sock.ho")  # the daemon's view of the directory
@@ -124,6 +125,18 @@ def test_used_only_for_an_ipc_file_beside_a_unix_socket(tmp_path, monkeypatch):
     monkeypatch.setenv(hw.ENV_HANDOFF, "grpc")
     cl._use_handoff("ipc:///elsewhere/d.sock.ho")
     assert cl.handoff is None
+    monkeypatch.delenv(hw.ENV_HANDOFF)
+    real_stat = os.stat
+    # A file of another owner than the socket's (planted in a shared directory) is not used.
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: os.stat_result(
+        (*real_stat(p, *a, **k)[:4], 4242, *real_stat(p, *a, **k)[5:])) if p.endswith(".ho")
+        else real_stat(p, *a, **k))
+    cl._use_handoff("ipc:///elsewhere/d.sock.ho")
+    assert cl.handoff is None
+    monkeypatch.setattr(os, "stat", real_stat)
+    cl._use_handoff("ipc:///elsewhere/d.sock.ho")
+    assert cl.handoff is not None
+    monkeypatch.setenv(hw.ENV_HANDOFF, "grpc")
     cl.close()
     monkeypatch.delenv(hw.ENV_HANDOFF)
     monkeypatch.chdir(tmp_path)  # even where the endpoint's file name resolves
