@@ -129,7 +129,7 @@ def test_used_only_for_an_ipc_file_beside_a_unix_socket(tmp_path, monkeypatch):
     real_stat = os.stat
     # A file of another owner than the socket's (planted in a shared directory) is not used.
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: os.stat_result(
-        (*real_stat(p, *a, **k)[:4], 4242, *real_stat(p, *a, **k)[5:])) if p.endswith(".ho")
+        (*real_stat(p, *a, **k)[:4], 4242, *real_stat(p, *a, **k)[5:])) if str(p).endswith(".ho")
         else real_stat(p, *a, **k))
     cl._use_handoff("ipc:///elsewhere/d.sock.ho")
     assert cl.handoff is None
