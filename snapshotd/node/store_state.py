@@ -104,8 +104,19 @@ class StoreState:
         return os.path.join(self.state_dir, "manifests", name + ".pb")
 
     def write_manifest(self, name: str, m) -> None:
-        with open(self.manifest_path(name), "wb") as f:
-            f.write(m.SerializeToString())
+        """Write the manifest of a segment being delivered (never of a committed one: a
+        torn write is of a version a restart abandons). Over the segment's earlier file
+        in place, not truncated to 0 first (on ext4 that, like a new file, costs a
+        write-back start and ~0.1 ms of CPU at every save; issue 16)."""
+        data = m.SerializeToString()
+        fd = os.open(self.manifest_path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, memoryview(data)[done:], done)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
     def unlink_manifest(self, name: str) -> None:
         try:
@@ -169,12 +180,14 @@ class StoreState:
         self.unlink_manifest(name)
 
     def forget_freed(self, job_id: str, freed) -> None:
-        """Slots the ledger freed ((rank, slot index)...): their manifests go."""
+        """Slots the ledger freed ((rank, slot index)...): their manifests go. The file
+        stays until the segment is released (the next delivery into the segment writes
+        over it; a restart reads manifests of committed slots only, and removes those
+        of segments it does not keep)."""
         for r, idx in freed:
             n = self._by_slot.get((job_id, r, idx))
             if n is not None:
                 self._held[n].manifest = None
-                self.unlink_manifest(n)
 
     # -- aux segments -------------------------------------------------------------------
     def add_aux(self, name: str, seg: shm.Segment, size: int) -> None:

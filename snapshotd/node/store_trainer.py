@@ -347,6 +347,10 @@ class TrainerStore:
             result = d.committed, led.committed_version
         if hook is not None:
             hook(m.job_id, m.version)
+            with st.lock:  # a node without peers commits in the hook: the reply says so
+                led = st.jobs.get(m.job_id)
+                if led is not None:
+                    result = result[0], led.committed_version
         return result
 
     def _abandon_dead(self, job_id: str, led) -> None:

@@ -6,6 +6,10 @@
 - The index and the round records are written in place into two slot files
   (node.docfile.DocFile): a write torn by a kill leaves the previous document, a restart
   reads the newest whole one, and a state directory of an earlier version is still read.
+- A daemon with no peers (one node, m = 0) commits on the adopting thread, not through
+  the commit worker's queue: the adoption's reply already names the version committed,
+  and the commit (index, round record) outlives a SIGKILL and restart.
+- Manifests are written over a segment's earlier file in place.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import os
 
 import pytest
 
+import clusterkit as tc
+from clusterkit import make_cluster  # noqa: F401 (fixture)
 from snapshotd.node import docfile
 from snapshotd.node.docfile import DocFile, read_doc
 from snapshotd.wire import manifest as mf
+from snapshotd.wire.manifest import block_checksums
 from snapshotd.wire import shm
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.errors import InvalidRequestError
@@ -122,3 +129,62 @@ def test_a_restarted_store_reads_the_newest_index_after_a_torn_one(make_store):
     assert again.register_job("j", 1) == 3
     _, m, seg = again.committed_shard("j", 0)
     assert m.version == 3 and bytes(seg.buf[:100]) == payload
+
+
+def test_manifests_are_written_in_place_and_read_back_after_a_restart(make_store):
+    s = make_store()
+    s.register_job("j", 1)
+    big, small = os.urandom(3 * BS), os.urandom(100)
+    assert _adopt(s, _manifest("j", 0, 1, big), big)[0]
+    name = s.state.name_at("j", 0, s.state.jobs["j"].committed_slot(0).index)
+    m1 = s.state.held(name).manifest
+    longer = pb.ShardManifest()
+    longer.CopyFrom(m1)
+    longer.meta_json = "x" * 1000
+    s.state.write_manifest(name, longer)
+    s.state.write_manifest(name, m1)  # over the longer one: nothing of it left behind
+    with open(s.state.manifest_path(name), "rb") as f:
+        assert pb.ShardManifest.FromString(f.read()) == m1
+    for v in (2, 3, 4):  # the ring of 3 slots: v4 reuses v1's segment, a shorter manifest
+        assert _adopt(s, _manifest("j", 0, v, small), small)[0]
+    s.close()
+    again = make_store()
+    assert again.register_job("j", 1) == 4
+    _, m, seg = again.committed_shard("j", 0)
+    assert m.version == 4 and bytes(seg.buf[:100]) == small
+
+
+def _write(c, v: int, data: bytes):
+    cl = c.client("n0")
+    cl.register_job(tc.JOB, 1, 1)
+    st = cl.acquire_staging(tc.JOB, 0, v, len(data))
+    seg = shm.open_segment(st.segment_name, writable=True)
+    seg.buf[:len(data)] = data
+    seg.close()
+    m = pb.ShardManifest(job_id=tc.JOB, rank=0, version=v, payload_bytes=len(data), block_size_bytes=c.bs,
+                         checksum_algo="xxh3_64", meta_json=json.dumps({"step": v}),
+                         tensors=[pb.TensorEntry(name="w", dtype="uint8", shape=[len(data)], offset=0,
+                                                 nbytes=len(data))])
+    m.block_checksums.extend(block_checksums(data, len(data), c.bs))
+    return cl.adopt(st.segment_name, m)
+
+
+def test_a_node_without_peers_commits_at_adoption_and_keeps_it_across_a_kill(make_cluster):
+    c = make_cluster(1, 0)
+    datas = {}
+    for v in range(1, 6):
+        datas[v] = os.urandom(150_000 + v)
+        resp = _write(c, v, datas[v])
+        # Committed before the reply (through the worker's queue it would come later).
+        assert resp.latest_committed_version == v and c.committed("n0") == v
+    assert read_doc(os.path.join(c.d, "n0", "cluster", f"{tc.JOB}.json"))["v"] == 5
+    c.crash_restart("n0")  # SIGKILL, shared memory kept
+    assert c.committed("n0") == 5
+    r = c.client("n0").open_shard(tc.JOB, 0)
+    seg = shm.open_segment(r.segment_name)
+    try:
+        assert bytes(seg.buf[:r.manifest.payload_bytes]) == datas[5]
+    finally:
+        seg.close()
+    assert _write(c, 6, os.urandom(1000)).latest_committed_version == 6  # and it goes on
+    assert c.cluster_status("n0") is not None

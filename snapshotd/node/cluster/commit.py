@@ -12,9 +12,18 @@ protocol; what a peer did not acknowledge is re-sent by the :class:`~.resend.Res
 until it is, or the version is committed or dropped: a failed delivery is never
 dropped (issue 18). It also fences (drops uncommitted rounds) and drops jobs.
 
+A node with no peers (one node, so no parity, in the only group: ``peerless``) has
+nothing to send: every action but the commit goes to nobody. There the actions are
+carried out at once on the thread that caused them (the adopting trainer's, through
+the store's commit hook), one event at a time, instead of through the worker's queue
+(issue 16: two thread hand-offs per save): what is left of them is sealing our (empty)
+parity at the vote and the protocol's next step; the commit and its round record are
+the same as in a cluster.
+
 Call order: construct; :meth:`start` (the worker and resend threads); events from any
 thread; :meth:`stop_worker` then join the threads. Thread-safety: protocol state only under
-``JobTable.lock``; sending (``deliver``) never holds it.
+``JobTable.lock``; sending (``deliver``) never holds it. Peerless, the events are
+serialised by one lock of their own (taken before the job table's or the store's).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from snapshotd.core import protocol as proto
 from snapshotd.core.blockmap import map_manifests
 from snapshotd.node.metrics import NullMetrics
 from snapshotd.node.peer import PeerUnavailableError, RemoteError
+from snapshotd.wire.ratelimit import WarningLimiter
 
 from . import peer_ops
 from .copies import RemoteCopies
@@ -57,6 +67,10 @@ CONTRIB_BATCH = 64
 # test_restore_verdict.py). Never set it in production.
 MISS_COMMIT_ENV = "SNAPSHOTD_TEST_MISS_COMMIT"
 
+# Peerless, a commit is logged at INFO at most this often per job (with the count of
+# those not shown); in a cluster every commit is (the chaos tools wait for the lines).
+COMMIT_LOG_INTERVAL_S = 60.0
+
 
 class CommitDriver:
     def __init__(self, *, spec, me: str, my_index: int, group: tuple[str, ...], block_size_bytes: int,
@@ -79,6 +93,10 @@ class CommitDriver:
         self._resend_thread: threading.Thread | None = None
         self._miss_commit = os.environ.get(MISS_COMMIT_ENV, "") == me
         self.delta = None  # .delta.DeltaParity (set by the node): deltas instead of whole blocks
+        # No peers: the actions run on the calling thread, one event at a time (module docstring).
+        self.peerless = self.n == 1 and not self.parent_nodes and not self.child_nodes
+        self._alone = threading.RLock()
+        self._commit_log = WarningLimiter(COMMIT_LOG_INTERVAL_S)
         if self._miss_commit:
             log.warning("node %s: TEST FAULT armed (%s): it ignores its peers' commit messages",
                         me, MISS_COMMIT_ENV)
@@ -98,6 +116,13 @@ class CommitDriver:
     # -- events ---------------------------------------------------------------------------
     def on_local_complete(self, job_id: str, v: int) -> None:
         """Every local rank delivered v (called by the store, outside its lock)."""
+        if self.peerless:
+            with self._alone:
+                self._on_local_complete(job_id, v)
+        else:
+            self._on_local_complete(job_id, v)
+
+    def _on_local_complete(self, job_id: str, v: int) -> None:
         shards = self.store.local_shards(job_id, v)
         ranks = [r for r, _, _ in shards]
         count = map_manifests(ranks, [m for _, m, _ in shards], self.bs).total_blocks
@@ -169,11 +194,30 @@ class CommitDriver:
 
     # -- actions ----------------------------------------------------------------------------
     def enqueue(self, job_id: str, acts: list) -> None:
+        if self.peerless and acts:
+            with self._alone:
+                for a in acts:
+                    self._carry_out_alone(job_id, a)
+            return
         for a in acts:
             if isinstance(a, proto.Commit):
                 self._commit(job_id, a.version)
             else:
                 self._actions.put((job_id, a))
+
+    def _carry_out_alone(self, job_id: str, a) -> None:
+        """An action of a peerless node, at once (under ``_alone``): what the worker would
+        do, less the sends to nobody (no announce, vote, report or word has a receiver;
+        with m = 0 no data block has a parity holder, so no contribution is read)."""
+        if isinstance(a, proto.Commit):
+            self._commit(job_id, a.version)
+        elif isinstance(a, proto.SendContributions):
+            with self.jobs.lock:
+                jp = self.jobs.get(job_id)
+                acts = jp.contributions_delivered(a.version) if jp is not None else []
+            self.enqueue(job_id, acts)
+        elif isinstance(a, proto.SendVote):
+            self.parity.seal(job_id, a.version)
 
     def _enqueue_resent(self, job_id: str, acts: list) -> None:
         for a in acts:
@@ -382,7 +426,12 @@ class CommitDriver:
         self._forget_acks(job_id, lambda x: x <= v)
         self.degraded.pop(job_id, None)
         self.metrics.committed(job_id, v)
-        log.info("job %s: version %d committed", job_id, v)
+        if not self.peerless:
+            log.info("job %s: version %d committed", job_id, v)
+            return
+        shown, held = self._commit_log.allow(job_id)
+        (log.info if shown else log.debug)("job %s: version %d committed%s", job_id, v,
+                                           self._commit_log.held_note(held) if shown else "")
 
     # -- restarts and drops ------------------------------------------------------------------
     def fence(self, job_id: str, broadcast: bool = False) -> None:
