@@ -9,7 +9,7 @@ leaves are tensors and which scalars), the pattern of tensors met twice -- and o
 match returns the last walk's tensor names with this call's tensors, and metadata whose
 JSON text (``MetaText.json()``) is the template's with this call's scalar leaves written
 in. Anything else (a new key or param group, a tensor where a scalar was, a scalar of
-another type, numpy arrays, keys that are not str/int/bool/None) is a full
+another type, keys that are not str/int/bool/None, dict subclasses) is a full
 ``flatten_state`` walk, which also raises its errors, and a new template.
 
 The result always equals what ``flatten_state`` gives for ``obj`` now: the same
@@ -124,7 +124,7 @@ class _Builder:
             return _Arr(x.dtype.str)
         if tp is list or tp is tuple:
             return self.seq(x, tp)
-        if isinstance(x, dict):
+        if tp is dict or tp is OrderedDict:  # subclasses: the full walk every time
             return self.mapping(x, tp)
         if tp in _SCALARS or (isinstance(x, np.generic) and tp is not np.ndarray):
             self.vals.append(x)

@@ -3,7 +3,9 @@
 Life of one ``save(step)`` (version = step):
  1) wait for the previous snapshot's hand-off to finish (back-pressure, rarely > 0);
  2) collect the state: model, optimizer, LR scheduler, extra state, RNG states, step
-    (tensors by reference, no copies) and lay it out (cached while shapes stay put);
+    (tensors by reference, no copies), flatten it (``flatcache.FlatCache``: the last
+    walk's template, checked in full at every save) and lay it out (cached while
+    names, dtypes and shapes stay put);
  3) take a staging segment (never the one holding the last committed version) and
     copy every tensor into it -- the only part that blocks training (with
     ``incremental=True``, frozen parameters the segment already holds are skipped:
@@ -12,7 +14,7 @@ Life of one ``save(step)`` (version = step):
     daemon here); otherwise it is asked for now. On CUDA the
     copies are issued on a side stream into pinned shared memory and training waits
     for them only before the next optimizer step;
- 4) in a background thread: write the manifest (JSON metadata) and hand the segment to
+ 4) in a background thread (``worker.HandoffWorker``): write the manifest (JSON metadata) and hand the segment to
     the daemon, which checksums and adopts it -- in the same call acquiring the
     staging segment of the next save expected; the version commits when every rank
     has delivered it.

@@ -8,15 +8,18 @@ the last test does it through a Snapshotter and a real daemon, and restores."""
 
 from __future__ import annotations
 
+import mmap
 import random
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 import pytest
 import torch
 
+from snapshotd_client import layout as lo
 from snapshotd_client import state as st
+from snapshotd_client.device_copy import StagingCopier
 from snapshotd_client.flatcache import FlatCache, compose_meta_json
 from snapshotd_client.snapshotter import Snapshotter
 from snapshotd_client.worker import HandoffWorker
@@ -134,6 +137,10 @@ def test_keys_of_other_types_and_unsupported_values_are_what_a_fresh_walk_gives(
     od._metadata = OrderedDict(x={"version": True})
     _same_as_fresh(fc, od)
     _same_as_fresh(fc, {"a": 1})
+    before = fc.misses
+    for _ in range(2):  # a dict subclass: no template, a full walk every time
+        _same_as_fresh(fc, {"a": defaultdict(int, x=1)})
+    assert fc.misses == before + 2
     for bad in ({S("a"): 1}, {"a": object()}, {"a": np.array(["s"])}):
         with pytest.raises(TypeError):
             fc.flatten(bad)
@@ -226,3 +233,26 @@ def test_per_parameter_states_checked_together_still_see_a_renamed_key():
     _same_as_fresh(fc, {"state": {0: {"a": t[0], "b": t[1]}, 1: {"a": t[2], "c": 1}}})
     _same_as_fresh(fc, {"state": {0: {"a": t[0], "b": t[1]}, 1: {"a": t[2], "c": 1.0}}})
     assert fc.misses == 4
+
+
+class _Seg:
+    def __init__(self, size):
+        self.name, self.size, self.buf = f"seg{size}", size, mmap.mmap(-1, size)
+
+
+def test_host_copy_mixes_typed_and_bits_views_and_takes_tensors_that_need_grad():
+    p = torch.nn.Parameter(torch.tensor([float("nan"), -0.0, 3.0]))
+    ts = [p.detach().requires_grad_(), torch.from_numpy(np.arange(5, dtype=np.uint32)),
+          torch.randn(3, dtype=torch.complex64), torch.ones(0), torch.arange(6.0).reshape(2, 3).t()]
+    named = [(f"t{i}", t) for i, t in enumerate(ts)]
+    lay = lo.plan_shard(named[:3], named[3:])
+    fast, slow = _Seg(lay.payload_bytes), _Seg(lay.payload_bytes)
+    c = StagingCopier()
+    for _ in range(2):  # the views made by the first copy serve the second
+        assert c.copy(fast, lay, ts[:3], ts[3:]) is None
+        assert fast.name in c._views
+        lo.copy_slice(slow.buf, lay.replicated, ts[:3], 0, lay.replicated_bytes, lay.replicated_bytes)
+        lo.copy_local(slow.buf, lay.local, ts[3:])
+        assert fast.buf[:] == slow.buf[:]
+        ts[2].mul_(2)
+    assert c.last_bytes_copied == sum(s.nbytes for s in lay.replicated + lay.local)
