@@ -91,7 +91,7 @@ class HandoffChannel:
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a live connection
         self._sock.setsockopt(zmq.RECONNECT_IVL, 50)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        self._mon = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._mon = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self._sock.connect(self.endpoint)
 
     def _drop(self) -> None:
@@ -109,6 +109,37 @@ class HandoffChannel:
         err.grpc_code = grpc.StatusCode.UNAVAILABLE
         return err
 
+    def _send(self, sock, mon, msg, t0: float, deadline: float) -> None:
+        """Send on a live connection. Without one, fail at once, as gRPC fails fast on a
+        daemon that refuses connections: when the socket file is gone, or a connection
+        attempt was refused (a SIGKILLed daemon's file, nobody listening: a save must not
+        wait for its restart); else wait for the connection a short while."""
+        if sock.poll(0, zmq.POLLOUT):
+            while mon.poll(0):
+                recv_monitor_message(mon)  # of earlier connections
+            try:
+                sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                self.sent += 1
+                return
+            except zmq.Again:  # the connection went in between
+                pass
+        while True:  # no connection (yet)
+            if not os.path.exists(self.path):
+                raise self._unavailable("the hand-off socket is gone")
+            while mon.poll(0):
+                if recv_monitor_message(mon)["event"] == zmq.EVENT_CONNECT_RETRIED:
+                    raise self._unavailable("the daemon is not listening (connection refused)")
+            now = time.monotonic()
+            if now > deadline or now - t0 > self.CONNECT_GRACE_S:
+                raise self._unavailable(f"cannot connect in {now - t0:.1f} s")
+            if sock.poll(20, zmq.POLLOUT):
+                try:
+                    sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                    self.sent += 1
+                    return
+                except zmq.Again:
+                    pass
+
     def call(self, request: pb.AdoptShardRequest, timeout_s: float) -> pb.AdoptShardResponse:
         body = request.SerializeToString()
         if len(body) > MAX_MESSAGE_BYTES:  # as grpc refuses to send it
@@ -125,21 +156,7 @@ class HandoffChannel:
             t0 = time.monotonic()
             deadline = t0 + timeout_s
             msg = hw.encode_request(rid, body, self._token, self._job_token)
-            while True:
-                if sock.poll(50, zmq.POLLOUT):
-                    while mon.poll(0):
-                        recv_monitor_message(mon)  # drops of earlier connections
-                    try:
-                        sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
-                        self.sent += 1
-                        break
-                    except zmq.Again:  # the connection went in between
-                        pass
-                now = time.monotonic()  # no connection (yet)
-                if not os.path.exists(self.path):
-                    raise self._unavailable("the hand-off socket is gone")
-                if now > deadline or now - t0 > self.CONNECT_GRACE_S:
-                    raise self._unavailable(f"cannot connect in {now - t0:.1f} s")
+            self._send(sock, mon, msg, t0, deadline)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(mon, zmq.POLLIN)
@@ -165,8 +182,8 @@ class HandoffChannel:
                     err.grpc_code = getattr(grpc.StatusCode, err.grpc_code_name, None)
                     raise err
                 if mon in ready:
-                    recv_monitor_message(mon)
-                    raise self._unavailable("the daemon dropped the connection during the call")
+                    if recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
+                        raise self._unavailable("the daemon dropped the connection during the call")
 
     def close(self) -> None:
         with self._lock:

@@ -15,6 +15,8 @@ from snapshotd.wire import handoff as hw
 from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd_client.transport import DaemonClient, HandoffChannel
 
+from clusterkit import wait_for
+
 
 class Router:
     """A ROUTER on an ipc file that answers each request with ``script(rid, parts)``
@@ -100,6 +102,7 @@ def test_no_reply_then_socket_gone_are_daemon_unavailable(path):
             ch.call(_req(), 0.2)
         r.close()
         os.unlink(path)
+        wait_for(lambda: not ch._sock.poll(0, zmq.POLLOUT), 20, "the channel to see the drop")
         with pytest.raises(errors.DaemonUnavailableError, match="socket is gone"):
             ch.call(_req(), 30)
         ch.close()
@@ -144,3 +147,27 @@ def test_used_only_for_an_ipc_file_beside_a_unix_socket(tmp_path, monkeypatch):
     tcp._use_handoff("ipc://" + sock + ".ho")
     assert tcp.handoff is None
     tcp.close()
+
+
+def test_a_refused_connection_fails_at_once(path):
+    """A SIGKILLed daemon leaves its socket file with nobody listening: the call fails
+    as soon as the connection is refused (as gRPC fails fast), not after a grace period,
+    so a save never waits for the daemon's restart; once it is back, the next call works."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)  # the file, with nobody listening on it
+    s.close()
+    ch = HandoffChannel(path, None, None)
+    ch.CONNECT_GRACE_S = 10.0  # (the mutant without the refusal check waits this long)
+    try:
+        with pytest.raises(errors.DaemonUnavailableError, match="not listening"):
+            ch.call(_req(), 10)
+        os.unlink(path)
+        r = Router(path, lambda rid, parts: [hw.encode_ok(rid, b"")])
+        try:
+            assert ch.call(_req(), 60) == pb.AdoptShardResponse()
+        finally:
+            r.close()
+    finally:
+        ch.close()

@@ -219,13 +219,24 @@ def test_malformed_frames_are_refused_and_the_daemon_keeps_serving(daemon):
     assert resp.committed and ch.calls == 1 and daemon.alive()
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP, and wait until the process is stopped (the signal takes effect later)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped():
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+    wait_for(stopped, 20, f"process {pid} to stop")
+
+
 def test_a_late_reply_is_dropped_by_its_request_id(daemon):
     cl = daemon.client()
     cl.register_job("late", 1)
     ch = cl.handoff
     assert cl.adopt(*_stage(cl, "late", 1, os.urandom(BS))).version == 1  # connected
     n2, m2 = _stage(cl, "late", 2, os.urandom(BS))
-    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    _stop(daemon.proc.pid)
     try:
         with pytest.raises(errors.DaemonUnavailableError, match="no reply in"):
             ch.call(pb.AdoptShardRequest(segment_name=n2, manifest=m2), timeout_s=0.3)
@@ -262,7 +273,7 @@ def test_daemon_sigkill_mid_call_and_restart_the_client_recovers(daemon):
         assert ch is not None and ch.calls == 3 and s._staged[0] == 4
         # The daemon dies with the hand-off of step 4 in flight: the call fails at once
         # (the connection drops), not at its 20 s deadline.
-        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        _stop(daemon.proc.pid)
         _train(m, opt)
         s.save(4)  # no call to the daemon before the hand-off
         wait_for(lambda: ch.sent == 4, 20, "the hand-off of step 4 to be sent")
