@@ -3,7 +3,9 @@
 ``StagingCopier.copy`` writes host tensors straight into the segment. With CUDA tensors
 it issues the copies on a side stream into page-locked (cudaHostRegister) shared memory
 and returns the CUDA event that marks their end; training waits for it (``wait``, the
-optimizer's step pre-hook) only before parameters change again.
+optimizer's step pre-hook) only before parameters change again. The model's buffers,
+which a forward pass may change in place (BatchNorm's running statistics), are copied
+from clones taken on the compute stream at the save.
 
 Call order: ``copy`` (training thread) -> ``wait`` (training thread, before the next
 optimizer step) ; ``unpin`` is SegmentCache's on_close, called before a mapping is
@@ -78,6 +80,28 @@ class StagingCopier:
         self._views: dict[str, tuple] = {}
         self.last_skipped: frozenset = frozenset()  # replicated tensors the last copy skipped
         self.last_bytes_copied = 0  # bytes the last copy wrote
+        self.model = None  # set by the Snapshotter: whose buffers a forward may change
+
+    def forward_mutable(self, rep_tensors) -> list[int]:
+        """Indices of the CUDA tensors among ``rep_tensors`` that are the model's buffers
+        (a forward pass may change them in place while the side stream copies)."""
+        model = self.model
+        if model is None:
+            return []
+        try:
+            ptrs = {b.data_ptr() for b in model.buffers() if b.is_cuda and b.numel()}
+        except (AttributeError, RuntimeError):  # a module without plain buffers
+            return []
+        if not ptrs:
+            return []
+        out = []
+        for i, t in enumerate(rep_tensors):
+            try:
+                if t.is_cuda and t.data_ptr() in ptrs:
+                    out.append(i)
+            except (AttributeError, RuntimeError):  # a DTensor or other subclass
+                continue
+        return out
 
     def copy(self, seg, lay, rep_tensors, loc_tensors, skip: frozenset = frozenset()):
         """Copy this rank's bytes into the staging segment; the CUDA event that marks the
@@ -106,6 +130,15 @@ class StagingCopier:
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
         side = self._side_stream
+        # The copy overlaps the next forward, which updates buffers in place (BatchNorm's
+        # running statistics): those are read from clones taken now, on the compute
+        # stream, so the snapshot holds this step's values (parameters and optimizer
+        # state change only in optimizer.step, whose pre-hook waits for the copy).
+        mutable = self.forward_mutable(rep_tensors)
+        if mutable:
+            rep_tensors = list(rep_tensors)  # the caller's list stays as it was
+            for i in mutable:
+                rep_tensors[i] = rep_tensors[i].clone()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             lo.copy_slice(buf, lay.replicated, rep_tensors, lay.slice_lo, lay.slice_hi,

@@ -132,6 +132,7 @@ class Snapshotter:
             target = "unix:" + (self.cfg.socket_path or cfgmod.default_socket_path())
         self.client = DaemonClient(target, token=self.cfg.token, timeout_s=self.cfg.timeout_s)
         self.copier = StagingCopier()
+        self.copier.model = model  # its CUDA buffers are copied from clones (device_copy)
         self.segments = SegmentCache(on_close=self.copier.unpin)
         self.loader = ProvidingLoader(ShardLoader(self.client, self.segments, self.cfg.job_id,
                                                   self.rank), self.providers)

@@ -98,3 +98,32 @@ def test_failed_cuda_call_leaves_no_stale_error():
     finally:
         assert _cuda_call("cudaHostUnregister", ptr) is None
     buf.close()
+
+
+def test_buffers_changed_by_the_next_forward_are_saved_as_they_were(daemon):
+    """The device copy overlaps the next forward pass, which updates BatchNorm's running
+    statistics in place: the snapshot must hold the values at save(), not a mix. The
+    state is made large (the buffers come last in the layout) so the copy is still
+    running when the forward changes them."""
+    from snapshotd_client import Snapshotter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 4096),
+                                torch.nn.BatchNorm1d(4096)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    snap = Snapshotter(model, opt, job_id="gpu-bn", socket_path=daemon.socket, rank=0, world_size=1)
+    x = torch.randn(64, 4096, device="cuda")
+    model(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    snap.save(1)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(5):  # forwards queued behind the save: they change the running stats
+        model(x)
+    snap.wait()
+    torch.cuda.synchronize()
+    assert not torch.equal(model[2].running_mean, want["2.running_mean"])  # they did change
+    assert snap.restore() == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    snap.close()
