@@ -49,6 +49,13 @@ class SnapshotterConfig:
     # Older snapshots still waiting for other ranks/nodes: wait this long for them to
     # commit (back-pressure), then give up the oldest (it was torn) and go on.
     inflight_wait_s: float = 10.0
+    # What a save does when this rank's staging slots all hold versions that have not
+    # committed yet (the pipeline behind: a slow or shared link, a peer rebuilding):
+    # "wait" (default) waits up to inflight_wait_s as above; "skip" skips this step's
+    # snapshot at once and keeps the versions in flight, so the snapshot interval
+    # stretches to what the daemons can carry and the training step never waits for
+    # them (the bounded-slowdown mode for a network the job shares, docs/SHAPED.md).
+    when_busy: str = field(default_factory=lambda: os.environ.get(cfgmod.ENV_WHEN_BUSY, "wait"))
     # Pipeline parallelism (for CheckFree): (stage index, number of stages) of this rank;
     # on the first / last stage the names of its embedding / de-embedding parameters
     # (edge_layers: never averaged, restored from the copies on the partner), and on a

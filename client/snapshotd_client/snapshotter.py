@@ -115,6 +115,8 @@ class Snapshotter:
             setattr(self.cfg, k, v)
         if self.cfg.on_daemon_unavailable not in ("warn", "raise"):
             raise ValueError("on_daemon_unavailable must be 'warn' or 'raise'")
+        if self.cfg.when_busy not in ("wait", "skip"):
+            raise ValueError(f"when_busy must be 'wait' or 'skip', got {self.cfg.when_busy!r}")
         if self.cfg.job_id is None:
             self.cfg.job_id, source = resolve_job_id()
             log.debug("snapshotd: job id %s from $%s", self.cfg.job_id, source)
@@ -132,7 +134,7 @@ class Snapshotter:
             target = "unix:" + (self.cfg.socket_path or cfgmod.default_socket_path())
         self.client = DaemonClient(target, token=self.cfg.token, timeout_s=self.cfg.timeout_s)
         self.copier = StagingCopier()
-        self.copier.model = model  # its CUDA buffers are copied from clones (device_copy)
+        self.copier.model = self.model  # its CUDA buffers are copied from clones (device_copy)
         self.segments = SegmentCache(on_close=self.copier.unpin)
         self.loader = ProvidingLoader(ShardLoader(self.client, self.segments, self.cfg.job_id,
                                                   self.rank), self.providers)
@@ -163,6 +165,7 @@ class Snapshotter:
         self.last_stats: SaveStats | None = None  # of the last completed hand-off
         self.last_blocking_s = 0.0  # how long the last save() held the training loop
         self.skipped = 0  # snapshots skipped because older ones had not committed yet
+        self.skipped_busy = 0  # of those, skipped at once by when_busy="skip"
         self.restored_approximate = False
         self.restored_method: str | None = None  # "exact", "resharded", "CheckFree" or "CheckFree+" after restore()
         self.restored_from_world_size: int | None = None  # the restored version's, when resharded
@@ -319,8 +322,12 @@ class Snapshotter:
             self._registered = False
             self._unavailable(f"snapshot of step {step}", exc)
             return None
-        except SnapshotInFlightError as exc:  # only if even a forced acquire failed
+        except SnapshotInFlightError as exc:  # when_busy="skip", or even a forced acquire failed
             self.skipped += 1
+            if self.cfg.when_busy == "skip":
+                self.skipped_busy += 1
+                log.debug("snapshotd: step %d skipped, older versions in flight: %s", step, exc)
+                return None
             ok, held = _warn_limiter.allow(("skipped", self.cfg.job_id, self.rank))
             if ok:
                 log.warning("snapshotd: step %d skipped: %s%s", step, exc, _warn_limiter.held_note(held))
@@ -376,6 +383,8 @@ class Snapshotter:
             except SnapshotSkippedError:
                 raise  # waiting would not help (the daemon says why): skip this step now
             except SnapshotInFlightError as exc:
+                if self.cfg.when_busy == "skip":
+                    raise  # save() counts it skipped; the versions in flight go on
                 if time.monotonic() >= deadline:
                     log.warning("snapshotd: %s; giving up the oldest uncommitted version", exc)
                     return self.client.acquire_staging(self.cfg.job_id, self.rank, step, total,

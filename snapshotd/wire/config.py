@@ -60,6 +60,7 @@ def default_memory_budget_bytes() -> int:
 # The durable tier (snapshotd.node.durable; docs/DURABLE.md): the daemon's flags' env vars,
 # also read by Snapshotter.restore()'s durable rung (the URL and the S3 endpoint).
 ENV_DURABLE_URL = "SNAPSHOTD_DURABLE_URL"
+ENV_WHEN_BUSY = "SNAPSHOTD_WHEN_BUSY"  # client: "wait" (default) or "skip", SnapshotterConfig.when_busy
 ENV_DURABLE_EVERY_VERSIONS = "SNAPSHOTD_DURABLE_EVERY_VERSIONS"
 ENV_DURABLE_EVERY_S = "SNAPSHOTD_DURABLE_EVERY_S"
 ENV_DURABLE_KEEP = "SNAPSHOTD_DURABLE_KEEP"
