@@ -25,6 +25,11 @@ One daemon cluster per snapshot configuration runs side by side in the same name
               bucket on its bulk peer bytes;
   ``marked``  ``--peer-dscp 8``: the daemon's peer connections carry CS1, so the link
               serves the job's all-reduce first and the parity in its gaps.
+  ``adaptive`` ``marked``, and the trainer's Snapshotter with ``when_busy="skip"``: a
+              save finding every staging slot held by a version still waiting for its
+              parity skips that step's snapshot instead of waiting, so the snapshot
+              interval stretches to what the link's gaps can carry (the share of steps
+              snapshotted is reported).
 
 The trainers (:mod:`bench.shaped_trainer`) hold a Snapshotter for each and interleave
 the configurations and ``none`` (no snapshots) in rounds (a snapshot after every
@@ -54,7 +59,7 @@ import tempfile
 import time
 
 MIB = 1 << 20
-CONFIGS = ("none", "local", "snap", "paced", "marked")
+CONFIGS = ("none", "local", "snap", "paced", "marked", "adaptive")
 LOW_DSCP = 8      # CS1, what the "marked" daemons set (--peer-dscp)
 LOW_SHARE = 0.02  # the low class's guaranteed share of the link
 
@@ -261,7 +266,7 @@ def run(a) -> dict:
         sn.create()
         taken: set = set()
         extra = {"snap": [], "paced": ["--peer-rate", str(peer_rate), "--peer-burst", str(a.peer_burst)],
-                 "marked": ["--peer-dscp", str(LOW_DSCP)]}
+                 "marked": ["--peer-dscp", str(LOW_DSCP)], "adaptive": ["--peer-dscp", str(LOW_DSCP)]}
         daemons: dict[str, list[tuple[dict, str]]] = {}  # config -> per rank: (cluster, node id)
         for c in [c for c in a.configs if c != "none"]:
             if c == "local":  # a one-node cluster per namespace: no parity, no peer traffic
@@ -366,7 +371,8 @@ def plot(res: dict, path: str) -> str:
     labels = {"none": "no snapshots", "local": "every step, m=0\n(no peer traffic)",
               "snap": "every step, m=1",
               "paced": f"m=1, --peer-rate\n{fmt_bytes(res['peer_rate_bytes_s'])}/s",
-              "marked": f"m=1, --peer-dscp {LOW_DSCP}"}
+              "marked": f"m=1, --peer-dscp {LOW_DSCP}",
+              "adaptive": f"m=1, --peer-dscp {LOW_DSCP}\n+ when_busy=skip"}
     fig, ax = plt.subplots(figsize=(9, 4.6))
     data = [[s * 1000 for s in cs[c]["step_s"]] for c in names]
     ax.boxplot(data, whis=(10, 90), showfliers=True, widths=0.5)
@@ -390,12 +396,14 @@ def plot(res: dict, path: str) -> str:
 
 def report(res: dict) -> str:
     lines = [f"{'config':<8} {'median ms':>10} {'p90 ms':>8} {'mean ms':>8} {'x median':>9} "
-             f"{'x mean':>7} {'x paired':>9} {'save ms':>8} {'link MiB/step':>14} {'daemon MiB/step':>16}"]
+             f"{'x mean':>7} {'x paired':>9} {'save ms':>8} {'saved':>6} {'link MiB/step':>14} {'daemon MiB/step':>16}"]
     for c, v in res["configs"].items():
         lines.append(f"{c:<8} {v['median_s'] * 1e3:>10.1f} {v['p90_s'] * 1e3:>8.1f} "
                      f"{v['mean_s'] * 1e3:>8.1f} {v['slowdown_median']:>9.3f} {v['slowdown_mean']:>7.3f} "
                      f"{v['slowdown_paired']:>9.3f} "
-                     f"{v['blocking_median_s'] * 1e3:>8.1f} {v['link_bytes_per_node_step'] / MIB:>14.2f} "
+                     f"{v['blocking_median_s'] * 1e3:>8.1f} "
+                     f"{(v['saved'] / v['steps'] if c != 'none' and v['steps'] else 0):>6.0%} "
+                     f"{v['link_bytes_per_node_step'] / MIB:>14.2f} "
                      f"{v['daemon_bytes_per_node_step'] / MIB:>16.2f}")
     return "\n".join(lines)
 
@@ -421,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout-s", type=float, default=900.0)
     p.add_argument("--configs", default=",".join(CONFIGS),
-                   help="which of none, local, snap, paced, marked to run (default all; 'none' "
+                   help="which of none, local, snap, paced, marked, adaptive to run (default all; 'none' "
                         "always runs)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="PNG of step time per configuration")

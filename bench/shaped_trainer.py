@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         name, sock = spec.split("=", 1)
         snaps[name] = Snapshotter(ddp, opt, job_id=f"{a.job}-{name}", socket_path=sock, rank=a.rank,
                                   world_size=a.world, local_world_size=1,
-                                  on_daemon_unavailable="raise")
+                                  on_daemon_unavailable="raise",
+                                  # the bounded-slowdown mode: skip a step rather than wait
+                                  when_busy="skip" if name == "adaptive" else "wait")
     configs = ["none", *snaps]
     res = {c: {"step_s": [], "tx_bytes": 0, "steps": 0, "drain_s": [], "blocking_s": [],
                "saved": 0, "skipped": 0, "last_committed": 0, "last_saved": 0} for c in configs}

@@ -38,7 +38,7 @@ def test_bench_shaped_tiny(tmp_path):
     _skip_or_fail()
     out, png = tmp_path / "r.json", tmp_path / "p.png"
     steps = 3
-    cmd = [sys.executable, "-m", "bench.bench_shaped", "--configs", "none,paced,marked",
+    cmd = [sys.executable, "-m", "bench.bench_shaped", "--configs", "none,paced,marked,adaptive",
            "--param-mib", "0.25", "--width", "256", "--batch", "16", "--warmup", "1",
            "--rounds", "1", "--steps", str(steps), "--rate-mbit", "1000",
            "--peer-rate-share", "0.5", "--timeout-s", "150", "--json", str(out), "--plot", str(png)]
@@ -51,7 +51,7 @@ def test_bench_shaped_tiny(tmp_path):
         pytest.fail(f"bench_shaped did not finish:\n{log[-3000:]}")
     assert p.returncode == 0, log[-3000:]
     r = json.loads(out.read_text())
-    assert set(r["configs"]) == {"none", "paced", "marked"}
+    assert set(r["configs"]) == {"none", "paced", "marked", "adaptive"}
     assert r["peer_rate_bytes_s"] == int(0.5 * 1000e6 / 8)
     d = r["state_bytes_per_rank"]
     assert d >= 0.25 * (1 << 20)
@@ -72,12 +72,18 @@ def test_bench_shaped_tiny(tmp_path):
         # the parity (m = 1: each node's data to the other) crossed the link as well
         assert c["daemon_bytes_per_node_step"] >= 0.9 * r["parity"] * d, (name, c)
         assert c["slowdown_median"] == pytest.approx(c["median_s"] / none["median_s"])
+    # adaptive (marked + when_busy="skip"): a step is saved or skipped, never waits; what
+    # was saved last committed after the drain
+    c = r["configs"]["adaptive"]
+    assert c["saved"] >= 1 and c["saved"] + c["skipped"] == steps, c
+    assert c["last_committed"] == c["last_saved"] > 0, c
     # the marked daemons' parity went through the low-priority class of every link,
     # the job's all-reduce (and the unmarked daemons) through the default one
-    marked_bytes = r["configs"]["marked"]["daemon_bytes_per_node_step"] * (steps + 1)  # + warm-up
+    marked_bytes = sum(r["configs"][n]["daemon_bytes_per_node_step"]
+                       for n in ("marked", "adaptive")) * (steps + 1)  # + warm-up
     for node in r["egress_class_bytes"]:
         assert node["1:20"] >= 0.9 * marked_bytes, (node, marked_bytes)
-        assert node["1:10"] >= (steps + 1) * 3 * 0.5 * d  # gloo in all three configurations
+        assert node["1:10"] >= (steps + 1) * 4 * 0.5 * d  # gloo in all four configurations
     assert png.stat().st_size > 1000
     # nothing left behind: our namespaces (and with them the veths and qdiscs) are gone
     assert len(r["netns"]) == r["nodes"]
