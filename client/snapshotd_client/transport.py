@@ -109,21 +109,28 @@ class HandoffChannel:
         err.grpc_code = grpc.StatusCode.UNAVAILABLE
         return err
 
-    def _send(self, sock, mon, msg, t0: float, deadline: float) -> None:
-        """Send on a live connection. Without one, fail at once, as gRPC fails fast on a
-        daemon that refuses connections: when the socket file is gone, or a connection
-        attempt was refused (a SIGKILLed daemon's file, nobody listening: a save must not
-        wait for its restart); else wait for the connection a short while."""
+    def _send(self, msg, t0: float, deadline: float, fresh: bool):
+        """Send on a live connection; returns (socket, monitor). Without one, fail at once,
+        as gRPC fails fast on a daemon that refuses connections: when the socket file is
+        gone, or a connection attempt was refused (a SIGKILLed daemon's file, nobody
+        listening: a save must not wait for its restart); else wait a short while."""
+        sock, mon = self._sock, self._mon
         if sock.poll(0, zmq.POLLOUT):
             while mon.poll(0):
                 recv_monitor_message(mon)  # of earlier connections
             try:
                 sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
                 self.sent += 1
-                return
+                return sock, mon
             except zmq.Again:  # the connection went in between
                 pass
-        while True:  # no connection (yet)
+        if not fresh:
+            # Not connected. What the socket saw before this call is stale (a daemon
+            # restarted since may not have been retried yet, ZeroMQ backs off): anew.
+            self._drop()
+            self._open()
+            sock, mon = self._sock, self._mon
+        while True:
             if not os.path.exists(self.path):
                 raise self._unavailable("the hand-off socket is gone")
             while mon.poll(0):
@@ -136,7 +143,7 @@ class HandoffChannel:
                 try:
                     sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
                     self.sent += 1
-                    return
+                    return sock, mon
                 except zmq.Again:
                     pass
 
@@ -148,15 +155,15 @@ class HandoffChannel:
         with self._lock:
             if self._closed:
                 raise self._unavailable("the channel was closed (a new registration replaced it)")
-            if self._sock is None:
+            fresh = self._sock is None
+            if fresh:
                 self._open()
-            sock, mon = self._sock, self._mon
             self._rid += 1
             rid = self._rid
             t0 = time.monotonic()
             deadline = t0 + timeout_s
             msg = hw.encode_request(rid, body, self._token, self._job_token)
-            self._send(sock, mon, msg, t0, deadline)
+            sock, mon = self._send(msg, t0, deadline, fresh)
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(mon, zmq.POLLIN)

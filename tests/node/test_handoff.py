@@ -288,10 +288,18 @@ def test_daemon_sigkill_mid_call_and_restart_the_client_recovers(daemon):
             s.save(step)
             assert s.wait().committed
         assert s.client.handoff is ch and ch.calls == 6
+        # Killed and restarted between two saves (the socket's connection attempts were
+        # refused meanwhile, and ZeroMQ backs off): the next save goes through at once.
+        daemon.kill()
+        daemon.start()
+        s._registered = False  # (what it staged ahead is gone: tests/client/test_incremental.py)
+        _train(m, opt)
+        s.save(8)
+        assert s.wait().committed and ch.calls == 7
     want = _state(m, opt)
     m2, opt2 = _model(4)
     with _snap(daemon, m2, opt2, "rs") as s2:
-        assert s2.restore() == 7
+        assert s2.restore() == 8
     assert all(torch.equal(a, b) for a, b in zip(want[0].values(), _state(m2, opt2)[0].values()))
 
 
