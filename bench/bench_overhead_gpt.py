@@ -168,15 +168,9 @@ def _rank_main(a) -> None:
 
 def _cpu_of(pids: list[int]) -> float:
     """CPU seconds (user + system) the processes ``pids`` used so far."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    from bench.common import proc_cpu_seconds
+
+    return sum(proc_cpu_seconds(pid) for pid in pids)
 
 
 def _summary_of(times_off, times_on, save_s, copy_s) -> dict:

@@ -91,9 +91,7 @@ def cpu_seconds(pid: int | None) -> float:
     """CPU seconds (user + system) process ``pid`` used so far; 0 without one."""
     if pid is None:
         return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cm.proc_cpu_seconds(pid)  # ns resolution: /proc/PID/stat's 10 ms ticks are too coarse
 
 
 class _Run:
