@@ -38,7 +38,7 @@ the slowdown against ``none`` (ratio of medians and of means, measured in the sa
 run), save() blocking, the bytes each node put on its link per step (veth counters)
 and what the daemons added to it.
 
-    sudo nice -n 10 .venv/bin/python -m bench.bench_shaped --nodes 2 --rate-mbit 1000 \\
+    sudo nice -n 10 .venv/bin/python -m bench.bench_shaped --nodes 2 --rate-mbit 1000 [--pin] \\
         --json docs/shaped/result.json --plot docs/shaped/step_time.png
 
 Every namespace, veth, bridge and qdisc it made is removed at exit, also on failure or
@@ -208,6 +208,19 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
 
 
+def _cpus(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def _pin_process(pid: int, cpus: list[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (sched_setaffinity takes one thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):
+            continue  # the thread exited meanwhile
+
+
 def summarize(ranks: list[dict], nodes: int) -> dict:
     """Per configuration: step-time figures of rank 0, slowdowns against ``none``, bytes
     per node and step on the links, and what the daemons added (over ``none``)."""
@@ -256,6 +269,10 @@ def run(a) -> dict:
     why = unavailable()
     if why:
         raise RuntimeError(f"cannot run the shaped-link experiment: {why}")
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.pin and len(cpus) < 2:
+        raise RuntimeError("--pin needs at least 2 CPUs (trainers on the first, daemons on the rest)")
+    trainer_cpus, daemon_cpus = cpus[:max(1, len(cpus) // 2)], cpus[max(1, len(cpus) // 2):]
     link_bytes_s = a.rate_mbit * 1e6 / 8
     peer_rate = int(a.peer_rate_share * link_bytes_s)
     work = tempfile.mkdtemp(prefix="bench-shaped-")
@@ -285,7 +302,8 @@ def run(a) -> dict:
         for i in range(a.nodes):  # while the daemons start (importing torch takes a while)
             out = os.path.join(work, f"rank{i}.json")
             outs.append(out)
-            cmd = ["ip", "netns", "exec", sn.net.ns(i), sys.executable, "-m", "bench.shaped_trainer",
+            pin = ["taskset", "-c", _cpus(trainer_cpus)] if a.pin else []
+            cmd = ["ip", "netns", "exec", sn.net.ns(i), *pin, sys.executable, "-m", "bench.shaped_trainer",
                    "--rank", str(i), "--world", str(a.nodes), "--master", f"{sn.net.addr(0)}:{port}",
                    "--ifname", sn.peer_link(i), "--param-mib", str(a.param_mib),
                    "--width", str(a.width), "--batch", str(a.batch), "--warmup", str(a.warmup),
@@ -301,6 +319,8 @@ def run(a) -> dict:
         for info in clusters.values():
             for n, proc in info.pop("procs").items():
                 lc.wait_ready(info["dir"], n, proc)
+                if a.pin:  # every thread it has now; later ones inherit the mask
+                    _pin_process(proc.pid, daemon_cpus)
         if sn.netem is False:
             say("this kernel has no netem qdisc: links shaped by HTB only, no added delay")
         say(f"{a.nodes} namespaces, links {a.rate_mbit:g} Mbit/s + {a.delay_ms if sn.netem else 0:g} ms, "
@@ -328,6 +348,8 @@ def run(a) -> dict:
                "netns": [sn.net.ns(i) for i in range(a.nodes)],
                # per node, the whole run: what its egress sent in each class (1:20 = DSCP CS1)
                "egress_class_bytes": classes,
+               "pinned": {"trainers": trainer_cpus, "daemons": daemon_cpus} if a.pin else None,
+               "trainer_cpus": [r.get("cpus") for r in ranks],  # as each rank saw its mask
                "rate_mbit": a.rate_mbit, "delay_ms": a.delay_ms if sn.netem else 0.0,
                "delay_note": None if sn.netem or a.delay_ms <= 0 else "kernel without sch_netem: no delay added",
                "queue_ms": a.queue_ms,
@@ -382,7 +404,9 @@ def plot(res: dict, path: str) -> str:
     ax.set_ylabel("step time (ms), rank 0")
     ax.set_title(f"DDP (gloo) on {res['nodes']} nodes, links {res['rate_mbit']:g} Mbit/s "
                  f"+ {res['delay_ms']:g} ms, m={res['parity']}, "
-                 f"{fmt_bytes(res['state_bytes_per_rank'])} state/rank", fontsize=9)
+                 f"{fmt_bytes(res['state_bytes_per_rank'])} state/rank"
+                 + (f"; trainers on CPU {_cpus(res['pinned']['trainers'])}, daemons on "
+                    f"{_cpus(res['pinned']['daemons'])}" if res.get("pinned") else ""), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     m = res["machine"]
     fig.text(0.01, 0.01, f"{m['cpu']}, {m['cores']} cores, load {m['loadavg_at_start']}, "
@@ -415,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-mbit", type=float, default=1000.0, help="each link's rate (default 1000)")
     p.add_argument("--delay-ms", type=float, default=0.5, help="one-way delay per link end (default 0.5)")
     p.add_argument("--queue-ms", type=float, default=5.0, help="tbf queue, in ms of line rate (default 5)")
+    p.add_argument("--pin", action="store_true",
+                   help="trainers on the first half of the CPUs, every daemon thread on the other "
+                        "half (a node whose daemon has cores of its own: isolates the link's "
+                        "effect from the daemons' CPU on a machine with few cores)")
     p.add_argument("--peer-rate-share", type=float, default=0.5,
                    help="the paced cluster's --peer-rate as a share of the link rate (default 0.5)")
     p.add_argument("--peer-burst", type=int, default=1 * MIB)

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             block(cfg, a.steps, record=True)
     with open(a.out + ".tmp", "w") as f:
         json.dump({"rank": a.rank, "state_bytes": state_bytes, "configs": res,
+                   "cpus": sorted(os.sched_getaffinity(0)),
                    "params": sum(t.numel() for t in model.parameters())}, f)
     os.replace(a.out + ".tmp", a.out)
     for s in snaps.values():

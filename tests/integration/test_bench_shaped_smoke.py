@@ -42,6 +42,9 @@ def test_bench_shaped_tiny(tmp_path):
            "--param-mib", "0.25", "--width", "256", "--batch", "16", "--warmup", "1",
            "--rounds", "1", "--steps", str(steps), "--rate-mbit", "1000",
            "--peer-rate-share", "0.5", "--timeout-s", "150", "--json", str(out), "--plot", str(png)]
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        cmd.append("--pin")  # trainers on the first half of the CPUs, daemons on the rest
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = p.communicate(timeout=200)
@@ -53,6 +56,10 @@ def test_bench_shaped_tiny(tmp_path):
     r = json.loads(out.read_text())
     assert set(r["configs"]) == {"none", "paced", "marked", "adaptive"}
     assert r["peer_rate_bytes_s"] == int(0.5 * 1000e6 / 8)
+    if len(cpus) >= 2:
+        half = max(1, len(cpus) // 2)
+        assert r["pinned"] == {"trainers": cpus[:half], "daemons": cpus[half:]}
+        assert r["trainer_cpus"] == [cpus[:half]] * r["nodes"]  # the ranks ran there
     d = r["state_bytes_per_rank"]
     assert d >= 0.25 * (1 << 20)
     for name, c in r["configs"].items():
