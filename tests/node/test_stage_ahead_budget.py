@@ -96,7 +96,8 @@ def _deliver(c: Cluster, node: str, version: int, data: bytes, next_version: int
     return resp, m
 
 
-def test_a_staged_ahead_slot_leaves_room_for_the_parity_the_version_in_flight_needs(make_budget_cluster):
+def _with_v1_committed(make_budget_cluster):
+    """A budget cluster with version 1 committed, and every node's payload of versions 1-3."""
     payload, parity, budget = _sizes()
     c = make_budget_cluster(N, M, budget)
     data = {(v, node): random.Random(f"{v}/{node}").randbytes(payload)
@@ -104,6 +105,12 @@ def test_a_staged_ahead_slot_leaves_room_for_the_parity_the_version_in_flight_ne
     for node in c.nodes:
         _deliver(c, node, 1, data[(1, node)])
     c.wait_committed(1, timeout_s=COMMIT_WAIT_S)
+    return c, data
+
+
+def test_a_staged_ahead_slot_leaves_room_for_the_parity_the_version_in_flight_needs(make_budget_cluster):
+    payload, _, budget = _sizes()
+    c, data = _with_v1_committed(make_budget_cluster)
 
     # v2 with the stage-ahead of v3 on every node (what a Snapshotter saving at a steady
     # interval asks for).
@@ -133,13 +140,8 @@ def test_a_staged_ahead_slot_leaves_room_for_the_parity_the_version_in_flight_ne
     "stage-ahead) may take the room the version in flight still needs for its parity "
     "buffer; nothing then frees it (a force acquire reuses slots, it frees no memory)"))
 def test_a_real_acquire_of_the_next_version_leaves_room_for_the_parity_in_flight(make_budget_cluster):
-    payload, parity, budget = _sizes()
-    c = make_budget_cluster(N, M, budget)
-    data = {(v, node): random.Random(f"{v}/{node}").randbytes(payload)
-            for v in (1, 2, 3) for node in c.nodes}
-    for node in c.nodes:
-        _deliver(c, node, 1, data[(1, node)])
-    c.wait_committed(1, timeout_s=COMMIT_WAIT_S)
+    payload, _, budget = _sizes()
+    c, data = _with_v1_committed(make_budget_cluster)
     first, last = c.nodes[0], c.nodes[-1]
     for node in c.nodes[:-1]:  # v2's layout is not known yet: no parity buffer of v2 anywhere
         _deliver(c, node, 2, data[(2, node)])
