@@ -27,7 +27,7 @@ from snapshotd_client import layout as lo
 
 log = logging.getLogger("snapshotd_client")
 
-_PLAIN_TENSOR = {torch.Tensor}
+_PLAIN_TENSOR = frozenset({torch.Tensor, torch.nn.Parameter})  # modstate hands parameters as they are
 _IS_CUDA = operator.attrgetter("is_cuda")
 # dtypes whose same-dtype copy_ moves the bits as they are (no value conversion: NaN
 # payloads and -0.0 kept); the host fast path copies them without a bits view
@@ -171,7 +171,7 @@ class StagingCopier:
                 return False
             self._views[seg.name] = (seg, lay, plan)  # unpin() drops it before unmapping
         views, dst_all, idx_all, nbytes_all, bits_at = plan
-        if len(tensors) != len(views) or set(map(type, tensors)) != _PLAIN_TENSOR:
+        if len(tensors) != len(views) or not _PLAIN_TENSOR.issuperset(map(type, tensors)):
             return False
         if not skip:
             dst = dst_all

@@ -50,6 +50,9 @@ import torch
 _MAX_RECORDS = 4
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _fingerprint(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t._version, t.stride()
 
@@ -166,7 +169,7 @@ class IncrementalTracker:
 
 
 def _candidate(t: torch.Tensor) -> bool:
-    if type(t) is not torch.Tensor or t.is_conj() or t.is_neg():
+    if type(t) not in _PLAIN or t.is_conj() or t.is_neg():  # parameters: from modstate
         return False
     try:
         t._version

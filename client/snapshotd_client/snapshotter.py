@@ -61,6 +61,7 @@ from snapshotd_client.device_copy import StagingCopier
 from snapshotd_client.flatcache import FlatCache, compose_meta_json
 from snapshotd_client.incremental import IncrementalTracker
 from snapshotd_client.loader import ShardLoader
+from snapshotd_client.modstate import ModelState
 from snapshotd_client.providers import (ProvidingLoader, StateProviders, ensure_visible_logging,
                                         unwrap_model)
 from snapshotd_client.transport import DaemonClient, SegmentCache
@@ -155,6 +156,7 @@ class Snapshotter:
         self._rep_flat = FlatCache()
         self._loc_flat = FlatCache()
         self._rng = st.PackedRngCapture()
+        self._model_state = ModelState(self.model)
         # The staging segment of the next save, acquired by the hand-off thread once the
         # saves come at a steady interval (see _stage_next): (version, name, mapping, token).
         self._staged: tuple | None = None
@@ -205,7 +207,7 @@ class Snapshotter:
     # -- state collection ------------------------------------------------------------
     def _collect(self, step: int) -> tuple[dict, dict]:
         """(replicated state, this rank's own state), tensors by reference."""
-        rep = {"model": self.model.state_dict()}
+        rep = {"model": self._model_state()}  # state_dict(), its walk cached (modstate)
         if self.optimizer is not None:
             rep["optimizer"] = self.optimizer.state_dict()
         local = {"step": step, "rng": self._rng()}
