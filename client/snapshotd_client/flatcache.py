@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from itertools import chain
+from operator import is_ as _is
 from typing import Any
 
 import numpy as np
@@ -74,21 +75,36 @@ def _scalar_json(v: Any) -> str:
 
 
 class MetaText:
-    """The metadata of one flatten, written as JSON text on demand (``json()``)."""
+    """The metadata of one flatten, written as JSON text on demand (``json()``).
 
-    __slots__ = ("_meta", "_parts", "_vals")
+    ``memo``: a one-item list shared by the MetaTexts of one template, holding the
+    scalar values and their texts of the last ``json()``; a value that is the very same
+    object as the last one's at its position (an unchanged LR, the param-group indices,
+    flags) reuses its text, so only the values that changed are written. An identical
+    object is an identical immutable scalar of the same type, so its text is the same;
+    the memo holds the objects, so their ids are not reused meanwhile."""
 
-    def __init__(self, meta: dict | None = None, parts: tuple = (), vals: list | None = None):
-        self._meta, self._parts, self._vals = meta, parts, vals
+    __slots__ = ("_meta", "_parts", "_vals", "_memo")
+
+    def __init__(self, meta: dict | None = None, parts: tuple = (), vals: list | None = None,
+                 memo: list | None = None):
+        self._meta, self._parts, self._vals, self._memo = meta, parts, vals, memo
 
     def json(self) -> str:
         if self._meta is not None:
             return st.dumps_meta(self._meta)
-        parts, vals = self._parts, self._vals
-        out = [parts[0]]
-        for v, p in zip(vals, parts[1:]):
-            out.append(_scalar_json(v))
-            out.append(p)
+        parts, vals, memo = self._parts, self._vals, self._memo
+        last = memo[0] if memo is not None else None
+        if last is not None and len(last[0]) == len(vals):
+            texts = [t if same else _scalar_json(v)
+                     for v, t, same in zip(vals, last[1], map(_is, vals, last[0]))]
+        else:
+            texts = list(map(_scalar_json, vals))
+        if memo is not None:
+            memo[0] = (vals, texts)  # one assignment: another thread sees the old or the new pair
+        out = [None] * (2 * len(vals) + 1)
+        out[0::2] = parts
+        out[1::2] = texts
         return "".join(out)
 
 
@@ -256,7 +272,7 @@ class FlatCache:
 
     def __init__(self) -> None:
         # (root node, text parts, names, pattern of the tensor occurrences or None when
-        # each tensor occurs once, number of distinct tensors)
+        # each tensor occurs once, the MetaTexts' memo)
         self._tmpl: tuple | None = None
         self.hits = 0
         self.misses = 0
@@ -281,7 +297,7 @@ class FlatCache:
                 tensors = self._tensors(t, occ)
                 if tensors is not None:
                     self.hits += 1
-                    return MetaText(parts=t[1], vals=vals), t[2], tensors
+                    return MetaText(parts=t[1], vals=vals, memo=t[4]), t[2], tensors
         self.misses += 1
         meta, named = st.flatten_state(obj)  # raises what a fresh walk raises
         self._tmpl = tmpl = _template(obj, meta, named)
@@ -335,4 +351,4 @@ def _template(obj: Any, meta: dict, named: list) -> tuple | None:
     if MetaText(parts=parts, vals=b.vals).json() != st.dumps_meta(meta):
         return None
     names = tuple(n for n, _ in named)
-    return (root, parts, names, None if len(first) == len(pattern) else pattern)
+    return (root, parts, names, None if len(first) == len(pattern) else pattern, [None])
