@@ -1,7 +1,7 @@
-"""A small JSON document the daemon rewrites at every commit, in one write, never torn.
+"""A small document the daemon rewrites at every commit, in one write, never torn.
 
 The durable index (``state_dir/index.json``) and each job's round record
-(``state_dir/cluster/<job>.json``) used to be written to a temporary file and renamed
+(``state_dir/cluster/<job>.rec``; ``<job>.json`` before) used to be written to a temporary file and renamed
 over the old one. On ext4 that costs ~120 us of CPU and ~200 us of wall time per file
 (a new inode, and the rename of a written file over another starts its write-back),
 twice per save (issue 16). :class:`DocFile` keeps the document in two slot files
@@ -19,7 +19,9 @@ write did, so what a caller acknowledges after it (a commit) is what a restarted
 reads. As before, nothing is fsynced: the files serve a daemon that died and restarts on
 the same machine (a machine crash takes /dev/shm, so the segments they name, with it).
 
-The document stays readable text for operators (skip the first line). A path written
+The index stays readable text for operators (skip the first line); :meth:`DocFile.save_bytes`
+and :meth:`DocFile.load_body` take any bytes (a round record's file is a JSON line and the
+record message, see :mod:`snapshotd.node.cluster.records`). A path written
 by an earlier version (the plain JSON file ``<path>``) is read when no slot holds a
 document, and removed after the first save in the new form.
 
@@ -82,6 +84,18 @@ class DocFile:
     def load(self):
         """The newest whole document (parsed JSON), or None when there is none. A plain
         file of an earlier version is parsed as it is (ValueError if it is not JSON)."""
+        body = self.load_body()
+        if body is not None:
+            return json.loads(body)
+        if self._legacy:
+            with open(self.path) as f:
+                return json.load(f)
+        return None
+
+    def load_body(self) -> bytes | None:
+        """The bytes of the newest whole document in the slots (None when there is none;
+        the plain file of an earlier version is not read here, see :meth:`load`). For a
+        document that is not JSON (:meth:`save_bytes`)."""
         best, self._loaded = None, True
         for i, slot in enumerate(self.slots):
             try:
@@ -97,24 +111,19 @@ class DocFile:
             if best is None or got[0] > best[0]:
                 best = got
         self._legacy = os.path.exists(self.path)
-        if best is not None:
-            self._seq = best[0]
-            return json.loads(best[1])
-        if self._legacy:
-            with open(self.path) as f:
-                return json.load(f)
-        return None
+        if best is None:
+            return None
+        self._seq = best[0]
+        return best[1]
 
     def save(self, doc) -> None:
         """Write ``doc`` (JSON-able) over the older slot; returns once it is written."""
         self.save_bytes(json.dumps(doc).encode())
 
     def save_bytes(self, body: bytes) -> None:
+        """Write ``body`` (any bytes: read back by :meth:`load_body`) over the older slot."""
         if not self._loaded:  # the next slot and number follow the newest document on disk
-            try:
-                self.load()
-            except ValueError:  # a damaged plain file: replaced by this save
-                pass
+            self.load_body()  # (a plain file of an earlier version, damaged or not, is replaced)
         seq = self._seq + 1
         i = seq & 1
         data = encode(seq, body)

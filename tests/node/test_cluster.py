@@ -34,7 +34,7 @@ from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd.wire.manifest import block_checksums
 from snapshotd.node.cluster import peer_ops
 from snapshotd.node.peer import PeerAuthError, PeerClient, RemoteError
-from snapshotd.node.docfile import DocFile, read_doc
+from snapshotd.node.docfile import DocFile
 from snapshotd.core.recovery import plan_recovery
 from snapshotd.node.spec_file import load_spec
 from snapshotd_client.transport import DaemonClient
@@ -450,7 +450,7 @@ def test_round_record_is_served_typed_checked_whole_and_persisted_as_before(tmp_
     import base64
     from google.protobuf.internal.encoder import _VarintBytes
     from snapshotd.node.cluster.jobs import JobTable
-    from snapshotd.node.cluster.records import RoundRecords, record_from_json, record_to_json
+    from snapshotd.node.cluster.records import RoundRecords, read_record, record_from_json, record_to_json
     from snapshotd.node.peer import peer_pb2 as ppb
 
     group, mans = ("n0", "n1", "n2"), {"n0": [b"m0"], "n1": [b"m1a", b""], "n2": []}
@@ -512,9 +512,12 @@ def test_round_record_is_served_typed_checked_whole_and_persisted_as_before(tmp_
     rr = records(_Store())
     rr.load()  # a restart over the old file re-adopts the round
     assert rr.round_record("j", 3) == rec and rr.jobs.job("j").committed_version == 3
-    rr.save("j", 3)  # and writes the same document back (no parity buffer here)
-    assert read_doc(str(tmp_path / "cluster" / "j.json")) == {
-        **old_doc, "rank_nodes": {"0": "n0", "1": "n1", "2": "n1"}}
+    rr.save("j", 3)  # and writes the same record back, in this version's file (no parity buffer here)
+    assert read_record(str(tmp_path), "j") == {**old_doc, "rank_nodes": {"0": "n0", "1": "n1", "2": "n1"}}
+    assert sorted(os.listdir(tmp_path / "cluster")) == ["j.rec.b"]  # the earlier version's file: gone
+    reread = records(_Store())
+    reread.load()
+    assert reread.round_record("j", 3) == rec and reread.jobs.job("j").committed_version == 3
 
     # The round op serves the message as its payload; a peer reads it back checked.
     ops = peer_ops.PeerOps(me="n0", n=3, block_size_bytes=4, store=None, jobs_table=None,
@@ -557,7 +560,13 @@ def test_round_record_is_served_typed_checked_whole_and_persisted_as_before(tmp_
     assert got == rec and holders == ["n2"] and fresh.jobs.get("j") is None
     served.update(n2=refused["does not parse"])
     assert fresh.retained_round("j", 3, ["n1", "n2"]) == (None, [])
-    # A damaged file is refused at load, naming it, with nothing installed.
+    # A damaged file is refused at load, naming it, with nothing installed: this version's
+    # (a record that does not parse) and an earlier version's.
+    DocFile(str(tmp_path / "cluster" / "j.rec")).save_bytes(b'{"format": 2, "v": 3}\n\xff\xff')
+    with pytest.raises(ValueError, match="j.rec: not a round record"):
+        fresh.load()
+    assert fresh.jobs.get("j") is None
+    DocFile(str(tmp_path / "cluster" / "j.rec")).delete()
     DocFile(str(tmp_path / "cluster" / "j.json")).save({**old_doc, "announces": {"n0": {}}})
     with pytest.raises(ValueError, match="j.json: not a round record"):
         fresh.load()

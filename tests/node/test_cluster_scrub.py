@@ -33,7 +33,7 @@ from snapshotd.core.integrity import (
     stripe_shards,
 )
 from snapshotd.node.peer import PeerProtocolError, PeerUnavailableError, RemoteError
-from snapshotd.node.docfile import read_doc
+from snapshotd.node.cluster.records import read_record
 from snapshotd.core import placement as pl
 from snapshotd.core.placement import place_group
 from snapshotd.core.recovery import plan_recovery
@@ -177,7 +177,7 @@ class ScrubCluster(tc.Cluster):
         par = [x for x in names if f".{JOB}.parity." in x]
         assert par, (node, names, st)
         # pooled (released) segments share the prefix; the committed one is in the record
-        name = read_doc(os.path.join(self.d, node, "cluster", f"{JOB}.json"))["parity"]["name"]
+        name = read_record(os.path.join(self.d, node), JOB)["parity"]["name"]
         assert name in par, (name, par)
         return name
 

@@ -14,13 +14,21 @@ are, :meth:`bounded_counts`); one that fails is refused (``ValueError`` naming w
 wrong), never half-installed. Manifests stay the bytes their node announced: the readers
 parse and check them (rebuild, degraded reads), as before.
 
-On disk the record stays a JSON document, one per job under the store's state
-directory (``cluster/<job>.json``, kept in two slot files ``<job>.json.a``/``.b`` by
-:class:`~snapshotd.node.docfile.DocFile`: one write per commit, never torn; the keys ``v``, ``counts``, ``world_size``,
-``rank_nodes``, ``announces`` of earlier versions, plus our parity buffer's ``parity``
-index and checksums), so a daemon restarted over a state directory written by an earlier
-version re-adopts its commit and parity, and operators can read it. The one conversion
-each way is :func:`record_to_json` / :func:`record_from_json`.
+On disk (this version) the record is the message itself: one file per job under the
+store's state directory, ``cluster/<job>.rec``, kept in two slot files ``<job>.rec.a``/``.b``
+by :class:`~snapshotd.node.docfile.DocFile` (one write per commit, never torn), whose
+document is one line of JSON (``format``, ``v`` and our parity buffer's ``parity`` index
+and checksums) and then the ``RoundRecord``'s bytes (:func:`encode_record_file`). Earlier
+versions wrote a JSON document with every manifest in base64 (``cluster/<job>.json``, the
+keys ``v``, ``counts``, ``world_size``, ``rank_nodes``, ``announces``, ``parity``); at
+every commit that cost more CPU than anything else the daemon does for a save (issue 16).
+Such a file is still read (:func:`record_from_json`): a daemon restarted over a state
+directory of an earlier version re-adopts its commit and parity, takes whichever of the two
+files holds the newer version, and removes the old one after its first save. A daemon of
+an earlier version ignores the ``.rec`` files (it finds no record: it keeps the committed
+shards the index names, and releases the parity segment, so the committed version is
+without parity until the next commit). Operators read a record as the JSON document it
+was with ``python -m snapshotd.node.cluster.records STATE_DIR JOB`` (:func:`read_record`).
 
 Thread-safety: :meth:`save` and :meth:`install_round` run under ``JobTable.lock`` (they
 take it themselves; callers may hold it). :meth:`load` runs once, before the threads start.
@@ -30,8 +38,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
+import sys
 
 from google.protobuf.message import DecodeError
 
@@ -76,6 +86,91 @@ def record_from_json(job_id: str, doc) -> ppb.RoundRecord:
     return rec
 
 
+# -- the file this version writes ---------------------------------------------------------------
+RECORD_FILE_FORMAT = 2  # (1: the JSON document of earlier versions, cluster/<job>.json)
+RECORD_SUFFIX = ".rec"
+LEGACY_SUFFIX = ".json"
+
+
+def encode_record_file(rec: ppb.RoundRecord, parity: dict | None) -> bytes:
+    """A record file's document: a JSON line (format, version, parity index) and the
+    record's bytes."""
+    head = {"format": RECORD_FILE_FORMAT, "v": rec.version}
+    if parity is not None:
+        head["parity"] = parity
+    return json.dumps(head).encode() + b"\n" + rec.SerializeToString()
+
+
+def decode_record_file(body: bytes) -> tuple[dict, bytes]:
+    """(JSON head, record bytes) of a record file's document; ``ValueError`` when it is
+    not one this version reads."""
+    nl = body.find(b"\n")
+    try:
+        head = json.loads(body[:nl]) if nl >= 0 else None
+        if not isinstance(head, dict):
+            raise ValueError("no JSON head line")
+        int(head["v"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a round record file: {exc}") from None
+    if head.get("format") != RECORD_FILE_FORMAT:
+        raise ValueError(f"round record file format {head.get('format')!r}: this daemon reads "
+                         f"format {RECORD_FILE_FORMAT} (written by a newer version?)")
+    return head, body[nl + 1:]
+
+
+def parse_stored(job_id: str, v: int, raw: bytes) -> ppb.RoundRecord:
+    """The round record of a record file (``raw``: its bytes), which must be job_id's
+    version v; ``ValueError`` when it is not."""
+    rec = ppb.RoundRecord()
+    try:
+        rec.ParseFromString(raw)
+    except (DecodeError, RecursionError) as exc:
+        raise ValueError(f"not a round record of job {job_id!r}: {type(exc).__name__}") from None
+    if rec.job != job_id or rec.version != v:
+        raise ValueError(f"the file holds job {rec.job!r} version {rec.version}, not job "
+                         f"{job_id!r} version {v}")
+    return rec
+
+
+def _stored(job_id: str, base: str) -> tuple[int, object, dict | None, str] | None:
+    """(v, a thunk that returns the record, parity, path) of the newer of the job's record
+    files (``base``: the path less its suffix), or None when there is none."""
+    best = None
+    path = base + RECORD_SUFFIX
+    body = DocFile(path).load_body()
+    if body is not None:
+        try:
+            head, raw = decode_record_file(body)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        v = int(head["v"])
+        best = (v, lambda v=v, raw=raw: parse_stored(job_id, v, raw), head.get("parity"), path)
+    path = base + LEGACY_SUFFIX
+    info = DocFile(path).load()
+    if info is not None:
+        try:
+            v = int(info["v"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a round record: {exc!r}") from None
+        if best is None or v > best[0]:
+            best = (v, lambda: record_from_json(job_id, info), info.get("parity"), path)
+    return best
+
+
+def read_record(state_dir: str, job_id: str) -> dict | None:
+    """The job's persisted round record as the JSON document earlier versions wrote
+    (:func:`record_to_json`, plus ``parity``), from whichever file holds the newer version;
+    None when there is none. For operators and tests."""
+    got = _stored(job_id, os.path.join(state_dir, "cluster", job_id))
+    if got is None:
+        return None
+    v, record, parity, _path = got
+    doc = record_to_json(record())
+    if parity is not None:
+        doc["parity"] = parity
+    return doc
+
+
 class RoundRecords:
     def __init__(self, *, me: str, n: int, m: int, block_size_bytes: int, store, jobs: JobTable,
                  parity: ParityBuffers, membership, degraded: dict):
@@ -85,6 +180,7 @@ class RoundRecords:
         self.degraded = degraded
         self._files: dict[str, DocFile] = {}  # job -> its record's file (under JobTable.lock)
         self._dir_made = False
+        self._legacy_checked: set[str] = set()  # jobs whose earlier-version file is gone
 
     # -- the round record -------------------------------------------------------------------
     def round_record(self, job_id: str, v: int) -> ppb.RoundRecord:
@@ -172,8 +268,8 @@ class RoundRecords:
     def _dir(self) -> str:
         return os.path.join(self.store.state_dir, "cluster")
 
-    def _path(self, job_id: str) -> str:
-        return os.path.join(self._dir(), f"{job_id}.json")
+    def _path(self, job_id: str, suffix: str = RECORD_SUFFIX) -> str:
+        return os.path.join(self._dir(), job_id + suffix)
 
     def _file(self, job_id: str) -> DocFile:
         """The job's record file (under JobTable.lock); the directory made once."""
@@ -190,19 +286,24 @@ class RoundRecords:
         layout, every group member's announce and our parity buffer's index."""
         with self.jobs.lock:
             try:
-                info = record_to_json(self.round_record(job_id, v))
+                rec = self.round_record(job_id, v)
             except KeyError:
                 return
             buf = self.parity.get(job_id, v)
-            if buf is not None:
-                info["parity"] = {"name": buf.name, "blocks": [list(b) for b in buf.index],
-                                  "checksums": [buf.checksums.get(i) for i in range(len(buf.index))]}
-            self._file(job_id).save(info)
+            parity = None if buf is None else {
+                "name": buf.name, "blocks": [list(b) for b in buf.index],
+                "checksums": [buf.checksums.get(i) for i in range(len(buf.index))]}
+            self._file(job_id).save_bytes(encode_record_file(rec, parity))
+            if job_id not in self._legacy_checked:  # an earlier version's file: superseded now
+                DocFile(self._path(job_id, LEGACY_SUFFIX)).delete()
+                self._legacy_checked.add(job_id)
 
     def delete(self, job_id: str) -> None:
         with self.jobs.lock:
             f = self._files.pop(job_id, None) or DocFile(self._path(job_id))
             f.delete()
+            DocFile(self._path(job_id, LEGACY_SUFFIX)).delete()
+            self._legacy_checked.discard(job_id)
 
     def load(self) -> None:
         """After a restart: restore the committed rounds (and parity) we had persisted;
@@ -217,26 +318,20 @@ class RoundRecords:
         d = self._dir()
         if not os.path.isdir(d):
             return
-        jobs = sorted({fn[:fn.rindex(".json")] for fn in os.listdir(d)
-                       if fn.endswith(".json") or fn.endswith((".json.a", ".json.b"))})
+        jobs = sorted({fn[:fn.rindex(sfx)] for fn in os.listdir(d) for sfx in (RECORD_SUFFIX, LEGACY_SUFFIX)
+                       if fn.endswith((sfx, sfx + ".a", sfx + ".b"))})
         for job_id in jobs:
-            path = self._path(job_id)
-            with self.jobs.lock:
-                info = self._file(job_id).load()
-            if info is None:
+            got = _stored(job_id, os.path.join(d, job_id))
+            if got is None:
                 continue
-            try:
-                v = int(info["v"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}: not a round record: {exc!r}") from None
+            v, record, par, path = got
             if self.store.committed_version(job_id) != v:
                 continue
             try:
-                rec = record_from_json(job_id, info)
+                rec = record()
             except ValueError as exc:
                 raise ValueError(f"{path}: {exc}") from None
             self.install_round(job_id, v, rec)
-            par = info.get("parity")
             if par:
                 seg = self.store.aux(par["name"])
                 if seg is None:
@@ -262,3 +357,22 @@ class RoundRecords:
                 jp.rank_nodes.setdefault(rk, node)
             r.local_data = r.parity_done = r.contributions_started = True
             r.contributions_sent = r.voted = True
+
+
+def main(argv=None) -> int:
+    """``python -m snapshotd.node.cluster.records STATE_DIR JOB``: the job's round record
+    as JSON (the document earlier versions kept on disk)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m snapshotd.node.cluster.records STATE_DIR JOB", file=sys.stderr)
+        return 2
+    doc = read_record(args[0], args[1])
+    if doc is None:
+        print(f"no round record of job {args[1]!r} under {args[0]}", file=sys.stderr)
+        return 1
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
