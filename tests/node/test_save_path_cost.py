@@ -22,6 +22,7 @@ import pytest
 import clusterkit as tc
 from clusterkit import make_cluster  # noqa: F401 (fixture)
 from snapshotd.node import docfile
+from snapshotd.node.cluster.records import read_record
 from snapshotd.node.docfile import DocFile, read_doc
 from snapshotd.wire import manifest as mf
 from snapshotd.wire.manifest import block_checksums
@@ -66,6 +67,54 @@ def test_layout_cache_skips_the_walk_only_for_the_layout_that_passed(monkeypatch
     assert walks == [1, 4, 5, 6]
     with pytest.raises(InvalidRequestError, match="version must be >= 1"):  # per-save fields: always
         cache.validate(("j", 0), _manifest("j", 0, 0, payload))
+
+
+def test_layout_cache_walks_again_when_anything_the_walk_reads_changes(monkeypatch):
+    """The cache compares the fields the walk reads (entries, payload and replicated
+    sizes), each one; it keeps its own copy of them, so a caller's later change to the
+    manifest it passed does not change what counts as validated."""
+    walks = []
+    real = mf._validate_entries
+    monkeypatch.setattr(mf, "_validate_entries", lambda m: (walks.append(m.version), real(m)))
+
+    def base(v):
+        m = _manifest("j", 0, v, bytes(100))
+        m.replicated_bytes, m.slice_bytes, m.dp_ranks[:] = 32, 0, [0]
+        m.replicated_tensors.add(name="r", dtype="uint8", shape=[32], offset=0, nbytes=32)
+        return m
+
+    changes = {
+        "name": lambda m: setattr(m.tensors[0], "name", "w2"),
+        "dtype": lambda m: (setattr(m.tensors[0], "dtype", "int32"), m.tensors[0].shape.__setitem__(0, 16)),
+        "shape": lambda m: (m.tensors[0].shape.__setitem__(0, 8), setattr(m.tensors[0], "nbytes", 32)),
+        "offset": lambda m: setattr(m.tensors[0], "offset", 4),
+        "global_shape": lambda m: m.tensors[0].global_shape.append(32),
+        "a tensor more": lambda m: m.tensors.add(name="b", dtype="uint8", shape=[4], offset=64, nbytes=4),
+        "payload_bytes": lambda m: setattr(m, "payload_bytes", 99),
+        "replicated_bytes": lambda m: setattr(m, "replicated_bytes", 40),
+        "replicated entry": lambda m: setattr(m.replicated_tensors[0], "offset", 1),
+    }
+    v = 1
+    for what, change in changes.items():
+        cache = mf.LayoutCache()
+        cache.validate(("j", 0), base(v))
+        m = base(v + 1)
+        change(m)
+        walks.clear()
+        try:
+            cache.validate(("j", 0), m)
+        except InvalidRequestError:
+            pass
+        assert walks == [v + 1], what
+        v += 2
+    cache = mf.LayoutCache()
+    m = base(1)
+    cache.validate(("j", 0), m)
+    m.meta_json, m.job_id = '{"other": 1}', "k"  # fields the walk does not read: no walk
+    cache.validate(("j", 0), m)
+    m.tensors[0].nbytes = 60  # the caller changes the manifest it passed: not validated by that
+    with pytest.raises(InvalidRequestError, match="nbytes 60 != 64"):
+        cache.validate(("j", 0), m)
 
 
 def test_adopt_refuses_a_changed_invalid_layout_after_a_valid_one(make_store):
@@ -177,7 +226,7 @@ def test_a_node_without_peers_commits_at_adoption_and_keeps_it_across_a_kill(mak
         resp = _write(c, v, datas[v])
         # Committed before the reply (through the worker's queue it would come later).
         assert resp.latest_committed_version == v and c.committed("n0") == v
-    assert read_doc(os.path.join(c.d, "n0", "cluster", f"{tc.JOB}.json"))["v"] == 5
+    assert read_record(os.path.join(c.d, "n0"), tc.JOB)["v"] == 5
     c.crash_restart("n0")  # SIGKILL, shared memory kept
     assert c.committed("n0") == 5
     r = c.client("n0").open_shard(tc.JOB, 0)
