@@ -113,18 +113,15 @@ class LayoutCache:
     A trainer sends the same tensor entries at every save; only the version, the block
     checksums and ``meta_json`` change. :meth:`validate` runs every check of
     :func:`validate_manifest` on each manifest, but the walk over the tensor entries
-    only when what that walk reads -- the entries (``tensors``, ``replicated_tensors``),
-    ``payload_bytes`` and ``replicated_bytes`` -- is not equal, field for field, to what
-    it read in the manifest last validated in full under the same key (e.g.
-    ``(job, rank)``): an equal input passes the walk's checks as the cached one did.
-    The comparison is the messages' own equality (C, no copy or serialisation of the
-    manifest per save; issue 16). A differing layout is validated in full and, only if it
-    passes, remembered (a copy of those fields) in place of the previous one.
+    only when the manifest, with those three fields cleared, is not byte for byte the
+    one last validated in full under the same key (e.g. ``(job, rank)``): the walk's
+    checks read nothing else (the entries, ``payload_bytes``, ``replicated_bytes``), so
+    an equal layout passes them as the cached one did. A differing layout is validated
+    in full and, only if it passes, remembered in place of the previous one.
 
     Thread-safety: callers may share one cache across threads without a lock; what a
-    key maps to is only ever a layout that passed in full (never changed once stored),
-    so a race costs at most a walk. At most ``max_keys`` keys are kept (the oldest half
-    forgotten when full).
+    key maps to is only ever a layout that passed in full, so a race costs at most a
+    walk. At most ``max_keys`` keys are kept (the oldest half forgotten when full).
     """
 
     def __init__(self, max_keys: int = 4096):
@@ -132,30 +129,25 @@ class LayoutCache:
         self._max_keys = max_keys
 
     @staticmethod
-    def layout_of(m):
-        """What the walk over ``m``'s entries reads: a copy of ``m`` less every other field."""
-        x = type(m)(payload_bytes=m.payload_bytes, replicated_bytes=m.replicated_bytes)
-        x.tensors.extend(m.tensors)
-        x.replicated_tensors.extend(m.replicated_tensors)
-        return x
-
-    @staticmethod
-    def same_layout(known, m) -> bool:
-        """``m``'s walk reads what it read in ``known`` (a :meth:`layout_of`)."""
-        return (known.payload_bytes == m.payload_bytes and known.replicated_bytes == m.replicated_bytes
-                and known.tensors == m.tensors and known.replicated_tensors == m.replicated_tensors)
+    def layout_of(m) -> bytes:
+        """The bytes that identify ``m``'s layout (the manifest less its per-save fields)."""
+        x = type(m)()
+        x.CopyFrom(m)
+        for f in _PER_SAVE_FIELDS:
+            x.ClearField(f)
+        return x.SerializeToString(deterministic=True)
 
     def validate(self, key, m, *, segment_bytes: int | None = None,
                  require_checksums: bool = False) -> None:
         _validate_fields(m, segment_bytes, require_checksums)
-        known = self._known.get(key)
-        if known is not None and self.same_layout(known, m):
+        layout = self.layout_of(m)
+        if self._known.get(key) == layout:
             return
         _validate_entries(m)
         if len(self._known) >= self._max_keys:
             for k in list(self._known)[:len(self._known) // 2]:
                 self._known.pop(k, None)
-        self._known[key] = self.layout_of(m)
+        self._known[key] = layout
 
     def forget(self, match) -> None:
         """Drop the keys for which ``match(key)`` is true (e.g. a dropped job's)."""

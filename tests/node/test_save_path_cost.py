@@ -70,9 +70,9 @@ def test_layout_cache_skips_the_walk_only_for_the_layout_that_passed(monkeypatch
 
 
 def test_layout_cache_walks_again_when_anything_the_walk_reads_changes(monkeypatch):
-    """The cache compares the fields the walk reads (entries, payload and replicated
-    sizes), each one; it keeps its own copy of them, so a caller's later change to the
-    manifest it passed does not change what counts as validated."""
+    """A change to any field the walk reads (entries, payload and replicated sizes) walks
+    again; the cache keeps its own copy of the layout, so a caller's later change to the
+    manifest it passed does not count as validated."""
     walks = []
     real = mf._validate_entries
     monkeypatch.setattr(mf, "_validate_entries", lambda m: (walks.append(m.version), real(m)))
@@ -107,11 +107,12 @@ def test_layout_cache_walks_again_when_anything_the_walk_reads_changes(monkeypat
             pass
         assert walks == [v + 1], what
         v += 2
-    cache = mf.LayoutCache()
+    cache, walks[:] = mf.LayoutCache(), []
     m = base(1)
     cache.validate(("j", 0), m)
-    m.meta_json, m.job_id = '{"other": 1}', "k"  # fields the walk does not read: no walk
+    m.meta_json, m.version = '{"other": 1}', 2  # per-save fields: no walk
     cache.validate(("j", 0), m)
+    assert walks == [1]
     m.tensors[0].nbytes = 60  # the caller changes the manifest it passed: not validated by that
     with pytest.raises(InvalidRequestError, match="nbytes 60 != 64"):
         cache.validate(("j", 0), m)
