@@ -270,7 +270,8 @@ class Snapshotter:
                     dst.add(name=x.name, dtype=x.dtype, shape=x.shape, offset=x.offset,
                             nbytes=x.nbytes, global_shape=x.global_shape,
                             global_offset=x.global_offset)
-            self._layout_key, self._layout = key, (lay, tmpl)
+            # the template serialized once: a save's manifest is these bytes + its own fields
+            self._layout_key, self._layout = key, (lay, (tmpl, tmpl.SerializeToString()))
         return self._layout
 
     # -- save ---------------------------------------------------------------------
@@ -399,26 +400,28 @@ class Snapshotter:
         """Names of the staging segments currently registered with the CUDA driver."""
         return self.copier.pinned_segments
 
-    def _handoff(self, name: str, seg, tmpl: pb.ShardManifest, meta: tuple, stats: SaveStats,
+    def _handoff(self, name: str, seg, tmpl: tuple, meta: tuple, stats: SaveStats,
                  ev=None, next_version: int | None = None, token: int = 0,
                  hint: tuple | None = None) -> SaveStats:
         t0 = time.perf_counter()
-        m = pb.ShardManifest()
-        m.CopyFrom(tmpl)
-        m.version = stats.version
-        m.meta_json = compose_meta_json(*meta)
+        tmpl, tmpl_bytes = tmpl
+        # The manifest as bytes: the template's serialization followed by this save's own
+        # fields, which proto3 parses as the template with those fields set (none of them
+        # is set in the template; block_checksums is repeated and empty there).
+        m = pb.ShardManifest(version=stats.version, meta_json=compose_meta_json(*meta))
         if ev is not None:  # this save's own event: the optimizer hook may have waited already
             ev.synchronize()
         if self.cfg.checksum_on_client and seg.buf is not None:
-            m.block_checksums.extend(mf.block_checksums(seg.buf, m.payload_bytes, m.block_size_bytes))
+            m.block_checksums.extend(mf.block_checksums(seg.buf, tmpl.payload_bytes, tmpl.block_size_bytes))
         nxt = next_version if (next_version is not None and self.stage_ahead) else 0
         try:
             hint_pb = None
             if hint is not None:
                 hint_pb = pb.IncrementalHint(base_version=hint[0], content_token=hint[1],
                                              dirty_blocks=hint[2])
-            resp = self.client.adopt(name, m, nxt, m.payload_bytes if nxt else 0,
-                                     writer_id=self.writer_id, hint=hint_pb)
+            resp = self.client.adopt(name, tmpl_bytes + m.SerializeToString(), nxt,
+                                     tmpl.payload_bytes if nxt else 0, writer_id=self.writer_id,
+                                     hint=hint_pb)
         except SnapshotdError as exc:
             if isinstance(exc, (DaemonUnavailableError, UnknownJobError)):
                 self._registered = False  # the next save registers again (a restarted daemon)

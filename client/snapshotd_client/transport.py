@@ -40,6 +40,18 @@ from snapshotd.wire.limits import (
 DaemonError = errors.DaemonError  # kept importable from here
 
 
+_MANIFEST_FIELD = bytes([2 << 3 | 2])  # AdoptShardRequest.manifest: field 2, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _translate(exc: grpc.RpcError, what: str) -> errors.SnapshotdError:
     """The daemon's error as the class it raised: by the code beside the status, else
     by the status alone (one made by grpc itself: UNAVAILABLE, DEADLINE_EXCEEDED)."""
@@ -147,8 +159,9 @@ class HandoffChannel:
                 except zmq.Again:
                     pass
 
-    def call(self, request: pb.AdoptShardRequest, timeout_s: float) -> pb.AdoptShardResponse:
-        body = request.SerializeToString()
+    def call(self, request: pb.AdoptShardRequest | bytes, timeout_s: float) -> pb.AdoptShardResponse:
+        """``request``: the message, or its serialization."""
+        body = request if isinstance(request, bytes) else request.SerializeToString()
         if len(body) > MAX_MESSAGE_BYTES:  # as grpc refuses to send it
             raise errors.InvalidRequestError(f"AdoptShard: request of {len(body)} bytes, at most "
                                              f"{MAX_MESSAGE_BYTES}")
@@ -278,17 +291,25 @@ class DaemonClient:
             job_id=job_id, rank=rank, version=version, payload_bytes=payload_bytes, force=force,
             writer_id=writer_id))
 
-    def adopt(self, segment_name: str, manifest: pb.ShardManifest, next_version: int = 0,
+    def adopt(self, segment_name: str, manifest: pb.ShardManifest | bytes, next_version: int = 0,
               next_payload_bytes: int = 0, writer_id: str = "",
               hint: pb.IncrementalHint | None = None) -> pb.AdoptShardResponse:
-        """Hand a filled staging segment to the daemon. ``next_version``: also acquire the
-        staging segment of this rank's next save, in the same call (its name comes back
-        in ``next_segment_name``; ``next_refused`` says why not). ``hint``: which blocks
-        were written since this writer's last adoption of the segment."""
+        """Hand a filled staging segment to the daemon. ``manifest``: the message or its
+        serialization (the Snapshotter's: its layout's bytes are serialized once).
+        ``next_version``: also acquire the staging segment of this rank's next save, in
+        the same call (its name comes back in ``next_segment_name``; ``next_refused`` says
+        why not). ``hint``: which blocks were written since this writer's last adoption
+        of the segment."""
+        raw = isinstance(manifest, bytes)
         req = pb.AdoptShardRequest(
-            segment_name=segment_name, manifest=manifest, next_version=next_version,
+            segment_name=segment_name, manifest=None if raw else manifest, next_version=next_version,
             next_payload_bytes=next_payload_bytes, writer_id=writer_id, incremental=hint)
         ch = self.handoff
+        if raw and ch is not None:  # field 2 (manifest) written by hand after the others
+            return ch.call(req.SerializeToString() + _MANIFEST_FIELD + _varint(len(manifest)) + manifest,
+                           self.timeout_s)
+        if raw:
+            req.manifest.ParseFromString(manifest)
         if ch is not None:
             return ch.call(req, self.timeout_s)
         return self._call("AdoptShard", req)

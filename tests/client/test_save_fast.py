@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from snapshotd.wire._proto import snapshotd_pb2 as pb
 from snapshotd_client import layout as lo
 from snapshotd_client import state as st
 from snapshotd_client.device_copy import StagingCopier
@@ -183,8 +184,8 @@ def test_snapshotter_manifests_follow_every_change_and_restore(daemon):
     sent = []
     real = snap.client.adopt
 
-    def spy(name, manifest, *a, **k):
-        sent.append(manifest.meta_json)
+    def spy(name, manifest, *a, **k):  # the Snapshotter hands the manifest serialized
+        sent.append(pb.ShardManifest.FromString(manifest).meta_json)
         return real(name, manifest, *a, **k)
 
     snap.client.adopt = spy

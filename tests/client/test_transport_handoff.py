@@ -171,3 +171,37 @@ def test_a_refused_connection_fails_at_once(path):
             r.close()
     finally:
         ch.close()
+
+
+@pytest.mark.parametrize("tensors", [0, 2, 4, 200, 1000])  # manifests of 1 to 3 length bytes
+def test_a_serialized_manifest_goes_out_as_the_message_would(path, tensors):
+    """The Snapshotter hands ``adopt`` its manifest as bytes (the layout's serialization
+    followed by the save's own fields); the request the daemon reads is the one the
+    message form gives, over the channel and over gRPC's message path alike."""
+    tmpl = pb.ShardManifest(job_id="j", rank=3, payload_bytes=1 << 21, block_size_bytes=1 << 20,
+                            dp_ranks=[0, 1], replicated_bytes=96)
+    for i in range(tensors):
+        tmpl.tensors.add(name=f"t{i}", dtype="float32", shape=[2, 3], offset=24 * i, nbytes=24)
+    own = pb.ShardManifest(version=7, meta_json='{"step":7}', block_checksums=[1, 2])
+    want = pb.AdoptShardRequest(segment_name="s", manifest=tmpl, next_version=8,
+                                next_payload_bytes=1 << 21, writer_id="w",
+                                incremental=pb.IncrementalHint(base_version=6, dirty_blocks=b"\x01"))
+    want.manifest.MergeFrom(own)
+    r = Router(path, lambda rid, parts: [hw.encode_ok(rid, b"")])
+    cl = DaemonClient("127.0.0.1:1")
+    cl.handoff = HandoffChannel(path, None, None)
+    sent = []
+    cl._call = lambda method, req: sent.append((method, req)) or pb.AdoptShardResponse()
+    try:
+        raw = tmpl.SerializeToString() + own.SerializeToString()
+        args = ("s", raw, 8, 1 << 21)
+        kw = {"writer_id": "w", "hint": pb.IncrementalHint(base_version=6, dirty_blocks=b"\x01")}
+        cl.adopt(*args, **kw)
+        assert pb.AdoptShardRequest.FromString(r.seen[0][3]) == want
+        cl.handoff.close()
+        cl.handoff = None  # the gRPC path parses the bytes into the message
+        cl.adopt(*args, **kw)
+        assert sent == [("AdoptShard", want)]
+    finally:
+        cl.close()
+        r.close()
