@@ -28,6 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from snapshotd_client.nprng import LegacyStateReader
+
 FORMAT = "snapshotd.state/1"
 _TAGS = frozenset({"__tensor__", "__ndarray__", "__npscalar__", "__tuple__", "__bytes__",
                    "__dict__", "__odict__", "__int__", "__float__"})
@@ -289,21 +291,25 @@ def capture_rng_state(packed: bool = False) -> dict:
 class PackedRngCapture:
     """``capture_rng_state(packed=True)``, with python's state words made into a tensor
     only when they changed since the last call (a loop that does not use ``random``
-    leaves them as they are). The tensor of an earlier call may be handed out again:
-    callers only read it (the Snapshotter copies it into the staging segment)."""
+    leaves them as they are), and numpy's read from its memory (``nprng``). The tensor
+    and the numpy tuple of an earlier call may be handed out again: callers only read
+    them (the Snapshotter copies them into the staging segment)."""
 
     def __init__(self) -> None:
         self._words: tuple | None = None
         self._tensor: torch.Tensor | None = None
+        self._numpy = LegacyStateReader()  # np.random.get_state(legacy=True), ~10x faster
 
     def __call__(self) -> dict:
-        d = capture_rng_state()
-        version, words, gauss = d["python"]
+        cuda = []
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = torch.cuda.get_rng_state_all()
+        version, words, gauss = random.getstate()
         if words != self._words:
             self._tensor = torch.from_numpy(np.array(words, dtype=np.int64))
             self._words = words
-        d["python"] = (version, self._tensor, gauss)
-        return d
+        return {"python": (version, self._tensor, gauss), "numpy": self._numpy(),
+                "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def restore_rng_state(d: dict) -> None:
