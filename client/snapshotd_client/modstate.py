@@ -20,7 +20,8 @@ tied weights, is detached at its second key, so the values stay distinct objects
 Models it does not cover get ``state_dict()`` at every call, as before: any module whose
 class (or instance) overrides ``state_dict``, ``_save_to_state_dict`` or
 ``get_extra_state``, or that has state_dict pre- or post-hooks (FSDP, quantization
-observers, ...). ``hits`` / ``misses`` count the calls served from the recipe / walked.
+observers, ...), and models holding tensor subclasses (DTensor parameters, ...).
+``hits`` / ``misses`` count the calls served from the recipe / walked.
 
 Training thread only (the thread that changes the model).
 """
@@ -42,6 +43,7 @@ _HOOKS = itemgetter("_state_dict_pre_hooks", "_state_dict_hooks")
 _NONPERSISTENT = itemgetter("_non_persistent_buffers_set")
 _chain = chain.from_iterable
 _OVERRIDABLE = ("state_dict", "_save_to_state_dict", "get_extra_state")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain(m: _Module) -> bool:
@@ -103,6 +105,8 @@ def _build(model: _Module) -> _Recipe | None:
     values = list(_chain(map(dict.values, trio)))
     r.value_ids = list(map(id, values))
     r.nonpersistent = [frozenset(x) for x in map(_NONPERSISTENT, r.dicts)]
+    if any(type(values[i]) not in _PLAIN for i in pick):
+        return None  # DTensor and other subclasses: as state_dict() gives them (detached)
     r.pick, r.keys, r.metadata = pick, keys, metadata
     seen: set[int] = set()
     r.detach_at = []

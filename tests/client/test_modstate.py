@@ -179,3 +179,17 @@ def test_a_module_with_a_pre_hook_is_not_covered():
     ms()
     ms()
     assert calls == ["0.", "0."] and ms.hits == 0
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_a_model_holding_tensor_subclasses_is_not_covered():
+    model = nn.Linear(2, 2)
+    model.register_buffer("odd", torch.zeros(2).as_subclass(_Sub))
+    ms = ModelState(model)
+    for _ in range(2):
+        got = ms()
+        assert type(got["odd"]) is _Sub and not got["weight"].requires_grad  # state_dict()'s, detached
+    assert ms.hits == 0 and ms._recipe is None
