@@ -141,7 +141,7 @@ def pack_into(buf: Any, slots: Sequence[TensorSlot],
     if len(tensors) != len(slots):
         raise ValueError(f"{len(slots)} slots but {len(tensors)} tensors")
     for slot, item in zip(slots, tensors):
-        src = _local(item[1] if isinstance(item, tuple) else item)
+        src = _local(item[1] if isinstance(item, tuple) else item).detach()  # parameters too (modstate)
         if src.device.type != "cpu":
             raise ValueError(f"pack_into: tensor {slot.name!r} is on {src.device}; "
                              "only CPU tensors can be packed here (copy device tensors to host first)")
