@@ -102,7 +102,10 @@ def decode_request(frames: list[bytes]) -> tuple[int, bytes, str | None, str | N
 
 
 def decode_reply(frames: list[bytes]) -> tuple[int, bytes | None, str | None, str]:
-    """(request id, response body or None, error code or None, error message)."""
+    """(request id, response body or None, error code or None, error message);
+    MalformedRequestError when the frames are not a version-1 reply."""
+    if not frames:
+        raise MalformedRequestError("hand-off reply: no frames")
     kind, rid = read_header(frames[0])
     if kind == KIND_OK and len(frames) == 2:
         return rid, frames[1], None, ""

@@ -229,8 +229,26 @@ def service_seeds() -> list[bytes]:
     return out
 
 
+def handoff_seeds() -> list[bytes]:
+    """Real request and reply frames of the hand-off channel, and near misses."""
+    from snapshotd.wire import handoff as hw
+    from snapshotd.wire._proto import snapshotd_pb2 as pb
+
+    req = pb.AdoptShardRequest(segment_name="snapshotd-j-0-1", manifest=_real_manifest()[0],
+                               next_version=2, next_payload_bytes=4096).SerializeToString()
+    ok = pb.AdoptShardResponse(version=1, committed=True, next_segment_name="s2").SerializeToString()
+    frames = [(0, hw.encode_request(7, req, "dtok", "jtok")), (0, hw.encode_request(8, req, None, None)),
+              (0, hw.encode_request(9, b"", "t\u00e9", None)),
+              (0, [hw.header(hw.KIND_OK, 3), b"", b"", req]),  # a reply's kind in a request
+              (0, hw.encode_request(1, req, None, None)[:3]),
+              (1, hw.encode_ok(7, ok)), (1, hw.encode_error(7, "UNKNOWN_JOB", "job j: no such job")),
+              (1, [hw.header(hw.KIND_ERROR, 7), b"UNKNOWN_JOB"]), (1, [])]
+    return [join_parts(flags, parts) for flags, parts in frames]
+
+
 SEEDS = {"peer": lambda: peer_server_seeds() + peer_client_seeds(),
-         "manifest": manifest_seeds, "state_meta": state_meta_seeds, "service": service_seeds}
+         "manifest": manifest_seeds, "state_meta": state_meta_seeds, "service": service_seeds,
+         "handoff": handoff_seeds}
 
 
 def write(target: str, root: str = CORPUS) -> list[str]:

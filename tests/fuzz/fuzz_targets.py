@@ -12,6 +12,10 @@ documented errors; anything else it raises is a crash:
   passes ``check_request``; the client raises only ``SnapshotdError`` subclasses.
 * ``manifest``: ``validate_manifest`` raises only ``InvalidRequestError``; a manifest it
   accepts is one the client can view: every tensor entry maps onto the payload.
+* ``handoff``: the frames of the same-host hand-off channel (``snapshotd.wire.handoff``):
+  ``decode_request`` (the daemon's side) and ``decode_reply`` (the client's) raise only
+  ``MalformedRequestError``; a request they accept encodes back to one that decodes to
+  the same values, a reply is an id with either a body or an error code and message.
 * ``state_meta``: the client's decoding of the state metadata a daemon hands back in a
   manifest (``loads_meta``, ``unflatten_state``, then ``restore_rng_state`` on an ``rng``
   entry) raises only ``ValueError`` (and restore_rng_state its documented RuntimeError:
@@ -314,6 +318,29 @@ def prepare(target: str) -> None:
         _state_tensors()
 
 
+def handoff(data: bytes) -> None:
+    """flags bit 0: the frames are a reply (the client's decode_reply), else a request
+    (the daemon's decode_request); parts: the frames."""
+    from snapshotd.wire import handoff as hw
+    from snapshotd.wire.errors import MalformedRequestError
+
+    flags, frames = split_parts(data)
+    try:
+        got = hw.decode_reply(frames) if flags & 1 else hw.decode_request(frames)
+    except MalformedRequestError:
+        return
+    rid = got[0]
+    assert type(rid) is int and 0 <= rid < 1 << 64
+    if flags & 1:
+        _, body, code, msg = got
+        assert (body is None) != (code is None) and type(msg) is str
+        assert body is None or type(body) is bytes
+    else:
+        _, body, tok, jtok = got
+        assert type(body) is bytes and tok != "" and jtok != ""
+        assert hw.decode_request(hw.encode_request(rid, body, tok, jtok)) == got
+
+
 def peer(data: bytes) -> None:
     """flags bit 7 set: the reply side (:func:`peer_client`), else the server's."""
     (peer_client if data[:1] and data[0] & 0x80 else peer_server)(data)
@@ -321,6 +348,7 @@ def peer(data: bytes) -> None:
 
 TARGETS = {
     "peer": peer,
+    "handoff": handoff,
     "manifest": manifest,
     "state_meta": state_meta,
 }

@@ -24,7 +24,7 @@ from fuzz_service import cleanup
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNNER = os.path.join(HERE, "fuzz_runner.py")
 CORPUS = os.path.join(HERE, "corpus")
-TARGETS = ("peer", "manifest", "state_meta", "service")
+TARGETS = ("peer", "manifest", "state_meta", "service", "handoff")
 HANG_SECONDS = 60
 
 

@@ -305,3 +305,26 @@ def test_service_oracle_catches_an_internal_error_and_a_refusal_that_changes_sta
     monkeypatch.setattr(ShardStore, "commit", leaky)
     with pytest.raises(AssertionError, match="changed the store"):
         fs.service(commit)
+
+
+# -- handoff: the same-host channel's frames ------------------------------------------------
+
+def test_a_reply_of_no_frames_is_malformed():
+    # seed corpus (the near miss ``[]``): decode_reply read frames[0] first, an IndexError.
+    # zmq never hands over an empty message, but the function is the frames' checker.
+    # Fixed: no frames is MalformedRequestError, as for decode_request.
+    from snapshotd.wire import handoff as hw
+    from snapshotd.wire.errors import MalformedRequestError
+
+    with pytest.raises(MalformedRequestError, match="no frames"):
+        hw.decode_reply([])
+    ft.handoff(join_parts(1, []))
+
+
+def test_the_handoff_oracle_sees_a_request_that_does_not_round_trip(monkeypatch):
+    from snapshotd.wire import handoff as hw
+
+    real = hw.encode_request
+    monkeypatch.setattr(hw, "encode_request", lambda rid, body, tok, jtok: real(rid, body + b"x", tok, jtok))
+    with pytest.raises(AssertionError):
+        ft.handoff(join_parts(0, hw.encode_request(3, b"body", "t", None)))
