@@ -252,6 +252,30 @@ def say(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """Per live thread of process ``pid``: (its name in /proc, CPU seconds so far), from
+    ``/proc/PID/task/TID/{comm,schedstat}``; {} when the process is gone."""
+    out = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                out[int(t)] = (f.read().strip(), ns / 1e9)
+        except (OSError, ValueError, IndexError):
+            continue  # the thread exited meanwhile
+    return out
+
+
+def thread_cpu_delta(before: dict, after: dict) -> dict[int, tuple[str, float]]:
+    """CPU seconds each thread alive in both ``thread_cpu_seconds`` readings ran between them."""
+    return {t: (after[t][0], after[t][1] - before[t][1]) for t in after if t in before}
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """CPU seconds process ``pid``'s live threads have run so far, at nanosecond
     resolution (the sum of ``/proc/PID/task/*/schedstat``); ``/proc/PID/stat`` counts

@@ -4,7 +4,9 @@ One trainer process, one daemon (a one-node cluster, m=0), the demo's nanoGPT-st
 (n_embd 64, 2 layers: 1.26 MB of parameters + AdamW moments); after 19 warm-up saves,
 ``save(step); wait()`` ``--saves`` times. Printed as one JSON line: wall time per save,
 this process's CPU per save (training and hand-off threads), the daemon's CPU per save
-(/proc/PID/task/*/schedstat), and the median time ``save()`` blocked.
+(/proc/PID/task/*/schedstat), and the median time ``save()`` blocked; then the same CPU
+per OS thread: the trainer's training thread, its hand-off thread and ZeroMQ's I/O
+thread, the daemon's busiest thread and ZeroMQ's I/O thread there.
 
     python -m bench.save_loop [--saves 2000]
 """
@@ -26,7 +28,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from bench.common import proc_cpu_seconds
+    import threading
+
+    from bench.common import proc_cpu_seconds, thread_cpu_delta, thread_cpu_seconds
     from snapshotd_client import Snapshotter
     from snapshotd_tools import localcluster as lc
     from snapshotd_tools.demo.gpt_trainer import GPT, GPTConfig
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
         for s in range(1, 20):
             snap.save(s)
         snap.wait()
+        me = os.getpid()
+        ho = next(t.native_id for t in threading.enumerate() if t.name == "snapshotd-handoff")
+        th0, dth0 = thread_cpu_seconds(me), thread_cpu_seconds(dpid)
         c0, t0, d0 = time.process_time(), time.perf_counter(), proc_cpu_seconds(dpid)
         blocked = []
         for s in range(20, 20 + a.saves):
@@ -62,6 +69,13 @@ def main(argv=None) -> int:
                "trainer_cpu_ms": (time.process_time() - c0) / n * 1e3,
                "daemon_cpu_ms": (proc_cpu_seconds(dpid) - d0) / n * 1e3,
                "blocking_median_ms": statistics.median(blocked) * 1e3}
+        th, dth = thread_cpu_delta(th0, thread_cpu_seconds(me)), thread_cpu_delta(dth0, thread_cpu_seconds(dpid))
+        ms = lambda sec: round(sec / n * 1e3, 3)  # noqa: E731
+        zmq_io = lambda d: sum(c for name, c in d.values() if name.startswith("ZMQbg/IO"))  # noqa: E731
+        out["trainer_threads_ms"] = {"training": ms(th.get(me, ("", 0.0))[1]),
+                                     "handoff": ms(th.get(ho, ("", 0.0))[1]), "zmq_io": ms(zmq_io(th))}
+        out["daemon_threads_ms"] = {"busiest": ms(max((c for _, c in dth.values()), default=0.0)),
+                                    "zmq_io": ms(zmq_io(dth))}
         snap.close()
         print(json.dumps(out), flush=True)
     finally:
