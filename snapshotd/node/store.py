@@ -131,6 +131,9 @@ class ShardStore:
     def local_shards(self, job_id: str, version: int) -> list:
         return self.cluster_view.local_shards(job_id, version)
 
+    def local_manifests(self, job_id: str, version: int) -> tuple[list[int], list, list[bytes]]:
+        return self.cluster_view.local_manifests(job_id, version)
+
     def block_reader(self, job_id: str, version: int, block_size: int, verify: bool = False,
                      with_checksum: bool = False):
         return self.cluster_view.block_reader(job_id, version, block_size, verify, with_checksum)

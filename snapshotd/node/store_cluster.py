@@ -86,6 +86,25 @@ class ClusterView:
                 out.append((r, held.manifest, held.segment))
             return out
 
+    def local_manifests(self, job_id: str, version: int) -> tuple[list[int], list, list[bytes]]:
+        """(ranks, manifests, each manifest serialised) of the local ranks holding
+        ``version``, by rank: the bytes written to the manifest file at delivery while the
+        manifest is still that object, else serialised now."""
+        st = self.state
+        with st.lock:
+            led = st.job(job_id)
+            ranks, mans, raws = [], [], []
+            for r in led.local_ranks():
+                slot = led.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED)
+                if slot is None:
+                    continue
+                held = st.held(st.name_at(job_id, r, slot.index))
+                w = held.written
+                ranks.append(r)
+                mans.append(held.manifest)
+                raws.append(w[1] if w is not None and w[0] is held.manifest else held.manifest.SerializeToString())
+            return ranks, mans, raws
+
     def block_reader(self, job_id: str, version: int, block_size: int, verify: bool = False,
                      with_checksum: bool = False):
         """A function j -> the node's data block j (``block_size`` bytes). With

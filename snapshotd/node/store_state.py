@@ -58,6 +58,9 @@ class Held:
     content_token: int = field(default_factory=new_content_token)
     writer_id: str = ""
     clean: tuple | None = None
+    # (manifest, its bytes as written to its manifest file): the cluster's announce
+    # reuses them while ``manifest`` is that object (ClusterView.local_manifests).
+    written: tuple | None = None
 
     def renew_token(self, writer_id: str) -> None:
         """Another writer (or an unnamed one) may write the segment from now on."""
@@ -103,11 +106,12 @@ class StoreState:
     def manifest_path(self, name: str) -> str:
         return os.path.join(self.state_dir, "manifests", name + ".pb")
 
-    def write_manifest(self, name: str, m) -> None:
+    def write_manifest(self, name: str, m) -> bytes:
         """Write the manifest of a segment being delivered (never of a committed one: a
         torn write is of a version a restart abandons). Over the segment's earlier file
         in place, not truncated to 0 first (on ext4 that, like a new file, costs a
-        write-back start and ~0.1 ms of CPU at every save; issue 16)."""
+        write-back start and ~0.1 ms of CPU at every save; issue 16). Returns the bytes
+        written (the serialised manifest)."""
         data = m.SerializeToString()
         fd = os.open(self.manifest_path(name), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -117,6 +121,7 @@ class StoreState:
             os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
+        return data
 
     def unlink_manifest(self, name: str) -> None:
         try:

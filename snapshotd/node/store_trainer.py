@@ -326,9 +326,9 @@ class TrainerStore:
                 raise st.refuse(ConflictError(
                     f"job {m.job_id!r} rank {m.rank} version {m.version}: the staging slot "
                     "was taken over while the shard was verified"))
-            st.write_manifest(name, m)
+            data = st.write_manifest(name, m)
             held = st.held(name)
-            held.manifest = m
+            held.manifest, held.written = m, (m, data)
             try:
                 d = led.deliver(m.rank, m.version)
             except Exception as exc:

@@ -7,6 +7,9 @@ manifest in base64, and a state directory of an earlier version still restarts.
   re-adopts that round; the first commit after it replaces the old file.
 - Of two files (an old one left by a downgrade and upgrade), the newer version is read.
 - A file this version cannot read is refused at load, naming the file, nothing installed.
+- A node without peers (one node, m = 0) keeps no file: its round (what the cluster
+  layer knows of the committed version: layout, redundancy) comes back after a kill
+  derived from the store, as the commit made it; a file an earlier daemon left goes.
 """
 
 from __future__ import annotations
@@ -45,50 +48,71 @@ def _as_earlier_version(c, node="n0") -> dict:
     return doc
 
 
+def _commit(c, v: int) -> None:
+    c.push(v)
+    c.wait_committed(v)
+
+
 def test_the_record_is_written_as_bytes_and_read_back_after_a_kill(make_cluster):
-    c = make_cluster(1, 0)
+    c = make_cluster(2, 1)
     for v in (1, 2, 3):
-        assert _write(c, v, os.urandom(5000 + v)).latest_committed_version == v
+        _commit(c, v)
     assert _files(c) == [f"{tc.JOB}.rec.a", f"{tc.JOB}.rec.b"]
     doc = rc.read_record(os.path.join(c.d, "n0"), tc.JOB)
-    assert doc["v"] == 3 and list(doc["announces"]) == ["n0"] and len(doc["announces"]["n0"]["manifests"]) == 1
+    assert doc["v"] == 3 and sorted(doc["announces"]) == ["n0", "n1"] and doc["parity"]["name"]
+    before = c.cluster_status("n0")["redundancy"][tc.JOB]
     c.crash_restart("n0")
-    assert c.committed("n0") == 3 and _cluster_committed(c) == 3
-    assert _write(c, 4, os.urandom(100)).latest_committed_version == 4
+    assert _cluster_committed(c) == 3 and c.cluster_status("n0")["redundancy"][tc.JOB] == before
+    c.check_restorable(3)
+    _commit(c, 4)
 
 
 def test_a_state_directory_of_the_earlier_version_restarts_and_is_converted(make_cluster):
-    c = make_cluster(1, 0)
+    c = make_cluster(2, 1)
     for v in (1, 2):
-        _write(c, v, os.urandom(3000))
+        _commit(c, v)
     c.kill("n0", wipe=False)
     old = _as_earlier_version(c)
     assert _files(c) == [f"{tc.JOB}.json.b"]  # (the first document goes to slot b)
     c.start("n0")
-    # The round came back from the old file: the cluster layer knows v2 committed.
-    assert c.committed("n0") == 2 and _cluster_committed(c) == 2
+    # The round and parity came back from the old file.
+    assert _cluster_committed(c) == 2 and "n0" not in c.cluster_status("n0").get("degraded", {})
     assert rc.read_record(os.path.join(c.d, "n0"), tc.JOB) == old
-    _write(c, 3, os.urandom(3000))
+    c.check_restorable(2)
+    _commit(c, 3)
     assert _files(c) == [f"{tc.JOB}.rec.b"]  # the old file is gone once v3 is in the new one
     c.crash_restart("n0")
     assert _cluster_committed(c) == 3
 
 
 def test_of_two_files_the_newer_version_is_read(make_cluster):
-    c = make_cluster(1, 0)
+    c = make_cluster(2, 1)
     for v in (1, 2, 3):
-        _write(c, v, os.urandom(3000))
+        _commit(c, v)
     c.kill("n0", wipe=False)
     base = os.path.join(c.d, "n0", "cluster", tc.JOB)
-    body = DocFile(base + rc.RECORD_SUFFIX).load_body()
-    head, raw = rc.decode_record_file(body)
-    newer = rc.read_record(os.path.join(c.d, "n0"), tc.JOB)
-    DocFile(base + rc.LEGACY_SUFFIX).save(newer)  # v3, as a downgraded daemon would write it
-    old = ppb.RoundRecord.FromString(raw)
-    old.version = 2  # and ours one version behind
-    DocFile(base + rc.RECORD_SUFFIX).save_bytes(rc.encode_record_file(old, None))
+    head, raw = rc.decode_record_file(DocFile(base + rc.RECORD_SUFFIX).load_body())
+    DocFile(base + rc.LEGACY_SUFFIX).save(rc.read_record(os.path.join(c.d, "n0"), tc.JOB))  # v3, as a
+    old = ppb.RoundRecord.FromString(raw)  # downgraded daemon would write it, and ours one version behind
+    old.version = 2
+    DocFile(base + rc.RECORD_SUFFIX).save_bytes(rc.encode_record_file(old, head["parity"]))
     c.start("n0")
     assert _cluster_committed(c) == 3
+
+
+def test_a_node_without_peers_keeps_no_file_and_derives_its_round_after_a_kill(make_cluster):
+    c = make_cluster(1, 0)
+    os.makedirs(os.path.join(c.d, "n0", "cluster"), exist_ok=True)
+    DocFile(os.path.join(c.d, "n0", "cluster", tc.JOB + rc.LEGACY_SUFFIX)).save({"v": 0})  # an earlier daemon's
+    for v in (1, 2, 3):
+        assert _write(c, v, os.urandom(3 * c.bs + v)).latest_committed_version == v
+    assert _files(c) == []
+    before = c.cluster_status("n0")["redundancy"][tc.JOB]
+    assert before["version"] == 3 and before["stripes"] == 4
+    c.crash_restart("n0")
+    assert c.committed("n0") == 3 and _cluster_committed(c) == 3
+    assert c.cluster_status("n0")["redundancy"][tc.JOB] == before
+    assert _write(c, 4, os.urandom(100)).latest_committed_version == 4
 
 
 def test_a_record_file_this_version_cannot_read_is_refused_naming_it(tmp_path):

@@ -227,7 +227,7 @@ def test_a_node_without_peers_commits_at_adoption_and_keeps_it_across_a_kill(mak
         resp = _write(c, v, datas[v])
         # Committed before the reply (through the worker's queue it would come later).
         assert resp.latest_committed_version == v and c.committed("n0") == v
-    assert read_record(os.path.join(c.d, "n0"), tc.JOB)["v"] == 5
+    assert read_record(os.path.join(c.d, "n0"), tc.JOB) is None  # none kept: derived at load
     c.crash_restart("n0")  # SIGKILL, shared memory kept
     assert c.committed("n0") == 5
     r = c.client("n0").open_shard(tc.JOB, 0)
@@ -238,3 +238,23 @@ def test_a_node_without_peers_commits_at_adoption_and_keeps_it_across_a_kill(mak
         seg.close()
     assert _write(c, 6, os.urandom(1000)).latest_committed_version == 6  # and it goes on
     assert c.cluster_status("n0") is not None
+
+
+def test_the_announce_reuses_the_manifest_bytes_written_at_delivery_only_while_they_are_its(make_store):
+    """The cluster's announce takes each local manifest's bytes from its delivery's
+    manifest-file write (no second serialisation per save), only while the held manifest
+    is the object those bytes were made from; otherwise it serialises the one held."""
+    s = make_store()
+    s.register_job("j", 1)
+    payload = os.urandom(100)
+    _adopt(s, _manifest("j", 0, 1, payload), payload)
+    ranks, mans, raws = s.local_manifests("j", 1)
+    name = s.state.name_at("j", 0, s.state.jobs["j"].committed_slot(0).index)
+    with open(s.state.manifest_path(name), "rb") as f:
+        assert ranks == [0] and raws == [f.read()] == [mans[0].SerializeToString()]
+    assert s.state.held(name).written[1] is raws[0]  # the very bytes written, not made again
+    other = pb.ShardManifest()
+    other.CopyFrom(mans[0])
+    other.meta_json = '{"replaced": 1}'
+    s.state.held(name).manifest = other  # e.g. a rebuild installs another object
+    assert s.local_manifests("j", 1)[2] == [other.SerializeToString()]

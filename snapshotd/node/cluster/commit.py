@@ -123,12 +123,10 @@ class CommitDriver:
             self._on_local_complete(job_id, v)
 
     def _on_local_complete(self, job_id: str, v: int) -> None:
-        shards = self.store.local_shards(job_id, v)
-        ranks = [r for r, _, _ in shards]
-        count = map_manifests(ranks, [m for _, m, _ in shards], self.bs).total_blocks
+        ranks, mans, raws = self.store.local_manifests(job_id, v)  # raws: as written at delivery
+        count = map_manifests(ranks, mans, self.bs).total_blocks
         with self.jobs.lock:
-            acts = self.jobs.job(job_id).local_data_complete(
-                v, count, ranks, [m.SerializeToString() for _, m, _ in shards])
+            acts = self.jobs.job(job_id).local_data_complete(v, count, ranks, raws)
         self.enqueue(job_id, acts)
 
     def on_announce(self, job_id: str, v: int, ann: proto.Announce) -> None:

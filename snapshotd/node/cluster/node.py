@@ -95,6 +95,7 @@ class ClusterNode:
                                    store=store, jobs=self.jobs, parity=self.parity, records=self.records,
                                    copies=self.copies, membership=self.membership, degraded=self.degraded,
                                    stop=self._stop)
+        self.records.peerless = self.commit.peerless  # no file: its round is derived at load
         self.forwarder = Forwarder(me=node_id, group=self.group, jobs=self.jobs, parity=self.parity,
                                    commit=self.commit, membership=self.membership, stop=self._stop,
                                    min_backoff_s=spec.heartbeat_interval_ms / 1000)
