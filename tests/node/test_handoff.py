@@ -230,6 +230,28 @@ def _stop(pid: int) -> None:
     wait_for(stopped, 20, f"process {pid} to stop")
 
 
+def test_requests_queued_while_the_daemon_was_stopped_are_all_answered(daemon):
+    """The owner thread takes one request per poll wake: every request queued at once
+    (here: while the daemon was SIGSTOPped) is still answered, each once."""
+    cl = daemon.client()
+    cl.register_job("q", 1)  # (the channel is offered at registration)
+    ctx, s = _raw(cl.handoff.path)
+    try:
+        _stop(daemon.proc.pid)
+        try:
+            for rid in range(1, 11):
+                s.send_multipart([hw.header(hw.KIND_ADOPT, rid), b"", b"", b"\x0a\xff\xff\xff\xff\x0f"])
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        got = []
+        while len(got) < 10:
+            assert s.poll(20000), f"answered {sorted(got)} of 10"
+            got.append(hw.decode_reply(s.recv_multipart())[0])
+        assert sorted(got) == list(range(1, 11))
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_a_late_reply_is_dropped_by_its_request_id(daemon):
     cl = daemon.client()
     cl.register_job("late", 1)
