@@ -40,6 +40,8 @@ from snapshotd.wire.limits import (
 DaemonError = errors.DaemonError  # kept importable from here
 
 
+# plain ints: pyzmq's enum flags cost an enum construction per use on the per-save path
+_EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 _MANIFEST_FIELD = bytes([2 << 3 | 2])  # AdoptShardRequest.manifest: field 2, length-delimited
 
 
@@ -91,7 +93,7 @@ class HandoffChannel:
         # collected with a DaemonClient nobody closed would block in term() (the
         # collector clears its weak list of sockets before closing them).
         self._ctx = zmq.Context.instance()
-        self._sock = self._mon = None
+        self._sock = self._mon = self._poller = None
         self._rid = 0
         self._closed = False
         self.sent = 0  # requests sent
@@ -105,6 +107,9 @@ class HandoffChannel:
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         self._mon = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self._sock.connect(self.endpoint)
+        self._poller = zmq.Poller()  # a call's wait for its reply (or the connection's end)
+        self._poller.register(self._sock, _POLLIN)
+        self._poller.register(self._mon, _POLLIN)
 
     def _drop(self) -> None:
         """Close the socket (what it had queued goes with it); the next call opens anew."""
@@ -112,7 +117,7 @@ class HandoffChannel:
             self._sock.disable_monitor()
             self._mon.close(linger=0)
             self._sock.close(linger=0)
-        self._sock = self._mon = None
+        self._sock = self._mon = self._poller = None
 
     def _unavailable(self, why: str, drop: bool = True) -> errors.DaemonUnavailableError:
         if drop:
@@ -127,11 +132,11 @@ class HandoffChannel:
         gone, or a connection attempt was refused (a SIGKILLed daemon's file, nobody
         listening: a save must not wait for its restart); else wait a short while."""
         sock, mon = self._sock, self._mon
-        if sock.poll(0, zmq.POLLOUT):
-            while mon.poll(0):
+        if sock.getsockopt(_EVENTS) & _POLLOUT:  # poll(0) without a Poller made per call
+            while mon.getsockopt(_EVENTS) & _POLLIN:
                 recv_monitor_message(mon)  # of earlier connections
             try:
-                sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
+                sock.send_multipart(msg, _NOBLOCK, copy=False)
                 self.sent += 1
                 return sock, mon
             except zmq.Again:  # the connection went in between
@@ -177,9 +182,7 @@ class HandoffChannel:
             deadline = t0 + timeout_s
             msg = hw.encode_request(rid, body, self._token, self._job_token)
             sock, mon = self._send(msg, t0, deadline, fresh)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(mon, zmq.POLLIN)
+            poller = self._poller
             while True:
                 left_ms = int((deadline - time.monotonic()) * 1000)
                 if left_ms <= 0:
@@ -437,6 +440,7 @@ class SegmentCache:
 
     def __init__(self, on_close=None):
         self._segs: dict[str, tuple[shm.Segment, tuple[int, int]]] = {}
+        self._paths: dict[str, str] = {}
         self._lock = threading.Lock()
         self._on_close = on_close
 
@@ -446,7 +450,13 @@ class SegmentCache:
         seg.close()
 
     def get(self, name: str, writable: bool = True) -> shm.Segment:
-        st = os.stat(shm.path_of(name))
+        path = self._paths.get(name)
+        if path is None:  # the name checked once (a daemon's answer: no path tricks)
+            path = shm.path_of(name)
+            if len(self._paths) > 256:
+                self._paths.clear()
+            self._paths[name] = path
+        st = os.stat(path)
         key = (st.st_ino, st.st_size)
         with self._lock:
             cached = self._segs.get(name)
