@@ -179,8 +179,9 @@ class HandoffServer:
             pass
 
     def parse(self, parts: list[bytes]):
-        """(request id, AdoptShardRequest, metadata) of a request that may go on, else the
-        reply frames of its refusal (bad frames, daemon token, a body that does not parse)."""
+        """(request id, AdoptShardRequest, metadata, the manifest's bytes as sent or None)
+        of a request that may go on, else the reply frames of its refusal (bad frames,
+        daemon token, a body that does not parse)."""
         rid = 0
         try:
             rid = frames.read_header(parts[0])[1] if parts else 0
@@ -203,15 +204,59 @@ class HandoffServer:
             if self.on_malformed is not None:
                 self.on_malformed(METHOD, str(exc))
             return frames.encode_error(rid, exc.code, str(exc))
-        return rid, request, ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else ()
+        return (rid, request, ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else (),
+                manifest_bytes(body))
 
-    def adopt(self, rid: int, request, md) -> list[bytes]:
+    def adopt(self, rid: int, request, md, raw_manifest: bytes | None = None) -> list[bytes]:
         """The servicer's AdoptShard; its reply frames (never raises)."""
         try:
-            resp = self.servicer.adopt_shard(request, md)
+            resp = self.servicer.adopt_shard(request, md, raw_manifest)
             return frames.encode_ok(rid, resp.SerializeToString())
         except SnapshotdError as exc:  # refused: already logged and counted by the servicer
             return frames.encode_error(rid, error_for(exc), str(exc))
         except Exception as exc:  # a bug: as gRPC answers an exception in a handler
             log.exception("%s failed", METHOD)
             return frames.encode_error(rid, DaemonError.code, f"Exception calling application: {exc}")
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, i
+        shift += 7
+
+
+def manifest_bytes(body: bytes) -> bytes | None:
+    """The bytes of an AdoptShardRequest's ``manifest`` (field 2) as they came, when the
+    field occurs exactly once in ``body`` (a request that parsed); else None. They let the
+    layout check compare bytes instead of re-serialising the manifest
+    (:class:`snapshotd.wire.manifest.LayoutCache`); None only costs that shortcut."""
+    i, n, found = 0, len(body), None
+    try:
+        while i < n:
+            tag, i = _varint(body, i)
+            wire = tag & 7
+            if wire == 0:
+                _, i = _varint(body, i)
+            elif wire == 2:
+                size, i = _varint(body, i)
+                if tag >> 3 == 2:
+                    if found is not None:  # two: the parsed manifest is their merge
+                        return None
+                    found = (i, i + size)
+                i += size
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            else:
+                return None
+    except IndexError:
+        return None
+    if i != n or found is None:
+        return None
+    return body[found[0]:found[1]]

@@ -91,10 +91,11 @@ class MetadataContext:
     """The one part of a gRPC context an RPC body reads, for a face other than gRPC
     (:mod:`snapshotd.node.handoff`): the invocation metadata, as (key, value) pairs."""
 
-    __slots__ = ("_metadata",)
+    __slots__ = ("_metadata", "raw_manifest")
 
     def __init__(self, metadata):
         self._metadata = tuple(metadata)
+        self.raw_manifest = None  # AdoptShard: the manifest's bytes as sent, when known
 
     def invocation_metadata(self):
         return self._metadata
@@ -237,13 +238,15 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             self._refused(name, grpc.StatusCode.INVALID_ARGUMENT, exc)
             raise InvalidRequestError(str(exc)) from None
 
-    def adopt_shard(self, request, metadata):
+    def adopt_shard(self, request, metadata, raw_manifest: bytes | None = None):
         """AdoptShard for the same-host hand-off channel: ``metadata`` as the gRPC call
         would carry it ((key, value) pairs; the daemon token is checked by the caller).
         The same body as over gRPC; a refusal is raised as the SnapshotdError gRPC's
-        status would name."""
-        return self.refusing("AdoptShard", SnapshotdServicer.AdoptShard.__wrapped__, request,
-                             MetadataContext(metadata))
+        status would name. ``raw_manifest``: the request's manifest as it was sent (the
+        store's layout check compares bytes with it, ``LayoutCache``)."""
+        ctx = MetadataContext(metadata)
+        ctx.raw_manifest = raw_manifest
+        return self.refusing("AdoptShard", SnapshotdServicer.AdoptShard.__wrapped__, request, ctx)
 
     def _job_access(self, context, job_id: str, registering: bool = False) -> None:
         if self.job_tokens is not None:
@@ -292,7 +295,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             raise InvalidRequestError(f"AdoptShard: next_version {request.next_version} is not "
                                       f"newer than version {m.version}")
         hint = request.incremental if request.HasField("incremental") else None
-        committed, latest, hashed = self.store.adopt_hinted(request.segment_name, m, hint)
+        committed, latest, hashed = self.store.adopt_hinted(request.segment_name, m, hint,
+                                                            getattr(context, "raw_manifest", None))
         if committed and self.metrics is not None:
             self.metrics.committed(m.job_id, m.version)
         resp = pb.AdoptShardResponse(version=m.version, committed=committed,

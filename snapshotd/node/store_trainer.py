@@ -240,15 +240,17 @@ class TrainerStore:
         return self.adopt_hinted(segment_name, m)[:2]
 
     def adopt_hinted(self, segment_name: str, m: pb.ShardManifest,
-                     hint: pb.IncrementalHint | None = None) -> tuple[bool, int, int]:
+                     hint: pb.IncrementalHint | None = None, raw: bytes | None = None) -> tuple[bool, int, int]:
         """``adopt`` with an optional IncrementalHint: (committed, latest committed,
         payload bytes hashed). The hint is used only when this segment's last adoption
         under the hint's content token was its base version with the same payload and
         block size; then only the dirty blocks are hashed (and, with checksums from the
-        client, the others must equal that adoption's). A malformed bitmap is refused."""
+        client, the others must equal that adoption's). A malformed bitmap is refused.
+        ``raw``: ``m`` as it was sent, if known (``m`` must be what it parses to): the
+        layout check compares bytes with it (``LayoutCache``)."""
         st = self.state
         try:
-            self.layouts.validate((m.job_id, m.rank), m)
+            self.layouts.validate((m.job_id, m.rank), m, raw=raw)
         except Exception as exc:
             raise st.refuse(exc)
         with st.lock:

@@ -252,6 +252,34 @@ def test_requests_queued_while_the_daemon_was_stopped_are_all_answered(daemon):
         ctx.destroy(linger=0)
 
 
+def test_a_manifest_in_the_wire_form_with_a_layout_field_after_its_layout_is_refused(daemon):
+    """The client sends a save's manifest as its layout's bytes plus the per-save fields;
+    the daemon's layout check skips the walk for a known layout prefix only when nothing
+    else follows it. A layout field appended after a known prefix is refused, nothing
+    changed, and the next good save commits."""
+    cl = daemon.client()
+    cl.register_job("wf", 1)
+    data = os.urandom(2 * BS)
+
+    def wire(m, extra=b""):
+        lay = pb.ShardManifest()
+        lay.CopyFrom(m)
+        for f in ("version", "meta_json", "block_checksums"):
+            lay.ClearField(f)
+        per = pb.ShardManifest(version=m.version, meta_json=m.meta_json, block_checksums=m.block_checksums)
+        return lay.SerializeToString() + per.SerializeToString() + extra
+
+    for v in (1, 2):
+        name, m = _stage(cl, "wf", v, data)
+        assert cl.adopt(name, wire(m)).committed
+    name, m = _stage(cl, "wf", 3, data)
+    bad = pb.ShardManifest(tensors=[pb.TensorEntry(name="x", dtype="uint8", shape=[8], offset=0, nbytes=9)])
+    with pytest.raises(errors.InvalidRequestError, match="nbytes 9 != 8"):
+        cl.adopt(name, wire(m, bad.SerializeToString()))
+    assert cl.list_versions("wf").latest_committed_version == 2
+    assert cl.adopt(name, wire(m)).committed and cl.handoff.calls == 4
+
+
 def test_a_late_reply_is_dropped_by_its_request_id(daemon):
     cl = daemon.client()
     cl.register_job("late", 1)

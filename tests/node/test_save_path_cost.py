@@ -258,3 +258,75 @@ def test_the_announce_reuses_the_manifest_bytes_written_at_delivery_only_while_t
     other.meta_json = '{"replaced": 1}'
     s.state.held(name).manifest = other  # e.g. a rebuild installs another object
     assert s.local_manifests("j", 1)[2] == [other.SerializeToString()]
+
+
+def _split(m: pb.ShardManifest) -> tuple[bytes, bytes]:
+    """(layout bytes, per-save bytes): how the client writes a save's manifest."""
+    per = pb.ShardManifest(version=m.version, meta_json=m.meta_json, block_checksums=m.block_checksums)
+    lay = pb.ShardManifest()
+    lay.CopyFrom(m)
+    for f in ("version", "meta_json", "block_checksums"):
+        lay.ClearField(f)
+    return lay.SerializeToString(), per.SerializeToString()
+
+
+def test_layout_cache_takes_a_known_layout_prefix_only_with_nothing_but_per_save_fields_after_it(monkeypatch):
+    """The wire form (layout bytes + per-save fields) skips the walk and the comparison's
+    re-serialisation once that prefix passed; anything after it that could change the
+    layout (a field of the layout, a default value written out, an unknown field, a
+    duplicate) takes the full path: refused when invalid."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    walks, layouts = [], []
+    real, real_layout = mf._validate_entries, mf.LayoutCache.layout_of
+    monkeypatch.setattr(mf, "_validate_entries", lambda m: (walks.append(m.version), real(m)))
+    monkeypatch.setattr(mf.LayoutCache, "layout_of", staticmethod(lambda m: (layouts.append(1), real_layout(m))[1]))
+    cache, payload = mf.LayoutCache(), bytes(100)
+
+    def check(m, raw):
+        assert pb.ShardManifest.FromString(raw) == m  # raw is what m parses from
+        cache.validate(("j", 0), m, raw=raw)
+
+    m1 = _manifest("j", 0, 1, payload)
+    check(m1, b"".join(_split(m1)))
+    assert walks == [1] and len(layouts) == 1
+    for v in (2, 3):  # the prefix again: no walk, no re-serialisation
+        m = _manifest("j", 0, v, payload)
+        check(m, b"".join(_split(m)))
+    assert walks == [1] and len(layouts) == 1
+    lay, per = _split(_manifest("j", 0, 4, payload))
+    bad_entry = pb.ShardManifest(tensors=[pb.TensorEntry(name="x", dtype="uint8", shape=[8], offset=0, nbytes=9)])
+    cases = {
+        "a layout field after it": (lay + per + bad_entry.SerializeToString(), "nbytes 9 != 8"),
+        "a layout field among them, canonical": (lay + pb.ShardManifest(
+            version=4, meta_json="{}", tensors=bad_entry.tensors).SerializeToString(), "nbytes 9 != 8"),
+        "payload_bytes 0 written out": (lay + per + _VarintBytes(4 << 3) + b"\x00", "overflow"),
+        "an unknown field": (lay + per + _VarintBytes(999 << 3) + b"\x01", None),
+        "version twice": (lay + per + _VarintBytes(3 << 3) + b"\x04", None),
+    }
+    for what, (raw, refused) in cases.items():
+        m = pb.ShardManifest.FromString(raw)
+        n = len(layouts)
+        if refused:
+            with pytest.raises(InvalidRequestError, match=refused):
+                check(m, raw)
+        else:
+            check(m, raw)
+        assert len(layouts) == n + 1, what  # the full comparison ran
+    check(_manifest("j", 0, 4, payload), lay + per)  # and the known prefix still serves
+    assert len(layouts) == n + 1
+
+
+def test_the_hand_off_server_finds_the_manifest_bytes_of_a_request():
+    from snapshotd.node.handoff import manifest_bytes
+
+    m = _manifest("j", 0, 1, bytes(100))
+    raw = b"".join(_split(m))
+    req = pb.AdoptShardRequest(segment_name="seg", next_version=2, writer_id="w").SerializeToString()
+    body = req + b"\x12" + bytes([len(raw)]) if len(raw) < 128 else None
+    assert body is not None
+    body += raw
+    assert pb.AdoptShardRequest.FromString(body).manifest == m and manifest_bytes(body) == raw
+    assert manifest_bytes(req) is None  # no manifest
+    assert manifest_bytes(body + b"\x12\x00") is None  # two: the parsed one is their merge
+    assert manifest_bytes(body[:-1]) is None and manifest_bytes(b"\x0f") is None
