@@ -295,8 +295,8 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
             raise InvalidRequestError(f"AdoptShard: next_version {request.next_version} is not "
                                       f"newer than version {m.version}")
         hint = request.incremental if request.HasField("incremental") else None
-        committed, latest, hashed = self.store.adopt_hinted(request.segment_name, m, hint,
-                                                            getattr(context, "raw_manifest", None))
+        committed, latest, hashed = self.store.adopt_hinted(  # m: parsed for this call, ours to keep
+            request.segment_name, m, hint, getattr(context, "raw_manifest", None), owned=True)
         if committed and self.metrics is not None:
             self.metrics.committed(m.job_id, m.version)
         resp = pb.AdoptShardResponse(version=m.version, committed=committed,

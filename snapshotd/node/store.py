@@ -100,8 +100,8 @@ class ShardStore:
         return self.trainer.acquire_for_writer(job_id, rank, version, nbytes, force, writer_id, reserve)
 
     def adopt_hinted(self, segment_name: str, m: pb.ShardManifest,
-                     hint=None, raw: bytes | None = None) -> tuple[bool, int, int]:
-        return self.trainer.adopt_hinted(segment_name, m, hint, raw)
+                     hint=None, raw: bytes | None = None, owned: bool = False) -> tuple[bool, int, int]:
+        return self.trainer.adopt_hinted(segment_name, m, hint, raw, owned)
 
     def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
         return self.trainer.push(m, chunks)

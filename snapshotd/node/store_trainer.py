@@ -240,14 +240,17 @@ class TrainerStore:
         return self.adopt_hinted(segment_name, m)[:2]
 
     def adopt_hinted(self, segment_name: str, m: pb.ShardManifest,
-                     hint: pb.IncrementalHint | None = None, raw: bytes | None = None) -> tuple[bool, int, int]:
+                     hint: pb.IncrementalHint | None = None, raw: bytes | None = None,
+                     owned: bool = False) -> tuple[bool, int, int]:
         """``adopt`` with an optional IncrementalHint: (committed, latest committed,
         payload bytes hashed). The hint is used only when this segment's last adoption
         under the hint's content token was its base version with the same payload and
         block size; then only the dirty blocks are hashed (and, with checksums from the
         client, the others must equal that adoption's). A malformed bitmap is refused.
         ``raw``: ``m`` as it was sent, if known (``m`` must be what it parses to): the
-        layout check compares bytes with it (``LayoutCache``)."""
+        layout check compares bytes with it (``LayoutCache``). ``owned``: ``m`` is the
+        caller's to give away (a request parsed for this call): the store keeps it and
+        fills in its checksums instead of working on a copy."""
         st = self.state
         try:
             self.layouts.validate((m.job_id, m.rank), m, raw=raw)
@@ -267,7 +270,8 @@ class TrainerStore:
                 raise st.refuse(InvalidRequestError(
                     f"payload of {m.payload_bytes} bytes does not fit the {slot.size}-byte segment"))
             base = self._hint_base(held, m, hint) if hint is not None else None
-        m = _copy(m)
+        if not owned:
+            m = _copy(m)
         buf = seg.buf if seg.buf is not None else b""
         what = f"adopted segment {segment_name}"
         try:

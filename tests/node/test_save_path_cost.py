@@ -330,3 +330,21 @@ def test_the_hand_off_server_finds_the_manifest_bytes_of_a_request():
     assert manifest_bytes(req) is None  # no manifest
     assert manifest_bytes(body + b"\x12\x00") is None  # two: the parsed one is their merge
     assert manifest_bytes(body[:-1]) is None and manifest_bytes(b"\x0f") is None
+
+
+def test_the_store_keeps_a_copy_of_a_manifest_it_does_not_own(make_store):
+    """adopt works on a copy of the caller's manifest (it fills in the checksums), unless
+    the caller gives it away (the service: a request parsed for the call)."""
+    s = make_store()
+    s.register_job("j", 1)
+    payload = os.urandom(100)
+    for v, owned in ((1, False), (2, True)):
+        m = _manifest("j", 0, v, payload)
+        name, _ = s.acquire_staging("j", 0, v, len(payload))
+        seg = shm.open_segment(name, writable=True)
+        seg.buf[:len(payload)] = payload
+        seg.close()
+        assert s.adopt_hinted(name, m, owned=owned)[:2] == (True, v)
+        kept = s.committed_shard("j", 0)[1]
+        assert (kept is m) == owned and list(kept.block_checksums) == block_checksums(payload, 100, BS)
+        assert len(m.block_checksums) == (1 if owned else 0)
