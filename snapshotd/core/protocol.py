@@ -69,9 +69,19 @@ I/O happens here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from snapshotd.core import commit_tree
 from snapshotd.core.placement import GroupLayout, place_group
+
+
+@lru_cache(maxsize=16)
+def _placed(n: int, m: int, counts: tuple[int, ...], me: int) -> tuple[GroupLayout, frozenset]:
+    """The layout of a version with these block counts and the contributions node ``me``
+    expects in it: the same for every version with the same counts (a job's saves mostly
+    repeat them), so computed once (issue 16). The layout is frozen, safe to share."""
+    layout = place_group(n, m, counts)
+    return layout, frozenset((s, t, p) for (s, t, p, _src, _j) in layout.expected_contributions(me))
 
 
 @dataclass(frozen=True)
@@ -405,8 +415,8 @@ class JobProtocol:
 
     # -- internals -------------------------------------------------------------------
     def _set_layout(self, r: VersionRound, counts: tuple[int, ...]) -> None:
-        r.layout = place_group(len(self.group), self.parity, counts)
-        r.expected = {(s, t, p) for (s, t, p, _src, _j) in r.layout.expected_contributions(self.my_index)}
+        r.layout, expected = _placed(len(self.group), self.parity, tuple(counts), self.my_index)
+        r.expected = set(expected)
         r.expected -= r.received
 
     def _advance(self, r: VersionRound) -> list:
