@@ -348,3 +348,27 @@ def test_the_store_keeps_a_copy_of_a_manifest_it_does_not_own(make_store):
         kept = s.committed_shard("j", 0)[1]
         assert (kept is m) == owned and list(kept.block_checksums) == block_checksums(payload, 100, BS)
         assert len(m.block_checksums) == (1 if owned else 0)
+
+
+def test_versions_with_the_same_block_counts_share_a_layout_but_not_their_expected_contributions():
+    """JobProtocol computes a layout and its expected contributions once per block counts
+    (issue 16); each round still gets its own set of what it awaits: a contribution
+    received for one version is still awaited for the next, and other counts get theirs."""
+    from snapshotd.core.placement import place_group
+    from snapshotd.core.protocol import JobProtocol
+
+    group = ("n0", "n1", "n2")
+    jp = JobProtocol("j", "n0", group, group, 1)
+    counts = (3, 2, 4)
+    l5, l6 = jp.layout_from_contribution(5, counts), jp.layout_from_contribution(6, counts)
+    assert l5 is l6 and l5 == place_group(3, 1, counts)
+    want = {(s, t, p) for s, t, p, _, _ in place_group(3, 1, counts).expected_contributions(0)}
+    assert jp.rounds[5].expected == want == jp.rounds[6].expected and want
+    key = sorted(want)[0]
+    jp.contribution_received(5, *key)
+    assert key not in jp.rounds[5].expected and key in jp.rounds[6].expected
+    assert jp.layout_from_contribution(7, counts).expected_contributions(0) == \
+        place_group(3, 1, counts).expected_contributions(0) and jp.rounds[7].expected == want
+    other = (1, 1, 1)
+    assert jp.layout_from_contribution(8, other) == place_group(3, 1, other)
+    assert jp.rounds[8].expected == {(s, t, p) for s, t, p, _, _ in place_group(3, 1, other).expected_contributions(0)}
