@@ -15,7 +15,9 @@ documented errors; anything else it raises is a crash:
 * ``handoff``: the frames of the same-host hand-off channel (``snapshotd.wire.handoff``):
   ``decode_request`` (the daemon's side) and ``decode_reply`` (the client's) raise only
   ``MalformedRequestError``; a request they accept encodes back to one that decodes to
-  the same values, a reply is an id with either a body or an error code and message.
+  the same values, a reply is an id with either a body or an error code and message;
+  the daemon's scan of a request body for the manifest's bytes
+  (``snapshotd.node.handoff.manifest_bytes``) finds none or exactly the parsed manifest's.
 * ``state_meta``: the client's decoding of the state metadata a daemon hands back in a
   manifest (``loads_meta``, ``unflatten_state``, then ``restore_rng_state`` on an ``rng``
   entry) raises only ``ValueError`` (and restore_rng_state its documented RuntimeError:
@@ -310,6 +312,9 @@ def prepare(target: str) -> None:
     The peer and service targets never import torch (a slow start)."""
     if target == "peer":
         _peer_setup()
+    elif target == "handoff":
+        import snapshotd.node.handoff  # noqa: F401
+        import snapshotd.wire.handoff  # noqa: F401
     elif target in ("manifest", "state_meta"):
         import snapshotd.wire.manifest  # noqa: F401
         import snapshotd_client.layout  # noqa: F401
@@ -339,6 +344,26 @@ def handoff(data: bytes) -> None:
         _, body, tok, jtok = got
         assert type(body) is bytes and tok != "" and jtok != ""
         assert hw.decode_request(hw.encode_request(rid, body, tok, jtok)) == got
+        _manifest_field(body)
+
+
+def _manifest_field(body: bytes) -> None:
+    """The daemon's scan for the manifest's bytes in a request body (the layout check's
+    shortcut): None, or exactly the bytes the parsed request's manifest came from."""
+    from google.protobuf.message import DecodeError
+
+    from snapshotd.node.handoff import manifest_bytes
+    from snapshotd.wire._proto import snapshotd_pb2 as pb
+
+    raw = manifest_bytes(body)
+    if raw is None:
+        return
+    assert type(raw) is bytes
+    try:
+        req = pb.AdoptShardRequest.FromString(body)
+    except DecodeError:
+        return  # the daemon refuses such a body before it looks for the field
+    assert req.HasField("manifest") and pb.ShardManifest.FromString(raw) == req.manifest
 
 
 def peer(data: bytes) -> None:
