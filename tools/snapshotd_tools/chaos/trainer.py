@@ -56,6 +56,9 @@ def _record_commits(rank_of) -> tuple:
 
     def adopt_and_record(self, segment_name, manifest, *args, **kw):  # the client's own arguments
         resp = adopt(self, segment_name, manifest, *args, **kw)
+        if isinstance(manifest, bytes):  # the Snapshotter's: the manifest serialized
+            from snapshotd.wire._proto import snapshotd_pb2 as pb
+            manifest = pb.ShardManifest.FromString(manifest)
         _write({"event": "commit_seen", "rank": manifest.rank, "version": int(resp.latest_committed_version),
                 "delivered": int(manifest.version), "time": time.time()})
         return resp
