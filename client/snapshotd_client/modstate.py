@@ -100,6 +100,8 @@ def _build(model: _Module) -> _Recipe | None:
     r.types = list(map(type, mods))
     r.lens = list(map(len, r.dicts))
     trio = list(_chain(map(_DICTS, r.dicts)))
+    if not all(isinstance(x, dict) for x in trio):
+        return None  # a ScriptModule's wrappers, ...
     r.dict_ids = list(map(id, trio))
     r.keys_all = list(_chain(trio))
     values = list(_chain(map(dict.values, trio)))
@@ -130,7 +132,10 @@ class ModelState:
     def __call__(self) -> OrderedDict:
         r = self._recipe
         if r is not None:
-            values = self._values(r)
+            try:
+                values = self._values(r)
+            except Exception:  # an attribute the walk reads is gone: walk again
+                values = None
             if values is not None:
                 self.hits += 1
                 sd = OrderedDict(zip(r.keys, values))
@@ -139,7 +144,10 @@ class ModelState:
         self.misses += 1
         sd = self.model.state_dict()
         if not self._uncovered:  # a model found not plain once is walked by state_dict() from then on
-            self._recipe = _build(self.model) if isinstance(self.model, _Module) else None
+            try:
+                self._recipe = _build(self.model) if isinstance(self.model, _Module) else None
+            except Exception:  # a module unlike nn.Module's own (a ScriptModule, ...): not covered
+                self._recipe = None
             self._uncovered = self._recipe is None
         return sd
 

@@ -193,3 +193,19 @@ def test_a_model_holding_tensor_subclasses_is_not_covered():
         got = ms()
         assert type(got["odd"]) is _Sub and not got["weight"].requires_grad  # state_dict()'s, detached
     assert ms.hits == 0 and ms._recipe is None
+
+
+def test_a_scripted_module_and_a_stripped_one_fall_back_to_state_dict():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2)))
+    ms = ModelState(scripted)
+    for _ in range(2):
+        assert list(ms()) == list(scripted.state_dict())
+    assert ms.hits == 0
+    model = nn.Sequential(nn.Linear(2, 2))
+    ms = ModelState(model)
+    ms()
+    del model[0].__dict__["_state_dict_hooks"]  # what the walk reads, gone: no crash, no recipe
+    with pytest.raises(AttributeError):
+        model.state_dict()  # state_dict() itself fails on such a module, and so does the save
+    with pytest.raises(AttributeError):
+        ms()
