@@ -123,9 +123,13 @@ class LegacyStateReader:
                 and int.from_bytes(ctypes.string_at(id(rand) + self._x, _WORD), "little") == self._sa)
 
     def __call__(self) -> tuple:
-        if not self.fast or not self._pointer_ok():
+        try:
+            if not self.fast or not self._pointer_ok():
+                return np.random.get_state(legacy=True)
+            raw = self._raw(self._rand, self._sa)
+        except Exception:  # never seen; the documented call from then on
+            self.fast = False
             return np.random.get_state(legacy=True)
-        raw = self._raw(self._rand, self._sa)
         last = self._last
         if last is not None and last[0] == raw:
             return last[1]

@@ -90,3 +90,15 @@ def test_offsets_that_do_not_check_out_are_not_used(monkeypatch):
     assert not r.fast
     _gauss_put_back()
     _same(r(), np.random.get_state(legacy=True))
+
+
+def test_a_failing_read_falls_back_for_good(monkeypatch):
+    r = LegacyStateReader()
+    assert r.fast
+
+    def broken(*a):
+        raise OSError("unreadable")
+    monkeypatch.setattr(r, "_raw", broken)
+    np.random.rand()
+    _same(r(), np.random.get_state(legacy=True))
+    assert not r.fast
