@@ -42,16 +42,6 @@ DaemonError = errors.DaemonError  # kept importable from here
 
 # plain ints: pyzmq's enum flags cost an enum construction per use on the per-save path
 _EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
-_MANIFEST_FIELD = bytes([2 << 3 | 2])  # AdoptShardRequest.manifest: field 2, length-delimited
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _translate(exc: grpc.RpcError, what: str) -> errors.SnapshotdError:
@@ -309,8 +299,7 @@ class DaemonClient:
             next_payload_bytes=next_payload_bytes, writer_id=writer_id, incremental=hint)
         ch = self.handoff
         if raw and ch is not None:  # field 2 (manifest) written by hand after the others
-            return ch.call(req.SerializeToString() + _MANIFEST_FIELD + _varint(len(manifest)) + manifest,
-                           self.timeout_s)
+            return ch.call(hw.with_manifest(req.SerializeToString(), manifest), self.timeout_s)
         if raw:
             req.manifest.ParseFromString(manifest)
         if ch is not None:

@@ -205,7 +205,7 @@ class HandoffServer:
                 self.on_malformed(METHOD, str(exc))
             return frames.encode_error(rid, exc.code, str(exc))
         return (rid, request, ((JOB_TOKEN_METADATA_KEY, job_token),) if job_token else (),
-                manifest_bytes(body))
+                frames.manifest_bytes(body))
 
     def adopt(self, rid: int, request, md, raw_manifest: bytes | None = None) -> list[bytes]:
         """The servicer's AdoptShard; its reply frames (never raises)."""
@@ -218,45 +218,3 @@ class HandoffServer:
             log.exception("%s failed", METHOD)
             return frames.encode_error(rid, DaemonError.code, f"Exception calling application: {exc}")
 
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    out = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        out |= (b & 0x7F) << shift
-        if b < 0x80:
-            return out, i
-        shift += 7
-
-
-def manifest_bytes(body: bytes) -> bytes | None:
-    """The bytes of an AdoptShardRequest's ``manifest`` (field 2) as they came, when the
-    field occurs exactly once in ``body`` (a request that parsed); else None. They let the
-    layout check compare bytes instead of re-serialising the manifest
-    (:class:`snapshotd.wire.manifest.LayoutCache`); None only costs that shortcut."""
-    i, n, found = 0, len(body), None
-    try:
-        while i < n:
-            tag, i = _varint(body, i)
-            wire = tag & 7
-            if wire == 0:
-                _, i = _varint(body, i)
-            elif wire == 2:
-                size, i = _varint(body, i)
-                if tag >> 3 == 2:
-                    if found is not None:  # two: the parsed manifest is their merge
-                        return None
-                    found = (i, i + size)
-                i += size
-            elif wire == 1:
-                i += 8
-            elif wire == 5:
-                i += 4
-            else:
-                return None
-    except IndexError:
-        return None
-    if i != n or found is None:
-        return None
-    return body[found[0]:found[1]]

@@ -112,3 +112,69 @@ def decode_reply(frames: list[bytes]) -> tuple[int, bytes | None, str | None, st
     if kind == KIND_ERROR and len(frames) == 3:
         return rid, None, frames[1].decode("ascii", "replace"), frames[2].decode("utf-8", "replace")
     raise MalformedRequestError(f"hand-off reply: kind {kind} with {len(frames)} frames")
+
+
+# -- the request's manifest field, written and found by hand --------------------------------
+# The client serializes a save's manifest in two parts (its layout once, then the save's own
+# fields) and writes AdoptShardRequest field 2 around them; the daemon finds those bytes in a
+# request body for its layout check. Protobuf's own varint helpers are internal API.
+_MANIFEST_TAG = bytes([2 << 3 | 2])  # AdoptShardRequest.manifest: field 2, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def with_manifest(request_body: bytes, manifest: bytes) -> bytes:
+    """A serialized AdoptShardRequest without a manifest, plus ``manifest`` (a serialized
+    ShardManifest) as its field 2: what parses as the request with that manifest set."""
+    return request_body + _MANIFEST_TAG + _varint(len(manifest)) + manifest
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, i
+        shift += 7
+
+
+def manifest_bytes(body: bytes) -> bytes | None:
+    """The bytes of an AdoptShardRequest's ``manifest`` (field 2) as they came, when the
+    field occurs exactly once in ``body`` (a request that parsed); else None. The daemon's
+    side of :func:`with_manifest`: they let the layout check compare bytes instead of
+    re-serialising the manifest (:class:`snapshotd.wire.manifest.LayoutCache`); None only
+    costs that shortcut."""
+    i, n, found = 0, len(body), None
+    try:
+        while i < n:
+            tag, i = _read_varint(body, i)
+            wire = tag & 7
+            if wire == 0:
+                _, i = _read_varint(body, i)
+            elif wire == 2:
+                size, i = _read_varint(body, i)
+                if tag >> 3 == 2:
+                    if found is not None:  # two: the parsed manifest is their merge
+                        return None
+                    found = (i, i + size)
+                i += size
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            else:
+                return None
+    except IndexError:
+        return None
+    if i != n or found is None:
+        return None
+    return body[found[0]:found[1]]

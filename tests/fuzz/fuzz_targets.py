@@ -17,7 +17,7 @@ documented errors; anything else it raises is a crash:
   ``MalformedRequestError``; a request they accept encodes back to one that decodes to
   the same values, a reply is an id with either a body or an error code and message;
   the daemon's scan of a request body for the manifest's bytes
-  (``snapshotd.node.handoff.manifest_bytes``) finds none or exactly the parsed manifest's.
+  (``snapshotd.wire.handoff.manifest_bytes``) finds none or exactly the parsed manifest's.
 * ``state_meta``: the client's decoding of the state metadata a daemon hands back in a
   manifest (``loads_meta``, ``unflatten_state``, then ``restore_rng_state`` on an ``rng``
   entry) raises only ``ValueError`` (and restore_rng_state its documented RuntimeError:
@@ -313,7 +313,6 @@ def prepare(target: str) -> None:
     if target == "peer":
         _peer_setup()
     elif target == "handoff":
-        import snapshotd.node.handoff  # noqa: F401
         import snapshotd.wire.handoff  # noqa: F401
     elif target in ("manifest", "state_meta"):
         import snapshotd.wire.manifest  # noqa: F401
@@ -352,7 +351,7 @@ def _manifest_field(body: bytes) -> None:
     shortcut): None, or exactly the bytes the parsed request's manifest came from."""
     from google.protobuf.message import DecodeError
 
-    from snapshotd.node.handoff import manifest_bytes
+    from snapshotd.wire.handoff import manifest_bytes
     from snapshotd.wire._proto import snapshotd_pb2 as pb
 
     raw = manifest_bytes(body)

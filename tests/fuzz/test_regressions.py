@@ -331,13 +331,12 @@ def test_the_handoff_oracle_sees_a_request_that_does_not_round_trip(monkeypatch)
 
 
 def test_the_handoff_oracle_sees_a_manifest_scan_that_finds_the_wrong_bytes(monkeypatch):
-    from snapshotd.node import handoff as node_ho
     from snapshotd.wire import handoff as hw
     from snapshotd.wire._proto import snapshotd_pb2 as pb
 
     body = pb.AdoptShardRequest(segment_name="s", manifest=pb.ShardManifest(job_id="j", version=2),
                                 next_version=3).SerializeToString()
     ft.handoff(join_parts(0, hw.encode_request(3, body, None, None)))  # the real scan passes
-    monkeypatch.setattr(node_ho, "manifest_bytes", lambda b: pb.ShardManifest(job_id="k").SerializeToString())
+    monkeypatch.setattr(hw, "manifest_bytes", lambda b: pb.ShardManifest(job_id="k").SerializeToString())
     with pytest.raises(AssertionError):
         ft.handoff(join_parts(0, hw.encode_request(3, body, None, None)))

@@ -318,7 +318,7 @@ def test_layout_cache_takes_a_known_layout_prefix_only_with_nothing_but_per_save
 
 
 def test_the_hand_off_server_finds_the_manifest_bytes_of_a_request():
-    from snapshotd.node.handoff import manifest_bytes
+    from snapshotd.wire.handoff import manifest_bytes
 
     m = _manifest("j", 0, 1, bytes(100))
     raw = b"".join(_split(m))
