@@ -173,6 +173,7 @@ class LayoutCache:
         """Drop the keys for which ``match(key)`` is true (e.g. a dropped job's)."""
         for k in [k for k in list(self._known) if match(k)]:
             self._known.pop(k, None)
+            self._prefix.pop(k, None)
 
 
 def _only_per_save(cls, raw: bytes, start: int) -> bool:

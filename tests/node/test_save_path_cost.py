@@ -315,6 +315,9 @@ def test_layout_cache_takes_a_known_layout_prefix_only_with_nothing_but_per_save
         assert len(layouts) == n + 1, what  # the full comparison ran
     check(_manifest("j", 0, 4, payload), lay + per)  # and the known prefix still serves
     assert len(layouts) == n + 1
+    cache.forget(lambda key: key == ("j", 0))  # a dropped job: its prefix goes with its layout
+    check(_manifest("j", 0, 5, payload), b"".join(_split(_manifest("j", 0, 5, payload))))
+    assert len(layouts) == n + 2 and walks[-1] == 5  # compared and walked in full again
 
 
 def test_the_hand_off_server_finds_the_manifest_bytes_of_a_request():
