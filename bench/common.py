@@ -282,15 +282,4 @@ def proc_cpu_seconds(pid: int) -> float:
     in clock ticks (10 ms), too coarse for the few milliseconds a save costs a daemon.
     Threads that exit drop out of the sum: compare it over windows in which the
     process's threads live on (a daemon's do). 0.0 when the process is gone."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread exited meanwhile
-    return total / 1e9
+    return sum((cpu for _, cpu in thread_cpu_seconds(pid).values()), 0.0)

@@ -271,20 +271,22 @@ def loads_meta(text: str | bytes) -> dict:
     return meta
 
 
-def capture_rng_state(packed: bool = False) -> dict:
+def capture_rng_state(packed: bool = False, numpy_state=None) -> dict:
     """RNG states of python ``random``, numpy's legacy global RandomState, torch CPU,
     and every CUDA device (only if CUDA is available and already initialised).
 
     ``packed``: python's 625 state words as one int64 tensor instead of a tuple of ints
     (what ``Snapshotter.save`` records: it is copied as 5 KB of bytes rather than walked
-    and written as 625 JSON numbers at every save). ``restore_rng_state`` takes both."""
+    and written as 625 JSON numbers at every save). ``restore_rng_state`` takes both.
+    ``numpy_state``: what reads numpy's state (default ``np.random.get_state(legacy=True)``;
+    ``PackedRngCapture`` passes its ``nprng`` reader)."""
     cuda = []
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state_all()
     py = random.getstate()
     if packed:
         py = (py[0], torch.from_numpy(np.array(py[1], dtype=np.int64)), py[2])  # 3x torch.tensor's speed
-    return {"python": py, "numpy": np.random.get_state(legacy=True),
+    return {"python": py, "numpy": numpy_state() if numpy_state else np.random.get_state(legacy=True),
             "torch": torch.get_rng_state(), "cuda": cuda}
 
 
@@ -301,15 +303,13 @@ class PackedRngCapture:
         self._numpy = LegacyStateReader()  # np.random.get_state(legacy=True), ~10x faster
 
     def __call__(self) -> dict:
-        cuda = []
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            cuda = torch.cuda.get_rng_state_all()
-        version, words, gauss = random.getstate()
+        d = capture_rng_state(numpy_state=self._numpy)
+        version, words, gauss = d["python"]
         if words != self._words:
             self._tensor = torch.from_numpy(np.array(words, dtype=np.int64))
             self._words = words
-        return {"python": (version, self._tensor, gauss), "numpy": self._numpy(),
-                "torch": torch.get_rng_state(), "cuda": cuda}
+        d["python"] = (version, self._tensor, gauss)
+        return d
 
 
 def restore_rng_state(d: dict) -> None:
