@@ -72,38 +72,31 @@ class ClusterView:
             led = self.state.jobs.get(job_id)
             return led is not None and rank in led.local_ranks()
 
+    def _local_held(self, job_id: str, version: int) -> list:
+        """[(rank, Held)] of the local ranks holding ``version``, by rank (under the lock)."""
+        st = self.state
+        led = st.job(job_id)
+        out = []
+        for r in led.local_ranks():
+            slot = led.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED)
+            if slot is not None:
+                out.append((r, st.held(st.name_at(job_id, r, slot.index))))
+        return out
+
     def local_shards(self, job_id: str, version: int) -> list:
         """[(rank, manifest, segment)] of the local ranks holding ``version``, by rank."""
-        st = self.state
-        with st.lock:
-            led = st.job(job_id)
-            out = []
-            for r in led.local_ranks():
-                slot = led.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED)
-                if slot is None:
-                    continue
-                held = st.held(st.name_at(job_id, r, slot.index))
-                out.append((r, held.manifest, held.segment))
-            return out
+        with self.state.lock:
+            return [(r, held.manifest, held.segment) for r, held in self._local_held(job_id, version)]
 
     def local_manifests(self, job_id: str, version: int) -> tuple[list[int], list, list[bytes]]:
         """(ranks, manifests, each manifest serialised) of the local ranks holding
         ``version``, by rank: the bytes written to the manifest file at delivery while the
         manifest is still that object, else serialised now."""
-        st = self.state
-        with st.lock:
-            led = st.job(job_id)
-            ranks, mans, raws = [], [], []
-            for r in led.local_ranks():
-                slot = led.slot_of(r, version, SlotState.PENDING, SlotState.COMMITTED)
-                if slot is None:
-                    continue
-                held = st.held(st.name_at(job_id, r, slot.index))
-                w = held.written
-                ranks.append(r)
-                mans.append(held.manifest)
-                raws.append(w[1] if w is not None and w[0] is held.manifest else held.manifest.SerializeToString())
-            return ranks, mans, raws
+        with self.state.lock:
+            got = self._local_held(job_id, version)
+            raws = [w[1] if (w := held.written) is not None and w[0] is held.manifest
+                    else held.manifest.SerializeToString() for _, held in got]
+            return [r for r, _ in got], [held.manifest for _, held in got], raws
 
     def block_reader(self, job_id: str, version: int, block_size: int, verify: bool = False,
                      with_checksum: bool = False):
