@@ -24,10 +24,11 @@ import warnings
 import torch
 
 from snapshotd_client import layout as lo
+from snapshotd_client.tensors import PLAIN_TYPES
 
 log = logging.getLogger("snapshotd_client")
 
-_PLAIN_TENSOR = frozenset({torch.Tensor, torch.nn.Parameter})  # modstate hands parameters as they are
+_PLAIN_TENSOR = frozenset(PLAIN_TYPES)
 _IS_CUDA = operator.attrgetter("is_cuda")
 # dtypes whose same-dtype copy_ moves the bits as they are (no value conversion: NaN
 # payloads and -0.0 kept); the host fast path copies them without a bits view

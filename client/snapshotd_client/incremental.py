@@ -44,13 +44,11 @@ from dataclasses import dataclass
 
 import torch
 
+from snapshotd_client.tensors import PLAIN_TYPES
 
 # Records kept: a rank's ring has 3 segments; one that leaves it (resized, released) keeps
 # references to the tensors it recorded until it is dropped here.
 _MAX_RECORDS = 4
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -169,7 +167,7 @@ class IncrementalTracker:
 
 
 def _candidate(t: torch.Tensor) -> bool:
-    if type(t) not in _PLAIN or t.is_conj() or t.is_neg():  # parameters: from modstate
+    if type(t) not in PLAIN_TYPES or t.is_conj() or t.is_neg():
         return False
     try:
         t._version

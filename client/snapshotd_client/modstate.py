@@ -34,6 +34,8 @@ from operator import itemgetter
 
 import torch
 
+from snapshotd_client.tensors import PLAIN_TYPES
+
 __all__ = ["ModelState"]
 
 _Module = torch.nn.Module
@@ -43,7 +45,6 @@ _HOOKS = itemgetter("_state_dict_pre_hooks", "_state_dict_hooks")
 _NONPERSISTENT = itemgetter("_non_persistent_buffers_set")
 _chain = chain.from_iterable
 _OVERRIDABLE = ("state_dict", "_save_to_state_dict", "get_extra_state")
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _plain(m: _Module) -> bool:
@@ -107,7 +108,7 @@ def _build(model: _Module) -> _Recipe | None:
     values = list(_chain(map(dict.values, trio)))
     r.value_ids = list(map(id, values))
     r.nonpersistent = [frozenset(x) for x in map(_NONPERSISTENT, r.dicts)]
-    if any(type(values[i]) not in _PLAIN for i in pick):
+    if any(type(values[i]) not in PLAIN_TYPES for i in pick):
         return None  # DTensor and other subclasses: as state_dict() gives them (detached)
     r.pick, r.keys, r.metadata = pick, keys, metadata
     seen: set[int] = set()

@@ -24,6 +24,9 @@ _BY_NAME: dict[str, torch.dtype] = {
 _BY_DTYPE: dict[torch.dtype, str] = {d: n for n, d in _BY_NAME.items()}
 # Same-size integer dtypes used to copy bits without any value semantics.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# A tensor read as plain memory: no subclass (DTensor, ...) with a storage of its own kind.
+# Parameters count: the Snapshotter reads the model's (modstate) under no_grad.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
