@@ -42,13 +42,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from snapshotd.wire._proto import snapshotd_pb2_grpc as pb_grpc
 from snapshotd.wire.errors import MalformedRequestError
+from snapshotd.wire.limits import MAX_MESSAGE_BYTES
 from snapshotd.node.metrics import DaemonMetrics
-from snapshotd.node.service import (
-    MAX_MESSAGE_BYTES,
-    JobTokens,
-    SnapshotdServicer,
-    TokenInterceptor,
-)
+from snapshotd.node.auth import JobTokens, TokenInterceptor
+from snapshotd.node.service import SnapshotdServicer
 from snapshotd.node.store import ShardStore
 
 log = logging.getLogger("snapshotd.server")

@@ -17,18 +17,15 @@ registered with a job token is bound to it (its SHA-256 is kept in
 ``STATE_DIR/job_tokens.json``, 0600); every later request naming that job must carry
 the same token or is refused with PERMISSION_DENIED. Jobs registered without one stay
 open to every holder of the daemon token, unless the daemon runs with
-``--require-job-token``.
+``--require-job-token``. The tokens' classes: :mod:`snapshotd.node.auth`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import json
 import logging
 import os
-import threading
 import time
 
 import grpc
@@ -50,14 +47,12 @@ from snapshotd.wire.errors import (
 from snapshotd.wire.limits import (
     ERROR_METADATA_KEY,
     JOB_TOKEN_METADATA_KEY,
-    MAX_JOB_TOKEN_BYTES,
     MAX_JOBS,
-    MAX_MESSAGE_BYTES,
     MAX_TOTAL_RANKS,
     STREAM_CHUNK_BYTES,
-    TOKEN_METADATA_KEY,
 )
 from snapshotd.wire.ratelimit import WarningLimiter
+from snapshotd.node.auth import JobTokens
 from snapshotd.node.store import ShardStore
 
 log = logging.getLogger("snapshotd.service")
@@ -118,75 +113,6 @@ def _metadata(context, key: str) -> str | None:
         if k == key:
             return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
     return None
-
-
-class JobTokens:
-    """Which jobs are bound to a job token (SHA-256 of it), persisted in the state dir.
-
-    Thread-safe. Only digests are stored, so the file does not give the tokens away;
-    comparisons are constant-time.
-    """
-
-    FILE = "job_tokens.json"
-
-    def __init__(self, state_dir: str, require: bool = False):
-        self.path = os.path.join(state_dir, self.FILE)
-        self.require = require
-        self._lock = threading.Lock()
-        self._bound: dict[str, str] = {}
-        if os.path.exists(self.path):
-            try:
-                with open(self.path) as f:
-                    doc = json.load(f)
-                self._bound = {str(j): str(h) for j, h in doc.get("jobs", {}).items()}
-            except (OSError, ValueError, AttributeError) as exc:
-                # Failing open would hand bound jobs to anyone: refuse to start instead.
-                raise ValueError(f"job token file {self.path} is unreadable ({exc}); "
-                                 "fix or delete it (deleting unbinds every job)") from None
-
-    @staticmethod
-    def _digest(token: str) -> str:
-        return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-    def _save(self) -> None:
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"jobs": self._bound}, f)
-        os.replace(tmp, self.path)
-
-    def check(self, job_id: str, token: str | None, registering: bool = False) -> None:
-        """Refuse a request for ``job_id`` that does not carry the job's token (and,
-        with ``require``, a registration without any job token)."""
-        if token is not None and len(token) > MAX_JOB_TOKEN_BYTES:
-            raise InvalidRequestError(f"job token longer than {MAX_JOB_TOKEN_BYTES} bytes")
-        with self._lock:
-            want = self._bound.get(job_id)
-        if want is None:
-            if registering and self.require and not token:
-                raise JobAccessDeniedError(
-                    f"job {job_id!r}: this daemon requires a job token "
-                    f"({JOB_TOKEN_METADATA_KEY}, client env SNAPSHOTD_JOB_TOKEN)")
-            return
-        if not token or not hmac.compare_digest(self._digest(token), want):
-            raise JobAccessDeniedError(
-                f"job {job_id!r} is bound to a job token; this request carries "
-                f"{'none' if not token else 'a different one'}")
-
-    def bind(self, job_id: str, token: str | None) -> None:
-        """After a successful registration: an unbound job becomes bound to ``token``
-        (the first registration carrying one claims the job; until then it was open)."""
-        if not token:
-            return
-        with self._lock:
-            if job_id not in self._bound:
-                self._bound[job_id] = self._digest(token)
-                self._save()
-
-    def unbind(self, job_id: str) -> None:
-        with self._lock:
-            if self._bound.pop(job_id, None) is not None:
-                self._save()
 
 
 def _job_info(i) -> pb.JobInfo:
@@ -487,47 +413,3 @@ class SnapshotdServicer(pb_grpc.SnapshotdServicer):
         older = request.older_than_s if request.HasField("older_than_s") else None
         dropped, freed = self.jobs.collect(older, request.dry_run)
         return pb.CollectJobsResponse(dropped=[_job_info(i) for i in dropped], bytes_freed=freed)
-
-
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuse every call without the right token (health checks excepted)."""
-
-    def __init__(self, token: str, on_refused=None):
-        # Compared with hmac.compare_digest (constant time) below.
-        self._token = token.encode()
-        self._on_refused = on_refused
-
-    def refusal(self, got: str | bytes | None) -> str | None:
-        """None when ``got`` is the token, else why not (also for the hand-off channel)."""
-        got = (got or b"").encode() if isinstance(got, str) else (got or b"")
-        if got and hmac.compare_digest(got, self._token):
-            return None
-        return "missing snapshotd token" if not got else "wrong snapshotd token"
-
-    def refuse(self, method: str, msg: str) -> None:
-        """Count and log a call refused for its token."""
-        if self._on_refused is not None:
-            self._on_refused()
-        log.warning("%s: %s", method, msg)
-
-    def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health.v1.Health/"):
-            return continuation(details)
-        msg = self.refusal(dict(details.invocation_metadata or ()).get(TOKEN_METADATA_KEY))
-        if msg is None:
-            return continuation(details)
-        handler = continuation(details)
-        if handler is None:
-            return None
-        self.refuse(details.method, msg)
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, msg)
-
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)

@@ -86,7 +86,8 @@ class Harness:
     """The servicer over a store on a private prefix, reset to the baseline on demand."""
 
     def __init__(self):
-        from snapshotd.node.service import JobTokens, SnapshotdServicer
+        from snapshotd.node.auth import JobTokens
+        from snapshotd.node.service import SnapshotdServicer
         from snapshotd.node.store import ShardStore
         from snapshotd.wire import shm
         from snapshotd.wire._proto import snapshotd_pb2 as pb
