@@ -201,6 +201,8 @@ def _validate_tensor(t, payload_bytes: int) -> None:
         )
     if len(t.shape) > MAX_NDIM or any(d < 0 for d in t.shape):
         raise InvalidRequestError(f"{where}: invalid shape {list(t.shape)[:8]}")
+    if not _strides_fit(t.shape):
+        raise InvalidRequestError(f"{where}: shape {list(t.shape)[:8]} too large for a tensor's strides")
     expected = math.prod(t.shape) * DTYPE_ITEMSIZE[t.dtype]
     if expected != t.nbytes:
         raise InvalidRequestError(
@@ -218,6 +220,16 @@ def _validate_tensor(t, payload_bytes: int) -> None:
             off = t.global_offset[i] if t.global_offset else 0
             if g < 0 or off < 0 or off + d > g:
                 raise InvalidRequestError(f"{where}: shard exceeds its global shape on dim {i}")
+        if not _strides_fit(t.global_shape):
+            raise InvalidRequestError(f"{where}: global_shape {list(t.global_shape)[:8]} too large "
+                                      "for a tensor's strides")
+
+
+def _strides_fit(shape) -> bool:
+    """Can torch make a tensor of ``shape``? Its contiguous strides multiply the dims
+    (a 0 counted as 1), so a tensor of no elements may still overflow int64 there: the
+    client viewing such an entry would fail (fuzzer, regressions/manifest-stride-overflow)."""
+    return math.prod(max(d, 1) for d in shape) < 1 << 63
 
 
 def block_checksums(buf, payload_bytes: int, block_size_bytes: int) -> list[int]:

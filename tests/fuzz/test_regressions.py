@@ -340,3 +340,23 @@ def test_the_handoff_oracle_sees_a_manifest_scan_that_finds_the_wrong_bytes(monk
     monkeypatch.setattr(hw, "manifest_bytes", lambda b: pb.ShardManifest(job_id="k").SerializeToString())
     with pytest.raises(AssertionError):
         ft.handoff(join_parts(0, hw.encode_request(3, body, None, None)))
+
+
+def test_an_empty_tensor_whose_strides_overflow_is_refused():
+    # fuzzer (manifest target, 2026-12-07): an entry of shape [0, 2**40, 2**40]-like dims has
+    # nbytes 0 = its product, so validate_manifest accepted it, and the client's view of it
+    # (torch.empty of that shape) raised "Stride calculation overflowed". Fixed: a shape
+    # whose product of dims (0 counted as 1) reaches 2**63 is refused, global_shape too.
+    from snapshotd.wire import manifest as mf
+    from snapshotd.wire._proto import snapshotd_pb2 as pb
+    from snapshotd.wire.errors import InvalidRequestError
+
+    m = pb.ShardManifest(job_id="j", rank=0, version=1, payload_bytes=8, block_size_bytes=4096,
+                         checksum_algo="xxh3_64")
+    m.tensors.add(name="t", dtype="float32", shape=[0, 1 << 40, 1 << 40], offset=0, nbytes=0)
+    with pytest.raises(InvalidRequestError, match="strides"):
+        mf.validate_manifest(m)
+    m.tensors[0].shape[:] = [0, 1 << 31, 1 << 31]  # 2**62 still fits
+    mf.validate_manifest(m)
+    with open(os.path.join(HERE, "regressions", "manifest-stride-overflow"), "rb") as f:
+        ft.manifest(f.read())
