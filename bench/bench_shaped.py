@@ -36,9 +36,13 @@ the configurations and ``none`` (no snapshots) in rounds (a snapshot after every
 optimizer step). Reported per configuration: step time (median, p90, mean) of rank 0,
 the slowdown against ``none`` (ratio of medians and of means, measured in the same
 run), save() blocking, the bytes each node put on its link per step (veth counters)
-and what the daemons added to it.
+and what the daemons added to it; where the CPU went (per CPU of the machine: user,
+system, softirq, idle per step; rank 0's training thread and its other threads), which
+tells a slowdown from the link apart from one from CPU (the kernel's packet work for the
+parity shows as softirq on whichever CPU moved the packets: ``--steer`` puts it on the
+daemons' CPUs).
 
-    sudo nice -n 10 .venv/bin/python -m bench.bench_shaped --nodes 2 --rate-mbit 1000 [--pin] \\
+    sudo nice -n 10 .venv/bin/python -m bench.bench_shaped --nodes 2 --rate-mbit 1000 [--pin [--steer]] \\
         --json docs/shaped/result.json --plot docs/shaped/step_time.png
 
 Every namespace, veth, bridge and qdisc it made is removed at exit, also on failure or
@@ -143,6 +147,29 @@ class ShapedNetwork:
         _run(*tc, "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
              "match", "ip", "tos", hex(LOW_DSCP << 2), "0xfc", "flowid", "1:20")
 
+    def steer(self, cpus: list[int]) -> dict[str, str]:
+        """Receive packet steering of every veth end (both sides) to ``cpus``: the kernel's
+        receive work for the links' packets (the bridge's forwarding and the far end's
+        HTB included) runs there instead of on whichever CPU sent them. With ``--pin``, a
+        node whose NIC interrupts go to its housekeeping cores rather than the trainers'.
+        Returns each veth's mask as read back."""
+        mask = format(sum(1 << c for c in cpus), "x")
+        got = {}
+        for i in range(self.net.n):
+            h, p = self.net.host_link(i), self.peer_link(i)
+            with open(f"/sys/class/net/{h}/queues/rx-0/rps_cpus", "w") as f:
+                f.write(mask)
+            with open(f"/sys/class/net/{h}/queues/rx-0/rps_cpus") as f:
+                got[h] = f.read().strip()
+            r = subprocess.run(["ip", "netns", "exec", self.net.ns(i), "sh", "-c",
+                                f"echo {mask} > /sys/class/net/{p}/queues/rx-0/rps_cpus && "
+                                f"cat /sys/class/net/{p}/queues/rx-0/rps_cpus"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"RPS on {p}: {r.stderr.strip()}")
+            got[p] = r.stdout.strip()
+        return got
+
     def class_bytes(self, i: int) -> dict[str, int]:
         """Bytes sent so far by each HTB class of node ``i``'s egress (its veth end):
         {"1:10": default, "1:20": low priority, ...}."""
@@ -236,7 +263,13 @@ def summarize(ranks: list[dict], nodes: int) -> dict:
                   "drain_median_s": statistics.median(v["drain_s"]) if v["drain_s"] else 0.0,
                   "saved": v["saved"], "skipped": v["skipped"],
                   "last_saved": v["last_saved"], "last_committed": v["last_committed"],
-                  "step_s": v["step_s"]}
+                  "step_s": v["step_s"],
+                  # rank 0's process over the steps, ms per step: [training thread, the rest]
+                  "block_s": v.get("block_s", 0.0),  # wall time of its blocks, drains included
+                  "rank0_cpu_ms_per_step": [x * 1e3 / max(steps, 1) for x in v.get("proc_cpu_s", (0, 0))],
+                  # per CPU of the machine, ms per recorded step: user, system, softirq, idle
+                  "cpu_ms_per_step": {cpu: [t * 1e3 / _HZ / max(steps, 1) for t in ticks]
+                                      for cpu, ticks in sorted(v.get("cpu_ticks", {}).items())}}
     base = out["none"]
     for c, v in out.items():
         v["slowdown_median"] = v["median_s"] / base["median_s"]
@@ -244,6 +277,9 @@ def summarize(ranks: list[dict], nodes: int) -> dict:
         v["daemon_bytes_per_node_step"] = max(
             0.0, v["link_bytes_per_node_step"] - base["link_bytes_per_node_step"])
     return out
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
 
 
 def add_paired(res: dict) -> dict:
@@ -281,6 +317,7 @@ def run(a) -> dict:
     trainers: list[subprocess.Popen] = []
     try:
         sn.create()
+        steered = sn.steer(daemon_cpus) if a.steer else None
         taken: set = set()
         extra = {"snap": [], "paced": ["--peer-rate", str(peer_rate), "--peer-burst", str(a.peer_burst)],
                  "marked": ["--peer-dscp", str(LOW_DSCP)], "adaptive": ["--peer-dscp", str(LOW_DSCP)]}
@@ -349,6 +386,8 @@ def run(a) -> dict:
                # per node, the whole run: what its egress sent in each class (1:20 = DSCP CS1)
                "egress_class_bytes": classes,
                "pinned": {"trainers": trainer_cpus, "daemons": daemon_cpus} if a.pin else None,
+               "rps_cpus": daemon_cpus if a.steer else None,
+               "rps_masks": steered,  # as read back from each veth
                "trainer_cpus": [r.get("cpus") for r in ranks],  # as each rank saw its mask
                "rate_mbit": a.rate_mbit, "delay_ms": a.delay_ms if sn.netem else 0.0,
                "delay_note": None if sn.netem or a.delay_ms <= 0 else "kernel without sch_netem: no delay added",
@@ -406,7 +445,8 @@ def plot(res: dict, path: str) -> str:
                  f"+ {res['delay_ms']:g} ms, m={res['parity']}, "
                  f"{fmt_bytes(res['state_bytes_per_rank'])} state/rank"
                  + (f"; trainers on CPU {_cpus(res['pinned']['trainers'])}, daemons on "
-                    f"{_cpus(res['pinned']['daemons'])}" if res.get("pinned") else ""), fontsize=9)
+                    f"{_cpus(res['pinned']['daemons'])}" if res.get("pinned") else "")
+                 + (" (+ the veths' RPS)" if res.get("rps_cpus") else ""), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     m = res["machine"]
     fig.text(0.01, 0.01, f"{m['cpu']}, {m['cores']} cores, load {m['loadavg_at_start']}, "
@@ -429,6 +469,25 @@ def report(res: dict) -> str:
                      f"{(v['saved'] / v['steps'] if c != 'none' and v['steps'] else 0):>6.0%} "
                      f"{v['link_bytes_per_node_step'] / MIB:>14.2f} "
                      f"{v['daemon_bytes_per_node_step'] / MIB:>16.2f}")
+    cpus = sorted({c for v in res["configs"].values() for c in v.get("cpu_ms_per_step", {})},
+                  key=lambda c: int(c[3:]))
+    if cpus:  # where the time went: the kernel's packet work shows as softirq
+        pin = res.get("pinned") or {}
+        role = {f"cpu{i}": r for r, key in (("trainers", "trainers"), ("daemons", "daemons"))
+                for i in pin.get(key, [])}
+        lines.append("rank 0's CPU ms per step (the steps only): training thread, other threads: "
+                     + "; ".join(f"{c} {v['rank0_cpu_ms_per_step'][0]:.1f} + "
+                                 f"{v['rank0_cpu_ms_per_step'][1]:.1f}"
+                                 for c, v in res["configs"].items() if "rank0_cpu_ms_per_step" in v))
+        lines.append("CPU ms per step (the machine's /proc/stat during each configuration's blocks, "
+                     "drain included): user / system / softirq / idle")
+        lines.append(f"{'config':<8} " + " ".join(
+            f"{c + (' ' + role[c] if c in role else ''):>26}" for c in cpus))
+        for c, v in res["configs"].items():
+            per = v.get("cpu_ms_per_step", {})
+            lines.append(f"{c:<8} " + " ".join(
+                f"{'/'.join(f'{x:.1f}' for x in per[cpu]):>26}" if cpu in per else f"{'-':>26}"
+                for cpu in cpus))
     return "\n".join(lines)
 
 
@@ -443,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="trainers on the first half of the CPUs, every daemon thread on the other "
                         "half (a node whose daemon has cores of its own: isolates the link's "
                         "effect from the daemons' CPU on a machine with few cores)")
+    p.add_argument("--steer", action="store_true",
+                   help="with --pin: the veths' receive processing (RPS) on the daemons' CPUs too, "
+                        "as a node whose NIC interrupts go to its housekeeping cores")
     p.add_argument("--peer-rate-share", type=float, default=0.5,
                    help="the paced cluster's --peer-rate as a share of the link rate (default 0.5)")
     p.add_argument("--peer-burst", type=int, default=1 * MIB)
@@ -476,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(asked) - set(CONFIGS):
         p.error(f"--configs: unknown {sorted(set(asked) - set(CONFIGS))}; choose from {', '.join(CONFIGS)}")
     a.configs = ["none", *[c for c in CONFIGS[1:] if c in asked]]
+    if a.steer and not a.pin:
+        p.error("--steer needs --pin (it moves packet work to the daemons' CPUs)")
     why = unavailable()
     if why:
         print(f"bench_shaped: skipped: {why}", file=sys.stderr)

@@ -8,14 +8,18 @@ the order rotated every round. A configuration is ``none`` (no snapshot), or the
 a daemon cluster (``snap``: no traffic control, ``paced``: ``--peer-rate``), whose
 Snapshotter saves after every optimizer step. The time of a step is from its forward to
 the return of its ``save()``. Before a block ends, the rank waits until its daemon has
-committed the block's last version (so one block's parity never spills into the next)
+committed the block's last version every rank saved (so one block's parity never spills
+into the next; with ``when_busy="skip"`` a version some rank skipped never commits)
 and the time spent draining is recorded apart. The bytes this node put on its link are
 read from the veth's counters (``/sys/class/net/IF/statistics/tx_bytes``) around each
 block: gloo's all-reduce plus the daemons' peer traffic plus heartbeats.
 
 Writes one JSON file (``--out``): per configuration the step times (s), the bytes sent,
-the drain times, the save() blocking times, the versions saved, skipped and the last
-committed.
+the drain times, the save() blocking times, the versions saved and skipped, the last
+version every rank saved and the last committed; per CPU of the machine the ticks of
+/proc/stat spent in user, system, softirq (+ irq) and idle during the configuration's
+blocks (drain included); this process's CPU over the steps (drain excluded): its
+training thread, its other threads.
 """
 
 from __future__ import annotations
@@ -35,6 +39,23 @@ def _mark(what: str) -> None:
 def _tx_bytes(ifname: str) -> int:
     with open(f"/sys/class/net/{ifname}/statistics/tx_bytes") as f:
         return int(f.read())
+
+
+def cpu_ticks(stat: str | None = None) -> dict[str, list[int]]:
+    """Per CPU of the machine (``/proc/stat``, or its text ``stat``; USER_HZ ticks):
+    [user + nice, system, softirq + irq, idle + iowait]. Namespaces share the CPUs, so
+    this is every node's work: trainers, daemons, and the kernel moving packets through
+    the veths."""
+    if stat is None:
+        with open("/proc/stat") as f:
+            stat = f.read()
+    out = {}
+    for line in stat.splitlines():
+        if line.startswith("cpu") and line[3:4].isdigit():
+            name, *v = line.split()
+            v = [int(x) for x in v[:7]]  # user nice system idle iowait irq softirq
+            out[name] = [v[0] + v[1], v[2], v[5] + v[6], v[3] + v[4]]
+    return out
 
 
 def _model(param_mib: float, width: int):
@@ -76,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from bench.common import thread_cpu_delta, thread_cpu_seconds
     from snapshotd_client import Snapshotter
 
     _mark("imported")
@@ -102,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                                   when_busy="skip" if name == "adaptive" else "wait")
     configs = ["none", *snaps]
     res = {c: {"step_s": [], "tx_bytes": 0, "steps": 0, "drain_s": [], "blocking_s": [],
-               "saved": 0, "skipped": 0, "last_committed": 0, "last_saved": 0} for c in configs}
+               "saved": 0, "skipped": 0, "last_committed": 0, "last_saved": 0,
+                "cpu_ticks": {}, "proc_cpu_s": [0.0, 0.0], "block_s": 0.0} for c in configs}
+    me = os.getpid()
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     step = 0
 
@@ -111,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         snap = snaps.get(cfg)
         r = res[cfg]
         dist.barrier()
-        tx0 = _tx_bytes(a.ifname)
-        target = 0  # the block's last saved version
-        for _ in range(n):
+        tx0, cpu0, th0 = _tx_bytes(a.ifname), cpu_ticks(), thread_cpu_seconds(me)
+        b0 = time.perf_counter()
+        saved = torch.zeros(n, dtype=torch.int32)  # 1 where this rank saved the block's step
+        for i in range(n):
             step += 1
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -122,15 +147,22 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
             if snap is not None:
                 fut = snap.save(step)
-                target = step if fut is not None else target
+                saved[i] = fut is not None
                 if record:
                     r["blocking_s"].append(snap.last_blocking_s if fut is not None else 0.0)
                     r["saved"] += fut is not None
-                    r["last_saved"] = step if fut is not None else r["last_saved"]
             dt = time.perf_counter() - t0
             if record:
                 r["step_s"].append(dt)
+        if record:  # this process's CPU over the steps: [training thread, its other threads]
+            for tid, (_, sec) in thread_cpu_delta(th0, thread_cpu_seconds(me)).items():
+                r["proc_cpu_s"][tid != me] += sec
         if snap is not None:  # drain: the block's last version committed on this node
+            # The last version every rank saved: with when_busy="skip" each rank decides
+            # alone, and a version one rank skipped never commits (a later one does).
+            dist.all_reduce(saved, op=dist.ReduceOp.MIN)
+            every = saved.nonzero()
+            target = step - n + 1 + int(every[-1]) if len(every) else 0
             t0 = time.perf_counter()
             snap.wait(a.drain_timeout_s)
             last = snap.client.list_versions(snap.cfg.job_id).latest_committed_version
@@ -140,11 +172,17 @@ def main(argv: list[str] | None = None) -> int:
             if record:
                 r["drain_s"].append(time.perf_counter() - t0)
                 r["last_committed"] = int(last)
+                r["last_saved"] = max(r["last_saved"], target)  # by every rank
                 r["skipped"] = snap.skipped
         dist.barrier()
         if record:
             r["tx_bytes"] += _tx_bytes(a.ifname) - tx0
             r["steps"] += n
+            r["block_s"] += time.perf_counter() - b0  # the wall time the ticks cover
+            for cpu, v in cpu_ticks().items():  # the block's CPU, drain included
+                acc = r["cpu_ticks"].setdefault(cpu, [0, 0, 0, 0])
+                for j, (now, before) in enumerate(zip(v, cpu0.get(cpu, v))):
+                    acc[j] += now - before
         _mark(f"block {cfg} x{n} done")
 
     t0 = time.monotonic()

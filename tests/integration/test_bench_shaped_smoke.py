@@ -33,6 +33,18 @@ def _skip_or_fail() -> None:
         pytest.skip(why)
 
 
+def test_cpu_ticks_reads_proc_stat():
+    from bench.shaped_trainer import cpu_ticks
+
+    stat = ("cpu  10 1 20 300 4 5 6 7 0 0\n"
+            "cpu0 1 2 3 4 5 6 7 8 0 0\n"
+            "cpu1 100 0 50 1000 30 2 40 0 0 0\n"
+            "intr 12345 0 0\nctxt 99\ncpufreq 1\n")
+    assert cpu_ticks(stat) == {"cpu0": [3, 3, 13, 9], "cpu1": [100, 50, 42, 1030]}
+    here = cpu_ticks()  # this machine's: every online CPU, ticks only grow
+    assert here and all(len(v) == 4 and min(v) >= 0 for v in here.values())
+
+
 @pytest.mark.timeout(240)
 def test_bench_shaped_tiny(tmp_path):
     _skip_or_fail()
@@ -44,7 +56,8 @@ def test_bench_shaped_tiny(tmp_path):
            "--peer-rate-share", "0.5", "--timeout-s", "150", "--json", str(out), "--plot", str(png)]
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
-        cmd.append("--pin")  # trainers on the first half of the CPUs, daemons on the rest
+        # trainers on the first half of the CPUs, daemons and the veths' packet work on the rest
+        cmd += ["--pin", "--steer"]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = p.communicate(timeout=200)
@@ -60,12 +73,27 @@ def test_bench_shaped_tiny(tmp_path):
         half = max(1, len(cpus) // 2)
         assert r["pinned"] == {"trainers": cpus[:half], "daemons": cpus[half:]}
         assert r["trainer_cpus"] == [cpus[:half]] * r["nodes"]  # the ranks ran there
+        mask = format(sum(1 << c for c in cpus[half:]), "x")
+        assert len(r["rps_masks"]) == 2 * r["nodes"]  # both ends of every veth
+        assert all(int(m.replace(",", ""), 16) == int(mask, 16) for m in r["rps_masks"].values()), r["rps_masks"]
+    with open("/proc/stat") as f:
+        online = sorted(w.split()[0] for w in f if w.startswith("cpu") and w[3].isdigit())
     d = r["state_bytes_per_rank"]
     assert d >= 0.25 * (1 << 20)
     for name, c in r["configs"].items():
         assert c["steps"] == steps and len(c["step_s"]) == steps
         assert all(t > 0 for t in c["step_s"])
         assert c["median_s"] <= c["p90_s"] <= max(c["step_s"])
+        # where the CPU went: every CPU of the machine accounted for each configuration's
+        # blocks (a block lasts at least its steps), and rank 0's training thread ran
+        per_cpu = c["cpu_ms_per_step"]
+        assert sorted(per_cpu) == online, per_cpu
+        for ms in per_cpu.values():  # each CPU's ticks add up to the blocks' wall time
+            assert len(ms) == 4 and min(ms) >= 0
+            seen = sum(ms) * c["steps"] / 1e3
+            # two readings a block, each 1 tick (10 ms) coarse; a VM's steal time not counted
+            assert abs(seen - c["block_s"]) <= 0.03 + 0.1 * c["block_s"], (name, ms, c["block_s"])
+        assert c["rank0_cpu_ms_per_step"][0] > 0, c["rank0_cpu_ms_per_step"]
         # gloo's all-reduce crossed the shaped link: each rank sends about D per step
         assert c["link_bytes_per_node_step"] >= 0.5 * d, (name, c["link_bytes_per_node_step"], d)
     none = r["configs"]["none"]
