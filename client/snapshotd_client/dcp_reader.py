@@ -29,7 +29,7 @@ from torch.futures import Future
 from snapshotd.wire import config as cfgmod
 from snapshotd.wire import manifest as mf
 from snapshotd.wire._proto import snapshotd_pb2 as pb
-from snapshotd.wire.errors import InvalidRequestError
+from snapshotd.wire.errors import InvalidRequestError, UnknownJobError
 from snapshotd_client.config import resolve_job_id
 from snapshotd_client.dcp_codec import FORMAT, SnapshotdStorageInfo, decode_metadata, torch_dtype
 from snapshotd_client.transport import DaemonClient, SegmentCache
@@ -127,9 +127,28 @@ class SnapshotdReader(StorageReader):
                 f"SnapshotdWriter (no {FORMAT!r} manifest): it cannot be read by dcp.load")
         return head
 
+    def latest_version(self) -> int:
+        """The job's latest committed version on this daemon; 0 when it holds none (a
+        first run: ``dcp.load`` would fail, and DCP's ``CheckpointException`` is a
+        ``BaseException`` that ``except Exception`` does not catch)."""
+        try:
+            return int(self.client.list_versions(self.job_id).latest_committed_version)
+        except UnknownJobError as exc:
+            if type(exc) is not UnknownJobError:  # a subclass: another error (a version, a rank)
+                raise
+            return 0
+
     def read_metadata(self, *args) -> Metadata:
         # No **kwargs: DCP then never asks for rank-local metadata (there is one per version).
-        m0 = self.client.open_shard(self.job_id, 0, self.version, no_copy=True).manifest
+        try:
+            m0 = self.client.open_shard(self.job_id, 0, self.version, no_copy=True).manifest
+        except UnknownJobError as exc:  # the daemon's words ("register it first") are a writer's
+            if type(exc) is not UnknownJobError:  # VersionNotFoundError etc. say it well
+                raise
+            raise UnknownJobError(
+                f"no checkpoint of job {self.job_id!r} on this daemon: nothing was saved under "
+                "that job id here (a first run, another job id, or the daemon's state was lost); "
+                "SnapshotdReader.latest_version() is 0 then") from exc
         head = self._head(m0)
         self.version = int(m0.version)  # pinned: every later read names this version
         m = m0

@@ -240,6 +240,20 @@ def test_unknown_checkpoint_is_a_clear_error(kind, where):
     assert expected in str(ei.value.failures)
 
 
+def test_a_first_run_finds_no_checkpoint_and_says_so(where):
+    reader = make_reader("snapshotd", where, "first-run")
+    assert reader.latest_version() == 0  # what a training script checks before dcp.load
+    with pytest.raises(CheckpointException) as ei:
+        dcp.load({"x": torch.zeros(2)}, storage_reader=reader)
+    assert "no checkpoint of job 'dcp-first-run' on this daemon" in str(ei.value.failures)
+    dcp.save({"x": torch.ones(2)}, storage_writer=make_writer("snapshotd", where, "first-run"))
+    reader = make_reader("snapshotd", where, "first-run")
+    assert reader.latest_version() == 1
+    out = {"x": torch.zeros(2)}
+    dcp.load(out, storage_reader=reader)
+    assert out["x"].tolist() == [1.0, 1.0]
+
+
 # -- snapshotd only: what a file system does not check ------------------------------------------
 def test_versions_grow_and_load_reads_the_latest(where):
     w = make_writer("snapshotd", where, "grow")
