@@ -15,6 +15,12 @@ down for a while and brings them back.
 
 Daemons are started by ``snapshotd_tools.localcluster`` unchanged: the harness thread enters
 the node's namespace (``setns``) just around the fork, so the child is born in it.
+
+Each live ``Network`` has an owner record, ``/run/snapshotd-netns/<id>`` (the creating
+process's pid and start time). ``destroy`` removes the namespaces, the bridge and the
+record; a harness SIGKILLed before that leaves all three behind (a stale bridge keeps its
+10.R.S.254/24 address, so a later network drawing the same subnet would route through
+it). ``create`` first sweeps the records whose owner is gone (``sweep_stale``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -74,6 +81,53 @@ def entered(ns: str):
         os.close(target)
 
 
+OWNERS = "/run/snapshotd-netns"  # one record per live Network (module docstring)
+
+
+def _start_time(pid: int) -> str | None:
+    """Process ``pid``'s start time (clock ticks since boot, /proc/PID/stat field 22): with
+    the pid, who a record's owner was even after the pid is reused. None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def sweep_stale(owners: str = OWNERS) -> list[str]:
+    """Remove what each Network whose owner process is gone left behind: its namespaces
+    (and with them their veths), its bridge, its record. Returns what it removed."""
+    removed: list[str] = []
+    try:
+        tags = os.listdir(owners)
+    except FileNotFoundError:
+        return removed
+    for tag in tags:
+        if not re.fullmatch(r"[0-9a-f]{1,16}", tag):
+            continue  # not a record of ours (a temporary file being written, say)
+        path = os.path.join(owners, tag)
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            pid, start, nodes = int(rec["pid"]), str(rec["start"]), int(rec["nodes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _start_time(pid) == start:
+            continue  # its owner is alive: in use
+        for i in range(nodes):
+            ns = f"c{tag}-n{i}"
+            if subprocess.run(["ip", "netns", "del", ns], capture_output=True).returncode == 0:
+                removed.append(ns)
+        if subprocess.run(["ip", "link", "del", f"c{tag}b"], capture_output=True).returncode == 0:
+            removed.append(f"c{tag}b")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 class Network:
     """The bridge, namespaces and veth pairs of one cluster (``tag``: a few hex digits)."""
 
@@ -83,6 +137,7 @@ class Network:
         self.net = f"10.{200 + b % 50}.{(b >> 6) % 256}"
         self.bridge = f"c{tag}b"
         self.made: list[str] = []
+        self.owners = OWNERS
 
     def ns(self, i: int) -> str:
         return f"c{self.tag}-n{i}"
@@ -93,22 +148,37 @@ class Network:
     def addr(self, i: int) -> str:
         return f"{self.net}.{i + 1}"
 
+    def record(self) -> str:
+        return os.path.join(self.owners, self.tag)
+
     def create(self) -> None:
-        _ip("link", "add", self.bridge, "type", "bridge")
-        self.made.append("bridge")
-        _ip("addr", "add", f"{self.net}.254/24", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
-        for i in range(self.n):
-            ns, h, p = self.ns(i), self.host_link(i), f"c{self.tag}p{i}"
-            _ip("netns", "add", ns)
-            self.made.append(ns)
-            _ip("link", "add", h, "type", "veth", "peer", "name", p)
-            _ip("link", "set", p, "netns", ns)
-            _ip("link", "set", h, "master", self.bridge)
-            _ip("link", "set", h, "up")
-            _ip("-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", p)
-            _ip("-n", ns, "link", "set", p, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
+        gone = sweep_stale(self.owners)
+        if gone:
+            print(f"[netns] removed what killed harnesses left: {', '.join(gone)}", flush=True)
+        os.makedirs(self.owners, exist_ok=True)
+        tmp = self.record() + ".tmp"
+        with open(tmp, "w") as f:  # before anything is made, so a kill at any point is swept
+            json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "nodes": self.n}, f)
+        os.replace(tmp, self.record())
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            self.made.append("bridge")
+            _ip("addr", "add", f"{self.net}.254/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            for i in range(self.n):
+                ns, h, p = self.ns(i), self.host_link(i), f"c{self.tag}p{i}"
+                _ip("netns", "add", ns)
+                self.made.append(ns)
+                _ip("link", "add", h, "type", "veth", "peer", "name", p)
+                _ip("link", "set", p, "netns", ns)
+                _ip("link", "set", h, "master", self.bridge)
+                _ip("link", "set", h, "up")
+                _ip("-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", p)
+                _ip("-n", ns, "link", "set", p, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.destroy()  # what was made, and the record
+            raise
 
     def set_link(self, i: int, up: bool) -> None:
         _ip("link", "set", self.host_link(i), "up" if up else "down")
@@ -122,6 +192,10 @@ class Network:
         if self.made and self.made[0] == "bridge":
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         self.made = []
+        try:
+            os.unlink(self.record())
+        except FileNotFoundError:
+            pass
         return left
 
 
