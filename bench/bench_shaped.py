@@ -345,7 +345,7 @@ def run(a) -> dict:
                    "--ifname", sn.peer_link(i), "--param-mib", str(a.param_mib),
                    "--width", str(a.width), "--batch", str(a.batch), "--warmup", str(a.warmup),
                    "--rounds", str(a.rounds), "--steps", str(a.steps), "--threads", str(a.threads),
-                   "--out", out, "--job", job]
+                   "--out", out, "--job", job, *(["--shard-replicated"] if a.shard_replicated else [])]
             for c, per_rank in daemons.items():
                 info, node = per_rank[i]
                 cmd += ["--daemon", f"{c}={info['nodes'][node]['socket']}",
@@ -387,6 +387,7 @@ def run(a) -> dict:
                "egress_class_bytes": classes,
                "pinned": {"trainers": trainer_cpus, "daemons": daemon_cpus} if a.pin else None,
                "rps_cpus": daemon_cpus if a.steer else None,
+               "shard_replicated": a.shard_replicated,
                "rps_masks": steered,  # as read back from each veth
                "trainer_cpus": [r.get("cpus") for r in ranks],  # as each rank saw its mask
                "rate_mbit": a.rate_mbit, "delay_ms": a.delay_ms if sn.netem else 0.0,
@@ -446,7 +447,8 @@ def plot(res: dict, path: str) -> str:
                  f"{fmt_bytes(res['state_bytes_per_rank'])} state/rank"
                  + (f"; trainers on CPU {_cpus(res['pinned']['trainers'])}, daemons on "
                     f"{_cpus(res['pinned']['daemons'])}" if res.get("pinned") else "")
-                 + (" (+ the veths' RPS)" if res.get("rps_cpus") else ""), fontsize=9)
+                 + (" (+ the veths' RPS)" if res.get("rps_cpus") else "")
+                 + ("; shard_replicated" if res.get("shard_replicated") else ""), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     m = res["machine"]
     fig.text(0.01, 0.01, f"{m['cpu']}, {m['cores']} cores, load {m['loadavg_at_start']}, "
@@ -505,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steer", action="store_true",
                    help="with --pin: the veths' receive processing (RPS) on the daemons' CPUs too, "
                         "as a node whose NIC interrupts go to its housekeeping cores")
+    p.add_argument("--shard-replicated", action="store_true",
+                   help="the trainers' shard_replicated=True: each rank stores its 1/W slice of "
+                        "the replicated DDP state (REFT), so each node copies and sends D/W")
     p.add_argument("--peer-rate-share", type=float, default=0.5,
                    help="the paced cluster's --peer-rate as a share of the link rate (default 0.5)")
     p.add_argument("--peer-burst", type=int, default=1 * MIB)

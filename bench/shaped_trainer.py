@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-file", action="append", default=[],
                    help="wait for this file (a daemon's ready file) before the first block")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
+    p.add_argument("--shard-replicated", action="store_true",
+                   help="each rank stores its 1/W slice of the replicated (DDP) state")
     p.add_argument("--job", default="shaped")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         name, sock = spec.split("=", 1)
         snaps[name] = Snapshotter(ddp, opt, job_id=f"{a.job}-{name}", socket_path=sock, rank=a.rank,
                                   world_size=a.world, local_world_size=1,
+                                  shard_replicated=a.shard_replicated,
                                   on_daemon_unavailable="raise",
                                   # the bounded-slowdown mode: skip a step rather than wait
                                   when_busy="skip" if name == "adaptive" else "wait")
