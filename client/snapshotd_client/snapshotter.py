@@ -275,10 +275,19 @@ class Snapshotter:
         return self._layout
 
     # -- save ---------------------------------------------------------------------
-    def save(self, step: int) -> Future | None:
-        """Snapshot the state as version ``step`` (>= 1). Returns a Future of SaveStats."""
+    def save(self, step: int, when_busy: str | None = None) -> Future | None:
+        """Snapshot the state as version ``step`` (>= 1). Returns a Future of SaveStats, or
+        None when the snapshot was skipped.
+
+        ``when_busy``: this call's mode when every staging slot holds a version still in
+        flight (default: the configured ``when_busy``). Under ``when_busy="skip"`` each rank
+        skips on its own, and a version some rank skipped never commits, so the last save
+        of a run that must commit is ``save(step, when_busy="wait")`` on every rank."""
         if step < 1:
             raise ValueError("step must be >= 1 (version 0 means 'nothing')")
+        mode = self.cfg.when_busy if when_busy is None else when_busy
+        if mode not in ("wait", "skip"):
+            raise ValueError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
         t0 = time.perf_counter()
         if self._pending is not None:
             try:
@@ -303,10 +312,10 @@ class Snapshotter:
                 name, seg, token = staged[1], staged[2], staged[3]  # no RPC here
             else:
                 try:
-                    resp = self._acquire(step, total)
+                    resp = self._acquire(step, total, mode)
                 except UnknownJobError:  # the daemon lost its index: register again
                     self._ensure_registered()
-                    resp = self._acquire(step, total)
+                    resp = self._acquire(step, total, mode)
                 name, token = resp.segment_name, resp.content_token
                 seg = self.segments.get(name, writable=True)
             skip = inc.plan(name, lay, token, rep_tensors, frozen) if inc is not None else frozenset()
@@ -327,7 +336,7 @@ class Snapshotter:
             return None
         except SnapshotInFlightError as exc:  # when_busy="skip", or even a forced acquire failed
             self.skipped += 1
-            if self.cfg.when_busy == "skip":
+            if mode == "skip":
                 self.skipped_busy += 1
                 log.debug("snapshotd: step %d skipped, older versions in flight: %s", step, exc)
                 return None
@@ -376,7 +385,7 @@ class Snapshotter:
             return
         self._staged = (version, resp.next_segment_name, seg, resp.next_content_token)
 
-    def _acquire(self, step: int, total: int):
+    def _acquire(self, step: int, total: int, mode: str):
         deadline = time.monotonic() + self.cfg.inflight_wait_s
         delay = 0.001
         kw = {"writer_id": self.writer_id} if self.writer_id else {}
@@ -386,7 +395,7 @@ class Snapshotter:
             except SnapshotSkippedError:
                 raise  # waiting would not help (the daemon says why): skip this step now
             except SnapshotInFlightError as exc:
-                if self.cfg.when_busy == "skip":
+                if mode == "skip":
                     raise  # save() counts it skipped; the versions in flight go on
                 if time.monotonic() >= deadline:
                     log.warning("snapshotd: %s; giving up the oldest uncommitted version", exc)

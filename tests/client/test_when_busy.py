@@ -76,3 +76,24 @@ def test_mode_from_the_environment(n0_socket, monkeypatch):
     snap = _snap(n0_socket, "busy-env")
     assert snap.cfg.when_busy == "skip"
     snap.close()
+
+
+def test_one_save_may_wait_under_skip_and_skip_under_wait(n0_socket):
+    # the last save of a run under "skip" must not be skipped: save(step, when_busy="wait")
+    snap = _snap(n0_socket, "busy-call", when_busy="skip", inflight_wait_s=0.2)
+    _fill(snap)
+    assert snap.save(4) is None  # the configured mode
+    assert snap.save(5, when_busy="wait") is not None  # waited 0.2 s, forced version 1 out
+    snap.wait()
+    assert "versions [2, 3, 5]" in _in_flight(snap, "busy-call")
+    with pytest.raises(ValueError, match="when_busy"):
+        snap.save(6, when_busy="never")
+    assert "versions [2, 3, 5]" in _in_flight(snap, "busy-call")  # a bad argument changed nothing
+    assert (snap.skipped, snap.skipped_busy) == (1, 1)
+    snap.close()
+    snap = _snap(n0_socket, "busy-call-w", inflight_wait_s=600)  # "wait" would wait 600 s
+    _fill(snap)
+    assert snap.save(4, when_busy="skip") is None
+    assert (snap.skipped, snap.skipped_busy) == (1, 1)
+    assert "versions [1, 2, 3]" in _in_flight(snap, "busy-call-w")
+    snap.close()
