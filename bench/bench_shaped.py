@@ -66,6 +66,7 @@ MIB = 1 << 20
 CONFIGS = ("none", "local", "snap", "paced", "marked", "adaptive")
 LOW_DSCP = 8      # CS1, what the "marked" daemons set (--peer-dscp)
 LOW_SHARE = 0.02  # the low class's guaranteed share of the link
+_HZ = os.sysconf("SC_CLK_TCK")  # /proc/stat's ticks per second
 
 
 def say(msg: str) -> None:
@@ -264,8 +265,8 @@ def summarize(ranks: list[dict], nodes: int) -> dict:
                   "saved": v["saved"], "skipped": v["skipped"],
                   "last_saved": v["last_saved"], "last_committed": v["last_committed"],
                   "step_s": v["step_s"],
-                  # rank 0's process over the steps, ms per step: [training thread, the rest]
                   "block_s": v.get("block_s", 0.0),  # wall time of its blocks, drains included
+                  # rank 0's process over the steps, ms per step: [training thread, the rest]
                   "rank0_cpu_ms_per_step": [x * 1e3 / max(steps, 1) for x in v.get("proc_cpu_s", (0, 0))],
                   # per CPU of the machine, ms per recorded step: user, system, softirq, idle
                   "cpu_ms_per_step": {cpu: [t * 1e3 / _HZ / max(steps, 1) for t in ticks]
@@ -277,9 +278,6 @@ def summarize(ranks: list[dict], nodes: int) -> dict:
         v["daemon_bytes_per_node_step"] = max(
             0.0, v["link_bytes_per_node_step"] - base["link_bytes_per_node_step"])
     return out
-
-
-_HZ = os.sysconf("SC_CLK_TCK")
 
 
 def add_paired(res: dict) -> dict:
@@ -475,8 +473,7 @@ def report(res: dict) -> str:
                   key=lambda c: int(c[3:]))
     if cpus:  # where the time went: the kernel's packet work shows as softirq
         pin = res.get("pinned") or {}
-        role = {f"cpu{i}": r for r, key in (("trainers", "trainers"), ("daemons", "daemons"))
-                for i in pin.get(key, [])}
+        role = {f"cpu{i}": r for r in ("trainers", "daemons") for i in pin.get(r, [])}
         lines.append("rank 0's CPU ms per step (the steps only): training thread, other threads: "
                      + "; ".join(f"{c} {v['rank0_cpu_ms_per_step'][0]:.1f} + "
                                  f"{v['rank0_cpu_ms_per_step'][1]:.1f}"

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = ["none", *snaps]
     res = {c: {"step_s": [], "tx_bytes": 0, "steps": 0, "drain_s": [], "blocking_s": [],
                "saved": 0, "skipped": 0, "last_committed": 0, "last_saved": 0,
-                "cpu_ticks": {}, "proc_cpu_s": [0.0, 0.0], "block_s": 0.0} for c in configs}
+               "cpu_ticks": {}, "proc_cpu_s": [0.0, 0.0], "block_s": 0.0} for c in configs}
     me = os.getpid()
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     step = 0

@@ -86,6 +86,11 @@ def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
 
 
 
+def _no_such_job(exc: UnknownJobError) -> bool:
+    """The daemon knows no such job (not a subclass: a missing version, rank, ...)."""
+    return type(exc) is UnknownJobError
+
+
 class SnapshotdReader(StorageReader):
     """DCP ``StorageReader`` from snapshotd (see the module docstring). ``version``: 0 (the
     default) = the job's latest committed version; it is pinned by ``read_metadata`` so one
@@ -134,7 +139,7 @@ class SnapshotdReader(StorageReader):
         try:
             return int(self.client.list_versions(self.job_id).latest_committed_version)
         except UnknownJobError as exc:
-            if type(exc) is not UnknownJobError:  # a subclass: another error (a version, a rank)
+            if not _no_such_job(exc):
                 raise
             return 0
 
@@ -143,7 +148,7 @@ class SnapshotdReader(StorageReader):
         try:
             m0 = self.client.open_shard(self.job_id, 0, self.version, no_copy=True).manifest
         except UnknownJobError as exc:  # the daemon's words ("register it first") are a writer's
-            if type(exc) is not UnknownJobError:  # VersionNotFoundError etc. say it well
+            if not _no_such_job(exc):
                 raise
             raise UnknownJobError(
                 f"no checkpoint of job {self.job_id!r} on this daemon: nothing was saved under "

@@ -93,6 +93,13 @@ class SaveStats:
     bytes_hashed: int = 0  # payload bytes the daemon checksummed when it adopted the shard
 
 
+
+def _check_when_busy(mode: str) -> str:
+    if mode not in ("wait", "skip"):
+        raise ValueError(f"when_busy must be 'wait' or 'skip', got {mode!r}")
+    return mode
+
+
 class Snapshotter:
     """Snapshot a training process's state into the node's snapshotd daemon.
 
@@ -116,8 +123,7 @@ class Snapshotter:
             setattr(self.cfg, k, v)
         if self.cfg.on_daemon_unavailable not in ("warn", "raise"):
             raise ValueError("on_daemon_unavailable must be 'warn' or 'raise'")
-        if self.cfg.when_busy not in ("wait", "skip"):
-            raise ValueError(f"when_busy must be 'wait' or 'skip', got {self.cfg.when_busy!r}")
+        _check_when_busy(self.cfg.when_busy)
         if self.cfg.job_id is None:
             self.cfg.job_id, source = resolve_job_id()
             log.debug("snapshotd: job id %s from $%s", self.cfg.job_id, source)
@@ -285,9 +291,7 @@ class Snapshotter:
         of a run that must commit is ``save(step, when_busy="wait")`` on every rank."""
         if step < 1:
             raise ValueError("step must be >= 1 (version 0 means 'nothing')")
-        mode = self.cfg.when_busy if when_busy is None else when_busy
-        if mode not in ("wait", "skip"):
-            raise ValueError(f"when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        mode = self.cfg.when_busy if when_busy is None else _check_when_busy(when_busy)
         t0 = time.perf_counter()
         if self._pending is not None:
             try:
