@@ -28,15 +28,14 @@ from snapshotd.wire.errors import (
     ConflictError,
     InvalidRequestError,
     MemoryBudgetExceededError,
-    UnknownRankError,
     VersionNotFoundError,
 )
 from snapshotd.core.ledger import SlotState
+from snapshotd.node.store_push import stage_push
 from snapshotd.node.store_state import Held, StoreState
 from snapshotd.node.store_verify import PayloadVerifier
 
 log = logging.getLogger("snapshotd.store")
-_COPY_BYTES = 64 << 20  # a verified push is copied into its slot this much per hold of the lock
 
 
 class TrainerStore:
@@ -369,71 +368,11 @@ class TrainerStore:
                      "delivering them): abandoned, %d slot(s) freed", job_id, dead, len(freed))
 
     def push(self, m: pb.ShardManifest, chunks) -> tuple[bool, int]:
-        """Receive a shard over the network: ``chunks`` yields the payload in order.
-
-        The payload is received into memory of its own and verified before the store is
-        touched: a push that is refused (unknown job or rank, a version the job cannot
-        take, over the budget, more or fewer bytes than declared, a bad checksum) takes
-        no staging slot, frees or evicts nothing and marks no version dead. Only a good
-        payload is then staged (as ``acquire_staging`` would) and copied in. The cost: the
-        payload's size in transient anonymous memory, and one copy (issue 18)."""
-        st = self.state
-        mf.validate_manifest(m, require_checksums=True)
-        self._check_push(m)
-        buf = bytearray(m.payload_bytes)  # freed with its last reference (no export to close)
-        try:
-            self._receive(m, chunks, memoryview(buf))
-            self.verifier.verify_payload(buf, m, "pushed shard")
-        except Exception as exc:
-            raise st.refuse(exc)
-        name, _ = self.acquire_staging(m.job_id, m.rank, m.version, m.payload_bytes)
-        seg, src = st.held(name).segment, memoryview(buf)
-        for off in range(0, m.payload_bytes, _COPY_BYTES):  # the lock held one piece at a time
-            with st.lock:  # the slot may have been taken over by a newer version
-                if not self._owns_staging(m, name):
-                    raise st.refuse(ConflictError(
-                        f"job {m.job_id!r} rank {m.rank} version {m.version}: the staging "
-                        "slot was taken over while the shard was pushed"))
-                seg.buf[off:off + _COPY_BYTES] = src[off:off + _COPY_BYTES]
-        src.release()
-        del buf
+        """Receive a shard over the network (``chunks``: the payload in order), verified
+        before the store is touched, then delivered as an adopted one
+        (:func:`snapshotd.node.store_push.stage_push`)."""
+        name = stage_push(self.state, self.verifier, self.acquire_staging, m, chunks)
         return self._deliver(_copy(m), name)
-
-    def _check_push(self, m: pb.ShardManifest) -> None:
-        """Refuse, before a byte is read, a push the job could not take (changes nothing)."""
-        st = self.state
-        with st.lock:
-            led = st.job(m.job_id)
-            try:
-                if not 0 <= m.rank < led.world_size:
-                    raise UnknownRankError(f"job {m.job_id!r} is saved at world_size {led.world_size}: "
-                                           f"ranks 0..{led.world_size - 1}, not {m.rank}")
-                if m.version <= led.committed_version:
-                    raise ConflictError(f"job {m.job_id!r}: version {m.version} is not newer than "
-                                        f"the committed version {led.committed_version}")
-                if m.payload_bytes > st.memory_budget_bytes:
-                    raise MemoryBudgetExceededError(
-                        f"a push of {m.payload_bytes} bytes is larger than the whole memory budget "
-                        f"of {st.memory_budget_bytes} bytes")
-            except Exception as exc:
-                raise st.refuse(exc)
-
-    @staticmethod
-    def _receive(m: pb.ShardManifest, chunks, out: memoryview) -> None:
-        off = 0
-        for data in chunks:
-            if len(data) > m.payload_bytes - off:
-                raise InvalidRequestError(
-                    f"push carries more than the {m.payload_bytes} bytes its manifest declares")
-            out[off:off + len(data)] = data
-            off += len(data)
-        if off != m.payload_bytes:
-            raise InvalidRequestError(f"push carried {off} bytes, its manifest declares {m.payload_bytes}")
-
-    def _owns_staging(self, m: pb.ShardManifest, name: str) -> bool:
-        led = self.state.jobs.get(m.job_id)
-        slot = led.slot_of(m.rank, m.version, SlotState.STAGING) if led else None
-        return slot is not None and self.state.name_at(m.job_id, m.rank, slot.index) == name
 
     # -- commit and reading ---------------------------------------------------------------
     def commit(self, job_id: str, version: int) -> tuple[bool, list[int], int]:
